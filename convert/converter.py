@@ -1,0 +1,242 @@
+"""Hugging Face Gemma 3 / MedGemma checkpoint -> GGUF text model + separate mmproj + manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from convert.checkpoint import Checkpoint, TensorInfo
+from convert.config import ModelConfig, read_config
+from convert.gguf_stream import PlannedTensor, write_gguf
+from convert.metadata import (
+    TEXT_ARCH,
+    GeneralInfo,
+    add_general,
+    add_mmproj_hparams,
+    add_text_hparams,
+    add_vocab,
+    general_info,
+    read_card_metadata,
+)
+from convert.source import ResolvedSource, resolve_source
+from convert.tensor_names import Component, is_vision_head, map_tensor_name
+from convert.tensor_types import (
+    FILE_TYPES,
+    MMPROJ_OUTTYPES,
+    TEXT_OUTTYPES,
+    mmproj_tensor_type,
+    parse_outtype,
+    text_tensor_type,
+    type_label,
+)
+from convert.vocab import Vocab, read_vocab
+from medgemma_gguf.atomic import StagedOutputs
+from medgemma_gguf.errors import UserError
+from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
+
+log = logging.getLogger(__name__)
+SOURCE_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion wrote."""
+
+    name: str
+    text_path: Path
+    mmproj_path: Path | None
+    manifest_path: Path
+
+
+def output_paths(outdir: Path, name: str, text_type: GGMLQuantizationType,
+                 mmproj_type: GGMLQuantizationType, multimodal: bool) -> tuple[Path, Path | None]:
+    """``<name>-<TYPE>.gguf`` and ``mmproj-<name>-<TYPE>.gguf`` (None for a text-only model)."""
+    text = Path(outdir) / f"{name}-{type_label(text_type)}.gguf"
+    mmproj = Path(outdir) / f"mmproj-{name}-{type_label(mmproj_type)}.gguf" if multimodal else None
+    return text, mmproj
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every GGUF tensor the model must have, with its shape in the checkpoint's (PyTorch) order."""
+    t = config.text
+    q_dim, kv_dim = t.n_head * t.head_dim, t.n_head_kv * t.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (t.vocab_size, t.n_embd),
+                                          "output_norm.weight": (t.n_embd,)}
+    if not t.tie_word_embeddings:
+        shapes["output.weight"] = (t.vocab_size, t.n_embd)
+    for i in range(t.n_layer):
+        shapes.update({
+            f"blk.{i}.attn_norm.weight": (t.n_embd,), f"blk.{i}.attn_q.weight": (q_dim, t.n_embd),
+            f"blk.{i}.attn_k.weight": (kv_dim, t.n_embd), f"blk.{i}.attn_v.weight": (kv_dim, t.n_embd),
+            f"blk.{i}.attn_output.weight": (t.n_embd, q_dim), f"blk.{i}.attn_q_norm.weight": (t.head_dim,),
+            f"blk.{i}.attn_k_norm.weight": (t.head_dim,), f"blk.{i}.post_attention_norm.weight": (t.n_embd,),
+            f"blk.{i}.ffn_norm.weight": (t.n_embd,), f"blk.{i}.ffn_gate.weight": (t.n_ff, t.n_embd),
+            f"blk.{i}.ffn_up.weight": (t.n_ff, t.n_embd), f"blk.{i}.ffn_down.weight": (t.n_embd, t.n_ff),
+            f"blk.{i}.post_ffw_norm.weight": (t.n_embd,),
+        })
+    v = config.vision
+    if v is not None:
+        n_pos = (v.image_size // v.patch_size) ** 2
+        shapes.update({
+            "v.patch_embd.weight": (v.n_embd, 3, v.patch_size, v.patch_size), "v.patch_embd.bias": (v.n_embd,),
+            "v.position_embd.weight": (n_pos, v.n_embd), "v.post_ln.weight": (v.n_embd,),
+            "v.post_ln.bias": (v.n_embd,), "mm.input_projection.weight": (v.n_embd, t.n_embd),
+            "mm.soft_emb_norm.weight": (v.n_embd,),
+        })
+        for i in range(v.n_layer):
+            for kind in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                shapes[f"v.blk.{i}.{kind}.weight"] = (v.n_embd, v.n_embd)
+                shapes[f"v.blk.{i}.{kind}.bias"] = (v.n_embd,)
+            for norm in ("ln1", "ln2"):
+                shapes[f"v.blk.{i}.{norm}.weight"] = (v.n_embd,)
+                shapes[f"v.blk.{i}.{norm}.bias"] = (v.n_embd,)
+            shapes.update({f"v.blk.{i}.ffn_up.weight": (v.n_ff, v.n_embd), f"v.blk.{i}.ffn_up.bias": (v.n_ff,),
+                           f"v.blk.{i}.ffn_down.weight": (v.n_embd, v.n_ff),
+                           f"v.blk.{i}.ffn_down.bias": (v.n_embd,)})
+    return shapes
+
+
+def _sort_key(planned: PlannedTensor) -> tuple[int, str]:
+    parts = planned.gguf_name.split(".")
+    layer = int(parts[parts.index("blk") + 1]) if "blk" in parts else -1
+    return layer, planned.gguf_name
+
+
+def plan_tensors(checkpoint: Checkpoint, config: ModelConfig, text_type: GGMLQuantizationType,
+                 mmproj_type: GGMLQuantizationType) -> tuple[list[PlannedTensor], list[PlannedTensor]]:
+    """Map and type every checkpoint tensor; refuse unknown, misshapen, duplicate or missing tensors."""
+    expected = expected_shapes(config)
+    text: list[PlannedTensor] = []
+    mmproj: list[PlannedTensor] = []
+    seen: dict[str, str] = {}
+    for info in checkpoint:
+        mapped = map_tensor_name(info.name)
+        if mapped is None:
+            if is_vision_head(info.name):
+                continue
+            raise UserError(f"unexpected tensor {info.name} in the checkpoint; it is not part of a Gemma 3 "
+                            "model that llama.cpp can run (is this a Gemma 3 checkpoint?)")
+        if mapped.gguf == "output.weight" and config.text.tie_word_embeddings:
+            continue  # tied to token_embd, as llama.cpp does when output.weight is absent
+        if mapped.component is not Component.TEXT and not config.is_multimodal:
+            raise UserError(f"tensor {info.name} belongs to a vision tower but config.json describes a "
+                            "text-only Gemma3ForCausalLM; the config and weights do not match")
+        _check_tensor(info, mapped.gguf, expected, seen)
+        seen[mapped.gguf] = info.name
+        if mapped.component is Component.TEXT:
+            text.append(PlannedTensor(mapped.gguf, info.name, info.shape,
+                                      text_tensor_type(info.shape, text_type), mapped.add_one))
+        else:
+            mmproj.append(PlannedTensor(mapped.gguf, info.name, info.shape,
+                                        mmproj_tensor_type(mapped.gguf, info.shape, mmproj_type), mapped.add_one))
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs (first: GGUF "
+                        f"{missing[0]}); the download is incomplete or the config does not match the weights")
+    return sorted(text, key=_sort_key), sorted(mmproj, key=_sort_key)
+
+
+def _check_tensor(info: TensorInfo, gguf_name: str, expected: dict[str, tuple[int, ...]],
+                  seen: dict[str, str]) -> None:
+    if gguf_name in seen:
+        raise UserError(f"tensors {seen[gguf_name]} and {info.name} both map to {gguf_name}; the checkpoint "
+                        "mixes two layouts, re-save it")
+    if gguf_name not in expected:
+        raise UserError(f"tensor {info.name} ({gguf_name}) is beyond what config.json describes (layer count "
+                        "or architecture); the config and weights do not match")
+    if info.shape != expected[gguf_name]:
+        raise UserError(f"tensor {info.name} has shape {list(info.shape)} but config.json implies "
+                        f"{list(expected[gguf_name])}; the config and weights do not match")
+    if info.dtype not in SOURCE_DTYPES:
+        raise UserError(f"tensor {info.name} is stored as {info.dtype}; convert needs unquantized "
+                        "bf16/f16/f32 weights (dequantize the checkpoint first)")
+
+
+def default_model_name(resolved: ResolvedSource) -> str:
+    """``medgemma-4b-it`` for ``google/medgemma-4b-it``; the folder name for a local folder."""
+    return resolved.repo_or_path.rstrip("/").split("/")[-1] if resolved.is_hub else resolved.folder.name
+
+
+def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmproj_type: str = "f16",
+                       name: str | None = None, force: bool = False, token: str | None = None,
+                       revision: str | None = None, progress: bool = True) -> ConvertResult:
+    """Convert a Hub repo id or local folder into ``outdir``; see the README for the file layout."""
+    text_type = parse_outtype(outtype, TEXT_OUTTYPES, "--outtype")
+    vision_type = parse_outtype(mmproj_type, MMPROJ_OUTTYPES, "--mmproj-type")
+    outdir = Path(outdir)
+    resolved = resolve_source(source, token=token, revision=revision)
+    config = read_config(resolved.folder)
+    checkpoint = Checkpoint(resolved.folder)
+    text_plan, mmproj_plan = plan_tensors(checkpoint, config, text_type, vision_type)
+    vocab = read_vocab(resolved.folder, config.text.vocab_size)
+    name = name or default_model_name(resolved)
+    n_params = sum(checkpoint.tensors[t.source_name].n_elements for t in (*text_plan, *mmproj_plan))
+    info = general_info(name, read_card_metadata(resolved.folder),
+                        source_repo=resolved.repo_or_path if resolved.is_hub else None,
+                        revision=resolved.revision, n_params=n_params)
+    text_path, mmproj_path = output_paths(outdir, name, text_type, vision_type, config.is_multimodal)
+    manifest = _load_or_new_manifest(outdir, name, resolved, force)
+
+    with StagedOutputs(force=force) as staged:
+        text_tmp = staged.stage(text_path)
+        mmproj_tmp = staged.stage(mmproj_path) if mmproj_path else None
+        write_gguf(text_tmp, TEXT_ARCH, lambda w: _text_metadata(w, config, vocab, info, text_type),
+                   text_plan, checkpoint, progress=progress, label=text_path.name)
+        if mmproj_tmp is not None and mmproj_path is not None:
+            preprocessor = _preprocessor_config(resolved.folder)
+            write_gguf(mmproj_tmp, "clip", lambda w: _mmproj_metadata(w, config, preprocessor, info, vision_type),
+                       mmproj_plan, checkpoint, progress=progress, label=mmproj_path.name)
+        staged.commit()
+
+    manifest.upsert(entry_for(outdir, text_path, "text", type_label(text_type)))
+    if mmproj_path:
+        manifest.upsert(entry_for(outdir, mmproj_path, "mmproj", type_label(vision_type)))
+    manifest_path = manifest.save(outdir)
+    return ConvertResult(name, text_path, mmproj_path, manifest_path)
+
+
+def _text_metadata(writer, config: ModelConfig, vocab: Vocab, info: GeneralInfo,
+                   qtype: GGMLQuantizationType) -> None:
+    add_general(writer, info, FILE_TYPES[qtype])
+    add_text_hparams(writer, config)
+    add_vocab(writer, vocab)
+
+
+def _mmproj_metadata(writer, config: ModelConfig, preprocessor: dict, info: GeneralInfo,
+                     qtype: GGMLQuantizationType) -> None:
+    add_general(writer, info, FILE_TYPES[qtype])
+    add_mmproj_hparams(writer, config, preprocessor)
+
+
+def _preprocessor_config(folder: Path) -> dict:
+    """Image processor settings: ``preprocessor_config.json`` as published, or the ``image_processor``
+    section of ``processor_config.json`` as transformers 5.x writes it."""
+    merged: dict = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc.msg}); re-download it") from exc
+        merged.update(data.get("image_processor", {}) if name == "processor_config.json" else data)
+    return merged
+
+
+def _load_or_new_manifest(outdir: Path, name: str, resolved: ResolvedSource, force: bool) -> Manifest:
+    """The folder's manifest to extend; another model's manifest is only replaced with ``force``."""
+    source = {"repo_or_path": resolved.repo_or_path, "revision": resolved.revision}
+    if (outdir / MANIFEST_NAME).is_file():
+        manifest = Manifest.load(outdir)
+        if manifest.model == name and manifest.source == source:
+            return manifest
+        if not force:
+            raise UserError(f"{outdir / MANIFEST_NAME} describes {manifest.model} from "
+                            f"{manifest.source.get('repo_or_path')}; use another --outdir, or --force to replace it")
+        log.warning("replacing %s, which described another model or source", outdir / MANIFEST_NAME)
+    return Manifest(model=name, source=source)

@@ -1,0 +1,95 @@
+"""Where a checkpoint comes from: a local folder, or a Hugging Face Hub repo downloaded (resumably) into
+the Hub cache — only the files the conversion needs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from medgemma_gguf.errors import UserError
+
+# Everything convert reads; weights as safetensors only.
+NEEDED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "README.md",
+]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A checkpoint folder on disk and what it was resolved from."""
+
+    folder: Path
+    repo_or_path: str
+    revision: str | None  # commit sha for Hub downloads, None for local folders
+    is_hub: bool
+
+
+def resolve_source(source: str, *, token: str | None = None, revision: str | None = None,
+                   cache_dir: Path | None = None) -> ResolvedSource:
+    """A local folder as is, or a Hub repo id downloaded into the cache (resuming partial downloads).
+
+    The token comes from ``token``, else ``HF_TOKEN``, else the cached ``hf auth login``.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{source} is a file; pass the checkpoint folder (with config.json) or a Hub repo id")
+        if revision:
+            raise UserError("--revision applies to Hub repo ids only; a local folder is used as it is")
+        return ResolvedSource(path.resolve(), str(path), None, False)
+    if not REPO_ID.match(source):
+        raise UserError(f"{source} is neither an existing folder nor a Hub repo id like google/medgemma-4b-it")
+    folder = _download(source, token=token, revision=revision, cache_dir=cache_dir)
+    return ResolvedSource(folder, source, folder.name, True)
+
+
+def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir: Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"https://huggingface.co/{repo_id}"
+    try:
+        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                   allow_patterns=NEEDED_FILES)
+    except GatedRepoError as exc:
+        raise UserError(f"{repo_id} is gated: accept the license on {page} while logged in, then pass "
+                        "--token or set HF_TOKEN (or run `hf auth login`)") from exc
+    except RevisionNotFoundError as exc:
+        raise UserError(f"revision {revision!r} not found in {repo_id}; check the branch, tag or commit "
+                        f"on {page}") from exc
+    except RepositoryNotFoundError as exc:
+        raise UserError(f"{repo_id} not found or not accessible (HTTP 401/404): check the name, accept the "
+                        f"license on {page}, and pass --token or set HF_TOKEN") from exc
+    except LocalEntryNotFoundError as exc:
+        raise UserError(f"cannot download {repo_id}: no connection to the Hub and no cached copy; connect, or "
+                        "convert a local folder instead") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise UserError(f"access to {repo_id} denied (HTTP {status}): accept the license on {page} and "
+                            "pass --token or set HF_TOKEN with a token that has read access") from exc
+        raise UserError(f"download of {repo_id} failed (HTTP {status}); re-run to resume") from exc
+    except OSError as exc:
+        raise UserError(f"download of {repo_id} failed ({exc}); re-run to resume") from exc
+    return Path(folder)

@@ -1,0 +1,5 @@
+import sys
+
+from medgemma_gguf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""``manifest.json``: what an output folder holds, written atomically and read back by every part."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgemma_gguf.atomic import write_text_atomic
+from medgemma_gguf.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class FileEntry:
+    """One output file: ``path`` is relative to the manifest's folder."""
+
+    path: str
+    role: str  # "text" | "mmproj" | "imatrix"
+    type: str
+    bytes: int
+    sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> FileEntry:
+        known = {k: row[k] for k in ("path", "role", "type", "bytes", "sha256")}
+        extra = {k: v for k, v in row.items() if k not in known}
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class Manifest:
+    """The manifest of one output folder."""
+
+    model: str
+    source: dict[str, Any]
+    files: list[FileEntry] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def upsert(self, entry: FileEntry) -> None:
+        """Add ``entry``, replacing any row for the same path."""
+        self.files = [f for f in self.files if f.path != entry.path] + [entry]
+
+    def find(self, role: str) -> list[FileEntry]:
+        return [f for f in self.files if f.role == role]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "source": self.source, "files": [f.to_json() for f in self.files],
+                **self.extra}
+
+    def save(self, folder: Path) -> Path:
+        target = Path(folder) / MANIFEST_NAME
+        write_text_atomic(target, json.dumps(self.to_json(), indent=2) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        target = Path(folder) / MANIFEST_NAME
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise UserError(f"{target} not found; run `medgemma-gguf convert` into {folder} first") from exc
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{target} is not valid JSON ({exc.msg}); re-run convert with --force") from exc
+        extra = {k: v for k, v in data.items() if k not in ("model", "source", "files")}
+        return cls(model=data["model"], source=data["source"],
+                   files=[FileEntry.from_json(r) for r in data.get("files", [])], extra=extra)
+
+
+def entry_for(folder: Path, file: Path, role: str, type_name: str, **extra: Any) -> FileEntry:
+    """A manifest row for a finished file, with size and sha256 measured from disk."""
+    file = Path(file)
+    return FileEntry(path=str(file.relative_to(folder)), role=role, type=type_name,
+                     bytes=file.stat().st_size, sha256=sha256_of(file), extra=extra)

@@ -1,0 +1,342 @@
+"""A thin, exact layer over llama-cpp-python's C API for Gemma 3: a text model, optional mmproj, and
+evaluation that returns logits for the positions asked for.
+
+Prompts are evaluated as a list of parts — token ids, or images — so that callers control the exact
+token sequence (the runtime builds it to match the Hugging Face processor's; the evaluator and tests
+feed the processor's own ids).  Images go through libmtmd: encoded by the mmproj and decoded into the
+text model with Gemma 3's non-causal attention over the image block, as ``mtmd_helper`` does it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
+
+from medgemma_gguf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@llama_cpp.llama_log_callback
+def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.WARNING if level == 3 else logging.ERROR if level == 4 else logging.DEBUG, message)
+
+
+_LOGGING_ROUTED = False
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp / libmtmd log lines to Python logging instead of stderr (once per process)."""
+    global _LOGGING_ROUTED
+    if not _LOGGING_ROUTED:
+        llama_cpp.llama_log_set(_forward_log, ctypes.c_void_p(0))
+        mtmd.mtmd_log_set(_forward_log, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(_forward_log, ctypes.c_void_p(0))
+        _LOGGING_ROUTED = True
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An RGB image to place in the prompt (uint8 array of shape [height, width, 3])."""
+
+    pixels: np.ndarray
+
+
+PromptPart = Sequence[int] | ImagePart
+
+
+def _check_file(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found; check the path")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file; pass a .gguf {what} made by medgemma-gguf convert")
+    return path
+
+
+class Engine:
+    """A loaded text model (+ optional mmproj) with one context and one sequence."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        mmproj_path: Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        vocab_only: bool = False,
+    ):
+        route_llama_logs()
+        llama_cpp.llama_backend_init()
+        self.model_path = _check_file(model_path, "model")
+        self.mmproj_path = _check_file(mmproj_path, "mmproj") if mmproj_path else None
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_batch = n_batch
+        self._model = self._ctx = self._mtmd = None
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        model_params.vocab_only = vocab_only
+        self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), model_params)
+        if not self._model:
+            raise UserError(
+                f"llama.cpp could not load {self.model_path}; the file is damaged or not a text "
+                "model (an mmproj goes in --mmproj)"
+            )
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_past = 0
+        if vocab_only:
+            return
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_ubatch
+        ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            self.close()
+            raise UserError(f"cannot create a context of {n_ctx} tokens for {self.model_path}; lower --ctx")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ubatch = n_ubatch
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        if self.mmproj_path is not None:
+            self._init_mtmd(n_gpu_layers > 0)
+
+    def _init_mtmd(self, use_gpu: bool) -> None:
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = self.n_threads
+        params.print_timings = False
+        params.warmup = False
+        self._mtmd = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
+        if not self._mtmd:
+            self.close()
+            raise UserError(
+                f"llama.cpp could not load the mmproj {self.mmproj_path}; it does not belong to "
+                f"{self.model_path.name} (embedding width or projector type differ) or is damaged"
+            )
+        if not mtmd.mtmd_support_vision(self._mtmd):
+            self.close()
+            raise UserError(f"{self.mmproj_path} has no vision encoder; pass the model's image mmproj")
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the native objects (also done on garbage collection)."""
+        if self._mtmd:
+            mtmd.mtmd_free(self._mtmd)
+            self._mtmd = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mtmd is not None
+
+    # tokens ----------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """llama.cpp's tokenization of ``text`` (special tokens such as ``<start_of_turn>`` parsed)."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        return list(buffer[:count])
+
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (control tokens are empty unless ``special``)."""
+        buffer = ctypes.create_string_buffer(256)
+        count = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if count < 0:
+            buffer = ctypes.create_string_buffer(-count)
+            count = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:count]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def bos_token(self) -> int:
+        return llama_cpp.llama_vocab_bos(self._vocab)
+
+    def image_marker_tokens(self) -> tuple[int, int]:
+        """Ids of ``<start_of_image>`` and ``<end_of_image>``."""
+        start, end = self.tokenize("<start_of_image>"), self.tokenize("<end_of_image>")
+        if len(start) != 1 or len(end) != 1:
+            raise UserError(
+                f"{self.model_path.name} does not parse Gemma's image markers as single tokens; "
+                "re-convert it with medgemma-gguf convert"
+            )
+        return start[0], end[0]
+
+    # evaluation ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the evaluated prompt (clear the KV cache)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+
+    def _check_room(self, n_new: int) -> None:
+        if self.n_past + n_new > self.n_ctx:
+            raise UserError(
+                f"the prompt needs {self.n_past + n_new} tokens but the context holds {self.n_ctx}; "
+                "raise --ctx or shorten the conversation"
+            )
+
+    def eval_tokens(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
+        """Decode ``tokens`` after what was evaluated so far.
+
+        ``logits``: "all" returns float32 [len(tokens), n_vocab], "last" returns [1, n_vocab], "none" [0, n_vocab].
+        """
+        tokens = list(tokens)
+        self._check_room(len(tokens))
+        want = np.zeros(len(tokens), dtype=bool)
+        if logits == "all":
+            want[:] = True
+        elif logits == "last" and tokens:
+            want[-1] = True
+        rows: list[np.ndarray] = []
+        batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                batch.n_tokens = len(chunk)
+                for i, token in enumerate(chunk):
+                    batch.token[i] = token
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = bool(want[start + i])
+                status = llama_cpp.llama_decode(self._ctx, batch)
+                if status != 0:
+                    raise RuntimeError(f"llama_decode failed with status {status}")
+                for i in range(len(chunk)):
+                    if want[start + i]:
+                        pointer = llama_cpp.llama_get_logits_ith(self._ctx, i)
+                        rows.append(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy())
+                self.n_past += len(chunk)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return np.stack(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)
+
+    def _image_chunks(self, image: ImagePart):
+        """libmtmd's chunks for one image: [text <start_of_image>], image, [text <end_of_image>]."""
+        if self._mtmd is None:
+            raise UserError("this model was loaded without an mmproj; pass --mmproj to use images")
+        pixels = np.ascontiguousarray(image.pixels, dtype=np.uint8)
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError("ImagePart.pixels must be uint8 [height, width, 3]")
+        height, width = pixels.shape[:2]
+        bitmap = mtmd.mtmd_bitmap_init(width, height, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        chunks = mtmd.mtmd_input_chunks_init()
+        marker = mtmd.mtmd_default_marker()
+        text = mtmd.mtmd_input_text()
+        text.text = marker
+        text.text_len = len(marker)
+        text.add_special = False
+        text.parse_special = True
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        status = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), bitmaps, 1)
+        mtmd.mtmd_bitmap_free(bitmap)
+        if status != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise UserError(f"libmtmd could not prepare the image (status {status}); use an RGB image")
+        return chunks
+
+    def _image_chunk(self, chunks):
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) != 0:  # 0 = text
+                return chunk
+        raise RuntimeError("libmtmd produced no image chunk")
+
+    def image_token_count(self, image: ImagePart) -> int:
+        """How many embedding positions the image occupies in the prompt."""
+        chunks = self._image_chunks(image)
+        try:
+            return mtmd.mtmd_input_chunk_get_n_tokens(self._image_chunk(chunks))
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def encode_image(self, image: ImagePart) -> np.ndarray:
+        """The projected image embeddings, float32 [n_image_tokens, n_embd]."""
+        chunks = self._image_chunks(image)
+        try:
+            chunk = self._image_chunk(chunks)
+            n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd.mtmd_encode_chunk(self._mtmd, chunk) != 0:
+                raise RuntimeError("mtmd_encode_chunk failed")
+            pointer = mtmd.mtmd_get_output_embd(self._mtmd)
+            return np.ctypeslib.as_array(pointer, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, -1).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def eval_image(self, image: ImagePart) -> int:
+        """Encode and decode one image's embeddings (only the image block; the caller adds the markers).
+
+        The whole image must fit in one micro-batch (``n_ubatch``): Gemma 3 attends to the image block
+        non-causally, and splitting it silently degrades quality.
+        """
+        chunks = self._image_chunks(image)
+        try:
+            chunk = self._image_chunk(chunks)
+            n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if n_tokens > self.n_ubatch or n_tokens > self.n_batch:
+                raise UserError(
+                    f"an image takes {n_tokens} positions but the micro-batch is {self.n_ubatch}; "
+                    "raise n_ubatch/n_batch to at least the image size"
+                )
+            self._check_room(n_tokens)
+            new_n_past = llama_cpp.llama_pos(0)
+            status = mtmd.mtmd_helper_eval_chunk_single(
+                self._mtmd, self._ctx, chunk, self.n_past, 0, self.n_batch, False, ctypes.byref(new_n_past)
+            )
+            if status != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunk_single failed with status {status}")
+            self.n_past = new_n_past.value
+            return n_tokens
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def eval_parts(self, parts: Sequence[PromptPart], *, logits: str = "all") -> np.ndarray:
+        """Evaluate token runs and images in order; returns logits of the token positions (see eval_tokens).
+
+        Image positions produce no logits; with ``logits="last"`` only the final token's row is returned.
+        """
+        rows = []
+        for index, part in enumerate(parts):
+            if isinstance(part, ImagePart):
+                self.eval_image(part)
+                continue
+            is_last = index == len(parts) - 1
+            mode = "all" if logits == "all" else ("last" if logits == "last" and is_last else "none")
+            rows.append(self.eval_tokens(part, logits=mode))
+        return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)

@@ -1,0 +1,64 @@
+"""Shared, session-cached fixtures: tiny checkpoints (built once per variant) and their conversions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MULTIMODAL_VARIANTS = ("mm-k256", "mm-deep", "mm-hf5")
+ALL_VARIANTS = (*MULTIMODAL_VARIANTS, "text")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(variant) -> Path``: a tiny Gemma 3 checkpoint folder, built once per session."""
+    from convert.tiny_checkpoint import build_tiny_checkpoint
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{variant}"), variant)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, tiny_checkpoint):
+    """``converted(variant, outtype, mmproj_type) -> ConvertResult``, converted once per combination."""
+    from convert.converter import convert_checkpoint
+
+    done: dict[tuple[str, str, str], object] = {}
+
+    def get(variant: str, outtype: str = "f32", mmproj_type: str = "f32"):
+        key = (variant, outtype, mmproj_type)
+        if key not in done:
+            outdir = tmp_path_factory.mktemp(f"gguf-{variant}-{outtype}-{mmproj_type}")
+            done[key] = convert_checkpoint(str(tiny_checkpoint(variant)), outdir, outtype=outtype,
+                                           mmproj_type=mmproj_type, progress=False)
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """``hf_model(folder) -> transformers model`` in float32, eager attention, cached per folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    cache: dict[Path, object] = {}
+
+    def get(folder: Path):
+        if folder not in cache:
+            import json
+
+            arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+            cls = Gemma3ForConditionalGeneration if arch == "Gemma3ForConditionalGeneration" else AutoModelForCausalLM
+            model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+            cache[folder] = model.eval()
+        return cache[folder]
+
+    return get

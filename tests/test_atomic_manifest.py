@@ -1,0 +1,81 @@
+"""Atomic outputs and the manifest."""
+
+import json
+
+import pytest
+
+from medgemma_gguf.atomic import StagedOutputs, atomic_output
+from medgemma_gguf.errors import UserError
+from medgemma_gguf.manifest import Manifest, entry_for, sha256_of
+
+
+def test_atomic_output_renames_only_on_success(tmp_path):
+    final = tmp_path / "a.gguf"
+    with atomic_output(final) as tmp:
+        tmp.write_bytes(b"done")
+        assert not final.exists()
+    assert final.read_bytes() == b"done"
+    assert list(tmp_path.iterdir()) == [final]
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "a.gguf"
+    with pytest.raises(RuntimeError), atomic_output(final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tmp_path):
+    final = tmp_path / "a.gguf"
+    final.write_bytes(b"old")
+    with pytest.raises(UserError, match="--force"), atomic_output(final):
+        pass
+    assert final.read_bytes() == b"old"
+    with atomic_output(final, force=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new"
+
+
+def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
+    old = tmp_path / "b.gguf"
+    old.write_bytes(b"user's file")
+    with pytest.raises(KeyboardInterrupt), StagedOutputs(force=True) as staged:
+        staged.stage(tmp_path / "a.gguf").write_bytes(b"a")
+        staged.stage(old).write_bytes(b"b")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf"] and old.read_bytes() == b"user's file"
+    with StagedOutputs(force=True) as staged:
+        staged.stage(tmp_path / "a.gguf").write_bytes(b"a")
+        staged.stage(old).write_bytes(b"b")
+        staged.commit()
+    assert (tmp_path / "a.gguf").read_bytes() == b"a" and old.read_bytes() == b"b"
+
+
+def test_unwritable_folder_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot create output folder"), atomic_output(blocker / "sub" / "a.gguf"):
+        pass
+
+
+def test_manifest_round_trip_and_upsert(tmp_path):
+    file = tmp_path / "m-F32.gguf"
+    file.write_bytes(b"GGUF1234")
+    manifest = Manifest(model="m", source={"repo_or_path": "google/m", "revision": "abc"})
+    manifest.upsert(entry_for(tmp_path, file, "text", "F32", bpw=32.0))
+    manifest.upsert(entry_for(tmp_path, file, "text", "F32", bpw=32.0))
+    manifest.save(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["files"] == [{"path": "m-F32.gguf", "role": "text", "type": "F32", "bytes": 8,
+                              "sha256": sha256_of(file), "bpw": 32.0}]
+    loaded = Manifest.load(tmp_path)
+    assert loaded.find("text")[0].extra == {"bpw": 32.0} and loaded.source["revision"] == "abc"
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Manifest.load(tmp_path)
