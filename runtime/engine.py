@@ -79,7 +79,13 @@ class Engine:
         n_batch: int = 512,
         n_ubatch: int = 512,
         vocab_only: bool = False,
+        eval_callback: object | None = None,
     ):
+        """Load ``model_path`` (and ``mmproj_path``).
+
+        ``eval_callback``: a ``llama_cpp.ggml_backend_sched_eval_callback`` called for every graph node
+        (how llama.cpp's imatrix tool observes activations); the caller keeps it alive.
+        """
         route_llama_logs()
         llama_cpp.llama_backend_init()
         self.model_path = _check_file(model_path, "model")
@@ -106,6 +112,9 @@ class Engine:
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_ubatch
         ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
+        if eval_callback is not None:
+            ctx_params.cb_eval = eval_callback
+            ctx_params.cb_eval_user_data = None
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             self.close()

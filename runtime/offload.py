@@ -1,0 +1,604 @@
+"""Plan how many layers of a Gemma 3 GGUF fit on the GPU (llama.cpp's ``n_gpu_layers``).
+
+Everything is computed from the GGUF headers (no weights are read) and the llama.cpp source that
+llama-cpp-python 0.3.36 vendors. What llama.cpp does, and what this planner assumes:
+
+Layer placement (src/llama-model.cpp, ``load_tensors``): with ``n_gpu_layers = n`` and ``L`` repeating
+layers, layer index ``il`` in ``0..L`` (index ``L`` is the *output layer*: ``output_norm`` + ``output``)
+goes to the GPU when ``il >= L + 1 - n``. So the output layer is the FIRST thing offloaded (``n = 1``), then
+the repeating layers from the last one backwards; ``n = L + 1`` offloads everything. The input layer
+(``token_embd``, used only through get_rows) always stays on the CPU. A model with tied embeddings has no
+``output.weight``: llama.cpp loads ``token_embd`` a second time as the output matrix, so an offloaded
+output layer costs the full ``token_embd`` bytes on the GPU while the CPU copy stays.
+
+KV cache (src/llama-context.cpp, llama-kv-cache-iswa.cpp, llama-kv-cache.cpp): the context is padded,
+``n_ctx_pad = pad(n_ctx, 256)``. Full-attention layers get ``n_ctx_pad`` cells; sliding-window layers get
+``pad(min(n_ctx_pad, n_swa + n_ubatch), 256)`` cells, except with ``swa_full`` — llama.cpp's default
+(``llama_context_default_params().swa_full = true``, which llama-cpp-python keeps unless ``swa_full=False``
+is passed to ``Llama``) — where they get ``n_ctx_pad`` cells too. Per layer, K and V are each
+``n_head_kv × head_dim`` values per cell in the cache type (F16 by default); with ``offload_kqv`` (default)
+a layer's cache lives on the layer's device. Which layers slide: the per-layer bool array
+``gemma3.attention.sliding_window_pattern`` when present, else an integer pattern ``p`` (default 6 for
+gemma3: layer ``il`` slides unless ``il % p == p - 1``); no ``sliding_window`` key means no sliding layers.
+
+Compute buffers (an ESTIMATE, not measured on a GPU here; errs on the high side):
+
+* text graph, reserved for one micro-batch of ``n_ub = min(n_ubatch, n_ctx)`` tokens with every token
+  an output (src/llama-context.cpp ``graph_reserve``):
+  ``max(logits, scores + activations) + masks + staging + 32 MiB``, where
+  ``logits = n_ub × n_vocab × 4``; ``scores = n_head × n_ub × n_kv × 4`` (the F32 attention matrix
+  without flash attention, llama-cpp-python's default; ``n_kv`` = the largest cache among GPU layers; 0
+  with flash attention or no repeating layer on the GPU);
+  ``activations = n_ub × (2·n_ff + 4·n_embd + 2·(n_head + 2·n_head_kv)·head_dim) × 4``;
+  ``masks = n_ub × (cells_full + cells_swa) × 4``. The max is there because ggml's graph allocator frees
+  a layer's tensors before the logits are computed: llama.cpp's Gemma (256k vocabulary) at ubatch 2048
+  reported a 2025 MiB CUDA compute buffer, 2000 MiB of it logits (ggml-org/llama.cpp PR #5631).
+  ``staging``: with ``op_offload`` (default) the CUDA backend also runs big-batch matmuls whose weights
+  stay on the CPU, copying each weight into its compute buffer (ggml-backend.cpp, one split per offloaded
+  weight), so while any layer stays on the CPU the largest CPU-resident matmul weight is added. For the
+  same reason the logits are on the GPU even with ``n_gpu_layers = 0``.
+* vision encoder (tools/mtmd/clip.cpp warm-up on one ``image_size²`` image, its own buffer):
+  ``n_head_v × P² × 4`` (attention without flash attention; llama-cpp-python passes the text model's
+  flash-attention setting) ``+ P × (n_ff_v + 3·width_v) × 4``, ``P = (image_size / patch_size)²``. For
+  Gemma 3's SigLIP (896 px, patch 14, width 1152, 16 heads, ff 4304) that is 1145 MiB, or 121 MiB with
+  flash attention, against 1132 / 121 MiB reported by llama.cpp (gpustack/gguf-parser-go issue #44).
+* ``headroom`` (default 1 GiB, llama.cpp's own ``--fit-target`` default) is kept free for the CUDA
+  context, cuBLAS workspaces and the CUDA memory pool, which no llama.cpp buffer report includes.
+
+The mmproj (vision encoder + projector) is loaded whole onto the GPU whenever llama-cpp-python can
+offload (its multimodal handlers create the mtmd context with ``use_gpu = True``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from medgemma_gguf.errors import UserError
+from runtime.gguf_info import GgufInfo, TensorInfo, read_gguf_info, tensor_nbytes
+
+MiB = 1024**2
+GiB = 1024**3
+DEFAULT_HEADROOM_BYTES = 1 * GiB
+COMPUTE_CONSTANT_BYTES = 32 * MiB
+KV_CELL_PADDING = 256
+DEFAULT_SWA_PATTERN = {"gemma3": 6}
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.")
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``"6GiB"``, ``"6GB"``, ``"6000MB"``, ``"512MiB"`` (KiB/MiB/GiB/TiB are
+    powers of 1024, KB/MB/GB/TB powers of 1000); UserError for anything else."""
+    match = _SIZE_PATTERN.match(str(text))
+    hint = "write a number and a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB"
+    if match is None:
+        raise UserError(f"cannot read the size {text!r}; {hint}")
+    number, unit = match.groups()
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise UserError(f"unknown size unit {unit!r} in {text!r}; {hint}")
+    size = int(float(number) * factor)
+    if size <= 0:
+        raise UserError(f"the size {text!r} must be more than 0 bytes; {hint}")
+    return size
+
+
+def format_size(n_bytes: int) -> str:
+    """``n_bytes`` in MiB or GiB for people."""
+    if abs(n_bytes) >= GiB:
+        return f"{n_bytes / GiB:.2f} GiB"
+    return f"{n_bytes / MiB:.0f} MiB"
+
+
+def _pad(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the headers say
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """The parts of a Gemma 3 text GGUF that decide its memory use."""
+
+    path: Path
+    n_layers: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: tuple[int, ...]
+    key_length: int
+    value_length: int
+    n_vocab: int
+    context_length: int
+    n_swa: int
+    sliding_layers: tuple[bool, ...]
+    layer_bytes: tuple[int, ...]
+    layer_largest_tensor_bytes: tuple[int, ...]
+    input_bytes: int
+    output_bytes: int
+    output_matrix_bytes: int
+    tied_embeddings: bool
+
+
+@dataclass(frozen=True)
+class VisionModel:
+    """The parts of an mmproj GGUF that decide its memory use."""
+
+    path: Path
+    weight_bytes: int
+    n_patches: int
+    width: int
+    n_ff: int
+    n_head: int
+    n_image_tokens: int | None
+
+
+def _metadata_int(info: GgufInfo, key: str, default: int | None = None) -> int:
+    value = info.metadata.get(key)
+    if value is None:
+        if default is None:
+            raise UserError(f"{info.path} lacks the metadata key {key}; re-convert the model with this tool")
+        return default
+    if isinstance(value, list):
+        raise UserError(f"{info.path}: {key} is an array; only a single value is supported here")
+    return int(value)
+
+
+def _per_layer(info: GgufInfo, key: str, n_layers: int, default: int | None = None) -> tuple[int, ...]:
+    value = info.metadata.get(key)
+    if isinstance(value, list):
+        if len(value) != n_layers:
+            raise UserError(f"{info.path}: {key} has {len(value)} entries for {n_layers} layers; the file is corrupt")
+        return tuple(int(item) for item in value)
+    return (_metadata_int(info, key, default),) * n_layers
+
+
+def _sliding_layers(info: GgufInfo, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+    n_swa = _metadata_int(info, f"{arch}.attention.sliding_window", 0)
+    if n_swa <= 0:
+        return 0, (False,) * n_layers
+    pattern = info.metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise UserError(
+                f"{info.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                f"{n_layers} layers; the file is corrupt — re-convert it"
+            )
+        return n_swa, tuple(bool(item) for item in pattern)
+    if pattern is None:
+        period = DEFAULT_SWA_PATTERN.get(arch)
+        if period is None:  # unknown default: size every layer's cache as full (never too small)
+            return n_swa, (False,) * n_layers
+    else:
+        period = int(pattern)
+    return n_swa, tuple(period == 0 or il % period < period - 1 for il in range(n_layers))
+
+
+def read_text_model(path: Path | str) -> TextModel:
+    """Shapes, sliding-window layout and per-layer weight bytes of the text GGUF at ``path``."""
+    info = read_gguf_info(path)
+    arch = info.architecture
+    if not arch:
+        raise UserError(f"{info.path} has no general.architecture; it is not a llama.cpp model GGUF")
+    if arch == "clip":
+        raise UserError(f"{info.path} is an mmproj (vision) file; pass the text model GGUF, and the mmproj separately")
+    n_layers = _metadata_int(info, f"{arch}.block_count")
+    n_embd = _metadata_int(info, f"{arch}.embedding_length")
+    n_head = _metadata_int(info, f"{arch}.attention.head_count")
+    token_embd = info.tensor("token_embd.weight")
+    if token_embd is None:
+        raise UserError(f"{info.path} has no token_embd.weight tensor; it is not a complete text model")
+    n_vocab = token_embd.shape[1] if len(token_embd.shape) > 1 else 0
+    gate = info.tensor("blk.0.ffn_gate.weight")
+    n_ff = _metadata_int(info, f"{arch}.feed_forward_length", gate.shape[1] if gate is not None else None)
+
+    layer_tensors: list[list[TensorInfo]] = [[] for _ in range(n_layers)]
+    input_bytes = 0
+    output_norm_bytes = 0
+    output_matrix: TensorInfo | None = None
+    for tensor in info.tensors:
+        match = _LAYER_NAME.match(tensor.name)
+        if match is not None:
+            index = int(match.group(1))
+            if index >= n_layers:
+                raise UserError(
+                    f"{info.path}: tensor {tensor.name} is beyond block_count {n_layers}; the file is corrupt"
+                )
+            layer_tensors[index].append(tensor)
+        elif tensor.name == "output.weight":
+            output_matrix = tensor
+        elif tensor.name.startswith("output_norm."):
+            output_norm_bytes += tensor.n_bytes
+        else:  # token_embd and any other non-layer tensor: loaded with the input layer, on the CPU
+            input_bytes += tensor.n_bytes
+    tied = output_matrix is None
+    output_matrix_bytes = token_embd.n_bytes if tied else output_matrix.n_bytes
+
+    n_swa, sliding = _sliding_layers(info, arch, n_layers)
+    return TextModel(
+        path=info.path,
+        n_layers=n_layers,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=_per_layer(info, f"{arch}.attention.head_count_kv", n_layers, n_head),
+        key_length=_metadata_int(info, f"{arch}.attention.key_length", n_embd // n_head),
+        value_length=_metadata_int(info, f"{arch}.attention.value_length", n_embd // n_head),
+        n_vocab=n_vocab,
+        context_length=_metadata_int(info, f"{arch}.context_length", 0),
+        n_swa=n_swa,
+        sliding_layers=sliding,
+        layer_bytes=tuple(sum(t.n_bytes for t in tensors) for tensors in layer_tensors),
+        layer_largest_tensor_bytes=tuple(max((t.n_bytes for t in tensors), default=0) for tensors in layer_tensors),
+        input_bytes=input_bytes,
+        output_bytes=output_norm_bytes + output_matrix_bytes,
+        output_matrix_bytes=output_matrix_bytes,
+        tied_embeddings=tied,
+    )
+
+
+def read_vision_model(path: Path | str) -> VisionModel:
+    """Weight bytes and encoder shape of the mmproj GGUF at ``path``."""
+    info = read_gguf_info(path)
+    if info.architecture != "clip":
+        raise UserError(
+            f"{info.path} is not an mmproj file (general.architecture is {info.architecture!r}, not 'clip'); "
+            "pass the mmproj-*.gguf written next to the model"
+        )
+    image_size = _metadata_int(info, "clip.vision.image_size")
+    patch_size = _metadata_int(info, "clip.vision.patch_size")
+    if patch_size <= 0 or image_size <= 0:
+        raise UserError(f"{info.path}: clip.vision.image_size/patch_size must be positive; the file is corrupt")
+    projector = info.metadata.get("clip.vision.projector_type") or info.metadata.get("clip.projector_type")
+    n_image_tokens = None
+    if projector == "gemma3":  # clip.cpp pools the patch grid by scale_factor (default 4) per side
+        merge = _metadata_int(info, "clip.vision.projector.scale_factor", 4)
+        n_image_tokens = (image_size // patch_size // max(merge, 1)) ** 2
+    return VisionModel(
+        path=info.path,
+        weight_bytes=info.total_tensor_bytes,
+        n_patches=(image_size // patch_size) ** 2,
+        width=_metadata_int(info, "clip.vision.embedding_length"),
+        n_ff=_metadata_int(info, "clip.vision.feed_forward_length"),
+        n_head=_metadata_int(info, "clip.vision.attention.head_count"),
+        n_image_tokens=n_image_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclass(frozen=True)
+class KvCacheLayout:
+    """Cells per layer of llama.cpp's KV cache for one context."""
+
+    n_ctx_padded: int
+    n_ubatch: int
+    cells_full: int
+    cells_swa: int
+    layer_bytes: tuple[int, ...]
+
+
+def kv_cache_layout(
+    model: TextModel, n_ctx: int, n_ubatch: int, swa_full: bool, kv_type: gguf.GGMLQuantizationType
+) -> KvCacheLayout:
+    """Cells and per-layer K+V bytes of the KV cache llama.cpp allocates for ``n_ctx``."""
+    n_ctx_padded = _pad(n_ctx, KV_CELL_PADDING)
+    n_ub = min(n_ubatch, n_ctx)
+    cells_swa = n_ctx_padded if swa_full else _pad(min(n_ctx_padded, model.n_swa + n_ub), KV_CELL_PADDING)
+    layer_bytes = []
+    for il in range(model.n_layers):
+        cells = cells_swa if model.sliding_layers[il] else n_ctx_padded
+        k_bytes = tensor_nbytes(kv_type, (model.n_head_kv[il] * model.key_length, cells))
+        v_bytes = tensor_nbytes(kv_type, (model.n_head_kv[il] * model.value_length, cells))
+        layer_bytes.append(k_bytes + v_bytes)
+    return KvCacheLayout(n_ctx_padded, n_ub, n_ctx_padded, cells_swa, tuple(layer_bytes))
+
+
+def text_compute_bytes(model: TextModel, kv: KvCacheLayout, n_gpu_layers: int, flash_attn: bool) -> int:
+    """Estimated GPU compute buffer of the text graph with ``n_gpu_layers`` offloaded (module docstring)."""
+    n_ub = kv.n_ubatch
+    gpu_start = model.n_layers + 1 - n_gpu_layers
+    gpu_layers = range(max(gpu_start, 0), model.n_layers)
+    logits = n_ub * model.n_vocab * 4
+    scores = 0
+    if gpu_layers and not flash_attn:
+        n_kv = max(kv.cells_swa if model.sliding_layers[il] else kv.cells_full for il in gpu_layers)
+        scores = model.n_head * n_ub * n_kv * 4
+    n_head_kv = max(model.n_head_kv)
+    head_dim = max(model.key_length, model.value_length)
+    activations = n_ub * (2 * model.n_ff + 4 * model.n_embd + 2 * (model.n_head + 2 * n_head_kv) * head_dim) * 4
+    masks = n_ub * (kv.cells_full + kv.cells_swa) * 4
+    cpu_layers = range(0, min(max(gpu_start, 0), model.n_layers))
+    staging = max((model.layer_largest_tensor_bytes[il] for il in cpu_layers), default=0)
+    if n_gpu_layers < 1:
+        staging = max(staging, model.output_matrix_bytes)
+    return max(logits, scores + activations) + masks + staging + COMPUTE_CONSTANT_BYTES
+
+
+def vision_compute_bytes(vision: VisionModel, flash_attn: bool) -> int:
+    """Estimated compute buffer of the vision encoder for one image (module docstring)."""
+    patches = vision.n_patches
+    scores = 0 if flash_attn else vision.n_head * patches * patches * 4
+    return scores + patches * (vision.n_ff + 3 * vision.width) * 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Free memory
+
+
+def gpu_offload_supported() -> tuple[bool, str]:
+    """Whether the installed llama-cpp-python can offload to a GPU, and a line saying why not."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False, "llama-cpp-python is not installed: planning for CPU only"
+    if llama_cpp.llama_supports_gpu_offload():
+        return True, ""
+    return False, (
+        "this llama-cpp-python build cannot offload to a GPU (llama_supports_gpu_offload() is False): "
+        "everything runs on the CPU; reinstall it with CUDA (CMAKE_ARGS=-DGGML_CUDA=on) to use a GPU"
+    )
+
+
+def query_free_vram() -> int:
+    """Free memory of GPU 0 in bytes, from pynvml or ``nvidia-smi``; UserError if neither can tell."""
+    fix = "pass the GPU memory to use with --vram (e.g. --vram 6GiB)"
+    try:
+        import pynvml
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            try:
+                return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
+            finally:
+                pynvml.nvmlShutdown()
+        except pynvml.NVMLError:  # no driver or no device: try nvidia-smi, which says why
+            pass
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        raise UserError(
+            f"cannot determine free GPU memory: nvidia-smi is not on PATH and "
+            f"{'pynvml is not installed' if pynvml is None else 'NVML found no GPU'}; {fix}"
+        )
+    try:
+        result = subprocess.run(
+            [executable, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot determine free GPU memory: running nvidia-smi failed ({exc}); {fix}") from exc
+    first_line = result.stdout.strip().splitlines()[0].strip() if result.stdout.strip() else ""
+    if result.returncode != 0 or not first_line.isdigit():
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        reason = detail[0] if detail else f"exit status {result.returncode}"
+        raise UserError(f"cannot determine free GPU memory: nvidia-smi said {reason!r}; {fix}")
+    return int(first_line) * MiB
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Where a model's memory goes for one ``n_gpu_layers`` value."""
+
+    n_gpu_layers: int
+    n_layers: int
+    n_ctx: int
+    gpu_available: bool
+    budget_bytes: int | None
+    headroom_bytes: int
+    gpu_weights: int
+    gpu_kv: int
+    gpu_mmproj: int
+    gpu_compute: int
+    cpu_weights: int
+    cpu_kv: int
+    cpu_mmproj: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def max_gpu_layers(self) -> int:
+        """The ``n_gpu_layers`` that offloads everything: all repeating layers plus the output layer."""
+        return self.n_layers + 1
+
+    @property
+    def fits_fully(self) -> bool:
+        return self.n_gpu_layers >= self.max_gpu_layers
+
+    @property
+    def repeating_layers_on_gpu(self) -> int:
+        return max(0, min(self.n_gpu_layers - 1, self.n_layers))
+
+    @property
+    def output_on_gpu(self) -> bool:
+        return self.n_gpu_layers >= 1
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu_weights + self.gpu_kv + self.gpu_mmproj + self.gpu_compute
+
+    @property
+    def cpu_bytes(self) -> int:
+        return self.cpu_weights + self.cpu_kv + self.cpu_mmproj
+
+    def describe(self) -> str:
+        """A short, human-readable account of the plan."""
+        lines = [f"n_gpu_layers = {self.n_gpu_layers} (of {self.max_gpu_layers}: {self.n_layers} layers + output)"]
+        if self.gpu_available:
+            if self.fits_fully:
+                where = "whole model on the GPU"
+            elif self.n_gpu_layers == 0:
+                where = "no layer on the GPU"
+            elif self.repeating_layers_on_gpu == 0:
+                where = "only the output layer on the GPU"
+            else:
+                where = f"output layer and the last {self.repeating_layers_on_gpu} of {self.n_layers} layers on the GPU"
+            lines.append(f"{where}; context {self.n_ctx} tokens")
+            lines.append(
+                f"GPU: {format_size(self.gpu_bytes)} = weights {format_size(self.gpu_weights)} + KV "
+                f"{format_size(self.gpu_kv)} + mmproj {format_size(self.gpu_mmproj)} + compute "
+                f"{format_size(self.gpu_compute)} (estimate)"
+            )
+            if self.budget_bytes is not None:
+                lines.append(
+                    f"budget {format_size(self.budget_bytes)}, of which {format_size(self.headroom_bytes)} "
+                    "kept free for the CUDA runtime"
+                )
+        else:
+            lines.append(f"CPU only; context {self.n_ctx} tokens")
+        lines.append(
+            f"CPU: {format_size(self.cpu_bytes)} = weights {format_size(self.cpu_weights)} + KV "
+            f"{format_size(self.cpu_kv)}" + (f" + mmproj {format_size(self.cpu_mmproj)}" if self.cpu_mmproj else "")
+        )
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _kv_type(name: str) -> gguf.GGMLQuantizationType:
+    try:
+        return gguf.GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise UserError(f"unknown KV cache type {name!r}; use f16 (default), bf16, q8_0 or q4_0") from None
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def plan_offload(
+    gguf_path: Path | str,
+    *,
+    n_ctx: int,
+    vram_bytes: int | None = None,
+    mmproj_path: Path | str | None = None,
+    n_ubatch: int = 512,
+    gpu_available: bool | None = None,
+    flash_attn: bool = False,
+    swa_full: bool = True,
+    kv_type: str = "f16",
+    headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+) -> OffloadPlan:
+    """The largest ``n_gpu_layers`` whose weights, KV cache, mmproj and compute buffers fit in the GPU budget.
+
+    ``vram_bytes=None`` asks pynvml / nvidia-smi for GPU 0's free memory. ``gpu_available=None`` asks
+    llama-cpp-python whether it can offload at all; without offload the plan is CPU-only (0 layers).
+    ``n_ctx=0`` means the model's training context, as in llama-cpp-python. ``flash_attn``, ``swa_full``
+    and ``kv_type`` must match what the ``Llama`` object will be created with (llama-cpp-python's
+    defaults: no flash attention, full-size SWA cache, F16 cache).
+    """
+    model = read_text_model(gguf_path)
+    vision = read_vision_model(mmproj_path) if mmproj_path is not None else None
+    if n_ctx == 0:
+        n_ctx = model.context_length
+    _check_positive("n_ctx", n_ctx)
+    _check_positive("n_ubatch", n_ubatch)
+    if vram_bytes is not None and (not isinstance(vram_bytes, int) or vram_bytes < 1):
+        raise UserError(f"the GPU memory budget must be a positive number of bytes, got {vram_bytes!r}")
+    if headroom_bytes < 0:
+        raise UserError(f"headroom_bytes must not be negative, got {headroom_bytes}")
+    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, _kv_type(kv_type))
+    notes: list[str] = []
+    if vision is not None and vision.n_image_tokens and min(n_ubatch, n_ctx) < vision.n_image_tokens:
+        notes.append(
+            f"warning: n_ubatch {min(n_ubatch, n_ctx)} is below the {vision.n_image_tokens} tokens of one image; "
+            "an image must fit in one micro-batch, so raise n_ubatch (and n_batch)"
+        )
+    if model.context_length and n_ctx > model.context_length:
+        notes.append(f"note: n_ctx {n_ctx} is beyond the model's training context {model.context_length}")
+
+    if gpu_available is None:
+        gpu_available, reason = gpu_offload_supported()
+        if reason:
+            notes.append(reason)
+    elif not gpu_available:
+        notes.append("no GPU offload requested: everything runs on the CPU")
+
+    vision_weights = vision.weight_bytes if vision is not None else 0
+
+    def plan_for(n_gpu: int, budget: int | None) -> OffloadPlan:
+        gpu_start = max(model.n_layers + 1 - n_gpu, 0)
+        on_gpu = range(gpu_start, model.n_layers)
+        gpu_weights = sum(model.layer_bytes[il] for il in on_gpu) + (model.output_bytes if n_gpu >= 1 else 0)
+        gpu_kv = sum(kv.layer_bytes[il] for il in on_gpu)
+        cpu_weights = model.input_bytes + sum(model.layer_bytes[:gpu_start])
+        if n_gpu < 1:  # output layer on the CPU; a tied output matrix is token_embd itself, not a copy
+            cpu_weights += model.output_bytes - (model.output_matrix_bytes if model.tied_embeddings else 0)
+        compute = 0
+        if gpu_available:
+            compute = text_compute_bytes(model, kv, n_gpu, flash_attn)
+            if vision is not None:
+                compute += vision_compute_bytes(vision, flash_attn)
+        return OffloadPlan(
+            n_gpu_layers=n_gpu,
+            n_layers=model.n_layers,
+            n_ctx=n_ctx,
+            gpu_available=gpu_available,
+            budget_bytes=budget,
+            headroom_bytes=headroom_bytes if gpu_available else 0,
+            gpu_weights=gpu_weights,
+            gpu_kv=gpu_kv,
+            gpu_mmproj=vision_weights if gpu_available else 0,
+            gpu_compute=compute,
+            cpu_weights=cpu_weights,
+            cpu_kv=sum(kv.layer_bytes) - gpu_kv,
+            cpu_mmproj=0 if gpu_available else vision_weights,
+            notes=tuple(notes),
+        )
+
+    if not gpu_available:
+        return plan_for(0, None)
+
+    if vram_bytes is None:
+        budget = query_free_vram()
+        notes.append(f"budget: {format_size(budget)} free on GPU 0 now (pass --vram to plan for another amount)")
+    else:
+        budget = vram_bytes
+    usable = budget - headroom_bytes
+    for n_gpu in range(model.n_layers + 1, -1, -1):
+        candidate = plan_for(n_gpu, budget)
+        if candidate.gpu_bytes <= usable:
+            if n_gpu < model.n_layers + 1:
+                needed_all = plan_for(model.n_layers + 1, budget).gpu_bytes + headroom_bytes
+                hint = "lower n_ctx or use a smaller quant to offload more"
+                if swa_full and any(model.sliding_layers):
+                    hint += " (or create the Llama with swa_full=False: sliding layers then keep only their window)"
+                notes.append(f"the whole model needs about {format_size(needed_all)} of GPU memory; {hint}")
+                candidate = plan_for(n_gpu, budget)
+            return candidate
+    floor = plan_for(0, budget)
+    notes.append(
+        f"warning: the budget {format_size(budget)} is below the {format_size(floor.gpu_bytes + headroom_bytes)} "
+        "needed before any layer is offloaded (mmproj, compute buffers, headroom): offloading no layer; "
+        "the GPU may still run out of memory — use a smaller n_ubatch or n_ctx, or a CPU-only build"
+    )
+    return plan_for(0, budget)
