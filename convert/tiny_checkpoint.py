@@ -151,7 +151,8 @@ class TinySpec:
     def layer_types(self) -> list[str]:
         """Gemma 3's 5 local : 1 global pattern, the global layer last in every group of six."""
         pattern = self.sliding_window_pattern
-        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(self.num_layers)]
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                for i in range(self.num_layers)]
 
     @property
     def vocab_size(self) -> int:
@@ -187,7 +188,7 @@ VARIANTS: dict[str, TinySpec] = {
 # --- tokenizer ------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _sentencepiece_model() -> bytes:
-    """Train the tiny BPE SentencePiece model on the bundled corpus (deterministic: one thread, no sampling)."""
+    """Train the tiny BPE SentencePiece model on the bundled corpus deterministically."""
     import io
 
     import sentencepiece as spm
@@ -223,11 +224,12 @@ def _token_entry(content: str, special: bool, normalized: bool = False) -> dict[
 
 
 def _added_tokens_decoder() -> dict[str, dict[str, Any]]:
-    """The published tokenizer_config's ``added_tokens_decoder``: every non-normal piece plus the added one."""
+    """The published ``added_tokens_decoder``: every non-normal piece plus the added one."""
     specials = {"<pad>": True, "<eos>": True, "<bos>": True, "<unk>": True, "<mask>": True,
                 "[multimodal]": False, "<start_of_turn>": True, "<end_of_turn>": True,
                 "<start_of_image>": True, "<end_of_image>": True}
-    decoder = {str(i): _token_entry(content, special) for i, (content, special) in enumerate(specials.items())}
+    decoder = {str(i): _token_entry(content, special)
+               for i, (content, special) in enumerate(specials.items())}
     decoder[str(IMAGE_SOFT_TOKEN_ID)] = _token_entry(IMAGE_SOFT_TOKEN, True)
     return decoder
 
@@ -266,7 +268,7 @@ def _json_bytes(data: Any) -> bytes:
 
 
 def _write_tokenizer_files(folder: Path, multimodal: bool) -> None:
-    """tokenizer.model, tokenizer.json (converted by transformers), tokenizer_config, special tokens, template."""
+    """tokenizer.model, tokenizer.json (built by transformers), tokenizer_config, special tokens, template."""
     from transformers import AutoTokenizer
 
     (folder / "tokenizer.model").write_bytes(_sentencepiece_model())
@@ -282,7 +284,7 @@ def _write_tokenizer_files(folder: Path, multimodal: bool) -> None:
 
 # --- configs --------------------------------------------------------------------------------------------
 def _text_config(spec: TinySpec) -> dict[str, Any]:
-    """The text decoder's config in the published format (rope_theta / rope_local_base_freq / rope_scaling)."""
+    """The text config in the published format (rope_theta, rope_local_base_freq, rope_scaling)."""
     config: dict[str, Any] = {
         "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
         "cache_implementation": "hybrid", "final_logit_softcapping": None, "head_dim": spec.head_dim,
@@ -304,7 +306,8 @@ def _text_config(spec: TinySpec) -> dict[str, Any]:
 def _vision_config(vision: VisionSpec) -> dict[str, Any]:
     return {
         "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": vision.hidden_size,
-        "image_size": vision.image_size, "intermediate_size": vision.intermediate_size, "layer_norm_eps": 1e-06,
+        "image_size": vision.image_size, "intermediate_size": vision.intermediate_size,
+        "layer_norm_eps": 1e-06,
         "model_type": "siglip_vision_model", "num_attention_heads": vision.num_heads, "num_channels": 3,
         "num_hidden_layers": vision.num_layers, "patch_size": vision.patch_size, "torch_dtype": "bfloat16",
         "vision_use_head": False,
@@ -342,20 +345,26 @@ def _preprocessor_config(vision: VisionSpec) -> dict[str, Any]:
         "image_seq_length": vision.mm_tokens_per_image, "image_std": [0.5, 0.5, 0.5],
         "pan_and_scan_max_num_crops": None, "pan_and_scan_min_crop_size": None,
         "pan_and_scan_min_ratio_to_activate": None, "processor_class": "Gemma3Processor", "resample": 2,
-        "rescale_factor": 0.00392156862745098, "size": {"height": vision.image_size, "width": vision.image_size},
+        "rescale_factor": 0.00392156862745098,
+        "size": {"height": vision.image_size, "width": vision.image_size},
     }
+
+
+def _processor_config(vision: VisionSpec) -> dict[str, Any]:
+    return {"image_seq_length": vision.mm_tokens_per_image, "processor_class": "Gemma3Processor"}
 
 
 # --- weights --------------------------------------------------------------------------------------------
 def _transformers_model(spec: TinySpec, config: dict[str, Any]) -> Any:
-    """The transformers model for ``spec`` (float32, CPU), with its default init."""
+    """The transformers model for ``spec`` (float32, CPU), with its default init (overwritten later)."""
     import torch
     from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
 
-    torch.manual_seed(0)
-    if spec.multimodal:
-        return Gemma3ForConditionalGeneration(Gemma3Config(**config)).eval()
-    return Gemma3ForCausalLM(Gemma3TextConfig(**config)).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state left as it was
+        torch.manual_seed(0)
+        if spec.multimodal:
+            return Gemma3ForConditionalGeneration(Gemma3Config(**config)).eval()
+        return Gemma3ForCausalLM(Gemma3TextConfig(**config)).eval()
 
 
 def published_name(module_name: str, multimodal: bool) -> str | None:
@@ -444,8 +453,7 @@ def _build_published(folder: Path, spec: TinySpec, seed: int) -> None:
     _write_tokenizer_files(folder, spec.multimodal)
     if spec.vision is not None:
         (folder / "preprocessor_config.json").write_bytes(_json_bytes(_preprocessor_config(spec.vision)))
-        (folder / "processor_config.json").write_bytes(
-            _json_bytes({"image_seq_length": spec.vision.mm_tokens_per_image, "processor_class": "Gemma3Processor"}))
+        (folder / "processor_config.json").write_bytes(_json_bytes(_processor_config(spec.vision)))
 
 
 def _build_hf5(folder: Path, spec: TinySpec, seed: int) -> None:
@@ -465,7 +473,7 @@ def _build_hf5(folder: Path, spec: TinySpec, seed: int) -> None:
                 state[module_name] = weights[name]
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"tiny weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"tiny weights do not fit: missing {missing}, unexpected {unexpected}")
         model.tie_weights()
         model = model.to(torch.bfloat16)
         model.generation_config = GenerationConfig(**{k: v for k, v in _generation_config().items()
@@ -474,22 +482,10 @@ def _build_hf5(folder: Path, spec: TinySpec, seed: int) -> None:
         _write_tokenizer_files(staging, multimodal=True)
         assert spec.vision is not None
         (staging / "preprocessor_config.json").write_bytes(_json_bytes(_preprocessor_config(spec.vision)))
-        (staging / "processor_config.json").write_bytes(
-            _json_bytes({"image_seq_length": spec.vision.mm_tokens_per_image, "processor_class": "Gemma3Processor"}))
+        (staging / "processor_config.json").write_bytes(_json_bytes(_processor_config(spec.vision)))
         processor = AutoProcessor.from_pretrained(str(staging))
         model.save_pretrained(str(folder))
         processor.save_pretrained(str(folder))
-    _drop_temp_paths(folder / "tokenizer_config.json", staging)
-
-
-def _drop_temp_paths(path: Path, temp_folder: Path) -> None:
-    """Remove entries naming the (deleted) staging folder, which would make the build non-deterministic."""
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    kept = {k: v for k, v in data.items() if not (isinstance(v, str) and str(temp_folder) in v)}
-    if kept != data:
-        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def build_tiny_checkpoint(outdir: Path, variant: str = "mm-k256", seed: int = 0) -> Path:
@@ -505,7 +501,8 @@ def build_tiny_checkpoint(outdir: Path, variant: str = "mm-k256", seed: int = 0)
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     outdir = Path(outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
-        raise UserError(f"{outdir} already exists and is not an empty folder; delete it or choose another one")
+        raise UserError(f"{outdir} already exists and is not an empty folder; "
+                        "delete it or choose another one")
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -1,0 +1,1 @@
+"""Bundled evaluation data (JSONL); a package only so that setuptools ships these files."""
