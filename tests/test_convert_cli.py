@@ -181,3 +181,69 @@ def test_bad_outtype_lists_choices(tiny_checkpoint, tmp_path, capsys):
     code = main(["convert", str(tiny_checkpoint("text")), "--outdir", str(tmp_path), "--outtype", "q4"])
     assert code == 2
     assert "bf16" in capsys.readouterr().err
+
+
+CARD = """---
+license: other
+license_name: health-ai-developer-foundations
+license_link: https://developers.google.com/health-ai-developer-foundations/terms
+base_model: google/medgemma-4b-pt
+library_name: transformers
+---
+# MedGemma model card
+"""
+
+
+def _hub_cache_with(folder, cache, repo_id, sha):
+    """A Hugging Face Hub cache holding ``folder`` as commit ``sha`` of ``repo_id`` (what a download leaves)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    shutil.copytree(folder, repo / "snapshots" / sha)
+
+
+def test_hub_source_records_repo_revision_license_and_base_model(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    source = _copy(tiny_checkpoint("mm-k256"), tmp_path)
+    (source / "README.md").write_text(CARD)
+    _hub_cache_with(source, tmp_path / "hub", "google/medgemma-4b-it", sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, _, err = _run(capsys, "google/medgemma-4b-it", "--outdir", tmp_path / "out")
+    assert code == 0, err
+    assert _outputs(tmp_path / "out") == ["manifest.json", "medgemma-4b-it-BF16.gguf", "mmproj-medgemma-4b-it-F16.gguf"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"] == {"repo_or_path": "google/medgemma-4b-it", "revision": sha}
+    reader = gguf.GGUFReader(tmp_path / "out" / "medgemma-4b-it-BF16.gguf")
+
+    def field(key):
+        return reader.get_field(key).contents()
+
+    assert field("general.name") == "medgemma-4b-it" and field("general.basename") == "medgemma"
+    assert field("general.license") == "other"
+    assert field("general.license.name") == "health-ai-developer-foundations"
+    assert field("general.base_model.count") == 1 and field("general.base_model.0.name") == "medgemma-4b-pt"
+    assert field("general.base_model.0.repo_url") == "https://huggingface.co/google/medgemma-4b-pt"
+    assert field("general.source.repo_url") == "https://huggingface.co/google/medgemma-4b-it"
+    assert field("general.source.revision") == sha
+    assert field("general.size_label").endswith("M")  # the tiny model: millions of parameters
+
+
+def test_other_models_manifest_is_not_replaced_without_force(tiny_checkpoint, tmp_path, capsys):
+    assert _run(capsys, tiny_checkpoint("text"), "--outdir", tmp_path, "--name", "a")[0] == 0
+    code, _, err = _run(capsys, tiny_checkpoint("mm-k256"), "--outdir", tmp_path, "--name", "b")
+    assert code == 2 and "describes a" in err
+    assert _outputs(tmp_path) == ["a-BF16.gguf", "manifest.json"]
+
+
+def test_demo_builds_and_converts_the_embedded_default(tmp_path, capsys):
+    code = main(["demo", "--outdir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (tmp_path / "demo" / "checkpoint" / "model.safetensors.index.json").is_file()
+    gguf_dir = tmp_path / "demo" / "gguf"
+    assert _outputs(gguf_dir) == ["manifest.json", "mmproj-tiny-medgemma-F16.gguf", "tiny-medgemma-BF16.gguf"]
+    assert "wrote" in out
