@@ -1,0 +1,457 @@
+"""Load MedGemma GGUF files and chat with them: ``load(...) -> ChatModel``, ``ChatModel.chat(messages)``.
+
+Decoding. The prompt is built by ``runtime.prompt`` (token-for-token what the HF processor builds) and
+evaluated with ``runtime.engine.Engine``; each new token is chosen in numpy from the last position's
+logits — no llama.cpp sampler chain:
+
+* ``temperature == 0``: greedy, ``argmax`` (ties go to the lowest id, as numpy's and torch's argmax);
+* else softmax of ``logits / temperature`` in float64, then nucleus (top-p) filtering — keep the most
+  probable tokens, in order, up to and including the first whose cumulative probability reaches
+  ``top_p`` — renormalize and draw with ``numpy.random.default_rng(seed)`` (``seed=None``: fresh entropy).
+
+Generation stops at an end-of-generation token (``<end_of_turn>``, ``<eos>``: llama.cpp's EOG set; not
+part of the text), after ``max_tokens`` tokens, or when the context is full (``finish_reason`` "length").
+Streaming yields text pieces decoded incrementally from the tokens' UTF-8 bytes, so a character split
+over several byte tokens comes out whole.
+
+Context. A prompt that does not fit in the context (with room for one generated token) raises a
+``UserError`` before anything is evaluated. Multi-turn: every call passes the whole conversation; the
+KV cache keeps what was evaluated last (prompt and generated tokens), and the new prompt re-uses its
+longest common prefix — images compared by pixel hash — so only the new turn is evaluated. When the
+cache cannot be trimmed, it is cleared and the prompt evaluated from the start (same result, slower).
+
+``ChatModel`` is not thread-safe: one conversation at a time (the server serializes requests). Starting
+a new ``chat`` ends any unfinished stream of the previous one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from medgemma_gguf.errors import UserError
+from medgemma_gguf.manifest import Manifest
+from runtime.engine import Engine, ImagePart
+from runtime.gguf_info import read_gguf_info
+from runtime.images import DEFAULT_MAX_PIXELS
+from runtime.offload import OffloadPlan, parse_size, plan_offload, read_vision_model
+from runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
+from runtime.quant_choice import check_model_pair, choose_quant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_UBATCH = 512
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """UserError for sampling settings out of range."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise UserError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UserError(f"seed must be a whole number >= 0, got {seed!r}")
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy (temperature 0) or temperature + top-p sampling of one token id from a row of logits."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+        kept = probs[keep] / probs[keep].sum()
+        return int(keep[rng.choice(len(keep), p=kept)])
+    return int(rng.choice(len(probs), p=probs))
+
+
+class Utf8Decoder:
+    """Turns token byte pieces into text as they arrive; a character split over pieces comes out whole."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, piece: bytes) -> str:
+        """The text completed by ``piece`` (may be empty while a character is incomplete)."""
+        return self._decoder.decode(piece)
+
+    def finish(self) -> str:
+        """What is left: U+FFFD for an incomplete trailing character, else empty."""
+        return self._decoder.decode(b"", final=True)
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatResult:
+    """A finished reply. ``prompt_tokens`` counts image positions too; ``timings`` are in ms and tokens/s."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    token_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+class ChatStream(Iterator[str]):
+    """The text pieces of a reply as they are generated; ``result`` is set once the stream is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop generating (the tokens generated so far stay in the KV cache)."""
+        self._pieces.close()
+
+    def collect(self) -> ChatResult:
+        """Run to the end and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+class ChatModel:
+    """A loaded MedGemma text model (+ mmproj) ready to chat. Build it with ``load``."""
+
+    def __init__(self, engine: Engine, *, name: str, plan: OffloadPlan | None = None,
+                 allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 window: tuple[float, float] | None = None):
+        self.engine = engine
+        self.name = name
+        self.plan = plan
+        info = read_gguf_info(engine.model_path)
+        self.template = info.metadata.get("tokenizer.chat_template")
+        if not isinstance(self.template, str) or not self.template:
+            raise UserError(f"{engine.model_path} has no tokenizer.chat_template; re-convert it with medgemma-gguf")
+        self.bos_text = engine.token_piece(engine.bos_token, special=True).decode("utf-8")
+        self.image_size: int | None = None
+        self.image_tokens = 0
+        if engine.has_vision:
+            self.image_size = int(read_gguf_info(engine.mmproj_path).metadata["clip.vision.image_size"])
+            blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
+            self.image_tokens = engine.image_token_count(ImagePart(blank))
+        self.allow_local_files = allow_local_files
+        self.max_image_pixels = max_image_pixels
+        self.window = window
+        self._kv_units: list[int | tuple[str, str, int]] = []
+        self._generation = 0
+        self._closed = False
+
+    # properties ------------------------------------------------------------------------------------
+    @property
+    def model_path(self) -> Path:
+        return self.engine.model_path
+
+    @property
+    def mmproj_path(self) -> Path | None:
+        return self.engine.mmproj_path
+
+    @property
+    def has_vision(self) -> bool:
+        return self.engine.has_vision
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    def image_options(self, *, window: tuple[float, float] | None = None, max_pixels: int | None = None,
+                      allow_local_files: bool | None = None) -> ImageOptions | None:
+        """How this model loads images (None without an mmproj)."""
+        if self.image_size is None:
+            return None
+        if allow_local_files is None:
+            allow_local_files = self.allow_local_files
+        return ImageOptions(self.image_size, window=window if window is not None else self.window,
+                            max_pixels=max_pixels or self.max_image_pixels, allow_local_files=allow_local_files)
+
+    # prompts ---------------------------------------------------------------------------------------
+    def prompt(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None, preset: str | None = None,
+               images: ImageOptions | None = None) -> Prompt:
+        """The exact prompt (token runs and images) for ``messages``; see ``runtime.prompt``."""
+        self._check_open()
+        return build_prompt(messages, template=self.template, tokenize=self.engine.tokenize, bos_token=self.bos_text,
+                            bos_id=self.engine.bos_token, image_tokens=self.image_tokens,
+                            images=images if images is not None else self.image_options(),
+                            system=resolve_system(system, preset))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UserError("this model was closed; load it again")
+
+    def check_fits(self, prompt: Prompt) -> None:
+        """UserError when the model was closed or the prompt leaves no room in the context for a generated token."""
+        self._check_open()
+        if prompt.n_positions + 1 > self.n_ctx:
+            raise UserError(
+                f"the conversation needs {prompt.n_positions} positions (text tokens plus "
+                f"{self.image_tokens} per image) and the context holds {self.n_ctx}; raise --ctx or start "
+                "a new conversation"
+            )
+
+    # chat ------------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, max_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, system: str | None = None,
+             preset: str | None = None) -> ChatResult | ChatStream:
+        """Reply to ``messages`` (HF/OpenAI shape; images as ``{"type": "image", "path"|"image"|"url": ...}``).
+
+        Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. Bad messages,
+        images and settings, and prompts too long for the context, raise ``UserError`` before evaluation.
+        """
+        check_sampling(max_tokens, temperature, top_p, seed)
+        prompt = self.prompt(messages, system=system, preset=preset)
+        replies = self.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return replies if stream else replies.collect()
+
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, ignore_eos: bool = False,
+                 should_stop: Callable[[], bool] | None = None) -> ChatStream:
+        """Evaluate ``prompt`` now (re-using the cached prefix) and return the stream of the reply.
+
+        ``ignore_eos``: do not stop at end-of-generation tokens (benchmarks, tests); they are then
+        generated and fed back like any token (their text is empty). ``should_stop``: polled before each
+        token is decoded; True ends the reply with ``finish_reason`` "cancelled" (a client went away).
+        """
+        check_sampling(max_tokens, temperature, top_p, seed)
+        self.check_fits(prompt)
+        self._generation += 1
+        started = time.perf_counter()
+        logits, reused = self._evaluate_prompt(prompt)
+        prompt_seconds = time.perf_counter() - started
+        timings = {"prompt_ms": prompt_seconds * 1e3, "prompt_positions_evaluated": prompt.n_positions - reused,
+                   "prompt_positions_reused": reused}
+        return ChatStream(self._decode(logits, prompt, max_tokens, temperature, top_p, seed, timings, started,
+                                       ignore_eos, should_stop, self._generation))
+
+    def next_token_logits(self, prompt: Prompt) -> np.ndarray:
+        """The logits after ``prompt`` (float32 [n_vocab]), evaluated as ``generate`` evaluates it."""
+        self.check_fits(prompt)
+        self._generation += 1
+        return self._evaluate_prompt(prompt)[0]
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next chat evaluates its whole prompt)."""
+        self._generation += 1
+        if not self._closed:
+            self.engine.reset()
+        self._kv_units = []
+
+    def close(self) -> None:
+        """Free the model."""
+        self._generation += 1
+        self._closed = True
+        self.engine.close()
+
+    def __enter__(self) -> ChatModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # internals -------------------------------------------------------------------------------------
+    def _trim_cache(self, n_positions: int) -> bool:
+        """Drop cached positions from ``n_positions`` on; False when llama.cpp cannot."""
+        memory = llama_cpp.llama_get_memory(self.engine._ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, n_positions, -1):
+            return False
+        self.engine.n_past = n_positions
+        return True
+
+    def _evaluate_prompt(self, prompt: Prompt) -> tuple[np.ndarray, int]:
+        """Logits after the prompt, and how many positions were re-used from the cache."""
+        units = prompt.units
+        if not units or isinstance(units[-1], tuple):
+            raise UserError("the prompt must end with text; the chat template produced none after the last image")
+        common = 0
+        for cached, new in zip(self._kv_units, units, strict=False):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(units) - 1)  # the last token is evaluated again for its logits
+        reused = sum(u[2] if isinstance(u, tuple) else 1 for u in units[:common])
+        if reused != self.engine.n_past and not (reused < self.engine.n_past and self._trim_cache(reused)):
+            self.engine.reset()
+            common = reused = 0
+        self._kv_units = units[:common]
+        parts: list[list[int] | ImagePart] = []
+        position = 0
+        for part in prompt.parts:
+            size = 1 if isinstance(part, PromptImage) else len(part)
+            if position + size > common:
+                if isinstance(part, PromptImage):
+                    parts.append(ImagePart(part.pixels))
+                else:
+                    parts.append(list(part[max(0, common - position):]))
+            position += size
+        try:
+            logits = self.engine.eval_parts(parts, logits="last")
+        except BaseException:
+            self.engine.reset()
+            self._kv_units = []
+            raise
+        self._kv_units = list(units)
+        return logits[-1], reused
+
+    def _decode(self, logits: np.ndarray, prompt: Prompt, max_tokens: int, temperature: float, top_p: float,
+                seed: int | None, timings: dict[str, float], started: float, ignore_eos: bool,
+                should_stop: Callable[[], bool] | None, generation: int):
+        engine = self.engine
+        rng = np.random.default_rng(seed)
+        decoder = Utf8Decoder()
+        pieces: list[str] = []
+        token_ids: list[int] = []
+        n_tokens = 0
+        finish = "length"
+        decode_seconds = 0.0
+        first_token_at = None
+        step_started = time.perf_counter()
+        while n_tokens < max_tokens:
+            if generation != self._generation:
+                raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was closed)")
+            token = sample_token(logits, temperature, top_p, rng)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if not ignore_eos and engine.is_end_of_generation(token):
+                finish = "stop"
+                break
+            n_tokens += 1
+            token_ids.append(token)
+            text = decoder.push(engine.token_piece(token))
+            decode_seconds += time.perf_counter() - step_started
+            if text:
+                pieces.append(text)
+                yield text
+            if generation != self._generation:
+                raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was closed)")
+            if n_tokens == max_tokens or engine.n_past + 1 > engine.n_ctx:
+                break
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+                break
+            step_started = time.perf_counter()
+            logits = engine.eval_tokens([token], logits="last")[0]
+            self._kv_units.append(token)
+        tail = decoder.finish()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        timings["time_to_first_token_ms"] = ((first_token_at or time.perf_counter()) - started) * 1e3
+        timings["decode_ms"] = decode_seconds * 1e3
+        timings["decode_tokens_per_s"] = (n_tokens - 1) / decode_seconds if n_tokens > 1 and decode_seconds else 0.0
+        timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        return ChatResult("".join(pieces), prompt.n_positions, n_tokens, timings, finish, token_ids)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def _gpu_layers(value: str | int) -> str | int:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"n_gpu_layers must be 'auto' or a whole number >= 0, got {value!r}")
+    return value
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
+         vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
+         allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+         window: tuple[float, float] | None = None) -> ChatModel:
+    """Load a MedGemma GGUF (or the best fitting quant of an output folder) for chatting.
+
+    ``model``: a text GGUF, or a folder written by ``medgemma-gguf convert``: its manifest's quants are
+    ranked by bits per weight and the best that fits the memory (``vram`` on a GPU, else available RAM)
+    is loaded (``quant="Q4_K_M"`` picks one by type), with the folder's matching mmproj unless ``mmproj``
+    is given. A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
+    ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
+    ``ChatModel.plan``); without a GPU build everything runs on the CPU. ``vram``: bytes or "6GiB".
+    ``window``: (center, width) for 16-bit / DICOM grayscale images.
+    """
+    vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
+        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
+    n_gpu_layers = _gpu_layers(n_gpu_layers)
+    model = Path(model)
+    name = model.stem
+    if model.is_dir():
+        choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant)
+        log.info("using %s (%s, %.2f bits per weight) from %s", choice.path.name, choice.type, choice.bpw, model)
+        name = Manifest.load(model).model or choice.path.stem
+        model_path = choice.path
+        if mmproj is None:
+            mmproj = choice.mmproj
+    else:
+        if quant is not None:
+            raise UserError("quant selects a file from an output folder; pass the folder, or drop quant")
+        if not model.is_file():
+            raise UserError(f"model {model} not found; pass a .gguf file or an output folder of medgemma-gguf convert")
+        model_path = model
+    mmproj_path = Path(mmproj) if mmproj is not None else None
+    if mmproj_path is not None and not mmproj_path.is_file():
+        raise UserError(f"mmproj {mmproj_path} not found; check the path")
+    for path in (model_path, mmproj_path):
+        if path is not None and not _is_gguf(path):
+            raise UserError(f"{path} is not a GGUF file; pass files made by medgemma-gguf convert")
+    check_model_pair(model_path, mmproj_path)
+    n_ubatch = DEFAULT_N_UBATCH
+    if mmproj_path is not None:
+        n_ubatch = max(n_ubatch, read_vision_model(mmproj_path).n_image_tokens or 0)
+    plan = None
+    if n_gpu_layers == "auto":
+        plan = plan_offload(model_path, n_ctx=n_ctx, vram_bytes=vram_bytes, mmproj_path=mmproj_path, n_ubatch=n_ubatch)
+        log.info("offload plan:\n%s", plan.describe())
+        n_gpu_layers = plan.n_gpu_layers
+    engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                    n_batch=n_ubatch, n_ubatch=n_ubatch)
+    try:
+        return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
+                         max_image_pixels=max_image_pixels, window=window)
+    except BaseException:
+        engine.close()
+        raise

@@ -1,0 +1,218 @@
+"""``medgemma-gguf chat``, ``serve`` and ``fit``: click commands (registered in medgemma_gguf/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medgemma_gguf.errors import UserError
+from runtime.prompt import load_presets
+
+REPL_HELP = ("commands: /image PATH attaches an image to your next message, /reset starts a new conversation, "
+             "/quit (or end of input) leaves")
+
+
+def _parse_window(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        center, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("use CENTER,WIDTH, e.g. --window 40,400") from None
+    if width < 1:
+        raise click.BadParameter("the window width must be >= 1")
+    return center, width
+
+
+def _model_options(command):
+    """Options shared by chat and serve: which files, where they run."""
+    for option in reversed([
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--mmproj", type=click.Path(path_type=Path), help="Vision mmproj GGUF (default: the folder's)."),
+        click.option("--quant", help="With a folder: the quant type to load (default: best that fits)."),
+        click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
+                     help="Context size in tokens (an image takes 256)."),
+        click.option("--n-gpu-layers", default="auto", show_default=True, help="'auto' (plan from --vram) or a count."),
+        click.option("--vram", help="GPU memory to plan for, e.g. 6GiB (default: free memory of GPU 0)."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str, vram: str | None,
+          threads: int | None, **extra: Any):
+    from runtime.chat import load
+
+    chat_model = load(model, mmproj, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram, n_threads=threads,
+                      quant=quant, **extra)
+    where = f"{chat_model.model_path.name}" + (f" + {chat_model.mmproj_path.name}" if chat_model.mmproj_path else "")
+    click.echo(f"loaded {where}", err=True)
+    if chat_model.plan is not None:
+        click.echo(chat_model.plan.describe(), err=True)
+    return chat_model
+
+
+@click.command("chat")
+@_model_options
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image file (PNG, JPEG, DICOM, ...); repeat for several.")
+@click.option("--prompt", help="One-shot question; without it an interactive chat starts.")
+@click.option("--system", help="System prompt (none by default).")
+@click.option("--preset", type=click.Choice(sorted(load_presets())), help="A documented-use system prompt.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (with --temperature > 0).")
+@click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
+def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
+                 vram: str | None, threads: int | None, images: tuple[Path, ...], prompt: str | None,
+                 system: str | None, preset: str | None, max_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, window: tuple[float, float] | None, as_json: bool) -> None:
+    """Chat with MODEL (a GGUF, or an output folder: the best quant that fits is used)."""
+    if as_json and prompt is None:
+        raise UserError("--json prints one reply; pass the question with --prompt")
+    if system is not None and preset is not None:
+        raise UserError("pass either --system or --preset, not both")
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, window=window)
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    with chat_model:
+        if prompt is not None:
+            content = [{"type": "text", "text": prompt}] + [{"type": "image", "path": str(p)} for p in images]
+            messages = [{"role": "user", "content": content}]
+            if as_json:
+                result = chat_model.chat(messages, system=system, preset=preset, **sampling)
+                click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+                return
+            stream = chat_model.chat(messages, stream=True, system=system, preset=preset, **sampling)
+            for piece in stream:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            click.echo()
+            return
+        _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling)
+
+
+def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | None, sampling: dict) -> None:
+    """Multi-turn chat over stdin: each line is a user message; /image, /reset, /quit."""
+    from runtime.prompt import load_prompt_image
+
+    pending = []
+    for path in images:
+        pending.append(load_prompt_image(path, _image_options(chat_model)))
+    conversation: list[dict[str, Any]] = []
+    stdin = sys.stdin
+    click.echo(REPL_HELP, err=True)
+    while True:
+        click.echo("> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                conversation.clear()
+                pending.clear()
+                chat_model.reset()
+                click.echo("(new conversation)", err=True)
+            elif command == "/image":
+                try:
+                    pending.append(load_prompt_image(argument.strip(), _image_options(chat_model)))
+                    click.echo(f"(image attached to your next message: {argument.strip()})", err=True)
+                except UserError as exc:
+                    click.echo(f"error: {exc}", err=True)
+            else:
+                click.echo(f"unknown command {command}; {REPL_HELP}", err=True)
+            continue
+        message = {"role": "user", "content": [{"type": "text", "text": line}]
+                   + [{"type": "image", "image": image} for image in pending]}
+        try:
+            stream = chat_model.chat([*conversation, message], stream=True, system=system, preset=preset, **sampling)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            continue
+        for piece in stream:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        conversation += [message, {"role": "assistant", "content": stream.result.text}]
+        pending.clear()
+
+
+def _image_options(chat_model):
+    options = chat_model.image_options()
+    if options is None:
+        raise UserError("this model was loaded without an mmproj; pass --mmproj to use images")
+    return options
+
+
+@click.command("serve")
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="MEDGEMMA_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY).")
+@click.option("--allow-local-files", is_flag=True, help="Accept local image paths in requests (trusted clients only).")
+@click.option("--max-body-bytes", default=32 * 1024**2, show_default=True, type=click.IntRange(min=1024))
+@click.option("--max-image-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1))
+def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
+                  vram: str | None, threads: int | None, host: str, port: int, api_key: str | None,
+                  allow_local_files: bool, max_body_bytes: int, max_image_pixels: int, max_images: int,
+                  max_tokens_limit: int) -> None:
+    """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions)."""
+    from runtime.server import ServerLimits, serve
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, max_image_pixels=max_image_pixels)
+    with chat_model:
+        serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
+              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit))
+
+
+@click.command("fit")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--vram", help="GPU memory budget, e.g. 6GiB (default: free memory of GPU 0, or RAM without a GPU).")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16))
+@click.option("--report", type=click.Path(path_type=Path),
+              help="quant_eval report.json to rank by mean KL (default: FOLDER/report/report.json if present).")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
+def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None, as_json: bool) -> None:
+    """Rank the quants in FOLDER that fit a memory budget, best first."""
+    from runtime.offload import format_size, parse_size
+    from runtime.quant_choice import rank_quants
+
+    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
+    rows = [{"file": c.path.name, "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3), "mmproj": c.mmproj.name
+             if c.mmproj else None, "kld_mean": c.kld_mean, "fits": c.fits, "n_gpu_layers": c.plan.n_gpu_layers,
+             "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
+            for c in ranked]
+    if as_json:
+        click.echo(json.dumps({"context": n_ctx, "vram_bytes": parse_size(vram) if vram else None, "quants": rows}))
+        return
+    gpu = ranked[0].plan.gpu_available
+    budget = f"{vram} of GPU memory" if vram else ("the free GPU memory" if gpu else "the available RAM")
+    by = "mean KL divergence (report)" if any(r["kld_mean"] is not None for r in rows) else "bits per weight"
+    click.echo(f"quants for a {n_ctx}-token context within {budget}, ranked by {by}:")
+    for rank, row in enumerate(r for r in rows if r["fits"]):
+        kl = f"  mean KL {row['kld_mean']:.4g}" if row["kld_mean"] is not None else ""
+        need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
+        click.echo(f"{rank + 1:>3}. {row['file']}  {row['type']}  {row['bpw']:.2f} bpw  needs {format_size(need)}{kl}")
+    too_big = [r for r in rows if not r["fits"]]
+    if len(too_big) == len(rows):
+        click.echo("  none fits; the smallest would run partly offloaded (lower --ctx or quantize further)")
+    for row in too_big:
+        need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
+        click.echo(f"  does not fit: {row['file']}  {row['type']}  needs {format_size(need)}")

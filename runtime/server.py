@@ -1,0 +1,290 @@
+"""An OpenAI-compatible HTTP server for one loaded MedGemma model: ``create_app(model) -> FastAPI``.
+
+Endpoints: ``POST /v1/chat/completions`` (plain JSON or server-sent events in OpenAI's chunk format,
+ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
+
+Safety: images come as base64 ``data:`` URIs; a local file path (or ``file://`` URL) only when the server
+was started with ``allow_local_files``; http(s) and every other remote URL are refused with 400 and never
+fetched (server-side request forgery). Limits: request body bytes (413), pixels per image, images per
+request, ``max_tokens``. An API key, when set, must come as ``Authorization: Bearer KEY`` (401 otherwise;
+``/health`` stays open). Every bad request is answered ``{"error": {"message", "type"}}`` with a 4xx
+status and the server keeps serving.
+
+One model, one context: requests run one at a time (a lock held from prompt building to the last token;
+a streaming client that disconnects stops its generation at the next token). Defaults differ from
+OpenAI's in one place: ``temperature`` defaults to 0 (greedy, as in Google's MedGemma examples);
+``max_tokens`` defaults to the server's limit. ``stop`` sequences and ``n > 1`` are refused with 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medgemma_gguf.errors import UserError
+from runtime.chat import ChatModel, ChatResult, ChatStream, check_sampling
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request limits."""
+
+    max_body_bytes: int = 32 * MiB
+    max_image_pixels: int = 25_000_000
+    max_images: int = 8
+    max_tokens_limit: int = 2048
+
+
+class ApiError(Exception):
+    """A request error answered as ``{"error": {"message", "type"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+def _error_response(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """The fields of a chat completion request this server uses, validated."""
+
+    messages: list[Any]
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def _count_images(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+               for item in m["content"] if isinstance(item, Mapping) and item.get("type") in ("image", "image_url"))
+
+
+def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
+    """Validate a decoded request body; ApiError(400) naming the first problem."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of {role, content} objects")
+    n_images = _count_images(messages)
+    if n_images > limits.max_images:
+        raise ApiError(400, f"the request has {n_images} images; this server accepts at most {limits.max_images}")
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "'n' must be 1: one model, one reply per request")
+    if body.get("stop") not in (None, [], ""):
+        raise ApiError(400, "'stop' sequences are not supported; the reply ends at the model's end of turn")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false")
+    options = body.get("stream_options") or {}
+    include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = limits.max_tokens_limit
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be a whole number >= 1, got {max_tokens!r}")
+    if max_tokens > limits.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' {max_tokens} is above this server's limit of {limits.max_tokens_limit}")
+    temperature = 0.0 if body.get("temperature") is None else body["temperature"]
+    top_p = 1.0 if body.get("top_p") is None else body["top_p"]
+    seed = body.get("seed")
+    try:
+        check_sampling(max_tokens, temperature, top_p, seed)
+    except UserError as exc:
+        raise ApiError(400, f"{exc}") from exc
+    if temperature > 2:
+        raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}")
+    return CompletionRequest(messages, stream, include_usage, max_tokens, float(temperature), float(top_p), seed)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; this server accepts at most {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes, this server's limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_files: bool = False,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app serving ``model``."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="medgemma-gguf", docs_url=None, redoc_url=None, openapi_url=None)
+    lock = threading.Lock()
+    created = int(time.time())
+    image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=allow_local_files)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.message, exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'", "authentication_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model.name}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": created,
+                                            "owned_by": "medgemma-gguf"}]}
+
+    def start(req: CompletionRequest, cancelled: threading.Event | None = None) -> ChatStream:
+        """Build the prompt and evaluate it (the caller holds the lock); ApiError(400) for bad input."""
+        try:
+            prompt = model.prompt(req.messages, images=image_options)
+            return model.generate(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  seed=req.seed, should_stop=cancelled.is_set if cancelled is not None else None)
+        except UserError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+    def complete(req: CompletionRequest) -> ChatResult:
+        with lock:
+            return start(req).collect()
+
+    def chunk(completion_id: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                   "model": model.name, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                     "finish_reason": finish}], **extra}
+        return {"data": json.dumps(payload, ensure_ascii=False)}
+
+    async def stream_completion(req: CompletionRequest, completion_id: str):
+        from sse_starlette.sse import EventSourceResponse
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(kind: str, value: Any = None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def worker() -> None:
+            with lock:
+                try:
+                    replies = start(req, cancelled)
+                except Exception as exc:  # noqa: BLE001 - handed to the request's task
+                    put("error", exc)
+                    return
+                put("ready")
+                try:
+                    for piece in replies:  # ends early once the client has gone (cancelled is set)
+                        put("piece", piece)
+                    put("done", replies.result)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("generation failed")
+                    put("failed", exc)
+
+        threading.Thread(target=worker, name="medgemma-generate", daemon=True).start()
+        kind, value = await queue.get()
+        if kind == "error":
+            cancelled.set()
+            raise value
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            try:
+                yield chunk(completion_id, {"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "piece":
+                        yield chunk(completion_id, {"content": value})
+                    elif kind == "done":
+                        yield chunk(completion_id, {}, value.finish_reason)
+                        if req.include_usage:
+                            usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
+                                     "total_tokens": value.prompt_tokens + value.completion_tokens}
+                            payload = {"id": completion_id, "object": "chat.completion.chunk",
+                                       "created": int(time.time()), "model": model.name, "choices": [],
+                                       "usage": usage}
+                            yield {"data": json.dumps(payload)}
+                        break
+                    else:
+                        error = {"error": {"message": f"generation failed: {value}", "type": "server_error"}}
+                        yield {"data": json.dumps(error)}
+                        break
+                yield {"data": "[DONE]"}
+            finally:
+                cancelled.set()
+
+        return EventSourceResponse(events())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        raw = await _read_body(request, limits.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from exc
+        req = parse_request(body, limits)
+        if req.stream:
+            return await stream_completion(req, f"chatcmpl-{uuid.uuid4().hex}")
+        result = await run_in_threadpool(complete, req)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                         "finish_reason": result.finish_reason}],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "timings": result.timings,
+        }
+
+    return app
+
+
+def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          allow_local_files: bool = False, limits: ServerLimits | None = None) -> None:
+    """Serve ``model`` with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(model, api_key=api_key, allow_local_files=allow_local_files, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="info")

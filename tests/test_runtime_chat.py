@@ -1,0 +1,538 @@
+"""runtime.prompt / runtime.chat / runtime.cli: the runtime builds the HF processor's exact prompt, predicts
+what HF predicts after it, generates HF's greedy tokens, and refuses bad input with one clear line.
+
+The reference is the tiny ``mm-deep`` fixture (14 layers: its greedy output varies with the prompt,
+where shallower random models repeat one token) in float32 transformers, against its F32 GGUF files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from medgemma_gguf.errors import UserError
+from quant_eval.metrics import kl_divergence_full
+
+VARIANT = "mm-deep"
+GREEDY_TOKENS = 16
+
+
+# --- helpers shared with test_server.py ----------------------------------------------------------------
+
+
+def native_image(size: int, seed: int) -> Image.Image:
+    """A smooth, non-trivial RGB image at the model's native size (no resampling on either side)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [np.sin(2 * np.pi * (x * rng.uniform(1, 4) + y * rng.uniform(1, 4)) + rng.uniform(0, 6))
+                for _ in range(3)]
+    pixels = (np.stack(channels, axis=-1) * 0.5 + 0.5) * 200 + rng.uniform(0, 55, size=(size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def image_size(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
+
+
+def image_token_id(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["image_token_index"]
+
+
+def hf_inputs(folder: Path, messages: list[dict]) -> dict:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+
+
+def hf_greedy(model, inputs: dict, n_tokens: int) -> tuple[list[int], np.ndarray]:
+    """HF's argmax continuation for ``n_tokens`` steps, end-of-turn ignored, and the logits of each step."""
+    ids = inputs["input_ids"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+    tokens, rows = [], []
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            logits = model(input_ids=ids, token_type_ids=_token_types(ids, inputs), **extra).logits[0, -1].float()
+            rows.append(logits.numpy())
+            tokens.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens, np.stack(rows)
+
+
+def _token_types(ids: torch.Tensor, inputs: dict) -> torch.Tensor:
+    base = inputs.get("token_type_ids")
+    if base is None:
+        return torch.zeros_like(ids)
+    return torch.cat([base, torch.zeros((1, ids.shape[1] - base.shape[1]), dtype=base.dtype)], dim=1)
+
+
+def hf_generate(model, inputs: dict, n_tokens: int) -> list[int]:
+    """HF ``generate`` greedy, stopping at the generation config's end-of-generation ids (included)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def text_of(chat_model, ids: list[int]) -> str:
+    """The text the runtime prints for ``ids`` (end-of-generation tokens print nothing)."""
+    return b"".join(chat_model.engine.token_piece(t) for t in ids).decode("utf-8", errors="replace")
+
+
+def until_end(chat_model, ids: list[int]) -> list[int]:
+    for index, token in enumerate(ids):
+        if chat_model.engine.is_end_of_generation(token):
+            return ids[:index]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint) -> Path:
+    return tiny_checkpoint(VARIANT)
+
+
+@pytest.fixture(scope="module")
+def files(converted):
+    return converted(VARIANT)
+
+
+@pytest.fixture(scope="module")
+def chat_model(files):
+    from runtime import load
+
+    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1)
+    yield model
+    model.close()
+
+
+def _conversations(folder: Path) -> dict[str, list[dict]]:
+    size = image_size(folder)
+    first, second = native_image(size, 17), native_image(size, 12)
+    return {
+        "text-only": [{"role": "user", "content": "What is the normal adult resting heart rate?"}],
+        "system": [{"role": "system", "content": [{"type": "text", "text": "You are an expert radiologist."}]},
+                   {"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                                {"type": "image", "image": first}]}],
+        "image-first": [{"role": "user", "content": [{"type": "image", "image": first},
+                                                     {"type": "text", "text": "  Findings?  "}]}],
+        "multi-turn": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                         {"type": "image", "image": first}]},
+            {"role": "assistant", "content": "No acute cardiopulmonary process."},
+            {"role": "user", "content": [{"type": "text", "text": "Compare with this one."},
+                                         {"type": "image", "image": second}, {"type": "image", "image": first}]},
+        ],
+    }
+
+
+CASES = ("text-only", "system", "image-first", "multi-turn")
+
+
+# --- presets and prompt fidelity -----------------------------------------------------------------------
+
+
+def test_presets_cover_medgemmas_documented_uses():
+    from runtime.prompt import load_presets, preset_system, resolve_system
+
+    presets = load_presets()
+    assert set(presets) >= {"radiology", "dermatology", "pathology", "ophthalmology", "medical-qa"}
+    assert preset_system("radiology") == "You are an expert radiologist."
+    assert preset_system("medical-qa") == "You are a helpful medical assistant."
+    assert resolve_system(None, None) is None
+    with pytest.raises(UserError, match="unknown preset 'cardio'; choose one of"):
+        preset_system("cardio")
+    with pytest.raises(UserError, match="not both"):
+        resolve_system("x", "radiology")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prompt_ids_equal_hf_processor(case, folder, chat_model):
+    messages = _conversations(folder)[case]
+    reference = hf_inputs(folder, messages)["input_ids"][0].tolist()
+    prompt = chat_model.prompt(messages)
+    ours = prompt.flat_ids(image_token_id(folder))
+    assert ours == reference
+    assert ours[0] == chat_model.engine.bos_token and ours.count(chat_model.engine.bos_token) == 1
+    n_images = sum(item.get("type") == "image" for m in messages if isinstance(m["content"], list)
+                   for item in m["content"])
+    assert prompt.n_images == n_images == ours.count(image_token_id(folder)) // chat_model.image_tokens
+
+
+def test_system_and_preset_render_as_the_template_does(folder, chat_model):
+    messages = [{"role": "user", "content": "Hi"}]
+    assert "expert radiologist" not in chat_model.prompt(messages).text  # no system prompt unless asked
+    with_preset = chat_model.prompt(messages, preset="radiology")
+    explicit = chat_model.prompt([{"role": "system", "content": "You are an expert radiologist."}, *messages])
+    assert with_preset.parts == explicit.parts
+    assert with_preset.text.startswith("<bos><start_of_turn>user\nYou are an expert radiologist.\n\nHi")
+    with pytest.raises(UserError, match="already start with a system message"):
+        chat_model.prompt([{"role": "system", "content": "a"}, *messages], system="b")
+
+
+def test_text_model_prompt_equals_hf_tokenizer(tiny_checkpoint, converted):
+    from transformers import AutoTokenizer
+
+    from runtime.chat import load
+
+    folder = tiny_checkpoint("text")
+    messages = [{"role": "system", "content": "You are a helpful medical assistant."},
+                {"role": "user", "content": "What causes anemia?"}, {"role": "assistant", "content": "Many things."},
+                {"role": "user", "content": "List three."}]
+    reference = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True,
+                                                                          tokenize=True, return_dict=True)
+    with load(converted("text").text_path, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
+        assert model.prompt(messages).flat_ids(-1) == list(reference["input_ids"])
+        with pytest.raises(UserError, match="loaded without an mmproj"):
+            model.prompt([{"role": "user", "content": [{"type": "image", "image": native_image(8, 0)}]}])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_next_token_distribution_equals_hf(case, folder, chat_model, hf_model):
+    messages = _conversations(folder)[case]
+    inputs = hf_inputs(folder, messages)
+    with torch.no_grad():
+        reference = hf_model(folder)(**inputs).logits[0, -1:].float().numpy()
+    chat_model.reset()
+    ours = chat_model.next_token_logits(chat_model.prompt(messages))[None]
+    assert kl_divergence_full(reference, ours).max() <= 1e-4
+
+
+def test_multi_turn_reuses_the_cached_prefix_and_matches_hf(folder, chat_model, hf_model):
+    conversation = _conversations(folder)["multi-turn"]
+    chat_model.reset()
+    first = chat_model.chat(conversation[:1], max_tokens=4)
+    assert first.timings["prompt_positions_reused"] == 0
+    second = chat_model.chat(conversation, max_tokens=GREEDY_TOKENS)
+    assert second.timings["prompt_positions_reused"] > chat_model.image_tokens  # turn 1 (with its image) re-used
+    assert second.timings["prompt_positions_evaluated"] + second.timings["prompt_positions_reused"] == \
+        second.prompt_tokens
+    chat_model.reset()
+    fresh = chat_model.chat(conversation, max_tokens=GREEDY_TOKENS)
+    assert fresh.timings["prompt_positions_reused"] == 0
+    assert second.token_ids == fresh.token_ids
+    reference = hf_generate(hf_model(folder), hf_inputs(folder, conversation), GREEDY_TOKENS)
+    assert second.token_ids == until_end(chat_model, reference)
+    # the cache after a reply is trimmed back when the next conversation differs earlier
+    other = [{"role": "user", "content": "A different first turn"}]
+    logits = chat_model.next_token_logits(chat_model.prompt(other))[None]
+    with torch.no_grad():
+        expected = hf_model(folder)(**hf_inputs(folder, other)).logits[0, -1:].float().numpy()
+    assert kl_divergence_full(expected, logits).max() <= 1e-4
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["system", "multi-turn"])
+def test_greedy_tokens_equal_hf(case, folder, chat_model, hf_model):
+    """16 greedy tokens with end-of-turn ignored equal HF's argmax continuation (and each step's
+    distribution matches); with end-of-turn honoured the reply equals HF generate up to it."""
+    messages = _conversations(folder)[case]
+    inputs = hf_inputs(folder, messages)
+    reference, reference_logits = hf_greedy(hf_model(folder), inputs, GREEDY_TOKENS)
+    assert len(set(reference)) >= 3  # a continuation that varies, so the comparison means something
+    chat_model.reset()
+    prompt = chat_model.prompt(messages)
+    forced = chat_model.generate(prompt, max_tokens=GREEDY_TOKENS, ignore_eos=True).collect()
+    assert forced.token_ids == reference
+    # the decode-time distributions, step by step, on the same cache
+    ours = [chat_model.next_token_logits(prompt)]
+    ours.extend(chat_model.engine.eval_tokens(reference[:-1], logits="all"))
+    assert kl_divergence_full(reference_logits, np.stack(ours)).max() <= 1e-4
+    reply = chat_model.chat(messages, max_tokens=GREEDY_TOKENS)
+    assert reply.token_ids == until_end(chat_model, hf_generate(hf_model(folder), inputs, GREEDY_TOKENS))
+    assert reply.text == text_of(chat_model, reply.token_ids)
+
+
+def test_streaming_yields_the_same_text_in_pieces(folder, chat_model):
+    messages = _conversations(folder)["system"]
+    whole = chat_model.chat(messages, max_tokens=12)
+    stream = chat_model.chat(messages, max_tokens=12, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == whole.text and stream.result.text == whole.text
+    assert stream.result.token_ids == whole.token_ids
+    assert whole.completion_tokens == len(whole.token_ids) and whole.prompt_tokens == \
+        chat_model.prompt(messages).n_positions
+    assert set(whole.timings) >= {"prompt_ms", "time_to_first_token_ms", "decode_ms", "decode_tokens_per_s"}
+
+
+def test_a_new_chat_ends_an_unfinished_stream(folder, chat_model):
+    messages = _conversations(folder)["text-only"]
+    stream = chat_model.generate(chat_model.prompt(messages), max_tokens=8, ignore_eos=True)
+    next(stream)
+    chat_model.chat(messages, max_tokens=2)
+    with pytest.raises(RuntimeError, match="ended by a newer chat"):
+        list(stream)
+
+
+def test_should_stop_ends_a_reply_early(folder, chat_model):
+    polls = []
+    stream = chat_model.generate(chat_model.prompt(_conversations(folder)["text-only"]), max_tokens=20,
+                                 ignore_eos=True, should_stop=lambda: polls.append(1) or len(polls) >= 3)
+    result = stream.collect()
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 3
+
+
+def test_utf8_decoder_keeps_split_characters_whole():
+    from runtime.chat import Utf8Decoder
+
+    decoder = Utf8Decoder()
+    data = "é🩻a".encode()
+    pieces = [decoder.push(data[i:i + 1]) for i in range(len(data))]
+    assert pieces == ["", "é", "", "", "", "🩻", "a"]
+    assert decoder.finish() == ""
+    broken = Utf8Decoder()
+    assert broken.push(b"\xf0\x9f") == "" and broken.finish() == "\ufffd"
+    assert Utf8Decoder().push(b"\xffok") == "\ufffdok"
+
+
+def test_sampling_greedy_temperature_and_top_p():
+    from runtime.chat import check_sampling, sample_token
+
+    logits = np.array([0.0, 2.0, 1.0, 2.0 - 1e-6, -5.0], dtype=np.float32)
+    assert sample_token(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
+    draws = [sample_token(logits, 1.0, 1.0, np.random.default_rng(7)) for _ in range(3)]
+    assert len(set(draws)) == 1  # same seed, same draw
+    rng = np.random.default_rng(1)
+    counts = np.bincount([sample_token(logits, 1.0, 1.0, rng) for _ in range(4000)], minlength=5) / 4000
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert np.abs(counts - expected).max() < 0.03
+    rng = np.random.default_rng(2)
+    nucleus = {sample_token(logits, 1.0, 0.6, rng) for _ in range(300)}
+    assert nucleus == {1, 3}  # p(1) + p(3) ~ 0.71 is the smallest set reaching 0.6
+    hot = np.bincount([sample_token(logits, 100.0, 1.0, rng) for _ in range(2000)], minlength=5)
+    assert hot.min() > 250  # a high temperature flattens the distribution
+    for bad in ({"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -3},
+                {"temperature": float("nan")}):
+        args = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": None} | bad
+        with pytest.raises(UserError):
+            check_sampling(**args)
+
+
+def test_seeded_sampling_reproduces_a_reply(folder, chat_model):
+    messages = _conversations(folder)["system"]
+    a = chat_model.chat(messages, max_tokens=10, temperature=1.5, top_p=0.95, seed=123)
+    b = chat_model.chat(messages, max_tokens=10, temperature=1.5, top_p=0.95, seed=123)
+    assert a.token_ids == b.token_ids
+
+
+def test_context_overflow_is_refused_before_evaluation(files):
+    from runtime.chat import load
+
+    with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
+        long_text = " ".join(["pneumothorax"] * 80)
+        with pytest.raises(UserError, match=r"needs \d+ positions .* context holds 256; raise --ctx"):
+            model.chat([{"role": "user", "content": long_text}])
+        assert model.engine.n_past == 0  # nothing was evaluated
+        prompt = model.prompt([{"role": "user", "content": "Hi"}])
+        reply = model.generate(prompt, max_tokens=500, ignore_eos=True).collect()
+        assert reply.finish_reason == "length" and model.engine.n_past == model.n_ctx
+        assert reply.completion_tokens == model.n_ctx - prompt.n_positions + 1  # the last one is never fed back
+        unread = model.chat([{"role": "user", "content": "Hi"}], stream=True)
+    with pytest.raises(UserError, match="this model was closed"):
+        model.chat([{"role": "user", "content": "Hi"}])
+    with pytest.raises(RuntimeError, match="model was closed"):
+        next(unread)
+
+
+# --- loading and bad input -----------------------------------------------------------------------------
+
+
+def test_mismatched_or_wrong_files_are_refused_before_loading(converted, tmp_path):
+    from runtime.chat import load
+
+    k256, deep = converted("mm-k256"), converted("mm-deep")
+    with pytest.raises(UserError, match="belongs to another model; use the mmproj from the same conversion"):
+        load(k256.text_path, deep.mmproj_path, n_gpu_layers=0)
+    with pytest.raises(UserError, match="is an mmproj"):
+        load(deep.mmproj_path, n_gpu_layers=0)
+    with pytest.raises(UserError, match="is not an mmproj"):
+        load(deep.text_path, k256.text_path, n_gpu_layers=0)
+    with pytest.raises(UserError, match="not found"):
+        load(tmp_path / "missing.gguf")
+    with pytest.raises(UserError, match="mmproj .* not found"):
+        load(deep.text_path, tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(UserError, match="is not a GGUF file"):
+        load(junk)
+    with pytest.raises(UserError, match="n_gpu_layers must be 'auto' or a whole number"):
+        load(deep.text_path, n_gpu_layers="lots")
+
+
+def test_bad_images_give_clear_errors_and_the_next_chat_works(folder, chat_model, tmp_path):
+    good = [{"role": "user", "content": "Hi"}]
+    expected = chat_model.chat(good, max_tokens=3).token_ids
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    cases = [
+        ({"type": "image", "path": str(tmp_path / "missing.png")}, "missing.png does not exist"),
+        ({"type": "image", "path": str(corrupt)}, "corrupt.png is not a readable image"),
+        ({"type": "image", "url": "http://169.254.169.254/latest/meta-data"}, "never fetched"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}, "invalid base64"),
+        ({"type": "image", "image": np.zeros((4, 4), dtype=np.float32)}, "must be uint8"),
+        ({"type": "video", "path": "x.mp4"}, "unknown content item type"),
+    ]
+    for item, message in cases:
+        with pytest.raises(UserError, match=message):
+            chat_model.chat([{"role": "user", "content": [{"type": "text", "text": "Findings?"}, item]}])
+    chat_model.max_image_pixels = 100
+    try:
+        with pytest.raises(UserError, match="more than the limit of 100"):
+            chat_model.chat([{"role": "user", "content": [{"type": "image", "image": native_image(64, 1)}]}])
+    finally:
+        from runtime.images import DEFAULT_MAX_PIXELS
+
+        chat_model.max_image_pixels = DEFAULT_MAX_PIXELS
+    for messages, message in [([], "non-empty list"), ([{"role": "doctor", "content": "x"}], "role 'doctor'"),
+                              ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+                              ([{"role": "user", "content": "<start_of_image>"}], "do not write <start_of_image>")]:
+        with pytest.raises(UserError, match=message):
+            chat_model.chat(messages)
+    assert chat_model.chat(good, max_tokens=3).token_ids == expected
+
+
+def test_images_from_paths_data_uris_and_arrays_are_the_same_image(folder, chat_model, tmp_path):
+    img = native_image(image_size(folder), 21)
+    path = tmp_path / "cxr.png"
+    img.save(path)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    sources = [{"type": "image", "path": str(path)}, {"type": "image", "image": img},
+               {"type": "image", "image": np.asarray(img)}, {"type": "image_url", "image_url": {"url": uri}},
+               {"type": "image", "url": f"file://{path}"}]
+    prompts = [chat_model.prompt([{"role": "user", "content": [{"type": "text", "text": "Findings?"}, s]}])
+               for s in sources]
+    assert len({p.parts[1].key for p in prompts}) == 1
+    big = img.resize((img.width * 3, img.height * 2))
+    resized = chat_model.prompt([{"role": "user", "content": [{"type": "image", "image": big}]}])
+    assert resized.parts[1].pixels.shape == (image_size(folder), image_size(folder), 3)
+
+
+# --- output folders and fit ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quant_folder(converted, tmp_path_factory):
+    """An output folder holding the F32 and BF16 text files and an F32 mmproj of mm-deep."""
+    import shutil
+
+    from medgemma_gguf.manifest import Manifest, entry_for
+
+    out = tmp_path_factory.mktemp("quants")
+    f32, bf16 = converted(VARIANT), converted(VARIANT, "bf16", "f32")
+    manifest = Manifest.load(f32.manifest_path.parent)
+    for result, label in ((f32, "F32"), (bf16, "BF16")):
+        target = out / f"model-{label}.gguf"
+        shutil.copy(result.text_path, target)
+        manifest.upsert(entry_for(out, target, "text", label))
+    shutil.copy(f32.mmproj_path, out / "mmproj-F32.gguf")
+    manifest.files = [f for f in manifest.files if (out / f.path).is_file()]
+    manifest.upsert(entry_for(out, out / "mmproj-F32.gguf", "mmproj", "F32"))
+    manifest.save(out)
+    return out
+
+
+def test_load_from_a_folder_picks_the_best_quant_and_its_mmproj(quant_folder):
+    from runtime.chat import load
+
+    with load(quant_folder, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
+        assert model.model_path.name == "model-F32.gguf" and model.mmproj_path.name == "mmproj-F32.gguf"
+        assert model.plan is None
+    with load(quant_folder, n_ctx=256, n_threads=1, quant="bf16") as model:
+        assert model.model_path.name == "model-BF16.gguf"
+        assert model.plan is not None and model.plan.n_gpu_layers == 0  # CPU build: auto means CPU
+    with pytest.raises(UserError, match="has no quant 'Q2_K'"):
+        load(quant_folder, quant="Q2_K")
+
+
+def test_fit_ranks_by_bits_per_weight_or_by_report(quant_folder, tmp_path):
+    from runtime.cli import fit_command
+
+    runner = CliRunner()
+    ranked = json.loads(runner.invoke(fit_command, [str(quant_folder), "--vram", "8GiB", "--json"]).output)
+    assert [q["file"] for q in ranked["quants"]] == ["model-F32.gguf", "model-BF16.gguf"]
+    assert all(q["fits"] for q in ranked["quants"]) and ranked["quants"][0]["bpw"] > ranked["quants"][1]["bpw"]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"rows": [{"file": "model-F32.gguf", "kld_mean": 0.02},
+                                           {"file": "model-BF16.gguf", "kld_mean": 0.001}]}))
+    text = runner.invoke(fit_command, [str(quant_folder), "--vram", "8GiB", "--report", str(report)]).output
+    assert "ranked by mean KL" in text and text.index("model-BF16.gguf") < text.index("model-F32.gguf")
+    tight = runner.invoke(fit_command, [str(quant_folder), "--vram", "1MiB", "--ctx", "512"]).output
+    assert "none fits" in tight and "does not fit: model-F32.gguf" in tight
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = runner.invoke(fit_command, [str(quant_folder), "--report", str(broken)])
+    assert isinstance(result.exception, UserError) and "not valid JSON" in str(result.exception)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_main(monkeypatch):
+    """``medgemma_gguf.cli.main`` with this package's commands registered (as the lead registers them)."""
+    from medgemma_gguf import cli
+
+    for name in ("chat", "serve", "fit"):
+        monkeypatch.setitem(cli.SUBCOMMANDS, name, f"runtime.cli:{name}_command")
+    return cli.main
+
+
+def test_cli_one_shot_streams_hf_greedy_tokens_and_json(folder, files, converted, chat_model, hf_model, tmp_path,
+                                                        cli_main, capsys):
+    img = native_image(image_size(folder), 31)
+    path = tmp_path / "cxr.png"
+    img.save(path)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                             {"type": "image", "image": img}]}]
+    reference = until_end(chat_model, hf_generate(hf_model(folder), hf_inputs(folder, messages), GREEDY_TOKENS))
+    base = ["chat", str(files.text_path), "--mmproj", str(files.mmproj_path), "--prompt", "Describe this X-ray",
+            "--image", str(path), "--max-tokens", str(GREEDY_TOKENS), "--threads", "1", "--ctx", "512"]
+    assert cli_main([*base, "--json"]) == 0
+    out = capsys.readouterr().out
+    reply = json.loads(out)
+    assert set(reply) >= {"text", "prompt_tokens", "completion_tokens", "timings"}
+    assert reply["text"] == text_of(chat_model, reference) and reply["completion_tokens"] == len(reference)
+    assert cli_main(base) == 0
+    assert capsys.readouterr().out == reply["text"] + "\n"
+    assert cli_main([*base[:-6], "--image", str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "nope.png" in err[-1]
+    other = converted("mm-k256").mmproj_path
+    assert cli_main(["chat", str(files.text_path), "--mmproj", str(other), "--prompt", "x"]) == 2
+    assert "belongs to another model" in capsys.readouterr().err
+    assert cli_main(["chat", str(files.text_path), "--json"]) == 2
+    assert "--json prints one reply" in capsys.readouterr().err
+
+
+def test_cli_repl_keeps_the_conversation(folder, files, chat_model, tmp_path):
+    from runtime.cli import chat_command
+
+    img = native_image(image_size(folder), 41)
+    path = tmp_path / "cxr.png"
+    img.save(path)
+    script = "\n".join([f"/image {tmp_path / 'missing.png'}", f"/image {path}", "Describe this X-ray", "",
+                        "Anything else?", "/bogus", "/reset", "Hello", "/quit", "never sent"]) + "\n"
+    result = CliRunner().invoke(chat_command, [str(files.text_path), "--mmproj", str(files.mmproj_path),
+                                               "--max-tokens", "6", "--threads", "1", "--ctx", "512"], input=script)
+    assert result.exit_code == 0, result.output
+    turn1 = [{"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                          {"type": "image", "image": img}]}]
+    reply1 = chat_model.chat(turn1, max_tokens=6).text
+    turn2 = [*turn1, {"role": "assistant", "content": reply1}, {"role": "user", "content": "Anything else?"}]
+    reply2 = chat_model.chat(turn2, max_tokens=6).text
+    reply3 = chat_model.chat([{"role": "user", "content": "Hello"}], max_tokens=6).text
+    stdout = result.stdout
+    assert stdout == f"{reply1}\n{reply2}\n{reply3}\n"
+    assert "error: image file" in result.stderr and "missing.png does not exist" in result.stderr
+    assert "unknown command /bogus" in result.stderr and "(new conversation)" in result.stderr

@@ -1,0 +1,231 @@
+"""runtime.server: the real ``openai`` client against uvicorn on 127.0.0.1 gets HF's greedy reply for an
+image+text chat, streaming and not; every bad request is a 4xx JSON error and the next request works."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from test_runtime_chat import (
+    GREEDY_TOKENS,
+    VARIANT,
+    hf_generate,
+    hf_inputs,
+    image_size,
+    native_image,
+    text_of,
+    until_end,
+)
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_uri(img, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def served(converted):
+    """(base_url, ChatModel): uvicorn serving mm-deep F32 in a thread, stopped after the module."""
+    import uvicorn
+
+    from runtime.chat import load
+    from runtime.server import ServerLimits, create_app
+
+    files = converted(VARIANT)
+    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
+    limits = ServerLimits(max_body_bytes=200_000, max_image_pixels=300 * 300, max_images=2, max_tokens_limit=64)
+    app = create_app(model, api_key=API_KEY, limits=limits)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model
+    server.should_exit = True
+    thread.join(timeout=30)
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _post(base: str, body, *, key: str | None = API_KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(f"{base}/v1/chat/completions", content=raw, headers=headers, timeout=120)
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def _request(img, text: str = "Describe this X-ray") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": _data_uri(img)}}]}]
+
+
+def test_openai_client_gets_hf_greedy_reply_streaming_and_not(served, client, tiny_checkpoint, hf_model):
+    base, model = served
+    folder = tiny_checkpoint(VARIANT)
+    img = native_image(image_size(folder), 17)
+    hf_messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this X-ray"},
+                                                {"type": "image", "image": img}]}]
+    reference = until_end(model, hf_generate(hf_model(folder), hf_inputs(folder, hf_messages), GREEDY_TOKENS))
+    expected_text = text_of(model, reference)
+
+    reply = client.chat.completions.create(model="medgemma", messages=_request(img), max_tokens=GREEDY_TOKENS)
+    assert reply.choices[0].message.content == expected_text
+    assert reply.choices[0].finish_reason == ("length" if len(reference) == GREEDY_TOKENS else "stop")
+    assert reply.usage.completion_tokens == len(reference)
+    assert reply.usage.prompt_tokens == model.prompt(hf_messages).n_positions
+
+    chunks = list(client.chat.completions.create(model="medgemma", messages=_request(img), max_tokens=GREEDY_TOKENS,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [reply.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(reference)
+
+    with httpx.stream("POST", f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"messages": _request(img), "max_tokens": 4, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        data_lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert data_lines[-1] == "data: [DONE]"
+    assert json.loads(data_lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_models_and_health(served, client):
+    base, model = served
+    assert [m.id for m in client.models.list().data] == [model.name]
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": model.name}
+
+
+def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, client, tmp_path, tiny_checkpoint):
+    base, model = served
+    folder = tiny_checkpoint(VARIANT)
+    img = native_image(image_size(folder), 5)
+    good = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    expected = _post(base, good).json()["choices"][0]["message"]["content"]
+    local = tmp_path / "cxr.png"
+    img.save(local)
+    huge = _data_uri(native_image(400, 1), "JPEG")  # 160000 pixels > the 90000 limit
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+    cases = [
+        (_post(base, good, key="wrong"), 401, "API key"),
+        (_post(base, good, key=None), 401, "API key"),
+        (_post(base, None, raw=b'{"messages": [}'), 400, "not valid JSON"),
+        (_post(base, None, raw=b"\xff\xfe"), 400, "not valid JSON"),
+        (_post(base, [1, 2]), 400, "JSON object"),
+        (_post(base, {"messages": []}), 400, "non-empty array"),
+        (_post(base, {"messages": _request(img)[:1] * 1, "max_tokens": 65}), 400, "above this server's limit of 64"),
+        (_post(base, {**good, "temperature": -1}), 400, "temperature"),
+        (_post(base, {**good, "stop": ["\n"]}), 400, "'stop' sequences are not supported"),
+        (_post(base, {**good, "n": 2}), 400, "'n' must be 1"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cxr.png"}}]}]}), 400, "never fetched"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}), 400, "invalid base64"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": corrupt}}]}]}), 400, "not a readable image"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(local)}}]}]}), 400, "local image paths are not allowed"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": huge}}]}]}), 400, "more than the limit of 90000"),
+        (_post(base, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_uri(img)}}] * 3}]}), 400, "at most 2"),
+        (_post(base, {"messages": [{"role": "user", "content": "x" * 300_000}]}), 413, "at most 200000"),
+        (_post(base, {"messages": [{"role": "user", "content": "pneumothorax " * 600}]}), 400, "context holds"),
+        (_post(base, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}), 400,
+         "alternate"),
+        (httpx.get(f"{base}/v1/nothing-here"), 404, "Not Found"),
+        (httpx.get(f"{base}/v1/models"), 401, "API key"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert message in error["message"] and error["type"], error
+    streamed_error = _post(base, {**good, "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}]}]})
+    assert streamed_error.status_code == 400 and "never fetched" in streamed_error.json()["error"]["message"]
+    assert _post(base, good).json()["choices"][0]["message"]["content"] == expected
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="never fetched"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://localhost/x.png"}}]}])
+    assert client.chat.completions.create(model="m", **good).choices[0].message.content == expected
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(served):
+    base, _ = served
+    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    good = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert _post(base, good).status_code == 200
+
+
+def test_local_files_only_when_allowed(served, tmp_path, tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from runtime.server import create_app
+
+    _, model = served
+    img = native_image(image_size(tiny_checkpoint(VARIANT)), 9)
+    path = tmp_path / "cxr.png"
+    img.save(path)
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Findings?"},
+                                                      {"type": "image_url", "image_url": {"url": str(path)}}]}],
+            "max_tokens": 5}
+    with TestClient(create_app(model, allow_local_files=True)) as local:
+        reply = local.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200
+    expected = model.chat([{"role": "user", "content": [{"type": "text", "text": "Findings?"},
+                                                         {"type": "image", "image": img}]}], max_tokens=5)
+    assert reply.json()["choices"][0]["message"]["content"] == expected.text
+
+
+def test_serve_command_wires_options_to_the_server(converted, monkeypatch):
+    from click.testing import CliRunner
+
+    import runtime.server
+    from runtime.cli import serve_command
+
+    calls = []
+    monkeypatch.setattr(runtime.server, "serve", lambda model, **kwargs: calls.append((model.name, kwargs)))
+    files = converted(VARIANT)
+    args = [str(files.text_path), "--mmproj", str(files.mmproj_path), "--threads", "1", "--ctx", "256",
+            "--max-images", "3", "--max-tokens-limit", "99", "--max-image-pixels", "1234", "--max-body-bytes", "5000"]
+    result = CliRunner().invoke(serve_command, args)
+    assert result.exit_code == 0, result.output
+    (_, kwargs), = calls
+    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8080 and kwargs["api_key"] is None
+    assert kwargs["allow_local_files"] is False
+    assert kwargs["limits"] == runtime.server.ServerLimits(5000, 1234, 3, 99)
+    exposed = CliRunner().invoke(serve_command, [*args, "--host", "0.0.0.0", "--port", "9000"])
+    assert exposed.exit_code == 0 and "without --api-key" in exposed.stderr
+    assert calls[-1][1]["host"] == "0.0.0.0" and calls[-1][1]["port"] == 9000
