@@ -1,0 +1,439 @@
+"""Run candidate GGUF quants over the reference's stored sequences and compute their metrics.
+
+Every candidate replays the token ids the reference stored (so both score the same positions), through
+``runtime.engine.Engine``. Per quant: KL statistics (estimate = lumped-tail lower bound, and the upper
+bound) over all text positions and over the image-conditioned ones, top-1 agreement, RMS Δp (llama.cpp's:
+the observed next token) and of the reference's top token, perplexity ratio on the held-out text, task
+accuracy per slice with a 95 % Wilson interval and McNemar's exact test against the reference's answers,
+file size and bits per weight, prompt/generation speed, image encode time and peak memory.
+
+Peak memory: Linux's ``VmHWM`` (peak resident set) is reset before each quant by writing ``5`` to
+``/proc/self/clear_refs``; ``peak_rss_bytes`` is the process's peak while that quant ran (the Python
+process and the loaded quant), ``None`` where the platform does not allow the reset.
+
+A quant that fails (unreadable file, another model than the reference, an mmproj that does not fit)
+becomes a row with ``error`` set; the other quants are still evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgemma_gguf.errors import UserError
+from quant_eval.metrics import (
+    TopKLogProbs,
+    accuracy_with_ci,
+    kl_divergence_topk,
+    kl_summary,
+    ln_perplexity_ratio,
+    log_softmax,
+    paired_test,
+    rms_delta_p,
+    token_logprobs,
+    top1_agreement,
+)
+from quant_eval.reference import (
+    HELDOUT_PART,
+    ModelSignature,
+    ReferencePart,
+    gguf_signature,
+    native_pixels,
+    option_choices,
+    sequence_parts,
+)
+from quant_eval.slices import Slice
+
+log = logging.getLogger(__name__)
+
+SPEED_PROMPT_TOKENS = 128
+SPEED_GEN_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A text GGUF to evaluate, with the mmproj it runs with (None: text only)."""
+
+    path: Path
+    mmproj: Path | None = None
+    type: str | None = None
+
+
+def _type_from_name(path: Path) -> str:
+    stem = path.stem
+    return stem.rsplit("-", 1)[-1] if "-" in stem else stem
+
+
+def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> list[Candidate]:
+    """Candidates from folders (every text file in their manifest) and GGUF files.
+
+    A folder's quants run with the mmproj listed in their manifest row (``mmproj`` key), else the folder's
+    highest-precision mmproj; ``mmproj`` overrides both. A file gets ``mmproj``, else its folder's.
+    """
+    from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
+    from quant_eval.reference import mmproj_from_manifest
+
+    found: list[Candidate] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UserError(f"{path} does not exist; pass GGUF files or an output folder with a manifest.json")
+        if path.is_dir():
+            if not (path / MANIFEST_NAME).is_file():
+                raise UserError(f"{path} has no {MANIFEST_NAME}; pass GGUF files, or a folder made by "
+                                "medgemma-gguf convert/quantize")
+            manifest = Manifest.load(path)
+            default_mmproj = mmproj or mmproj_from_manifest(path / "x.gguf")
+            rows = manifest.find("text")
+            if not rows:
+                raise UserError(f"{path / MANIFEST_NAME} lists no text model; run medgemma-gguf convert first")
+            for row in rows:
+                own = row.extra.get("mmproj")
+                chosen = mmproj or (path / own if own else default_mmproj)
+                found.append(Candidate(path / row.path, chosen, row.type))
+        else:
+            if path.name.startswith("mmproj"):
+                continue  # a glob like out/*.gguf also matches the projector: it is not a quant
+            found.append(Candidate(path, mmproj or mmproj_from_manifest(path), None))
+    if not found:
+        raise UserError("no quants to evaluate; pass GGUF files or an output folder with a manifest.json")
+    return found
+
+
+def _vm_hwm_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def file_stats(path: Path) -> dict[str, Any]:
+    """Size, bits per weight (8·tensor bytes / elements over the text GGUF's tensors) and type of a GGUF."""
+    from runtime.gguf_info import read_gguf_info
+
+    info = read_gguf_info(path)
+    n_bytes = sum(t.n_bytes for t in info.tensors)
+    n_elements = sum(t.n_elements for t in info.tensors)
+    return {"info": info, "bytes": path.stat().st_size, "tensor_bytes": n_bytes,
+            "n_elements": n_elements, "bpw": 8.0 * n_bytes / n_elements if n_elements else None}
+
+
+def _file_type_label(info) -> str | None:
+    try:
+        import gguf
+
+        value = info.metadata.get("general.file_type")
+        if value is None:
+            return None
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ValueError, TypeError):
+        return None
+
+
+@dataclass
+class _PartScores:
+    kl: np.ndarray
+    kl_upper: np.ndarray
+    top1: np.ndarray  # candidate argmax per position
+    next_lp: np.ndarray  # candidate ln q of the observed next token (NaN where none)
+    ref_top_lp: np.ndarray  # candidate ln q of the reference's top token
+    choices: np.ndarray | None  # chosen option per item
+
+
+def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: int, progress: bool) -> _PartScores:
+    from tqdm import tqdm
+
+    n = part.pos_seq.size
+    scores = _PartScores(kl=np.empty(n), kl_upper=np.empty(n), top1=np.empty(n, dtype=np.int64),
+                         next_lp=np.full(n, np.nan), ref_top_lp=np.empty(n), choices=None)
+    n_items = part.item_ids.size
+    choices = np.full(n_items, -1, dtype=np.int64)
+    for s in tqdm(range(part.n_sequences), desc=f"  {part.name}", disable=not progress, leave=False):
+        tokens = part.sequence(s)
+        span = (int(part.image_start[s]), int(part.image_end[s])) if part.image_start[s] >= 0 else None
+        item_index = int(part.seq_item[s])
+        pixels = None
+        if span is not None:
+            if not engine.has_vision:
+                raise UserError(f"{part.name} has images but this quant runs without an mmproj; pass --mmproj")
+            item = slice_.items[item_index] if slice_ is not None else None
+            if item is None or item.image is None:
+                raise RuntimeError(f"{part.name}: sequence {s} has an image span but its item has no image")
+            pixels = native_pixels(item, image_size)
+            from runtime.engine import ImagePart
+
+            n_image = engine.image_token_count(ImagePart(pixels))
+            if n_image != span[1] - span[0]:
+                raise UserError(f"the mmproj gives {n_image} image positions but the reference used "
+                                f"{span[1] - span[0]}; use the mmproj of the reference model")
+        engine.reset()
+        logits = engine.eval_parts(sequence_parts(tokens, span, pixels), logits="all")
+        rows = part.positions_of(s)
+        if logits.shape[0] != rows.size:
+            raise RuntimeError(f"{part.name}: got {logits.shape[0]} logit rows for {rows.size} positions")
+        ref_rows = TopKLogProbs(ids=part.topk.ids[rows], logprobs=part.topk.logprobs[rows],
+                                tail_mass=part.topk.tail_mass[rows])
+        bounds = kl_divergence_topk(ref_rows, logits)
+        scores.kl[rows], scores.kl_upper[rows] = bounds.estimate, bounds.upper
+        scores.top1[rows] = np.argmax(logits, axis=1)
+        scores.ref_top_lp[rows] = token_logprobs(logits, ref_rows.top1_ids)
+        nxt = part.next_token[rows]
+        has_next = nxt >= 0
+        if has_next.any():
+            scores.next_lp[rows[has_next]] = token_logprobs(logits[has_next], nxt[has_next])
+        if item_index >= 0:
+            last = log_softmax(logits[-1].astype(np.float64))
+            options = part.option_tokens[item_index]
+            lps = np.where(options >= 0, last[np.clip(options, 0, None)], np.nan)
+            choices[item_index] = option_choices(lps[None, :])[0]
+    if n_items:
+        scores.choices = choices
+    return scores
+
+
+def _kl_fields(prefix: str, kl: np.ndarray, kl_upper: np.ndarray) -> dict[str, Any]:
+    if kl.size == 0:
+        return {f"{prefix}_mean": None, f"{prefix}_p99": None}
+    summary = kl_summary(kl)
+    return {f"{prefix}_mean": summary["mean"], f"{prefix}_mean_stderr": summary["mean_stderr"],
+            f"{prefix}_median": summary["median"], f"{prefix}_p90": summary["p90"], f"{prefix}_p99": summary["p99"],
+            f"{prefix}_p999": summary["p999"], f"{prefix}_max": summary["max"],
+            f"{prefix}_upper_mean": float(np.mean(kl_upper)), f"{prefix}_n": summary["n"]}
+
+
+def _aggregate(parts: Sequence[ReferencePart], scores: Sequence[_PartScores]) -> dict[str, Any]:
+    kl = np.concatenate([s.kl for s in scores])
+    kl_upper = np.concatenate([s.kl_upper for s in scores])
+    after = np.concatenate([p.after_image for p in parts])
+    ref_top1 = np.concatenate([p.topk.top1_ids for p in parts])
+    cand_top1 = np.concatenate([s.top1 for s in scores])
+    ref_next = np.concatenate([p.next_logprob for p in parts])
+    cand_next = np.concatenate([s.next_lp for s in scores])
+    ref_top_lp = np.concatenate([p.topk.logprobs[:, 0].astype(np.float64) for p in parts])
+    cand_top_lp = np.concatenate([s.ref_top_lp for s in scores])
+    row: dict[str, Any] = {}
+    row.update(_kl_fields("kld", kl, kl_upper))
+    row["top1_agreement"] = top1_agreement(ref_top1, cand_top1)
+    has_next = ~np.isnan(ref_next) & ~np.isnan(cand_next)
+    row["rms_dp"] = rms_delta_p(ref_next[has_next], cand_next[has_next]) if has_next.any() else None
+    row["rms_dp_top"] = rms_delta_p(ref_top_lp, cand_top_lp)
+    row.update(_kl_fields("image_kld", kl[after], kl_upper[after]))
+    row["image_top1_agreement"] = top1_agreement(ref_top1[after], cand_top1[after]) if after.any() else None
+    row["ppl_ratio"] = row["ln_ppl_ratio"] = row["ln_ppl_ratio_stderr"] = None
+    for part, score in zip(parts, scores, strict=True):
+        if part.name == HELDOUT_PART:
+            valid = ~np.isnan(part.next_logprob)
+            ln_ratio, stderr = ln_perplexity_ratio(score.next_lp[valid], part.next_logprob[valid])
+            row.update(ppl_ratio=float(np.exp(ln_ratio)), ln_ppl_ratio=ln_ratio, ln_ppl_ratio_stderr=stderr)
+    accuracy: dict[str, Any] = {}
+    for part, score in zip(parts, scores, strict=True):
+        if part.kind != "task" or score.choices is None:
+            continue
+        correct = score.choices == part.answer_index
+        acc, low, high = accuracy_with_ci(correct)
+        test = paired_test(correct, part.reference_correct())
+        accuracy[part.name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high, "n": int(correct.size),
+                               "reference_accuracy": test["ref_accuracy"], "mcnemar_p": test["p_value"],
+                               "only_quant_right": test["b"], "only_reference_right": test["c"]}
+    row["accuracy"] = accuracy
+    row["parts"] = {part.name: {"n_positions": int(score.kl.size), "kld_mean": float(score.kl.mean()),
+                                "kld_max": float(score.kl.max()),
+                                "top1_agreement": top1_agreement(part.topk.top1_ids, score.top1)}
+                    for part, score in zip(parts, scores, strict=True)}
+    return row
+
+
+def _speed(engine, prompt_tokens: Sequence[int], pixels: np.ndarray | None) -> dict[str, Any]:
+    """Prompt tokens/s (one eval of the prompt), greedy generation tokens/s, image encode seconds."""
+    prompt = list(prompt_tokens)[:SPEED_PROMPT_TOKENS]
+    engine.reset()
+    engine.eval_tokens(prompt[:8], logits="last")  # warm-up: graph allocation, page-in
+    engine.reset()
+    start = time.perf_counter()
+    logits = engine.eval_tokens(prompt, logits="last")
+    prompt_s = time.perf_counter() - start
+    start = time.perf_counter()
+    generated = 0
+    for _ in range(SPEED_GEN_TOKENS):
+        token = int(np.argmax(logits[-1]))
+        logits = engine.eval_tokens([token], logits="last")
+        generated += 1
+    gen_s = time.perf_counter() - start
+    encode_s = None
+    if pixels is not None and engine.has_vision:
+        from runtime.engine import ImagePart
+
+        timings = []
+        for _ in range(2):  # the first call includes allocation; report the faster
+            start = time.perf_counter()
+            engine.encode_image(ImagePart(pixels))
+            timings.append(time.perf_counter() - start)
+        encode_s = min(timings)
+    engine.reset()
+    return {"prompt_tps": len(prompt) / prompt_s if prompt_s > 0 else None,
+            "gen_tps": generated / gen_s if gen_s > 0 else None, "image_encode_s": encode_s,
+            "speed_prompt_tokens": len(prompt), "speed_gen_tokens": generated}
+
+
+def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], slices: dict[str, Slice],
+                       signature: ModelSignature, image_size: int, *, n_threads: int | None = None,
+                       measure_speed: bool = True, progress: bool = False) -> dict[str, Any]:
+    """All metrics of one quant as one report row (raises UserError for a quant that cannot be evaluated)."""
+    from runtime.engine import Engine
+
+    stats = file_stats(candidate.path)
+    info = stats.pop("info")
+    differences = signature.differences(gguf_signature(info))
+    if differences:
+        raise UserError(f"{candidate.path.name} is another model than the reference ({'; '.join(differences)}); "
+                        "evaluate quants of the reference model")
+    row: dict[str, Any] = {"file": candidate.path.name, "path": str(candidate.path),
+                           "type": candidate.type or _file_type_label(info) or _type_from_name(candidate.path),
+                           "bytes": stats["bytes"], "bpw": stats["bpw"], "tensor_bytes": stats["tensor_bytes"],
+                           "n_elements": stats["n_elements"],
+                           "mmproj": candidate.mmproj.name if candidate.mmproj else None,
+                           "mmproj_bytes": candidate.mmproj.stat().st_size if candidate.mmproj else 0}
+    needs_images = any(bool((p.image_start >= 0).any()) for p in parts)
+    mmproj = candidate.mmproj if needs_images else None
+    if needs_images and mmproj is None:
+        raise UserError(f"{candidate.path.name} has no mmproj but the slices have images; pass --mmproj")
+    longest = max(int(np.diff(p.seq_offsets).max()) for p in parts)
+    n_ctx = max(512, -(-(longest + SPEED_GEN_TOKENS + 16) // 256) * 256)
+    row.update(prompt_tps=None, gen_tps=None, image_encode_s=None)
+    hwm_reset = _vm_hwm_reset()
+    start = time.perf_counter()
+    with Engine(candidate.path, mmproj, n_ctx=n_ctx, n_threads=n_threads) as engine:
+        if engine.n_vocab != signature.n_vocab:
+            raise UserError(f"{candidate.path.name} has a vocabulary of {engine.n_vocab} tokens, the reference "
+                            f"{signature.n_vocab}; evaluate quants of the reference model")
+        scores = [_score_part(engine, part, slices.get(part.name), image_size, progress) for part in parts]
+        row.update(_aggregate(parts, scores))
+        if measure_speed:
+            pixels = None
+            for part in parts:
+                items = slices.get(part.name)
+                image_items = [it for it in items.items if it.image is not None] if items else []
+                if image_items and engine.has_vision:
+                    pixels = native_pixels(image_items[0], image_size)
+                    break
+            text_only = [p.sequence(s) for p in parts for s in range(p.n_sequences) if p.image_start[s] < 0]
+            prompt = np.concatenate(text_only or [parts[0].sequence(0)])[:SPEED_PROMPT_TOKENS]
+            row.update(_speed(engine, prompt.tolist(), pixels))
+    row["eval_seconds"] = time.perf_counter() - start
+    row["peak_rss_bytes"] = _vm_hwm() if hwm_reset else None
+    row["error"] = None
+    return row
+
+
+def error_row(candidate: Candidate, error: BaseException) -> dict[str, Any]:
+    """The report row of a quant that could not be evaluated."""
+    size = candidate.path.stat().st_size if candidate.path.is_file() else None
+    return {"file": candidate.path.name, "path": str(candidate.path),
+            "type": candidate.type or _type_from_name(candidate.path), "bytes": size,
+            "bpw": None, "kld_mean": None, "kld_p99": None, "top1_agreement": None, "ppl_ratio": None,
+            "image_kld_mean": None, "accuracy": {}, "prompt_tps": None, "gen_tps": None,
+            "error": str(error) or type(error).__name__}
+
+
+def evaluate_candidates(candidates: Sequence[Candidate], parts: Sequence[ReferencePart], slices: Sequence[Slice],
+                        signature: ModelSignature, image_size: int, *, n_threads: int | None = None,
+                        measure_speed: bool = True, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per candidate, in order; a failing candidate gives an error row and the rest still run."""
+    from tqdm import tqdm
+
+    by_name = {s.spec: s for s in slices}
+    rows = []
+    for candidate in tqdm(candidates, desc="quants", disable=not progress):
+        try:
+            rows.append(evaluate_candidate(candidate, parts, by_name, signature, image_size, n_threads=n_threads,
+                                           measure_speed=measure_speed, progress=progress))
+        except (UserError, RuntimeError, OSError, ValueError) as exc:
+            log.warning("%s: %s", candidate.path.name, exc)
+            rows.append(error_row(candidate, exc))
+    return rows
+
+
+def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items: int | None = None) -> list[Slice]:
+    """Load each slice spec; ``max_items`` keeps the first N items of each (the spec then names the cut)."""
+    from quant_eval.slices import load_slice, parse_spec
+
+    if max_items is not None and (isinstance(max_items, bool) or max_items < 1):
+        raise UserError(f"--max-items must be at least 1, got {max_items}")
+    slices = []
+    for spec in specs:
+        loaded = load_slice(spec, local_dir=data_dir)
+        if max_items is not None and len(loaded) > max_items:
+            parsed = parse_spec(spec)
+            name = f"{spec}:{max_items}" if parsed.limit is None and parsed.seed is None else f"{spec}+first{max_items}"
+            loaded = Slice(spec=name, items=loaded.items[:max_items])
+        slices.append(loaded)
+    names = [s.spec for s in slices]
+    if len(set(names)) != len(names):
+        raise UserError(f"a slice is named twice in {', '.join(names)}; give each slice once")
+    return slices
+
+
+def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, slices: Sequence[str] | None = None,
+             mmproj: Path | None = None, reference_mmproj: Path | None = None, reference_dtype: str | None = None,
+             cache_dir: Path | None = None, data_dir: Path | None = None, top_k: int = 256,
+             max_items: int | None = None, heldout: bool = True, n_threads: int | None = None,
+             measure_speed: bool = True, token: str | None = None, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``."""
+    from quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
+    from quant_eval.report import REPORT_FILES, write_report
+    from quant_eval.slices import load_heldout_text, slice_hash
+
+    outdir = Path(outdir)
+    if not force:
+        existing = [outdir / name for name in REPORT_FILES if (outdir / name).exists()]
+        if existing:
+            raise UserError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+    candidates = candidates_from_paths(targets, mmproj)
+    cache = ReferenceCache(cache_dir or default_cache_dir())
+    reference = open_reference(reference_source, cache_dir=cache.cache_dir, dtype=reference_dtype,
+                               mmproj=reference_mmproj, token=token, n_threads=n_threads)
+    if slices is None:
+        slices = ["medqa-mini", "vqa-mini"] if reference.has_vision else ["medqa-mini"]
+    loaded = load_slices(slices, data_dir=data_dir, max_items=max_items)
+    chunks = load_heldout_text() if heldout else []
+    if not loaded and not chunks:
+        raise UserError("nothing to evaluate: give at least one --slice or keep the held-out text")
+    try:
+        parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, top_k=top_k, progress=progress)
+    finally:
+        reference.close()  # free the reference model before loading any quant
+    image_size = max((int(p.meta.get("image_size") or 0) for p in parts), default=0)
+    rows = evaluate_candidates(candidates, parts, loaded, reference.signature, image_size, n_threads=n_threads,
+                               measure_speed=measure_speed, progress=progress)
+    report = {
+        "reference": reference.describe(),
+        "top_k": top_k,
+        "slices": [{"spec": s.spec, "n_items": len(s), "hash": slice_hash(s), "has_images": s.has_images,
+                    "reference_accuracy": float(p.reference_correct().mean())}
+                   for s, p in zip(loaded, [p for p in parts if p.kind == "task"], strict=True)],
+        "heldout": {"n_chunks": len(chunks), "n_positions": int(parts[0].pos_seq.size)} if chunks else None,
+        "cache": {"dir": str(cache.cache_dir), "hits": cache.hits, "misses": cache.misses},
+        "rows": rows,
+    }
+    write_report(report, outdir, force=force)
+    return report

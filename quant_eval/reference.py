@@ -1,0 +1,772 @@
+"""The reference side of the quant evaluation: what the unquantized model predicts, computed once and cached.
+
+The reference is the Hugging Face checkpoint run in transformers (bf16 by default, the true reference;
+``f32`` on request; never f16, where Gemma 3's activations overflow), or a BF16/F32 GGUF run in llama.cpp.
+
+An evaluation is split into *parts*: the held-out prose (perplexity) and each task slice. For every part
+the reference builds the exact token sequences (prompts rendered from the model's chat template; image
+prompts laid out as the HF processor lays them out: ``\\n\\n<start_of_image>`` + N image positions +
+``<end_of_image>\\n\\n``) and stores, per text position, the top-K log-probabilities + tail mass
+(:class:`quant_eval.metrics.TopKLogProbs`), the log-probability of the actual next token, and per task item
+the log-likelihood of each option. Candidates replay the stored token ids, so every model is scored on
+the same positions.
+
+Multiple-choice items are asked with lettered options ("A. …", "B. …") and scored by the log-likelihood
+of each option's letter as the first answer token (one forward pass per item), never by parsing text.
+
+Images are resized (bicubic) to the vision tower's native square size before either model sees them, so
+the reference and the candidates get identical pixels and only the model differs.
+
+Cache: ``<cache_dir>/<reference sha256[:16]>/<part>-<key[:16]>.npz``, where the key hashes the reference
+hash, the slice hash, K, the dtype and the prompt format. A file's sha256 is itself cached by
+path + size + mtime in ``<cache_dir>/file-hashes.json``, so GB-sized weights are hashed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from medgemma_gguf.atomic import atomic_output, write_text_atomic
+from medgemma_gguf.errors import UserError
+from quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
+from quant_eval.slices import Item, Slice, TextChunk, slice_hash
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMAT_VERSION = "v1"  # bump when the prompt layout below changes: it invalidates every cache
+CACHE_FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = Path("~/.cache/medgemma-gguf/reference")
+DEFAULT_TOP_K = 256
+MAX_SEQUENCE_TOKENS = 512
+REFERENCE_DTYPES = ("bf16", "f32")
+HELDOUT_PART = "heldout"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TEXT_SYSTEM_PROMPT = "You are a helpful medical assistant."
+IMAGE_SYSTEM_PROMPT = "You are an expert radiologist."
+ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
+IMAGE_MARKER = "<start_of_image>"
+# files of a checkpoint folder whose bytes define the reference (weights, config, tokenizer, processor)
+_FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json",
+                         "added_tokens.json", "chat_template.*", "preprocessor_config.json", "processor_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# hashing with a path + size + mtime cache
+
+
+def _sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_file_sha256(path: Path, cache_dir: Path) -> str:
+    """sha256 of ``path``, remembered in ``cache_dir/file-hashes.json`` by resolved path + size + mtime."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = str(path)
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index_path = Path(cache_dir) / "file-hashes.json"
+    index: dict[str, Any] = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError):
+            index = {}
+    entry = index.get(key)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and entry.get("sha256"):
+        return str(entry["sha256"])
+    sha = _sha256_file(path)
+    index[key] = {**stamp, "sha256": sha}
+    try:
+        write_text_atomic(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    except (OSError, UserError) as exc:  # a read-only cache only costs re-hashing next time
+        log.warning("cannot update %s: %s", index_path, exc)
+    return sha
+
+
+def folder_sha256(folder: Path, cache_dir: Path) -> str:
+    """One sha256 over the weight, config and tokenizer files of a checkpoint folder (names + file hashes)."""
+    files = sorted({p for pattern in _FOLDER_HASH_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise UserError(f"{folder} holds no .safetensors weights; pass a checkpoint folder or a BF16/F32 GGUF")
+    digest = hashlib.sha256(b"medgemma-gguf folder v1\n")
+    for path in files:
+        digest.update(f"{path.name}:{cached_file_sha256(path, cache_dir)}\n".encode())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the reference stores per part
+
+
+@dataclass
+class ReferencePart:
+    """The reference outputs of one part (held-out text or one slice), as stored in the cache.
+
+    Sequences: ``seq_offsets[s]:seq_offsets[s+1]`` of ``seq_tokens`` are sequence s's token ids;
+    ``image_start/end[s]`` its image positions (-1: none); ``seq_item[s]`` its item index (-1: prose).
+    Positions (every text position of every sequence, in order): ``pos_seq``, ``pos_token`` (index in the
+    sequence), ``after_image`` (text after an image), ``next_token`` (-1 where the next position is not a
+    text token), ``next_logprob`` (the reference's ln p of it, NaN where none), ``topk``.
+    Items: ``option_tokens`` / ``option_logprobs`` ([items, max options], -1 / NaN padded), ``answer_index``.
+    """
+
+    name: str
+    kind: str  # "text" | "task"
+    key: str
+    seq_tokens: NDArray[np.int32]
+    seq_offsets: NDArray[np.int64]
+    image_start: NDArray[np.int32]
+    image_end: NDArray[np.int32]
+    seq_item: NDArray[np.int32]
+    pos_seq: NDArray[np.int32]
+    pos_token: NDArray[np.int32]
+    after_image: NDArray[np.bool_]
+    next_token: NDArray[np.int32]
+    next_logprob: NDArray[np.float64]
+    topk: TopKLogProbs
+    item_ids: NDArray[np.str_]
+    answer_index: NDArray[np.int32]
+    option_tokens: NDArray[np.int32]
+    option_logprobs: NDArray[np.float64]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.seq_offsets.size - 1)
+
+    def sequence(self, index: int) -> NDArray[np.int32]:
+        return self.seq_tokens[self.seq_offsets[index] : self.seq_offsets[index + 1]]
+
+    def positions_of(self, index: int) -> NDArray[np.int64]:
+        """Indices into the position arrays that belong to sequence ``index`` (in token order)."""
+        return np.flatnonzero(self.pos_seq == index)
+
+    def reference_correct(self) -> NDArray[np.bool_]:
+        """Whether the reference's highest-scoring option is the right one, per item."""
+        return option_choices(self.option_logprobs) == self.answer_index
+
+    def save(self, path: Path) -> None:
+        """Write the part atomically as an ``.npz``."""
+        arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS}
+        arrays.update(topk_ids=self.topk.ids, topk_logprobs=self.topk.logprobs, topk_tail=self.topk.tail_mass)
+        meta = {**self.meta, "name": self.name, "kind": self.kind, "key": self.key,
+                "cache_format": CACHE_FORMAT_VERSION}
+        arrays["meta_json"] = np.array(json.dumps(meta, sort_keys=True))
+        with atomic_output(Path(path), force=True) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferencePart:
+        """Read a part written by :meth:`save` (ValueError / OSError / KeyError if damaged)."""
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta_json"]))
+            if meta.get("cache_format") != CACHE_FORMAT_VERSION:
+                raise ValueError(f"cache format {meta.get('cache_format')}")
+            topk = TopKLogProbs(ids=data["topk_ids"], logprobs=data["topk_logprobs"], tail_mass=data["topk_tail"])
+            arrays = {name: data[name] for name in _ARRAY_FIELDS}
+        return cls(name=meta["name"], kind=meta["kind"], key=meta["key"], topk=topk, meta=meta, **arrays)
+
+
+_ARRAY_FIELDS = ("seq_tokens", "seq_offsets", "image_start", "image_end", "seq_item", "pos_seq", "pos_token",
+                 "after_image", "next_token", "next_logprob", "item_ids", "answer_index", "option_tokens",
+                 "option_logprobs")
+
+
+def option_choices(option_logprobs: NDArray[np.float64]) -> NDArray[np.int64]:
+    """The chosen option per item: argmax of the option log-likelihoods (NaN padding never wins)."""
+    filled = np.where(np.isnan(option_logprobs), -np.inf, option_logprobs)
+    return np.argmax(filled, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+
+@dataclass
+class PromptSequence:
+    """Token ids of one sequence; ``image_span`` = (start, end) of its image positions, if any."""
+
+    tokens: list[int]
+    image_span: tuple[int, int] | None = None
+    item_index: int = -1
+    option_tokens: list[int] = field(default_factory=list)
+
+
+def item_user_text(item: Item) -> str:
+    """The user turn of a multiple-choice item: question, lettered options, instruction."""
+    if len(item.options) > len(LETTERS):
+        raise UserError(f"item {item.id!r} has {len(item.options)} options; at most {len(LETTERS)} are supported")
+    options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item.options))
+    return f"{item.question.strip()}\n\nOptions:\n{options}\n\n{ANSWER_INSTRUCTION}"
+
+
+def item_messages(item: Item, image: Any = None) -> list[dict[str, Any]]:
+    """Chat messages for an item (image first, as in Google's MedGemma examples)."""
+    system = IMAGE_SYSTEM_PROMPT if item.image is not None else TEXT_SYSTEM_PROMPT
+    content: list[dict[str, Any]] = []
+    if item.image is not None:
+        content.append({"type": "image", "image": image} if image is not None else {"type": "image"})
+    content.append({"type": "text", "text": item_user_text(item)})
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, {"role": "user", "content": content}]
+
+
+def native_pixels(item: Item, size: int) -> NDArray[np.uint8]:
+    """The item's image as RGB uint8 [size, size, 3], resized (bicubic) to the vision tower's native size."""
+    from PIL import Image
+
+    if item.image is None:
+        raise ValueError(f"item {item.id} has no image")
+    image = item.image.load().convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _first_tokens(tokenize, item: Item) -> list[int]:
+    ids = []
+    for letter in LETTERS[: len(item.options)]:
+        pieces = tokenize(letter)
+        if not pieces:
+            raise UserError(f"the tokenizer turns the option letter {letter!r} into no tokens; cannot score choices")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise UserError("the tokenizer gives two option letters the same first token; cannot score choices")
+    return ids
+
+
+def _check_length(tokens: Sequence[int], where: str) -> None:
+    if len(tokens) > MAX_SEQUENCE_TOKENS:
+        raise UserError(f"{where} takes {len(tokens)} tokens, over the {MAX_SEQUENCE_TOKENS} evaluated per "
+                        "sequence; shorten the question")
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference runners
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What must agree between the reference and a candidate for them to be the same model."""
+
+    architecture: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+
+    def differences(self, other: ModelSignature) -> list[str]:
+        return [f"{name} {getattr(other, name)} vs reference {getattr(self, name)}"
+                for name in ("architecture", "n_vocab", "n_embd", "n_layer")
+                if getattr(self, name) != getattr(other, name)]
+
+
+def gguf_signature(info) -> ModelSignature:
+    """The :class:`ModelSignature` of a text GGUF from its header (``runtime.gguf_info.GgufInfo``)."""
+    arch = info.architecture
+    embd = info.tensor("token_embd.weight")
+    if not arch or embd is None or len(embd.shape) != 2:
+        raise UserError(f"{info.path} has no token embedding or architecture; pass a text model GGUF, not an mmproj")
+    layers = info.metadata.get(f"{arch}.block_count")
+    return ModelSignature(architecture=arch, n_vocab=int(embd.shape[1]), n_embd=int(embd.shape[0]),
+                          n_layer=int(layers) if layers is not None else -1)
+
+
+class Reference:
+    """Base of the two reference runners. Subclasses build sequences and compute logits."""
+
+    kind = ""
+    dtype = ""
+
+    def __init__(self, source: str, cache_dir: Path):
+        self.source = source
+        self.cache_dir = Path(cache_dir)
+        self._hash: str | None = None
+
+    # identity ------------------------------------------------------------------------------------
+    @property
+    def content_hash(self) -> str:
+        if self._hash is None:
+            self._hash = self._compute_hash()
+        return self._hash
+
+    def _compute_hash(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def signature(self) -> ModelSignature:
+        raise NotImplementedError
+
+    @property
+    def has_vision(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        sig = self.signature
+        return {"kind": self.kind, "source": self.source, "dtype": self.dtype, "sha256": self.content_hash,
+                "architecture": sig.architecture, "n_vocab": sig.n_vocab, "n_embd": sig.n_embd,
+                "n_layer": sig.n_layer, "vision": self.has_vision}
+
+    # computation ----------------------------------------------------------------------------------
+    def text_sequence(self, chunk: TextChunk) -> PromptSequence:
+        raise NotImplementedError
+
+    def item_sequence(self, item: Item, index: int) -> PromptSequence:
+        raise NotImplementedError
+
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
+        """Logits [n_text_positions, vocab] for the sequence's text positions (image positions left out)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the loaded model."""
+
+    def compute_part(self, name: str, kind: str, key: str, chunks: Sequence[TextChunk] = (),
+                     items: Sequence[Item] = (), top_k: int = DEFAULT_TOP_K, progress: bool = False) -> ReferencePart:
+        """Run the reference over a part's sequences and collect what the cache stores."""
+        from tqdm import tqdm
+
+        sequences = [self.text_sequence(c) for c in chunks] + [self.item_sequence(it, i) for i, it in enumerate(items)]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pos_seq", "pos_token", "after", "next_tok", "next_lp",
+                                                               "ids", "lps", "tail")}
+        max_options = max((len(it.options) for it in items), default=0)
+        option_tokens = np.full((len(items), max_options), -1, dtype=np.int32)
+        option_lps = np.full((len(items), max_options), np.nan)
+        for s, seq in enumerate(tqdm(sequences, desc=f"reference {name}", disable=not progress, leave=False)):
+            item = items[seq.item_index] if seq.item_index >= 0 else None
+            pixels = native_pixels(item, self.image_size) if item is not None and item.image is not None else None
+            logits = self.sequence_logits(seq, pixels)
+            positions = text_positions(len(seq.tokens), seq.image_span)
+            if logits.shape[0] != positions.size:
+                raise RuntimeError(f"reference returned {logits.shape[0]} rows for {positions.size} text positions")
+            k = min(top_k, logits.shape[1])
+            topk = topk_from_logits(logits, k)
+            nxt = next_tokens(seq.tokens, positions, seq.image_span)
+            next_lp = np.full(positions.size, np.nan)
+            has_next = nxt >= 0
+            if has_next.any():
+                next_lp[has_next] = token_logprobs(logits[has_next], nxt[has_next])
+            parts["pos_seq"].append(np.full(positions.size, s, dtype=np.int32))
+            parts["pos_token"].append(positions.astype(np.int32))
+            parts["after"].append(positions >= seq.image_span[1] if seq.image_span else np.zeros(positions.size, bool))
+            parts["next_tok"].append(nxt.astype(np.int32))
+            parts["next_lp"].append(next_lp)
+            parts["ids"].append(topk.ids)
+            parts["lps"].append(topk.logprobs)
+            parts["tail"].append(topk.tail_mass)
+            if item is not None:
+                last = log_softmax(logits[-1].astype(np.float64))
+                option_tokens[seq.item_index, : len(seq.option_tokens)] = seq.option_tokens
+                option_lps[seq.item_index, : len(seq.option_tokens)] = last[seq.option_tokens]
+        lengths = [len(seq.tokens) for seq in sequences]
+        return ReferencePart(
+            name=name, kind=kind, key=key,
+            seq_tokens=np.concatenate([np.asarray(seq.tokens, dtype=np.int32) for seq in sequences]),
+            seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            image_start=np.array([seq.image_span[0] if seq.image_span else -1 for seq in sequences], dtype=np.int32),
+            image_end=np.array([seq.image_span[1] if seq.image_span else -1 for seq in sequences], dtype=np.int32),
+            seq_item=np.array([seq.item_index for seq in sequences], dtype=np.int32),
+            pos_seq=np.concatenate(parts["pos_seq"]), pos_token=np.concatenate(parts["pos_token"]),
+            after_image=np.concatenate(parts["after"]), next_token=np.concatenate(parts["next_tok"]),
+            next_logprob=np.concatenate(parts["next_lp"]),
+            topk=TopKLogProbs(ids=np.concatenate(parts["ids"]), logprobs=np.concatenate(parts["lps"]),
+                              tail_mass=np.concatenate(parts["tail"])),
+            item_ids=np.array([it.id for it in items], dtype=np.str_),
+            answer_index=np.array([it.answer_index for it in items], dtype=np.int32),
+            option_tokens=option_tokens, option_logprobs=option_lps,
+            meta={"reference": self.describe(), "top_k": top_k,
+                  "image_size": self.image_size if self.has_vision else 0},
+        )
+
+
+def text_positions(length: int, image_span: tuple[int, int] | None) -> NDArray[np.int64]:
+    """Token indices of a sequence that get logits: every position outside the image block."""
+    positions = np.arange(length)
+    if image_span is None:
+        return positions
+    return positions[(positions < image_span[0]) | (positions >= image_span[1])]
+
+
+def next_tokens(tokens: Sequence[int], positions: NDArray[np.int64],
+                image_span: tuple[int, int] | None) -> NDArray[np.int64]:
+    """The next text token after each position (-1 at the end and where an image position follows)."""
+    following = positions + 1
+    out = np.full(positions.size, -1, dtype=np.int64)
+    valid = following < len(tokens)
+    if image_span is not None:
+        valid &= (following < image_span[0]) | (following >= image_span[1])
+    out[valid] = np.asarray(tokens, dtype=np.int64)[following[valid]]
+    return out
+
+
+class HFReference(Reference):
+    """A Hugging Face checkpoint (Hub id or folder) run in transformers at bf16 or f32."""
+
+    kind = "hf"
+
+    def __init__(self, source: str, cache_dir: Path, dtype: str = "bf16", token: str | None = None):
+        super().__init__(source, cache_dir)
+        from convert.source import resolve_source
+
+        if dtype not in REFERENCE_DTYPES:
+            raise UserError(f"reference dtype {dtype!r} is not supported; use bf16 or f32 (f16 overflows in Gemma 3)")
+        self.dtype = dtype
+        self.folder = resolve_source(source, token=token).folder
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"{self.folder} has no config.json; pass a Hugging Face checkpoint folder or repo id")
+        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        self.text_config = self.config.get("text_config", self.config)
+        self._model = self._processor = self._tokenizer = None
+
+    def _compute_hash(self) -> str:
+        return folder_sha256(self.folder, self.cache_dir)
+
+    @property
+    def signature(self) -> ModelSignature:
+        model_type = str(self.config.get("model_type", ""))
+        arch = "gemma3" if model_type.startswith("gemma3") else model_type
+        return ModelSignature(architecture=str(arch), n_vocab=int(self.text_config["vocab_size"]),
+                              n_embd=int(self.text_config["hidden_size"]),
+                              n_layer=int(self.text_config["num_hidden_layers"]))
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision_config" in self.config
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["vision_config"]["image_size"]) if self.has_vision else 0
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            torch_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+            if self.has_vision:
+                from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+                model_class = Gemma3ForConditionalGeneration
+                self._processor = AutoProcessor.from_pretrained(self.folder)
+            else:
+                model_class = AutoModelForCausalLM
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+            model = model_class.from_pretrained(self.folder, dtype=torch_dtype, attn_implementation="eager")
+            self._model = model.eval()
+        return self._model
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+
+    def text_sequence(self, chunk: TextChunk) -> PromptSequence:
+        self._load()
+        tokens = list(self._tokenizer(chunk.text).input_ids)[:MAX_SEQUENCE_TOKENS]
+        return PromptSequence(tokens=tokens)
+
+    def item_sequence(self, item: Item, index: int) -> PromptSequence:
+        self._load()
+        option_tokens = _first_tokens(self._encode, item)
+        if item.image is not None:
+            if self._processor is None:
+                raise UserError(f"the reference {self.source} is text-only; item {item.id} has an image")
+            from PIL import Image
+
+            pixels = native_pixels(item, self.image_size)
+            inputs = self._processor.apply_chat_template(
+                item_messages(item, Image.fromarray(pixels)), add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="np")
+            tokens = [int(t) for t in inputs["input_ids"][0]]
+            image_token = int(self.config["image_token_index"])
+            where = [i for i, t in enumerate(tokens) if t == image_token]
+            if not where or where != list(range(where[0], where[-1] + 1)):
+                raise UserError(f"the processor of {self.source} did not lay out one image block for item {item.id}")
+            span: tuple[int, int] | None = (where[0], where[-1] + 1)
+        else:
+            text = self._tokenizer.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False)
+            tokens, span = self._encode(text), None
+        _check_length(tokens, f"item {item.id}")
+        return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
+
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
+        import torch
+
+        model = self._load()
+        input_ids = torch.tensor([sequence.tokens])
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if sequence.image_span is not None:
+            from PIL import Image
+
+            if pixels is None:
+                raise ValueError("an image sequence needs its pixels")
+            image_inputs = self._processor.image_processor(Image.fromarray(pixels), return_tensors="pt")
+            kwargs["pixel_values"] = image_inputs.pixel_values.to(model.dtype)
+            token_type = torch.zeros_like(input_ids)
+            token_type[0, sequence.image_span[0] : sequence.image_span[1]] = 1
+            kwargs["token_type_ids"] = token_type
+        with torch.no_grad():
+            logits = model(**kwargs).logits[0].float().numpy()
+        return logits[text_positions(len(sequence.tokens), sequence.image_span)]
+
+    def close(self) -> None:
+        self._model = self._processor = self._tokenizer = None
+
+
+class GGUFReference(Reference):
+    """A BF16/F32 text GGUF (+ its mmproj for images) run in llama.cpp."""
+
+    kind = "gguf"
+    REFERENCE_TYPES = ("F32", "BF16")
+
+    def __init__(self, source: str, cache_dir: Path, mmproj: Path | None = None, n_threads: int | None = None):
+        super().__init__(source, cache_dir)
+        from runtime.gguf_info import read_gguf_info
+
+        self.path = Path(source)
+        self.info = read_gguf_info(self.path)
+        types = {t.ggml_type.name for t in self.info.tensors if len(t.shape) >= 2}
+        if not types <= set(self.REFERENCE_TYPES):
+            raise UserError(f"the reference {self.path.name} holds {', '.join(sorted(types))} tensors; a reference "
+                            "must be unquantized (a BF16 or F32 GGUF, or the Hugging Face checkpoint)")
+        self.dtype = "f32" if types == {"F32"} else "bf16"
+        self.mmproj = Path(mmproj) if mmproj else None
+        self.mmproj_info = read_gguf_info(self.mmproj) if self.mmproj else None
+        self.n_threads = n_threads
+        self._engine = None
+
+    def _compute_hash(self) -> str:
+        digest = hashlib.sha256(b"medgemma-gguf gguf reference v1\n")
+        digest.update(cached_file_sha256(self.path, self.cache_dir).encode())
+        if self.mmproj is not None:
+            digest.update(b"+" + cached_file_sha256(self.mmproj, self.cache_dir).encode())
+        return digest.hexdigest()
+
+    @property
+    def signature(self) -> ModelSignature:
+        return gguf_signature(self.info)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.mmproj is not None
+
+    @property
+    def image_size(self) -> int:
+        if self.mmproj_info is None:
+            return 0
+        return int(self.mmproj_info.metadata.get("clip.vision.image_size") or 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mmproj": str(self.mmproj) if self.mmproj else None}
+
+    def _load(self):
+        if self._engine is None:
+            from runtime.engine import Engine
+
+            self._engine = Engine(self.path, self.mmproj, n_ctx=MAX_SEQUENCE_TOKENS + 64, n_threads=self.n_threads)
+        return self._engine
+
+    def text_sequence(self, chunk: TextChunk) -> PromptSequence:
+        engine = self._load()
+        return PromptSequence(tokens=[engine.bos_token, *engine.tokenize(chunk.text)][:MAX_SEQUENCE_TOKENS])
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        import jinja2
+
+        template = self.info.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise UserError(f"{self.path.name} has no tokenizer.chat_template; re-convert it with "
+                            "medgemma-gguf convert")
+
+        def raise_exception(message: str) -> None:
+            raise UserError(f"chat template error: {message}")
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template).render(messages=messages, bos_token="", add_generation_prompt=True)
+
+    def item_sequence(self, item: Item, index: int) -> PromptSequence:
+        engine = self._load()
+        option_tokens = _first_tokens(engine.tokenize, item)
+        text = self._render(item_messages(item))
+        if item.image is None:
+            tokens, span = [engine.bos_token, *engine.tokenize(text)], None
+        else:
+            if not engine.has_vision:
+                raise UserError(f"item {item.id} has an image but the reference has no mmproj; pass --reference-mmproj")
+            if text.count(IMAGE_MARKER) != 1:
+                raise UserError(f"the chat template of {self.path.name} did not place one {IMAGE_MARKER}")
+            before, after = text.split(IMAGE_MARKER)
+            n_image = engine.image_token_count(_image_part(native_pixels(item, self.image_size)))
+            head = [engine.bos_token, *engine.tokenize(before + "\n\n" + IMAGE_MARKER)]
+            tail = engine.tokenize("<end_of_image>\n\n" + after)
+            soft = engine.tokenize("<image_soft_token>")
+            placeholder = soft[0] if len(soft) == 1 else 0
+            tokens, span = head + [placeholder] * n_image + tail, (len(head), len(head) + n_image)
+        _check_length(tokens, f"item {item.id}")
+        return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
+
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
+        engine = self._load()
+        engine.reset()
+        return engine.eval_parts(sequence_parts(sequence.tokens, sequence.image_span, pixels), logits="all")
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def _image_part(pixels: NDArray[np.uint8]):
+    from runtime.engine import ImagePart
+
+    return ImagePart(pixels)
+
+
+def sequence_parts(tokens: Sequence[int], image_span: tuple[int, int] | None,
+                   pixels: NDArray[np.uint8] | None) -> list[Any]:
+    """``Engine.eval_parts`` input for a stored sequence: tokens, then the image in place of its positions."""
+    tokens = [int(t) for t in tokens]
+    if image_span is None:
+        return [tokens]
+    if pixels is None:
+        raise ValueError("an image sequence needs its pixels")
+    start, end = image_span
+    return [tokens[:start], _image_part(pixels), tokens[end:]]
+
+
+def open_reference(source: str, *, cache_dir: Path, dtype: str | None = None, mmproj: Path | None = None,
+                   token: str | None = None, n_threads: int | None = None) -> Reference:
+    """The reference runner for ``source``: a ``.gguf`` file, or a checkpoint folder / Hub repo id."""
+    if source.lower().endswith(".gguf") or Path(source).is_file():
+        if dtype is not None and dtype not in REFERENCE_DTYPES:
+            raise UserError(f"reference dtype {dtype!r} is not supported; use bf16 or f32")
+        if mmproj is None:
+            mmproj = mmproj_from_manifest(Path(source))
+        return GGUFReference(source, cache_dir, mmproj=mmproj, n_threads=n_threads)
+    if mmproj is not None:
+        raise UserError("--reference-mmproj applies to a GGUF reference; a checkpoint carries its own vision tower")
+    return HFReference(source, cache_dir, dtype=dtype or "bf16", token=token)
+
+
+_PRECISION_ORDER = {"F32": 0, "BF16": 1, "F16": 2, "Q8_0": 3}
+
+
+def mmproj_from_manifest(text_gguf: Path) -> Path | None:
+    """The highest-precision mmproj beside ``text_gguf``: from the folder's manifest, else the folder's
+    ``mmproj*.gguf`` files (type read from the name's last ``-`` field); None without one."""
+    from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
+
+    folder = Path(text_gguf).parent
+    if (folder / MANIFEST_NAME).is_file():
+        entries = Manifest.load(folder).find("mmproj")
+        typed = [(e.type.upper(), folder / e.path) for e in entries if (folder / e.path).is_file()]
+    else:
+        typed = [(p.stem.rsplit("-", 1)[-1].upper(), p) for p in folder.glob("mmproj*.gguf") if p.is_file()]
+    if not typed:
+        return None
+    return min(typed, key=lambda pair: (_PRECISION_ORDER.get(pair[0], 9), pair[1].name))[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cache
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "part"
+
+
+def heldout_hash(chunks: Iterable[TextChunk]) -> str:
+    digest = hashlib.sha256(b"medgemma-gguf heldout v1\n")
+    for chunk in chunks:
+        digest.update(json.dumps({"id": chunk.id, "text": chunk.text}, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
+class ReferenceCache:
+    """Reference outputs on disk, keyed by the reference's hash and the part's content hash."""
+
+    def __init__(self, cache_dir: Path | None = None):
+        self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the reference cache {self.cache_dir}: {exc.strerror}; pass "
+                            "--cache-dir with a writable folder") from exc
+        self.hits = 0
+        self.misses = 0
+
+    def part_key(self, reference: Reference, content_hash: str, top_k: int) -> str:
+        material = json.dumps({"reference": reference.content_hash, "kind": reference.kind, "dtype": reference.dtype,
+                               "content": content_hash, "top_k": top_k, "prompt": PROMPT_FORMAT_VERSION,
+                               "max_tokens": MAX_SEQUENCE_TOKENS, "cache": CACHE_FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    def path_for(self, reference: Reference, name: str, key: str) -> Path:
+        return self.cache_dir / reference.content_hash[:16] / f"{_safe_name(name)}-{key[:16]}.npz"
+
+    def get(self, reference: Reference, *, name: str, kind: str, content_hash: str, top_k: int,
+            chunks: Sequence[TextChunk] = (), items: Sequence[Item] = (), progress: bool = False) -> ReferencePart:
+        """The cached part, or compute it with the reference and store it (atomically)."""
+        key = self.part_key(reference, content_hash, top_k)
+        path = self.path_for(reference, name, key)
+        if path.is_file():
+            try:
+                part = ReferencePart.load(path)
+                if part.key == key:
+                    self.hits += 1
+                    return part
+                log.warning("reference cache %s belongs to another key; recomputing", path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UserError) as exc:
+                log.warning("reference cache %s is unreadable (%s); recomputing", path, exc)
+        self.misses += 1
+        part = reference.compute_part(name, kind, key, chunks=chunks, items=items, top_k=top_k, progress=progress)
+        part.meta.update({"content_hash": content_hash})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part.save(path)
+        except (OSError, UserError) as exc:
+            log.warning("cannot write the reference cache %s (%s); continuing without it", path, exc)
+        return part
+
+
+def reference_parts(reference: Reference, cache: ReferenceCache, *, heldout: Sequence[TextChunk],
+                    slices: Sequence[Slice], top_k: int = DEFAULT_TOP_K, progress: bool = False) -> list[ReferencePart]:
+    """Every part of an evaluation (held-out text first, then the slices), from the cache or computed."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UserError(f"--top-k must be a positive integer, got {top_k!r}")
+    for slice_ in slices:
+        if slice_.has_images and not reference.has_vision:
+            raise UserError(f"slice {slice_.spec} has images but the reference has no vision tower; drop the "
+                            "slice or pass --reference-mmproj")
+    parts = []
+    if heldout:
+        parts.append(cache.get(reference, name=HELDOUT_PART, kind="text", content_hash=heldout_hash(heldout),
+                               top_k=top_k, chunks=heldout, progress=progress))
+    for slice_ in slices:
+        parts.append(cache.get(reference, name=slice_.spec, kind="task", content_hash=slice_hash(slice_),
+                               top_k=top_k, items=slice_.items, progress=progress))
+    return parts
+
+
+def default_cache_dir() -> Path:
+    """``$MEDGEMMA_GGUF_CACHE/reference`` if set, else ``~/.cache/medgemma-gguf/reference``."""
+    env = os.environ.get("MEDGEMMA_GGUF_CACHE")
+    return (Path(env) / "reference") if env else DEFAULT_CACHE_DIR.expanduser()

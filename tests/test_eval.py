@@ -1,0 +1,373 @@
+"""The quant evaluation end to end on the tiny ``mm-k256`` checkpoint: reference (HF and GGUF), its cache,
+per-quant metrics, failures that stay per quant, and the report files."""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medgemma_gguf.errors import UserError
+from quant_eval import reference as reference_module
+from quant_eval.evaluate import Candidate, candidates_from_paths, run_eval
+from quant_eval.reference import (
+    GGUFReference,
+    HFReference,
+    ReferenceCache,
+    ReferencePart,
+    cached_file_sha256,
+    open_reference,
+    reference_parts,
+)
+from quant_eval.report import GIB, recommendations, write_report
+from quant_eval.slices import load_heldout_text, load_slice
+
+SLICES = ["medqa-mini:5", "vqa-mini:3"]
+VARIANT = "mm-k256"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One reference cache for the module: the HF and GGUF references are each computed once."""
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+def _quantize(source: Path, target: Path, ftype: int) -> Path:
+    """A test quant made with llama.cpp's own quantizer."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    assert status == 0 and target.is_file()
+    return target
+
+
+@pytest.fixture(scope="module")
+def quant_folder(tmp_path_factory, converted) -> Path:
+    """F32, Q8_0, Q4_K_M and Q2_K of mm-k256 side by side with the F32 mmproj (no manifest)."""
+    import llama_cpp
+
+    result = converted(VARIANT)
+    folder = tmp_path_factory.mktemp("quants")
+    shutil.copy(result.text_path, folder / "tiny-F32.gguf")
+    shutil.copy(result.mmproj_path, folder / "mmproj-tiny-F32.gguf")
+    for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+                        ("Q2_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K)):
+        _quantize(result.text_path, folder / f"tiny-{name}.gguf", ftype)
+    return folder
+
+
+def _rows_by_type(report: dict) -> dict[str, dict]:
+    return {row["type"]: row for row in report["rows"]}
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+def test_f32_gguf_agrees_with_hf_reference(tiny_checkpoint, converted, cache_dir, tmp_path):
+    """Consistency with the converter: the F32 GGUF scored against transformers (f32) is the same model."""
+    folder = tiny_checkpoint(VARIANT)
+    report = run_eval([converted(VARIANT).text_path.parent], str(folder), tmp_path / "report", slices=SLICES,
+                      reference_dtype="f32", cache_dir=cache_dir, progress=False)
+    (row,) = report["rows"]
+    assert row["error"] is None and row["type"] == "F32"
+    assert row["kld_mean"] <= 1e-5 and row["image_kld_mean"] <= 1e-5
+    assert row["image_kld_n"] > 0 and row["kld_n"] > row["image_kld_n"]
+    for spec in SLICES:
+        assert row["parts"][spec]["top1_agreement"] == 1.0
+        accuracy = row["accuracy"][spec]
+        assert accuracy["only_quant_right"] == accuracy["only_reference_right"] == 0
+        assert accuracy["accuracy"] == accuracy["reference_accuracy"]
+        assert accuracy["ci95_low"] <= accuracy["accuracy"] <= accuracy["ci95_high"]
+    # near-ties (|Δ ln p| ~ 1e-4) in held-out prose may flip between float32 implementations
+    assert row["top1_agreement"] >= 0.999
+    assert abs(row["ppl_ratio"] - 1.0) <= 1e-3
+    assert row["rms_dp"] <= 1e-3
+    assert row["kld_upper_mean"] >= row["kld_mean"]
+    assert report["reference"]["kind"] == "hf" and report["reference"]["dtype"] == "f32"
+
+
+def test_quants_rank_by_precision_and_report_files_parse(tiny_checkpoint, quant_folder, cache_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "report"
+    targets = sorted(p for p in quant_folder.glob("*.gguf"))  # includes the mmproj, which is skipped
+    report = run_eval(targets, str(tiny_checkpoint(VARIANT)), out, slices=SLICES, reference_dtype="f32",
+                      cache_dir=cache_dir, progress=False)
+    rows = _rows_by_type(report)
+    assert set(rows) == {"F32", "Q8_0", "Q4_K_M", "Q2_K"}
+    assert all(row["error"] is None for row in rows.values())
+    for field in ("kld_mean", "image_kld_mean", "kld_p99"):
+        assert rows["F32"][field] < rows["Q8_0"][field] < rows["Q4_K_M"][field] < rows["Q2_K"][field], field
+    assert rows["F32"]["bpw"] > rows["Q8_0"]["bpw"] > rows["Q4_K_M"]["bpw"] > rows["Q2_K"]["bpw"]
+    assert abs(rows["Q8_0"]["ln_ppl_ratio"]) < abs(rows["Q2_K"]["ln_ppl_ratio"])
+    assert all(row["prompt_tps"] > 0 and row["gen_tps"] > 0 and row["image_encode_s"] > 0 for row in rows.values())
+    assert all(row["peak_rss_bytes"] is None or row["peak_rss_bytes"] > row["bytes"] for row in rows.values())
+
+    data = json.loads((out / "report.json").read_text())
+    required = {"file", "type", "bytes", "bpw", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio",
+                "image_kld_mean", "accuracy", "prompt_tps", "gen_tps"}
+    assert all(required <= set(row) for row in data["rows"])
+    assert set(data["rows"][0]["accuracy"]) == set(SLICES)
+    assert data["recommendations"][0]["file"] == "tiny-F32.gguf"  # everything fits; F32 has the lowest KL
+    with open(out / "report.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert sorted(r["type"] for r in csv_rows) == sorted(rows)
+    q2_line = next(r for r in csv_rows if r["type"] == "Q2_K")
+    assert float(q2_line["kld_mean"]) == pytest.approx(rows["Q2_K"]["kld_mean"])
+    assert float(q2_line["accuracy[medqa-mini:5]"]) == rows["Q2_K"]["accuracy"]["medqa-mini:5"]["accuracy"]
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out / "pareto.png") as image:
+        assert image.format == "PNG" and image.width > 100
+    markdown = (out / "report.md").read_text()
+    assert "best quant under" in markdown and "tiny-Q2_K.gguf" in markdown
+
+
+def test_bf16_hf_reference_is_cached_apart_from_f32(tiny_checkpoint, converted, tmp_path):
+    from quant_eval.evaluate import evaluate_candidate, load_slices
+
+    folder = str(tiny_checkpoint(VARIANT))
+    (medqa,) = load_slices(["medqa-mini"], max_items=2)
+    assert medqa.spec == "medqa-mini:2" and len(medqa) == 2
+    cache = ReferenceCache(tmp_path / "cache")
+    parts = {}
+    for dtype in ("bf16", "f32"):
+        reference = open_reference(folder, cache_dir=cache.cache_dir, dtype=dtype)
+        assert reference.describe()["dtype"] == dtype
+        parts[dtype] = reference_parts(reference, cache, heldout=load_heldout_text()[:2], slices=[medqa], top_k=16)
+        reference.close()
+    assert cache.misses == 4 and len(list(cache.cache_dir.rglob("*.npz"))) == 4
+    bf16, f32 = parts["bf16"][0], parts["f32"][0]
+    np.testing.assert_array_equal(bf16.seq_tokens, f32.seq_tokens)  # same positions, different precision
+    assert not np.array_equal(bf16.topk.logprobs, f32.topk.logprobs)
+    row = evaluate_candidate(Candidate(converted(VARIANT).text_path), parts["bf16"], {medqa.spec: medqa},
+                             reference.signature, image_size=0, measure_speed=False)
+    # the F32 GGUF differs from a bf16 reference by bf16 rounding only: small, but not float32-small
+    assert 1e-7 < row["kld_mean"] < 1e-2 and row["top1_agreement"] >= 0.9
+
+
+def test_gguf_reference_scores_itself_as_identical(converted, cache_dir, tmp_path):
+    result = converted(VARIANT)
+    report = run_eval([result.text_path], str(result.text_path), tmp_path / "r", slices=SLICES,
+                      cache_dir=cache_dir, progress=False, measure_speed=False)
+    (row,) = report["rows"]
+    assert report["reference"]["kind"] == "gguf" and report["reference"]["mmproj"].endswith("F32.gguf")
+    assert row["kld_max"] <= 1e-6 and row["image_kld_mean"] <= 1e-6
+    assert row["top1_agreement"] == 1.0 and abs(row["ppl_ratio"] - 1.0) <= 1e-6
+    assert row["prompt_tps"] is None  # speed skipped
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+
+@pytest.fixture()
+def compute_counter(monkeypatch):
+    """Counts Reference.compute_part calls by part name."""
+    calls: list[str] = []
+    original = reference_module.Reference.compute_part
+
+    def counting(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(reference_module.Reference, "compute_part", counting)
+    return calls
+
+
+def _gguf_parts(path: Path, cache: ReferenceCache, slices: list[str]) -> list[ReferencePart]:
+    reference = open_reference(str(path), cache_dir=cache.cache_dir)
+    try:
+        return reference_parts(reference, cache, heldout=load_heldout_text()[:3],
+                               slices=[load_slice(s) for s in slices], top_k=32)
+    finally:
+        reference.close()
+
+
+def test_reference_cache_is_reused_and_a_changed_slice_recomputes(converted, tmp_path, compute_counter):
+    text_path = converted(VARIANT).text_path
+    cache = ReferenceCache(tmp_path / "cache")
+    first = _gguf_parts(text_path, cache, SLICES)
+    assert compute_counter == ["heldout", *SLICES]
+    second = _gguf_parts(text_path, cache, SLICES)
+    assert compute_counter == ["heldout", *SLICES]  # nothing recomputed
+    assert cache.hits == 3
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.topk.ids, b.topk.ids)
+        np.testing.assert_array_equal(a.seq_tokens, b.seq_tokens)
+        np.testing.assert_array_equal(a.option_logprobs, b.option_logprobs)
+        assert b.topk.k == 32
+    _gguf_parts(text_path, cache, ["medqa-mini:4", "vqa-mini:3"])
+    assert compute_counter == ["heldout", *SLICES, "medqa-mini:4"]  # only the changed slice
+
+
+def test_reference_cache_rejects_a_damaged_file_and_leaves_no_partial_file(converted, tmp_path, compute_counter,
+                                                                           monkeypatch):
+    text_path = converted(VARIANT).text_path
+    cache = ReferenceCache(tmp_path / "cache")
+    _gguf_parts(text_path, cache, ["medqa-mini:2"])
+    files = sorted(cache.cache_dir.rglob("*.npz"))
+    assert len(files) == 2
+    files[1].write_bytes(files[1].read_bytes()[:100])  # truncated
+    _gguf_parts(text_path, cache, ["medqa-mini:2"])
+    assert compute_counter.count("medqa-mini:2") == 2
+    assert ReferencePart.load(files[1]).n_sequences == 2  # rewritten whole
+
+    def failing_savez(handle, **arrays):
+        handle.write(b"half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", failing_savez)
+    _gguf_parts(text_path, cache, ["medqa-mini:3"])  # still returns the parts, but caches nothing
+    leftovers = [p.name for p in cache.cache_dir.rglob("*") if p.is_file() and "medqa-mini_3" in p.name
+                 or p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"a" * 1000)
+    calls: list[Path] = []
+    original = reference_module._sha256_file
+    monkeypatch.setattr(reference_module, "_sha256_file", lambda p: calls.append(p) or original(p))
+    first = cached_file_sha256(target, tmp_path / "cache")
+    assert cached_file_sha256(target, tmp_path / "cache") == first and len(calls) == 1
+    target.write_bytes(b"b" * 1000)  # same size; mtime changes
+    import os
+
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cached_file_sha256(target, tmp_path / "cache") != first and len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_quants_get_error_rows_and_the_rest_is_evaluated(converted, cache_dir, tmp_path):
+    good = converted(VARIANT).text_path
+    other_model = converted("mm-deep").text_path
+    garbage = tmp_path / "garbage-Q4_K_M.gguf"
+    garbage.write_bytes(b"this is not a model" * 10)
+    truncated = tmp_path / "truncated-Q8_0.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    candidates = [other_model, garbage, good, truncated]
+    report = run_eval(candidates, str(good), tmp_path / "r", slices=SLICES, cache_dir=cache_dir,
+                      reference_mmproj=converted(VARIANT).mmproj_path, progress=False, measure_speed=False)
+    rows = {row["file"]: row for row in report["rows"]}
+    assert [row["file"] for row in report["rows"]] == [p.name for p in candidates]
+    assert "another model than the reference" in rows[other_model.name]["error"]
+    assert "n_embd 64 vs reference 256" in rows[other_model.name]["error"]
+    assert "not a GGUF file" in rows[garbage.name]["error"]
+    assert rows[truncated.name]["error"]
+    assert rows[good.name]["error"] is None and rows[good.name]["kld_mean"] <= 1e-6
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "## Failed" in markdown and garbage.name in markdown.split("## Failed")[1]
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [r["kld_mean"] is None for r in data["rows"]] == [True, True, False, True]
+    assert [rec["file"] for rec in data["recommendations"]] == [good.name]
+
+
+def test_empty_slice_is_a_clear_error_and_nothing_is_written(converted, cache_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="holds no items"):
+        run_eval([converted(VARIANT).text_path], str(converted(VARIANT).text_path), out, slices=[str(empty)],
+                 cache_dir=cache_dir, progress=False)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_reference_and_options_are_clear_errors(converted, quant_folder, tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    text = converted(VARIANT).text_path
+    with pytest.raises(UserError, match="must be unquantized"):
+        open_reference(str(quant_folder / "tiny-Q4_K_M.gguf"), cache_dir=cache)
+    with pytest.raises(UserError, match="f16 overflows"):
+        HFReference(str(tiny_checkpoint(VARIANT)), cache, dtype="f16")
+    with pytest.raises(UserError, match="--max-items must be at least 1"):
+        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, max_items=0, progress=False)
+    # a GGUF reference without an mmproj cannot answer image questions
+    lone = tmp_path / "lone" / "tiny-F32.gguf"
+    lone.parent.mkdir()
+    shutil.copy(text, lone)
+    reference = open_reference(str(lone), cache_dir=cache)
+    assert isinstance(reference, GGUFReference) and not reference.has_vision
+    with pytest.raises(UserError, match="has images but the reference has no vision"):
+        reference_parts(reference, ReferenceCache(cache), heldout=[], slices=[load_slice("vqa-mini:1")])
+    # an existing report is not overwritten without force
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    with pytest.raises(UserError, match="already exists"):
+        run_eval([text], str(text), out, slices=SLICES, cache_dir=cache, progress=False)
+    assert (out / "report.json").read_text() == "{}"
+
+
+def test_candidates_from_a_folder_use_its_manifest_and_mmproj(converted):
+    result = converted(VARIANT)
+    (candidate,) = candidates_from_paths([result.text_path.parent])
+    assert candidate == Candidate(result.text_path, result.mmproj_path, "F32")
+    with pytest.raises(UserError, match="does not exist"):
+        candidates_from_paths([result.text_path.parent / "missing"])
+    with pytest.raises(UserError, match="has no manifest.json"):
+        candidates_from_paths([result.text_path.parent.parent])
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _row(file: str, size_gib: float, kld: float | None, error: str | None = None) -> dict:
+    return {"file": file, "type": file, "bytes": int(size_gib * GIB), "mmproj_bytes": 0, "kld_mean": kld,
+            "error": error}
+
+
+def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
+    rows = [_row("Q2", 1.5, 0.3), _row("Q4", 3.0, 0.05), _row("Q3", 2.5, 0.1), _row("Q8", 7.0, 0.002),
+            _row("BAD", 0.2, None, error="not a GGUF")]
+    recs = recommendations(rows)
+    assert [(r["budget_gib"], r["file"]) for r in recs] == [(2, "Q2"), (4, "Q4"), (8, "Q8")]
+    mmproj_row = dict(_row("Q4m", 3.5, 0.01), mmproj_bytes=int(0.6 * GIB))  # 4.1 GiB with its mmproj
+    assert [r["file"] for r in recommendations([mmproj_row, *rows]) if r["budget_gib"] == 4] == ["Q4"]
+    assert recommendations([rows[-1]]) == []
+
+
+def test_report_writes_all_files_or_none(tmp_path, monkeypatch):
+    from quant_eval import report as report_module
+
+    report = {"reference": {"source": "x", "kind": "gguf", "dtype": "f32", "sha256": "0" * 64}, "top_k": 8,
+              "slices": [], "heldout": None, "rows": [_row("Q4", 1.0, 0.05) | {"accuracy": {}, "bpw": 4.5}]}
+
+    def broken_plot(rows, path):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(report_module, "plot_pareto", broken_plot)
+    with pytest.raises(RuntimeError):
+        write_report(report, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_eval_command(converted, cache_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from quant_eval.cli import eval_command
+
+    result = converted(VARIANT)
+    out = tmp_path / "report"
+    args = [str(result.text_path.parent), "--reference", str(result.text_path), "--slice", ",".join(SLICES),
+            "--out", str(out), "--cache-dir", str(cache_dir), "--top-k", "256", "--no-speed", "--quiet"]
+    run = CliRunner().invoke(eval_command, args)
+    assert run.exit_code == 0, run.output
+    assert "mean KL" in run.output and (out / "report.md").is_file()
+    again = CliRunner().invoke(eval_command, args)
+    assert isinstance(again.exception, UserError) and "already exists" in str(again.exception)
+    forced = CliRunner().invoke(eval_command, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["cache"] == {"dir": str(cache_dir), "hits": 3, "misses": 0}  # the reference was not rerun
