@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from convert.tensor_types import MMPROJ_OUTTYPES, TEXT_OUTTYPES
+from medgemma_gguf.errors import UserError
 
 
 @click.command("convert")
@@ -20,19 +21,53 @@ from convert.tensor_types import MMPROJ_OUTTYPES, TEXT_OUTTYPES
 @click.option("--name", help="Model name used in file names (default: the repo or folder name).")
 @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token (default: $HF_TOKEN or `hf auth login`).")
 @click.option("--revision", help="Hub branch, tag or commit to convert.")
+@click.option("--quants", multiple=True,
+              help="Then quantize: comma-separated llama.cpp types or UD recipes (see `quantize --list`).")
+@click.option("--imatrix", help="With --quants: an importance matrix file, or 'auto' to compute one.")
+@click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=Path),
+              help="With or without --quants: also quantize with your own recipe TOML. May be repeated.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantizing (default: all cores).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, name: str | None,
-                    token: str | None, revision: str | None, force: bool, quiet: bool) -> None:
-    """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF."""
+                    token: str | None, revision: str | None, quants: tuple[str, ...], imatrix: str | None,
+                    recipes: tuple[Path, ...], threads: int | None, force: bool, quiet: bool) -> None:
+    """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF, then quantize."""
     from convert.converter import convert_checkpoint
 
+    quantizing = bool(quants or recipes)
+    if quantizing:
+        check_quant_request(quants, recipes, imatrix)  # before the long conversion, not after it
+    elif imatrix:
+        raise UserError("--imatrix only applies with --quants or --recipe; add --quants Q4_K_M,... or drop it")
     result = convert_checkpoint(source, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
                                 force=force, token=token, revision=revision, progress=not quiet)
     click.echo(f"wrote {result.text_path}")
     if result.mmproj_path:
         click.echo(f"wrote {result.mmproj_path}")
     click.echo(f"wrote {result.manifest_path}")
+    if quantizing:
+        from convert.quantize import quantize_folder
+        from convert.quantize_cli import echo_results
+
+        results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
+                                  progress=not quiet, n_threads=threads)
+        echo_results(results)
+        click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
+
+
+def check_quant_request(quants: tuple[str, ...], recipes: tuple[Path, ...], imatrix: str | None) -> None:
+    """Fail fast on unknown quant names, bad recipe files, or imatrix types asked for without --imatrix."""
+    from convert.quantize import IMATRIX_AUTO, may_need_imatrix, parse_quant_list, resolve_quants
+    from convert.recipe import load_recipe
+
+    specs = resolve_quants(parse_quant_list(list(quants)), [load_recipe(path) for path in recipes])
+    needing = [spec.name for spec in specs if may_need_imatrix(spec)]
+    if needing and imatrix is None:
+        raise UserError(f"{', '.join(needing)} need an importance matrix; add --imatrix {IMATRIX_AUTO} to compute "
+                        "one on the bundled calibration set, or --imatrix FILE")
+    if imatrix is not None and imatrix != IMATRIX_AUTO and not Path(imatrix).is_file():
+        raise UserError(f"imatrix file {imatrix} not found; pass an existing file or --imatrix {IMATRIX_AUTO}")
 
 
 @click.command("demo")
@@ -40,8 +75,13 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
               help="Folder for the tiny checkpoint and its GGUF files.")
 @click.option("--variant", default="mm-k256", show_default=True, help="Which tiny fixture to build.")
 @click.option("--force", is_flag=True, help="Rebuild and overwrite existing outputs.")
-def demo_command(outdir: Path, variant: str, force: bool) -> None:
-    """Run the whole pipeline offline on a tiny random-weight MedGemma-shaped checkpoint."""
+@click.option("--no-eval", is_flag=True, help="Stop after the chat; skip the evaluation report.")
+def demo_command(outdir: Path, variant: str, force: bool, no_eval: bool) -> None:
+    """Run the whole pipeline offline on a tiny random-weight MedGemma-shaped checkpoint.
+
+    Builds it, converts it, quantizes it (Q8_0, Q4_K_M, UD-Q4_K_XL with an imatrix), chats with an image
+    and writes the evaluation report.
+    """
     from convert.demo import run_demo
 
-    run_demo(outdir, variant=variant, force=force, echo=click.echo)
+    run_demo(outdir, variant=variant, force=force, evaluate=not no_eval, echo=click.echo)

@@ -185,6 +185,13 @@ def needs_imatrix(spec: QuantSpec, tensors: Sequence[Any]) -> list[str]:
             and _row_fits(default, t.shape)]
 
 
+def may_need_imatrix(spec: QuantSpec) -> bool:
+    """Whether ``spec`` asks for an imatrix type anywhere, before the model's shapes are known."""
+    if spec.recipe is not None:
+        return spec.recipe.base in IMATRIX_TYPES or any(rule.type in IMATRIX_TYPES for rule in spec.recipe.rules)
+    return _DEFAULT_TYPE[spec.name] in IMATRIX_TYPES
+
+
 def imatrix_help(source: Path, mmproj: Path | None) -> str:
     """How to make an imatrix for ``source``: the command line to run."""
     folder = source.parent

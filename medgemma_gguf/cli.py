@@ -17,6 +17,12 @@ from medgemma_gguf.errors import UserError
 # subcommand name -> "module:attribute" of its click command
 SUBCOMMANDS: dict[str, str] = {
     "convert": "convert.cli:convert_command",
+    "imatrix": "convert.imatrix_cli:imatrix_command",
+    "quantize": "convert.quantize_cli:quantize_command",
+    "chat": "runtime.cli:chat_command",
+    "serve": "runtime.cli:serve_command",
+    "fit": "runtime.cli:fit_command",
+    "eval": "quant_eval.cli:eval_command",
     "demo": "convert.cli:demo_command",
 }
 

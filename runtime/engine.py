@@ -25,11 +25,21 @@ from medgemma_gguf.errors import UserError
 log = logging.getLogger(__name__)
 
 
+# llama.cpp warnings that are expected for Gemma 3 and need no action from the user: logged at DEBUG
+EXPECTED_LLAMA_WARNINGS = (
+    "llama_kv_cache_iswa: using full-size SWA cache",  # we keep the full SWA cache so prompts can be trimmed
+)
+
+
 @llama_cpp.llama_log_callback
 def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
-    if message:
-        log.log(logging.WARNING if level == 3 else logging.ERROR if level == 4 else logging.DEBUG, message)
+    if not message:
+        return
+    python_level = logging.WARNING if level == 3 else logging.ERROR if level == 4 else logging.DEBUG
+    if python_level == logging.WARNING and message.startswith(EXPECTED_LLAMA_WARNINGS):
+        python_level = logging.DEBUG
+    log.log(python_level, message)
 
 
 _LOGGING_ROUTED = False

@@ -237,13 +237,3 @@ def test_other_models_manifest_is_not_replaced_without_force(tiny_checkpoint, tm
     code, _, err = _run(capsys, tiny_checkpoint("mm-k256"), "--outdir", tmp_path, "--name", "b")
     assert code == 2 and "describes a" in err
     assert _outputs(tmp_path) == ["a-BF16.gguf", "manifest.json"]
-
-
-def test_demo_builds_and_converts_the_embedded_default(tmp_path, capsys):
-    code = main(["demo", "--outdir", str(tmp_path / "demo")])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert (tmp_path / "demo" / "checkpoint" / "model.safetensors.index.json").is_file()
-    gguf_dir = tmp_path / "demo" / "gguf"
-    assert _outputs(gguf_dir) == ["manifest.json", "mmproj-tiny-medgemma-F16.gguf", "tiny-medgemma-BF16.gguf"]
-    assert "wrote" in out
