@@ -330,7 +330,7 @@ def _decode_all_rows(engine: Any, tokens: Sequence[int] | None = None, embedding
     """
     import llama_cpp
 
-    context = engine._ctx  # the Engine's llama_context (runtime.engine exposes no public handle)
+    context = engine.llama_context
     n_rows = len(tokens) if tokens is not None else embeddings.shape[0]
     if engine.n_past + n_rows > engine.n_ctx:
         raise RuntimeError(f"{engine.n_past + n_rows} positions do not fit the context of {engine.n_ctx}")

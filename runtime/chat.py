@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
 from medgemma_gguf.errors import UserError
@@ -288,14 +287,6 @@ class ChatModel:
         self.close()
 
     # internals -------------------------------------------------------------------------------------
-    def _trim_cache(self, n_positions: int) -> bool:
-        """Drop cached positions from ``n_positions`` on; False when llama.cpp cannot."""
-        memory = llama_cpp.llama_get_memory(self.engine._ctx)
-        if not llama_cpp.llama_memory_seq_rm(memory, 0, n_positions, -1):
-            return False
-        self.engine.n_past = n_positions
-        return True
-
     def _evaluate_prompt(self, prompt: Prompt) -> tuple[np.ndarray, int]:
         """Logits after the prompt, and how many positions were re-used from the cache."""
         units = prompt.units
@@ -308,7 +299,7 @@ class ChatModel:
             common += 1
         common = min(common, len(units) - 1)  # the last token is evaluated again for its logits
         reused = sum(u[2] if isinstance(u, tuple) else 1 for u in units[:common])
-        if reused != self.engine.n_past and not (reused < self.engine.n_past and self._trim_cache(reused)):
+        if reused != self.engine.n_past and not (reused < self.engine.n_past and self.engine.truncate(reused)):
             self.engine.reset()
             common = reused = 0
         self._kv_units = units[:common]

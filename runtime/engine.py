@@ -218,10 +218,26 @@ class Engine:
         return start[0], end[0]
 
     # evaluation ------------------------------------------------------------------------------------
+    @property
+    def llama_context(self) -> ctypes.c_void_p:
+        """The raw ``llama_context`` pointer, for callers that drive llama.cpp's C API directly (imatrix)."""
+        if not self._ctx:
+            raise RuntimeError("this Engine has no context (closed, or loaded vocab_only)")
+        return self._ctx
+
     def reset(self) -> None:
         """Forget the evaluated prompt (clear the KV cache)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self.n_past = 0
+
+    def truncate(self, n_positions: int) -> bool:
+        """Forget every evaluated position from ``n_positions`` on; False when llama.cpp cannot remove them."""
+        if not 0 <= n_positions <= self.n_past:
+            raise ValueError(f"cannot keep {n_positions} positions of {self.n_past}")
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n_positions, -1):
+            return False
+        self.n_past = n_positions
+        return True
 
     def _check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx:

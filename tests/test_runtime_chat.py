@@ -536,3 +536,17 @@ def test_cli_repl_keeps_the_conversation(folder, files, chat_model, tmp_path):
     assert stdout == f"{reply1}\n{reply2}\n{reply3}\n"
     assert "error: image file" in result.stderr and "missing.png does not exist" in result.stderr
     assert "unknown command /bogus" in result.stderr and "(new conversation)" in result.stderr
+
+
+def test_engine_truncate_forgets_positions_and_reevaluation_matches(converted):
+    from runtime.engine import Engine
+
+    text_path = converted("text").text_path
+    with Engine(text_path, n_ctx=64) as engine:
+        tokens = engine.tokenize("<start_of_turn>user\nfirst words then more words<end_of_turn>")
+        full = engine.eval_tokens(tokens, logits="all")
+        assert engine.truncate(5) and engine.n_past == 5
+        again = engine.eval_tokens(tokens[5:], logits="all")
+        np.testing.assert_allclose(again, full[5:], atol=1e-4)
+        with pytest.raises(ValueError, match="cannot keep"):
+            engine.truncate(engine.n_past + 1)
