@@ -62,3 +62,20 @@ def hf_model():
         return cache[folder]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calibration_subset(tmp_path_factory):
+    """``calibration_subset(ids) -> Path``: a JSONL with those items of the bundled calibration set, line for line."""
+    import json
+
+    from convert.calibration import DEFAULT_PATH
+
+    lines = {json.loads(line)["id"]: line for line in DEFAULT_PATH.read_text(encoding="utf-8").splitlines()}
+
+    def get(ids) -> Path:
+        path = tmp_path_factory.mktemp("calib") / "subset.jsonl"
+        path.write_text("".join(lines[item] + "\n" for item in ids), encoding="utf-8")
+        return path
+
+    return get

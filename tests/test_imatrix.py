@@ -33,12 +33,9 @@ def _image_size(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def small_calibration(tmp_path_factory) -> Path:
+def small_calibration(calibration_subset) -> Path:
     """A calibration file with TEST_ITEMS, copied line for line from the bundled set."""
-    lines = {json.loads(line)["id"]: line for line in DEFAULT_PATH.read_text(encoding="utf-8").splitlines()}
-    path = tmp_path_factory.mktemp("calib") / "small.jsonl"
-    path.write_text("".join(lines[item] + "\n" for item in TEST_ITEMS), encoding="utf-8")
-    return path
+    return calibration_subset(TEST_ITEMS)
 
 
 @pytest.fixture(scope="module")

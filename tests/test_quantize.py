@@ -26,13 +26,8 @@ TEXT = ("The patient was admitted with shortness of breath and a productive coug
 
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> Path:
-    from convert.calibration import DEFAULT_PATH
-
-    lines = {json.loads(line)["id"]: line for line in DEFAULT_PATH.read_text(encoding="utf-8").splitlines()}
-    path = tmp_path_factory.mktemp("calib") / "small.jsonl"
-    path.write_text("".join(lines[item] + "\n" for item in CALIBRATION_ITEMS), encoding="utf-8")
-    return path
+def calibration(calibration_subset) -> Path:
+    return calibration_subset(CALIBRATION_ITEMS)
 
 
 def _copy_folder(result, target: Path) -> Path:
