@@ -5,6 +5,10 @@
 * Recipes (``convert.recipe``: the bundled ``UD-*`` or a user's TOML) give every quantizable tensor an
   explicit type through llama.cpp's tensor-type overrides, so only llama.cpp's shape fallbacks can
   change a planned type.
+* AUTO (``auto_quantize_folder``, ``quantize --target-bpw/--target-size/--vram``): a recipe chosen by
+  ``convert.auto_quant`` from the sensitivity table of ``convert.sensitivity``, written as
+  ``<model>-AUTO-<bpw>.toml`` beside ``<model>-AUTO-<bpw>.gguf`` and quantized like any other recipe; the
+  manifest row's ``auto`` field records the budget, predicted KL, method and sensitivity cache.
 * After writing, the real per-tensor types are read back from the file's header; ``fallbacks`` lists
   each tensor whose type is not the one asked for (for recipes) or that llama.cpp moved to another type
   because of its row length (its ``falling back to`` warnings, for standard types).
@@ -34,7 +38,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from convert.recipe import QuantPlan, Recipe, builtin_recipe, builtin_recipe_names, is_quantizable, plan_recipe
 from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import read_gguf_info
+from runtime.gguf_info import bits_per_weight, read_gguf_info
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -56,6 +60,9 @@ _DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
 # tensor_requires_imatrix: these destination types need an imatrix (Q2_K only inside a Q2_K_S file)
 IMATRIX_TYPES = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
 _NO_IMATRIX_NEEDED = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
+# ggml_quantize_requires_imatrix (ggml.c): ggml aborts the process when one of these is written without
+# imatrix data for that very tensor, whatever llama.cpp's rules above say (token_embd included)
+GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
 # the llama_ftype a recipe's file is written with (general.file_type), by its base type
 _RECIPE_FTYPE: dict[GGMLQuantizationType, int] = {
     T.Q8_0: 7, T.Q6_K: 18, T.Q5_K: 17, T.Q5_1: 9, T.Q5_0: 8, T.Q4_K: 15, T.Q4_1: 3, T.Q4_0: 2, T.IQ4_XS: 30,
@@ -310,13 +317,6 @@ def run_llama_quantize(source: Path, output: Path, ftype: int, *, imatrix: Any |
 
 
 # --- one file -------------------------------------------------------------------------------------------
-def bits_per_weight(tensors: Iterable[Any]) -> float:
-    """8 × bytes / elements over the quantizable tensors (2-D+ non-norm weights); see the module docstring."""
-    chosen = [t for t in tensors if is_quantizable(t.name, t.shape)]
-    elements = sum(t.n_elements for t in chosen)
-    return 8 * sum(t.n_bytes for t in chosen) / elements if elements else 0.0
-
-
 def read_back(path: Path, type_name: str, plan: QuantPlan | None, log_text: str = "") -> QuantResult:
     """A QuantResult from the file's header: real per-tensor types, counts, bpw, fallbacks."""
     info = read_gguf_info(path)
@@ -376,6 +376,15 @@ def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any |
         from convert.imatrix import check_imatrix_matches
 
         check_imatrix_matches(imatrix, source)
+    if plan is not None:
+        shapes = {t.name: t.shape for t in info.tensors}
+        covered = set(imatrix.tensor_names) if imatrix is not None else set()
+        bare = [name for name, qtype in plan.types.items() if qtype in GGML_REQUIRES_IMATRIX and name not in covered
+                and _row_fits(qtype, shapes[name])]
+        if bare:
+            raise UserError(f"{spec.name} asks for {plan.types[bare[0]].name} on {bare[0]}, which the importance "
+                            f"matrix does not cover (ggml cannot write that type without it); give {bare[0]} "
+                            "another type, e.g. Q2_K or IQ2_S")
     metadata: dict[str, str | int] = {"medgemma_gguf.quant": spec.name}
     if imatrix is not None:
         metadata.update({"quantize.imatrix.file": imatrix_name or "imatrix",
@@ -485,7 +494,8 @@ def _inputs(source: Any, spec: QuantSpec, imatrix_path: Path | None) -> dict[str
 
 def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, imatrix: str | Path | None = None,
                     recipe_files: Sequence[Path | str] = (), force: bool = False, progress: bool = True,
-                    n_threads: int | None = None, calibration: Any | None = None) -> list[QuantResult]:
+                    n_threads: int | None = None, calibration: Any | None = None,
+                    row_extra: dict[str, dict[str, Any]] | None = None) -> list[QuantResult]:
     """Quantize the folder's unquantized text GGUF to each of ``quants`` (+ each recipe file's recipe).
 
     Outputs are ``<model>-<TYPE>.gguf`` beside it, recorded in ``manifest.json`` (role, type, bytes, bpw,
@@ -493,6 +503,7 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     ``imatrix``: None, an imatrix file, or ``"auto"`` (computed on ``calibration`` — default the bundled
     set — into ``imatrix-<model>.gguf`` once and reused). A quant whose file still matches its manifest
     row and inputs is skipped; ``force`` rebuilds. Every request is checked before any file is written.
+    ``row_extra``: more manifest fields per quant name (how an AUTO recipe was chosen).
     """
     from convert.model_card import write_model_card
     from convert.recipe import load_recipe
@@ -560,7 +571,8 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
             folder, path, "text", spec.name, bits_per_weight=round(result.bpw, 4),
             tensor_types=result.tensor_type_counts, inputs=inputs, recipe=spec.recipe.name if spec.recipe else None,
             imatrix=imatrix_path.name if imatrix_path else None, mmproj=mmproj.path if mmproj else None,
-            fallbacks=[f.__dict__ for f in result.fallbacks], quantizer=_quantizer_version()))
+            fallbacks=[f.__dict__ for f in result.fallbacks], quantizer=_quantizer_version(),
+            **(row_extra or {}).get(spec.name, {})))
         manifest.save(folder)
         results[spec.name] = result
     write_model_card(folder, manifest)
@@ -571,3 +583,89 @@ def _quantizer_version() -> str:
     import llama_cpp
 
     return f"llama-cpp-python {llama_cpp.__version__}"
+
+
+# --- AUTO: a recipe chosen from measured sensitivity ----------------------------------------------------
+AUTO_PREFIX = "AUTO"
+
+
+@dataclass
+class AutoResult:
+    """An AUTO quant: the file, its recipe file and how the mix was chosen."""
+
+    result: QuantResult
+    recipe_path: Path
+    mix: Any  # convert.auto_quant.QuantMix
+    sensitivity: Any  # convert.sensitivity.SensitivityResult
+    how: dict[str, Any]
+
+
+def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
+                         vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
+                         sensitivity_method: str = "proxy", cache_dir: Path | str | None = None,
+                         candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
+                         max_text: int | None = None,
+                         max_images: int | None = None, calibration: Any | None = None, force: bool = False,
+                         progress: bool = True, n_threads: int | None = None) -> AutoResult:
+    """``quantize OUTDIR --target-bpw/--target-size/--vram``: measure (or reuse) the sensitivity table, choose
+    the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
+    engine to ``<model>-AUTO-<bpw>.gguf`` (``<bpw>``: the mix's bits per weight, 2 decimals)."""
+    from convert.auto_quant import allocate, mix_to_recipe_toml, model_facts, parse_budget
+    from convert.recipe import parse_recipe
+    from convert.sensitivity import DEFAULT_CANDIDATES, DEFAULT_PROBES, measure_sensitivity
+    from medgemma_gguf.atomic import write_text_atomic
+    from medgemma_gguf.manifest import Manifest
+
+    folder = Path(outdir)
+    manifest = Manifest.load(folder)
+    source = source_entry(folder, manifest)
+    source_path = folder / source.path
+    mmproj = _mmproj_entry(folder, manifest)
+    mmproj_path = folder / mmproj.path if mmproj else None
+    budget = parse_budget(target_size, target_bpw, vram, ctx, mmproj_path)  # bad options fail before any work
+    _, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force, progress,
+                                       n_threads)
+    sensitivity = measure_sensitivity(
+        source_path, mmproj_path, imatrix_path, method=sensitivity_method,
+        candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES,
+        probes=tuple(probes) if probes else DEFAULT_PROBES,
+        calibration=calibration, max_text=max_text,
+        max_images=max_images, cache_dir=cache_dir, n_threads=n_threads, progress=progress)
+    table = sensitivity.table
+    facts = model_facts(source_path, table)
+    capacity = budget.capacity(table, facts)
+    mix = allocate(table, capacity)
+    bpw = 8 * mix.total_bytes / sum(g.n_elements for g in table.groups)
+    name = f"{AUTO_PREFIX}-{bpw:.2f}"
+    text = mix_to_recipe_toml(mix, name, description=f"Chosen by medgemma-gguf from measured sensitivity "
+                                                       f"({sensitivity.meta['method']}); {mix.summary()}")
+    recipe_path = folder / f"{manifest.model}-{name}.toml"
+    parse_recipe(text, str(recipe_path))  # the written recipe must read back as a recipe
+    created = False
+    if recipe_path.exists():
+        if recipe_path.read_text(encoding="utf-8") != text:
+            if not force:
+                raise UserError(f"{recipe_path} exists with another mix; pass --force to replace it")
+            write_text_atomic(recipe_path, text)
+    else:
+        write_text_atomic(recipe_path, text)
+        created = True
+    how = {"budget": capacity.label, "budget_used": capacity.user_value(mix.counted_bytes),
+           "predicted_delta_kl": mix.predicted_delta_kl, "allocator": mix.method,
+           "sensitivity_method": sensitivity.meta["method"], "sensitivity_candidates": sensitivity.meta["candidates"],
+           "sensitivity_probes": sensitivity.meta["probes"],
+           "sensitivity_cache": str(sensitivity.cache_path) if sensitivity.cache_path else None,
+           "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name}
+    try:
+        [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
+                                   recipe_files=[recipe_path], force=force, progress=progress, n_threads=n_threads,
+                                   row_extra={name: {"auto": how}})
+    except BaseException:
+        if created:
+            recipe_path.unlink(missing_ok=True)
+        raise
+    limit = getattr(budget, "total_bytes", None)
+    if limit is not None and result.bytes > limit:
+        log.warning("%s is %d bytes, %d over the budget: the header estimate was short", result.path.name,
+                    result.bytes, result.bytes - limit)
+    return AutoResult(result=result, recipe_path=recipe_path, mix=mix, sensitivity=sensitivity, how=how)

@@ -30,14 +30,56 @@ def echo_results(results: list, echo=click.echo) -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores).")
 @click.option("--list", "list_types", is_flag=True, help="List the quant types and recipes, then exit.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--target-bpw", type=float,
+              help="AUTO: the best mix (from measured sensitivity) within this many bits per weight.")
+@click.option("--target-size", help="AUTO: the best mix whose text GGUF fits this file size (e.g. 2.6GB, 2.5GiB).")
+@click.option("--vram", help="AUTO: the best mix that runs fully on a GPU with this much memory (needs --ctx).")
+@click.option("--ctx", type=int, help="AUTO with --vram: the context length that must fit.")
+@click.option("--sensitivity", "sensitivity_method", type=click.Choice(["proxy", "measured"]), default="proxy",
+              show_default=True, help="AUTO: calibrated proxy, or KL measured for every tensor group and type.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="AUTO: cache folder for sensitivity tables and reference outputs "
+                   "(default $MEDGEMMA_GGUF_CACHE or ~/.cache/medgemma-gguf).")
+@click.option("--sensitivity-sample", type=click.IntRange(min=1),
+              help="AUTO: measure on the first N text and N image conversations of the calibration set "
+                   "(default: all; fewer is faster and coarser).")
 def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None, recipes: tuple[Path, ...],
-                     force: bool, threads: int | None, list_types: bool, quiet: bool) -> None:
-    """Quantize the unquantized text GGUF in OUTDIR (written by convert) with llama.cpp's quantizer."""
-    from convert.quantize import quantize_folder, valid_quant_names
+                     force: bool, threads: int | None, list_types: bool, quiet: bool, target_bpw: float | None,
+                     target_size: str | None, vram: str | None, ctx: int | None, sensitivity_method: str,
+                     cache_dir: Path | None, sensitivity_sample: int | None) -> None:
+    """Quantize the unquantized text GGUF in OUTDIR (written by convert) with llama.cpp's quantizer.
+
+    With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
+    sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
+    """
+    from convert.quantize import auto_quantize_folder, quantize_folder, valid_quant_names
+    from medgemma_gguf.errors import UserError
 
     if list_types:
         click.echo(" ".join(valid_quant_names()))
         return
+    auto = any(v is not None for v in (target_bpw, target_size, vram, ctx))
+    if auto:
+        if quants or recipes:
+            raise UserError("AUTO (--target-bpw/--target-size/--vram) runs alone; drop --quants/--recipe or run "
+                            "them separately")
+        made = auto_quantize_folder(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
+                                    imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
+                                    max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
+                                    progress=not quiet, n_threads=threads)
+        echo_results([made.result])
+        cost = made.sensitivity.cost
+        origin = "cached" if made.sensitivity.from_cache else "measured"
+        click.echo(f"  {made.how['budget']}: {made.how['budget_used']} used, predicted KL increase "
+                   f"{made.how['predicted_delta_kl']:.4g} (additive), sensitivity {origin} "
+                   f"({made.how['sensitivity_method']}: {cost['quantizations']} quantizations, "
+                   f"{cost['evaluations']} evaluations, {cost['seconds']:.0f} s)")
+        click.echo(f"  recipe: {made.recipe_path} (rebuild with --recipe {made.recipe_path})")
+        click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
+        return
+    if sensitivity_method != "proxy" or cache_dir is not None or sensitivity_sample is not None:
+        raise UserError("--sensitivity, --sensitivity-sample and --cache-dir apply to AUTO; add --target-bpw, "
+                        "--target-size or --vram")
     results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
                               progress=not quiet, n_threads=threads)
     echo_results(results)

@@ -58,6 +58,7 @@ __all__ = [
     "perplexity_ratio",
     "rms_delta_p",
     "rms_delta_p_top",
+    "spearman_rank_correlation",
     "token_logprobs",
     "top1_agreement",
     "topk_from_logits",
@@ -424,6 +425,36 @@ def kl_summary(kl_per_position: ArrayLike) -> dict[str, float]:
         "p999": float(p999),
         "max": float(values.max()),
     }
+
+
+def _average_ranks(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Ranks 1..n of ``values``, ties sharing the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(values.size)
+    sorted_values = values[order]
+    start = 0
+    while start < values.size:
+        end = start
+        while end + 1 < values.size and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman_rank_correlation(a: ArrayLike, b: ArrayLike) -> float:
+    """Spearman's rank correlation of two paired samples (Pearson correlation of their average ranks).
+
+    NaN when either sample is constant (no ranking to agree with); MetricInputError for fewer than two pairs.
+    """
+    x = _as_float_array(a, "a", ndim=1)
+    y = _as_float_array(b, "b", ndim=1)
+    _same_length(x, y, "a", "b")
+    if x.size < 2:
+        raise MetricInputError("a rank correlation needs at least two pairs")
+    rx, ry = _average_ranks(x) - (x.size + 1) / 2, _average_ranks(y) - (y.size + 1) / 2
+    denominator = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / denominator if denominator > 0 else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------
