@@ -86,9 +86,7 @@ def render_model_card(folder: Path, manifest: Manifest) -> str:
 
 
 def _bpw(path: Path) -> float:
-    from convert.quantize import bits_per_weight
-
-    return bits_per_weight(read_gguf_info(path).tensors)
+    return read_gguf_info(path).bits_per_weight
 
 
 def write_model_card(folder: Path, manifest: Manifest | None = None) -> Path:

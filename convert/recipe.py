@@ -31,7 +31,7 @@ import hashlib
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from medgemma_gguf.errors import UserError
+from runtime.gguf_info import is_quantizable
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 T = GGMLQuantizationType
@@ -321,11 +322,6 @@ def builtin_recipe(name: str) -> Recipe:
 
 
 # --- planning -------------------------------------------------------------------------------------------
-def is_quantizable(name: str, shape: Sequence[int]) -> bool:
-    """Whether llama.cpp's quantizer may change this tensor's type: a 2-D+ ``*.weight`` that is no norm."""
-    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
-
-
 def tensor_kind(name: str) -> tuple[str, int | None]:
     """(kind, layer) of a tensor name: ('ffn_down', 3) for blk.3.ffn_down.weight, ('token_embd', None)."""
     match = _LAYER_NAME.match(name)

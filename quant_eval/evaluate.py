@@ -127,14 +127,13 @@ def _vm_hwm() -> int | None:
 
 
 def file_stats(path: Path) -> dict[str, Any]:
-    """Size, bits per weight (8·tensor bytes / elements over the text GGUF's tensors) and type of a GGUF."""
+    """Size, bits per weight (``runtime.gguf_info.bits_per_weight``) and tensor totals of a GGUF."""
     from runtime.gguf_info import read_gguf_info
 
     info = read_gguf_info(path)
-    n_bytes = sum(t.n_bytes for t in info.tensors)
     n_elements = sum(t.n_elements for t in info.tensors)
-    return {"info": info, "bytes": path.stat().st_size, "tensor_bytes": n_bytes,
-            "n_elements": n_elements, "bpw": 8.0 * n_bytes / n_elements if n_elements else None}
+    return {"info": info, "bytes": path.stat().st_size, "tensor_bytes": info.total_tensor_bytes,
+            "n_elements": n_elements, "bpw": info.bits_per_weight or None}
 
 
 def _file_type_label(info) -> str | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 
 PROMPT_FORMAT_VERSION = "v1"  # bump when the prompt layout below changes: it invalidates every cache
 CACHE_FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = Path("~/.cache/medgemma-gguf/reference")
 DEFAULT_TOP_K = 256
 MAX_SEQUENCE_TOKENS = 512
 REFERENCE_DTYPES = ("bf16", "f32")
@@ -704,7 +702,7 @@ class ReferenceCache:
     """Reference outputs on disk, keyed by the reference's hash and the part's content hash."""
 
     def __init__(self, cache_dir: Path | None = None):
-        self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -767,6 +765,7 @@ def reference_parts(reference: Reference, cache: ReferenceCache, *, heldout: Seq
 
 
 def default_cache_dir() -> Path:
-    """``$MEDGEMMA_GGUF_CACHE/reference`` if set, else ``~/.cache/medgemma-gguf/reference``."""
-    env = os.environ.get("MEDGEMMA_GGUF_CACHE")
-    return (Path(env) / "reference") if env else DEFAULT_CACHE_DIR.expanduser()
+    """``<cache root>/reference`` (``medgemma_gguf.cache.cache_root``: ``$MEDGEMMA_GGUF_CACHE`` or ~/.cache/...)."""
+    from medgemma_gguf.cache import cache_root
+
+    return cache_root() / "reference"

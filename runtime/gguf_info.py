@@ -75,6 +75,27 @@ class GgufInfo:
     def total_tensor_bytes(self) -> int:
         return sum(info.n_bytes for info in self.tensors)
 
+    @property
+    def bits_per_weight(self) -> float:
+        """The file's bits per weight (see :func:`bits_per_weight`)."""
+        return bits_per_weight(self.tensors)
+
+
+def is_quantizable(name: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether llama.cpp's quantizer may change this tensor's type: a 2-D+ ``*.weight`` that is no norm."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+
+
+def bits_per_weight(tensors: Any) -> float:
+    """Bits per weight, the project's one definition: 8 × bytes / elements over the quantizable tensors.
+
+    The 1-D norms (always F32) are left out, so a Q4_K_M file reads near llama.cpp's ~4.8 whatever the
+    model's size; the file size (``bytes`` in manifests and reports) includes everything.
+    """
+    chosen = [t for t in tensors if is_quantizable(t.name, t.shape)]
+    elements = sum(t.n_elements for t in chosen)
+    return 8 * sum(t.n_bytes for t in chosen) / elements if elements else 0.0
+
 
 def tensor_nbytes(ggml_type: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of ``ggml_type`` and ggml ``shape``: rows × (row length / block size) × block bytes."""

@@ -30,12 +30,11 @@ MMPROJ_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")
 
 
 def bits_per_weight(path: Path) -> float:
-    """8 x tensor bytes / number of weights, from the GGUF header."""
-    info = read_gguf_info(path)
-    n_weights = sum(t.n_elements for t in info.tensors)
-    if n_weights == 0:
-        raise UserError(f"{path} holds no tensors; re-convert the model")
-    return 8 * info.total_tensor_bytes / n_weights
+    """The file's bits per weight (``runtime.gguf_info.bits_per_weight``), from its header."""
+    bpw = read_gguf_info(path).bits_per_weight
+    if bpw == 0:
+        raise UserError(f"{path} holds no weight matrices; re-convert the model")
+    return bpw
 
 
 def check_model_pair(model_path: Path, mmproj_path: Path | None) -> None:

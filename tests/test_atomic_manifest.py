@@ -79,3 +79,14 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(UserError, match="not valid JSON"):
         Manifest.load(tmp_path)
+
+
+def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
+    from medgemma_gguf.cache import cache_root
+    from quant_eval.reference import default_cache_dir
+
+    monkeypatch.setenv("MEDGEMMA_GGUF_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c" and default_cache_dir() == tmp_path / "c" / "reference"
+    monkeypatch.delenv("MEDGEMMA_GGUF_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root() == tmp_path / ".cache" / "medgemma-gguf"

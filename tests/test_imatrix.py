@@ -133,7 +133,7 @@ def test_gguf_round_trip_and_llama_cpp_layout(k256_imatrix, tmp_path):
     reader = gguf.GGUFReader(path)
     fields = reader.fields
     vt = gguf.GGUFValueType
-    assert fields["general.type"].types == [vt.STRING] and back.datasets == ["small"]
+    assert fields["general.type"].types == [vt.STRING] and back.datasets == ["subset"]
     assert fields["imatrix.datasets"].types == [vt.ARRAY, vt.STRING]
     assert fields["imatrix.chunk_count"].types == [vt.UINT32] and fields["imatrix.chunk_size"].types == [vt.UINT32]
     assert "general.architecture" not in fields
