@@ -19,18 +19,16 @@ all random, so a mapping slip anywhere changes the outputs.  ``mm-hf5`` holds th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medgemma_gguf.atomic import atomic_directory
 from medgemma_gguf.errors import UserError
 
 CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
@@ -500,29 +498,9 @@ def build_tiny_checkpoint(outdir: Path, variant: str = "mm-k256", seed: int = 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     outdir = Path(outdir)
-    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
-        raise UserError(f"{outdir} already exists and is not an empty folder; "
-                        "delete it or choose another one")
-    try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {outdir.parent}: {exc.strerror}; choose a writable folder") from exc
-    partial = outdir.with_name(f".{outdir.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir()
-    except OSError as exc:
-        raise UserError(f"cannot write in {outdir.parent}: {exc.strerror}; choose a writable folder") from exc
-    try:
+    with atomic_directory(outdir) as partial:
         if spec.layout == HF5:
             _build_hf5(partial, spec, seed)
         else:
             _build_published(partial, spec, seed)
-        if outdir.exists():
-            outdir.rmdir()
-        os.replace(partial, outdir)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(partial)
-        raise
     return outdir

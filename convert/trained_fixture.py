@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +55,7 @@ from convert.tiny_checkpoint import (
     published_config,
     published_name,
 )
+from medgemma_gguf.atomic import atomic_directory
 from medgemma_gguf.errors import UserError
 
 SPEC = VARIANTS["mm-k256"]
@@ -300,8 +299,6 @@ def _check_args(outdir: Path, steps: int, seed: int) -> None:
     for label, value, low in (("steps", steps, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"{label} must be a whole number of at least {low}, got {value!r}")
-    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
-        raise UserError(f"{outdir} already exists and is not an empty folder; delete it or choose another one")
 
 
 def build_trained_fixture(outdir: Path | str, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -309,30 +306,15 @@ def build_trained_fixture(outdir: Path | str, steps: int = DEFAULT_STEPS, seed: 
     """Train the fixture for ``steps`` steps and write it to ``outdir`` (new or empty; complete or absent)."""
     outdir = Path(outdir)
     _check_args(outdir, steps, seed)
-    try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        partial = outdir.with_name(f".{outdir.name}.{os.getpid()}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    except OSError as exc:
-        raise UserError(f"cannot write in {outdir.parent}: {exc.strerror}; choose a writable folder") from exc
     started = time.monotonic()
-    try:
-        with _deterministic_torch(seed):
-            config = published_config(SPEC)
-            model = _transformers_model(SPEC, config).float()  # the config says bf16; train in float32
-            model.tie_weights()
-            losses = train(model, steps, seed, report)
-            log = {"base_variant": SPEC.name, "steps": steps, "seed": seed, "text_batch": [TEXT_BATCH, TEXT_LENGTH],
-                   "image_batch": IMAGE_BATCH, "learning_rate": LEARNING_RATE, "losses": losses}
-            _write_checkpoint(partial, model, config, log)
-        if outdir.exists():
-            outdir.rmdir()
-        os.replace(partial, outdir)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(partial)
-        raise
+    with atomic_directory(outdir) as partial, _deterministic_torch(seed):
+        config = published_config(SPEC)
+        model = _transformers_model(SPEC, config).float()  # the config says bf16; train in float32
+        model.tie_weights()
+        losses = train(model, steps, seed, report)
+        log = {"base_variant": SPEC.name, "steps": steps, "seed": seed, "text_batch": [TEXT_BATCH, TEXT_LENGTH],
+               "image_batch": IMAGE_BATCH, "learning_rate": LEARNING_RATE, "losses": losses}
+        _write_checkpoint(partial, model, config, log)
     return TrainingResult(outdir, steps, seed, tuple(losses), time.monotonic() - started)
 
 

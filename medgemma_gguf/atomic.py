@@ -83,3 +83,31 @@ class StagedOutputs:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self._staged.clear()
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; on success it becomes ``final``, on failure it is removed.
+
+    ``final`` must not exist or be an empty folder (UserError otherwise), so nothing the user had is lost.
+    """
+    import shutil
+
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise UserError(f"{final} already exists and is not an empty folder; delete it or choose another one")
+    partial = temp_path_for(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    except OSError as exc:
+        raise UserError(f"cannot write in {final.parent}: {exc.strerror}; choose a writable folder") from exc
+    try:
+        yield partial
+        if final.exists():
+            final.rmdir()
+        os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

@@ -39,6 +39,7 @@ from numpy.typing import NDArray
 
 from medgemma_gguf.atomic import atomic_output, write_text_atomic
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.manifest import sha256_of
 from quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
 from quant_eval.slices import Item, Slice, TextChunk, slice_hash
 
@@ -64,14 +65,6 @@ _FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_
 # hashing with a path + size + mtime cache
 
 
-def _sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_file_sha256(path: Path, cache_dir: Path) -> str:
     """sha256 of ``path``, remembered in ``cache_dir/file-hashes.json`` by resolved path + size + mtime."""
     path = Path(path).resolve()
@@ -88,7 +81,7 @@ def cached_file_sha256(path: Path, cache_dir: Path) -> str:
     entry = index.get(key)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and entry.get("sha256"):
         return str(entry["sha256"])
-    sha = _sha256_file(path)
+    sha = sha256_of(path)
     index[key] = {**stamp, "sha256": sha}
     try:
         write_text_atomic(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")

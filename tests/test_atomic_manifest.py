@@ -90,3 +90,19 @@ def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MEDGEMMA_GGUF_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_root() == tmp_path / ".cache" / "medgemma-gguf"
+
+
+def test_atomic_directory_appears_complete_or_not_at_all(tmp_path):
+    from medgemma_gguf.atomic import atomic_directory
+
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as partial:
+        (partial / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as partial:
+        (partial / "whole.bin").write_bytes(b"x")
+    assert [p.name for p in target.iterdir()] == ["whole.bin"]
+    with pytest.raises(UserError, match="not an empty folder"), atomic_directory(target):
+        pass
+    assert (target / "whole.bin").is_file()

@@ -235,8 +235,8 @@ def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     target = tmp_path / "weights.bin"
     target.write_bytes(b"a" * 1000)
     calls: list[Path] = []
-    original = reference_module._sha256_file
-    monkeypatch.setattr(reference_module, "_sha256_file", lambda p: calls.append(p) or original(p))
+    original = reference_module.sha256_of
+    monkeypatch.setattr(reference_module, "sha256_of", lambda p: calls.append(p) or original(p))
     first = cached_file_sha256(target, tmp_path / "cache")
     assert cached_file_sha256(target, tmp_path / "cache") == first and len(calls) == 1
     target.write_bytes(b"b" * 1000)  # same size; mtime changes

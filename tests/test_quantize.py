@@ -16,8 +16,9 @@ from convert.recipe import builtin_recipe_names
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.manifest import Manifest, sha256_of
 from quant_eval.metrics import kl_divergence_full
-from runtime.engine import Engine, ImagePart
+from runtime.engine import Engine
 from runtime.gguf_info import read_gguf_info
+from tests.conftest import image_text_greedy_tokens
 
 CALIBRATION_ITEMS = ("img-cxr-rll", "med-dka")
 NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "UD-IQ2_XXS", "UD-IQ3_XXS"}
@@ -75,23 +76,6 @@ def _logits(path: Path) -> np.ndarray:
         return engine.eval_tokens(_text_ids(engine), logits="all")
 
 
-def _image_and_text_generation(text_path: Path, mmproj_path: Path) -> list[int]:
-    """Image + text prompt, then four greedy tokens; asserts the logits are usable."""
-    pixels = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
-    with Engine(text_path, mmproj_path, n_ctx=512, n_threads=2) as engine:
-        user = engine.tokenize("<start_of_turn>user\n")
-        question = engine.tokenize("Describe this X-ray<end_of_turn>\n<start_of_turn>model\n")
-        logits = engine.eval_parts([[engine.bos_token, *user], ImagePart(pixels), question])
-        tokens = []
-        for _ in range(4):
-            assert np.isfinite(logits[-1]).all()
-            token = int(np.argmax(logits[-1]))
-            tokens.append(token)
-            logits = engine.eval_tokens([token], logits="last")
-    assert all(0 <= t < engine.n_vocab for t in tokens)
-    return tokens
-
-
 ALL_QUANTS = [*STANDARD_TYPES, *builtin_recipe_names()]
 
 
@@ -110,7 +94,7 @@ def test_every_type_loads_and_generates_with_the_types_asked_for(name, quantized
     assert result.fallbacks == []
     if name in NEEDS_IMATRIX:
         assert header.metadata["quantize.imatrix.entries_count"] == 6 * 7
-    _image_and_text_generation(result.path, k256.mmproj_path)
+    image_text_greedy_tokens(result.path, k256.mmproj_path)
 
 
 @pytest.mark.slow
@@ -145,7 +129,7 @@ def test_fallbacks_are_read_back_from_the_file(converted, tmp_path):
     standard = quantize_file(deep.text_path, tmp_path / "deep-Q4_K_M.gguf", resolve_quants(["Q4_K_M"])[0],
                              progress=False, n_threads=2)
     assert standard.fallbacks and all(header_type != "Q4_K" for header_type in standard.tensor_type_counts)
-    _image_and_text_generation(result.path, deep.mmproj_path)
+    image_text_greedy_tokens(result.path, deep.mmproj_path)
 
 
 def _listing(folder: Path) -> dict[str, str]:

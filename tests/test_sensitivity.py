@@ -28,6 +28,7 @@ from medgemma_gguf.errors import UserError
 from medgemma_gguf.manifest import Manifest
 from quant_eval.metrics import spearman_rank_correlation
 from runtime.gguf_info import read_gguf_info
+from tests.conftest import image_text_greedy_tokens
 
 T = GGMLQuantizationType
 CALIBRATION_ITEMS = ("med-dka", "gen-json", "img-cxr-rll", "img-skin-short")
@@ -262,26 +263,8 @@ def test_auto_from_measured_table_fits_loads_and_chats(measured_setup):
     assert made.sensitivity.from_cache  # the table measured above
     result = made.result
     info = read_gguf_info(result.path)
-    quantizable = [t for t in info.tensors if len(t.shape) >= 2]
-    assert 8 * sum(t.n_bytes for t in quantizable) / sum(t.n_elements for t in quantizable) <= 3.5
-    assert len(_chat_with_image(result.path, setup["mmproj"])) == 4
-
-
-def _chat_with_image(text_path: Path, mmproj_path: Path) -> list[int]:
-    """An image + text chat turn, then four greedy tokens (finite logits throughout)."""
-    from runtime.engine import Engine, ImagePart
-
-    pixels = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
-    with Engine(text_path, mmproj_path, n_ctx=512, n_threads=THREADS) as engine:
-        user = engine.tokenize("<start_of_turn>user\n")
-        question = engine.tokenize("Describe this X-ray<end_of_turn>\n<start_of_turn>model\n")
-        logits = engine.eval_parts([[engine.bos_token, *user], ImagePart(pixels), question])
-        tokens = []
-        for _ in range(4):
-            assert np.isfinite(logits[-1]).all()
-            tokens.append(int(np.argmax(logits[-1])))
-            logits = engine.eval_tokens([tokens[-1]], logits="last")
-    return tokens
+    assert info.bits_per_weight <= 3.5
+    assert len(image_text_greedy_tokens(result.path, setup["mmproj"], n_threads=THREADS)) == 4
 
 
 def test_type_ggml_cannot_write_without_imatrix_data_is_refused_not_aborted(folder, tmp_path):
