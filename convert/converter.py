@@ -37,6 +37,7 @@ from convert.vocab import Vocab, read_vocab
 from medgemma_gguf.atomic import StagedOutputs
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
+from runtime.gguf_info import read_gguf_info
 
 log = logging.getLogger(__name__)
 SOURCE_DTYPES = ("BF16", "F16", "F32")
@@ -192,9 +193,12 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
                        mmproj_plan, checkpoint, progress=progress, label=mmproj_path.name)
         staged.commit()
 
-    manifest.upsert(entry_for(outdir, text_path, "text", type_label(text_type)))
-    if mmproj_path:
-        manifest.upsert(entry_for(outdir, mmproj_path, "mmproj", type_label(vision_type)))
+    for path, role, label in ((text_path, "text", type_label(text_type)),
+                              (mmproj_path, "mmproj", type_label(vision_type) if mmproj_path else None)):
+        if path is not None:
+            info = read_gguf_info(path)
+            manifest.upsert(entry_for(outdir, path, role, label, bits_per_weight=round(info.bits_per_weight, 4),
+                                      tensor_types=info.quantizable_type_counts()))
     manifest_path = manifest.save(outdir)
     return ConvertResult(name, text_path, mmproj_path, manifest_path)
 

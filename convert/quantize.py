@@ -321,10 +321,6 @@ def read_back(path: Path, type_name: str, plan: QuantPlan | None, log_text: str 
     """A QuantResult from the file's header: real per-tensor types, counts, bpw, fallbacks."""
     info = read_gguf_info(path)
     actual = {t.name: t.ggml_type.name for t in info.tensors}
-    counts: dict[str, int] = {}
-    for t in info.tensors:
-        if is_quantizable(t.name, t.shape):
-            counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
     logged = {m.group(1): m for m in _FALLBACK_LOG.finditer(log_text)}
     fallbacks: list[Fallback] = []
     planned: dict[str, str] = {}
@@ -337,7 +333,7 @@ def read_back(path: Path, type_name: str, plan: QuantPlan | None, log_text: str 
         for name, match in logged.items():
             fallbacks.append(Fallback(name, match.group(4).upper(), actual.get(name, "missing"), _reason(match)))
     return QuantResult(path=path, type_name=type_name, bytes=path.stat().st_size, bpw=bits_per_weight(info.tensors),
-                       tensor_type_counts=dict(sorted(counts.items())), planned_types=planned,
+                       tensor_type_counts=info.quantizable_type_counts(), planned_types=planned,
                        actual_types=actual, fallbacks=fallbacks)
 
 

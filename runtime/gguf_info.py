@@ -80,6 +80,14 @@ class GgufInfo:
         """The file's bits per weight (see :func:`bits_per_weight`)."""
         return bits_per_weight(self.tensors)
 
+    def quantizable_type_counts(self) -> dict[str, int]:
+        """How many quantizable tensors (see :func:`is_quantizable`) have each ggml type, by type name."""
+        counts: dict[str, int] = {}
+        for tensor in self.tensors:
+            if is_quantizable(tensor.name, tensor.shape):
+                counts[tensor.ggml_type.name] = counts.get(tensor.ggml_type.name, 0) + 1
+        return dict(sorted(counts.items()))
+
 
 def is_quantizable(name: str, shape: tuple[int, ...] | list[int]) -> bool:
     """Whether llama.cpp's quantizer may change this tensor's type: a 2-D+ ``*.weight`` that is no norm."""

@@ -40,6 +40,13 @@ def test_convert_writes_text_mmproj_and_manifest(tiny_checkpoint, tmp_path, caps
     for row in rows.values():
         path = tmp_path / "out" / row["path"]
         assert row["bytes"] == path.stat().st_size and row["sha256"] == sha256_of(path)
+    # 16 bits per quantizable weight, and every quantizable tensor counted once by its type
+    assert rows["text"]["bits_per_weight"] == 16.0 and set(rows["text"]["tensor_types"]) == {"BF16"}
+    assert 16 < rows["mmproj"]["bits_per_weight"] < 32  # F16, with the patch and position embeddings kept F32
+    assert set(rows["mmproj"]["tensor_types"]) == {"F16", "F32"}
+    reader = gguf.GGUFReader(tmp_path / "out" / "tiny-BF16.gguf")
+    matrices = [t for t in reader.tensors if len(t.shape) >= 2 and "_norm" not in t.name]
+    assert sum(rows["text"]["tensor_types"].values()) == len(matrices)
 
     text = gguf.GGUFReader(tmp_path / "out" / "tiny-BF16.gguf")
     assert text.get_field("general.architecture").contents() == "gemma3"
