@@ -207,7 +207,8 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
     by = "mean KL divergence (report)" if any(r["kld_mean"] is not None for r in rows) else "bits per weight"
     click.echo(f"quants for a {n_ctx}-token context within {budget}, ranked by {by}:")
     for rank, row in enumerate(r for r in rows if r["fits"]):
-        kl = f"  mean KL {row['kld_mean']:.4g}" if row["kld_mean"] is not None else ""
+        kl = f"  mean KL {row['kld_mean']:.4g}" if row["kld_mean"] is not None else (
+            "  (not in the report: ranked after the measured ones; re-run eval)" if by.startswith("mean KL") else "")
         need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
         click.echo(f"{rank + 1:>3}. {row['file']}  {row['type']}  {row['bpw']:.2f} bpw  needs {format_size(need)}{kl}")
     too_big = [r for r in rows if not r["fits"]]

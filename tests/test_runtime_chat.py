@@ -467,6 +467,10 @@ def test_fit_ranks_by_bits_per_weight_or_by_report(quant_folder, tmp_path):
                                            {"file": "model-BF16.gguf", "kld_mean": 0.001}]}))
     text = runner.invoke(fit_command, [str(quant_folder), "--vram", "8GiB", "--report", str(report)]).output
     assert "ranked by mean KL" in text and text.index("model-BF16.gguf") < text.index("model-F32.gguf")
+    report.write_text(json.dumps({"rows": [{"file": "model-F32.gguf", "kld_mean": 0.02}]}))
+    text = runner.invoke(fit_command, [str(quant_folder), "--vram", "8GiB", "--report", str(report)]).output
+    assert text.index("model-F32.gguf") < text.index("model-BF16.gguf")  # measured first
+    assert "model-BF16.gguf" in text.split("not in the report")[0].splitlines()[-1]
     tight = runner.invoke(fit_command, [str(quant_folder), "--vram", "1MiB", "--ctx", "512"]).output
     assert "none fits" in tight and "does not fit: model-F32.gguf" in tight
     broken = tmp_path / "broken.json"
@@ -479,12 +483,10 @@ def test_fit_ranks_by_bits_per_weight_or_by_report(quant_folder, tmp_path):
 
 
 @pytest.fixture
-def cli_main(monkeypatch):
-    """``medgemma_gguf.cli.main`` with this package's commands registered (as the lead registers them)."""
+def cli_main():
+    """``medgemma_gguf.cli.main``: the installed console script's entry point."""
     from medgemma_gguf import cli
 
-    for name in ("chat", "serve", "fit"):
-        monkeypatch.setitem(cli.SUBCOMMANDS, name, f"runtime.cli:{name}_command")
     return cli.main
 
 
