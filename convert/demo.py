@@ -16,7 +16,9 @@ from pathlib import Path
 from convert.converter import convert_checkpoint
 from convert.tiny_checkpoint import VARIANTS, build_tiny_checkpoint
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
 
+DEMO_NAME = "tiny-medgemma"
 DEMO_QUANTS = ("Q8_0", "Q4_K_M", "UD-Q4_K_XL")
 DEMO_PROMPT = "Describe this X-ray."
 DEMO_REPLY_TOKENS = 16
@@ -52,17 +54,18 @@ def run_demo(outdir: Path, *, variant: str = "mm-k256", force: bool = False, eva
     checkpoint = outdir / "checkpoint"
     if force or not (checkpoint / "config.json").is_file():
         echo(f"building tiny {variant} checkpoint in {checkpoint}")
-        build_tiny_checkpoint(checkpoint, variant)
+        _build_checkpoint(checkpoint, variant)
     gguf_dir = outdir / "gguf"
-    mmproj_path = None if force else _converted_mmproj(gguf_dir)
-    if mmproj_path is None:
-        result = convert_checkpoint(str(checkpoint), gguf_dir, name="tiny-medgemma", force=force, progress=False)
+    kept = None if force else _kept_conversion(gguf_dir)
+    if kept is None:
+        result = convert_checkpoint(str(checkpoint), gguf_dir, name=DEMO_NAME, force=force, progress=False)
         for path in (result.text_path, result.mmproj_path, result.manifest_path):
             if path is not None:
                 echo(f"wrote {path}")
         mmproj_path = result.mmproj_path
     else:
         echo(f"up to date {gguf_dir} (conversion kept; --force rebuilds)")
+        mmproj_path = gguf_dir / kept.find("mmproj")[0].path if kept.find("mmproj") else None
     echo(f"quantizing to {', '.join(DEMO_QUANTS)} with an importance matrix from the bundled calibration set")
     echo_results(quantize_folder(gguf_dir, list(DEMO_QUANTS), imatrix="auto", force=force, progress=False),
                  echo=echo)
@@ -84,20 +87,33 @@ def run_demo(outdir: Path, *, variant: str = "mm-k256", force: bool = False, eva
     return gguf_dir
 
 
-def _converted_mmproj(gguf_dir: Path) -> Path | None:
-    """The mmproj of an earlier demo conversion whose recorded files are all present, else None."""
-    from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
+def _build_checkpoint(checkpoint: Path, variant: str) -> None:
+    """Build the tiny checkpoint, replacing an earlier demo's only once the new one is complete (--force)."""
+    import shutil
 
+    if not checkpoint.exists():
+        build_tiny_checkpoint(checkpoint, variant)
+        return
+    fresh, old = checkpoint.with_name(f"{checkpoint.name}.new"), checkpoint.with_name(f"{checkpoint.name}.old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    build_tiny_checkpoint(fresh, variant)
+    checkpoint.rename(old)
+    fresh.rename(checkpoint)
+    shutil.rmtree(old)
+
+
+def _kept_conversion(gguf_dir: Path) -> Manifest | None:
+    """The manifest of an earlier demo conversion whose recorded files are all still there, else None."""
     if not (gguf_dir / MANIFEST_NAME).is_file():
         return None
     manifest = Manifest.load(gguf_dir)
-    text, mmproj = manifest.find("text"), manifest.find("mmproj")
-    if manifest.model != "tiny-medgemma" or not text or not mmproj:
+    rows = [*manifest.find("text"), *manifest.find("mmproj")]
+    if manifest.model != DEMO_NAME or not manifest.find("text"):
         return None
-    if not all((gguf_dir / row.path).is_file() and (gguf_dir / row.path).stat().st_size == row.bytes
-               for row in (*text, *mmproj)):
+    if not all((gguf_dir / row.path).is_file() and (gguf_dir / row.path).stat().st_size == row.bytes for row in rows):
         return None
-    return gguf_dir / mmproj[0].path
+    return manifest
 
 
 def _chat_with_image(gguf_dir: Path, image_path: Path, echo: Callable[[str], None]) -> None:

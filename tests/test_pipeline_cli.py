@@ -79,3 +79,20 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     code, out, err = _run(capsys, "demo", "--outdir", demo, "--no-eval")
     assert code == 0, err
     assert "up to date tiny-medgemma-Q4_K_M.gguf" in out
+    # --force (as scripts/demo.sh passes) rebuilds everything over the earlier run's outputs
+    before = (demo / "checkpoint" / "config.json").read_bytes()
+    code, out, err = _run(capsys, "demo", "--outdir", demo, "--force", "--no-eval")
+    assert code == 0, err
+    assert "building tiny mm-k256 checkpoint" in out and "wrote tiny-medgemma-Q4_K_M.gguf" in out
+    assert (demo / "checkpoint" / "config.json").read_bytes() == before
+    assert sorted(p.name for p in demo.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+@pytest.mark.slow
+def test_demo_on_the_text_only_variant_runs_twice(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    for expected in ("wrote tiny-medgemma-Q4_K_M.gguf", "up to date tiny-medgemma-Q4_K_M.gguf"):
+        code, out, err = _run(capsys, "demo", "--outdir", demo, "--variant", "text", "--no-eval")
+        assert code == 0, err
+        assert expected in out and "chat (" not in out  # no mmproj, so no image chat
+    assert not (demo / "gguf" / "mmproj-tiny-medgemma-F16.gguf").exists()
