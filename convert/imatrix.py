@@ -37,6 +37,7 @@ import numpy as np
 
 from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.errors import UserError
+from runtime.prompt import render_template, split_at_images
 
 log = logging.getLogger(__name__)
 
@@ -261,48 +262,6 @@ class ActivationCollector:
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
-BOI = "<start_of_image>"
-EOI = "<end_of_image>"
-
-
-def render_chat(template: str, bos_token: str, messages: list[dict[str, Any]]) -> str:
-    """Render ``messages`` with a Hugging Face chat template (sandboxed Jinja, as transformers does it)."""
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise UserError(f"the chat template rejected a calibration item: {message}; fix the calibration file")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, bos_token=bos_token, add_generation_prompt=False)
-    except jinja2.TemplateError as exc:
-        raise UserError(f"cannot render the model's chat template ({exc}); re-convert the model") from exc
-
-
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Calibration messages as a chat template sees them: image entries become ``{"type": "image"}``."""
-    return [{"role": message["role"],
-             "content": [{"type": "image"} if part["type"] == "image" else part for part in message["content"]]}
-            for message in messages]
-
-
-def split_rendered(text: str) -> list[str]:
-    """Split a rendered prompt into the texts around its images, each image expanded as HF's processor does.
-
-    Returns n_images + 1 texts: the first ends with ``\\n\\n<start_of_image>``, the middle ones start with
-    ``<end_of_image>\\n\\n`` and end with ``\\n\\n<start_of_image>``, the last starts with ``<end_of_image>\\n\\n``.
-    """
-    pieces = text.split(BOI)
-    out = []
-    for index, piece in enumerate(pieces):
-        before = f"{EOI}\n\n" if index > 0 else ""
-        after = f"\n\n{BOI}" if index < len(pieces) - 1 else ""
-        out.append(before + piece + after)
-    return out
-
-
 @dataclass
 class PromptPlan:
     """One calibration item ready to evaluate: token runs and images alternating, starting with tokens."""
@@ -377,7 +336,7 @@ def _plan_item(engine: Any, item: Any, template: str, bos: str, image_size: int 
     from convert.calibration import render_image
     from runtime.engine import ImagePart
 
-    texts = split_rendered(render_chat(template, bos, template_messages(item.messages)))
+    texts = split_at_images(render_template(template, item.messages, bos_token=bos, add_generation_prompt=False))
     runs = [engine.tokenize(text) for text in texts]
     images = [render_image(spec, image_size) for spec in item.image_specs] if image_size else []
     counts = [engine.image_token_count(ImagePart(image)) for image in images]
@@ -491,7 +450,8 @@ def calibration_description(calibration: Path | str | None = None, *,
             bos = engine.token_piece(engine.bos_token, special=True).decode("utf-8")
             description["tokens"] = sum(
                 len(engine.tokenize(text)) for item in calib.items
-                for text in split_rendered(render_chat(template, bos, template_messages(item.messages))))
+                for text in split_at_images(render_template(template, item.messages, bos_token=bos,
+                                                            add_generation_prompt=False)))
     return description
 
 

@@ -42,6 +42,7 @@ from medgemma_gguf.errors import UserError
 from medgemma_gguf.manifest import sha256_of
 from quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
 from quant_eval.slices import Item, Slice, TextChunk, slice_hash
+from runtime.prompt import IMAGE_START, render_template, split_at_images
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEXT_SYSTEM_PROMPT = "You are a helpful medical assistant."
 IMAGE_SYSTEM_PROMPT = "You are an expert radiologist."
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
-IMAGE_MARKER = "<start_of_image>"
 # files of a checkpoint folder whose bytes define the reference (weights, config, tokenizer, processor)
 _FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json",
                          "added_tokens.json", "chat_template.*", "preprocessor_config.json", "processor_config.json")
@@ -579,19 +579,11 @@ class GGUFReference(Reference):
         return PromptSequence(tokens=[engine.bos_token, *engine.tokenize(chunk.text)][:MAX_SEQUENCE_TOKENS])
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
-        import jinja2
-
         template = self.info.metadata.get("tokenizer.chat_template")
         if not template:
             raise UserError(f"{self.path.name} has no tokenizer.chat_template; re-convert it with "
                             "medgemma-gguf convert")
-
-        def raise_exception(message: str) -> None:
-            raise UserError(f"chat template error: {message}")
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(messages=messages, bos_token="", add_generation_prompt=True)
+        return render_template(template, messages, bos_token="", add_generation_prompt=True)
 
     def item_sequence(self, item: Item, index: int) -> PromptSequence:
         engine = self._load()
@@ -602,12 +594,12 @@ class GGUFReference(Reference):
         else:
             if not engine.has_vision:
                 raise UserError(f"item {item.id} has an image but the reference has no mmproj; pass --reference-mmproj")
-            if text.count(IMAGE_MARKER) != 1:
-                raise UserError(f"the chat template of {self.path.name} did not place one {IMAGE_MARKER}")
-            before, after = text.split(IMAGE_MARKER)
+            runs = split_at_images(text)
+            if len(runs) != 2:
+                raise UserError(f"the chat template of {self.path.name} did not place one {IMAGE_START}")
             n_image = engine.image_token_count(_image_part(native_pixels(item, self.image_size)))
-            head = [engine.bos_token, *engine.tokenize(before + "\n\n" + IMAGE_MARKER)]
-            tail = engine.tokenize("<end_of_image>\n\n" + after)
+            head = [engine.bos_token, *engine.tokenize(runs[0])]
+            tail = engine.tokenize(runs[1])
             soft = engine.tokenize("<image_soft_token>")
             placeholder = soft[0] if len(soft) == 1 else 0
             tokens, span = head + [placeholder] * n_image + tail, (len(head), len(head) + n_image)

@@ -342,18 +342,29 @@ class Prompt:
         return ids
 
 
+def split_at_images(text: str) -> list[str]:
+    """The texts around the images of a rendered prompt, each image expanded as the HF processor does.
+
+    n_images + 1 texts: all but the last end with ``\\n\\n<start_of_image>``, all but the first start with
+    ``<end_of_image>\\n\\n``; each image's positions go between two consecutive texts.
+    """
+    pieces = text.split(IMAGE_START)
+    last = len(pieces) - 1
+    return [(IMAGE_END + "\n\n" if index else "") + piece + ("\n\n" + IMAGE_START if index < last else "")
+            for index, piece in enumerate(pieces)]
+
+
 def tokenize_rendered(text: str, images: Sequence[PromptImage], *, tokenize: Tokenize, bos_token: str,
                       bos_id: int, image_tokens: int) -> Prompt:
     """Split the rendered text at ``<start_of_image>``, expand each image as the HF processor does, tokenize."""
-    pieces = text.split(IMAGE_START)
-    if len(pieces) - 1 != len(images):
+    runs = split_at_images(text)
+    if len(runs) - 1 != len(images):
         raise UserError(
-            f"the prompt holds {len(pieces) - 1} {IMAGE_START} markers for {len(images)} images; "
+            f"the prompt holds {len(runs) - 1} {IMAGE_START} markers for {len(images)} images; "
             f"do not write {IMAGE_START} in message text"
         )
     parts: list[list[int] | PromptImage] = []
-    for index, piece in enumerate(pieces):
-        run = (IMAGE_END + "\n\n" if index else "") + piece + ("\n\n" + IMAGE_START if index < len(images) else "")
+    for index, run in enumerate(runs):
         ids = tokenize(run)
         if index == 0 and not text.startswith(bos_token):
             ids = [bos_id, *ids]
