@@ -40,9 +40,9 @@ def _license_lines(metadata: dict[str, Any]) -> list[str]:
 def render_model_card(folder: Path, manifest: Manifest) -> str:
     """The model card text for ``folder``."""
     folder = Path(folder)
-    texts = [row for row in manifest.find("text") if (folder / row.path).is_file()]
-    mmprojs = [row for row in manifest.find("mmproj") if (folder / row.path).is_file()]
-    imatrices = [row for row in manifest.find("imatrix") if (folder / row.path).is_file()]
+    texts = manifest.present(folder, "text")
+    mmprojs = manifest.present(folder, "mmproj")
+    imatrices = manifest.present(folder, "imatrix")
     metadata = read_gguf_info(folder / texts[0].path).metadata if texts else {}
     source = manifest.source.get("repo_or_path", "unknown")
     revision = manifest.source.get("revision")

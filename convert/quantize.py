@@ -426,8 +426,7 @@ IMATRIX_AUTO = "auto"
 
 def source_entry(folder: Path, manifest: Any) -> Any:
     """The folder's highest-precision unquantized text GGUF (F32, then BF16, then F16) from its manifest."""
-    rows = [row for row in manifest.find("text")
-            if row.type.upper() in HIGH_PRECISION and (folder / row.path).is_file()]
+    rows = [row for row in manifest.present(folder, "text") if row.type.upper() in HIGH_PRECISION]
     if not rows:
         raise UserError(f"{folder} has no unquantized (F32/BF16/F16) text GGUF in its manifest; run "
                         f"`medgemma-gguf convert SOURCE --outdir {folder}` first")
@@ -435,10 +434,8 @@ def source_entry(folder: Path, manifest: Any) -> Any:
 
 
 def _mmproj_entry(folder: Path, manifest: Any) -> Any | None:
-    rows = [row for row in manifest.find("mmproj") if (folder / row.path).is_file()]
-    order = ("F16", "BF16", "F32", "Q8_0")
-    return min(rows, key=lambda r: order.index(r.type.upper()) if r.type.upper() in order else len(order),
-               default=None)
+    rows = manifest.mmprojs(folder)
+    return rows[0] if rows else None
 
 
 def quant_path(folder: Path, model: str, spec: QuantSpec) -> Path:

@@ -12,6 +12,9 @@ from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
+# mmproj types, best first: to run with (F16 is what llama.cpp's tools default to), and to evaluate with
+MMPROJ_RUN_ORDER = ("F16", "BF16", "F32", "Q8_0")
+MMPROJ_PRECISION_ORDER = ("F32", "BF16", "F16", "Q8_0")
 
 
 def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -46,6 +49,12 @@ class FileEntry:
         return cls(**known, extra=extra)
 
 
+def type_rank(type_name: str, order: tuple[str, ...]) -> int:
+    """Position of ``type_name`` (any case) in a best-first ``order``; types not in it rank last."""
+    kind = type_name.upper()
+    return order.index(kind) if kind in order else len(order)
+
+
 @dataclass
 class Manifest:
     """The manifest of one output folder."""
@@ -61,6 +70,14 @@ class Manifest:
 
     def find(self, role: str) -> list[FileEntry]:
         return [f for f in self.files if f.role == role]
+
+    def present(self, folder: Path, role: str) -> list[FileEntry]:
+        """Rows of ``role`` whose file is still in ``folder``."""
+        return [f for f in self.find(role) if (Path(folder) / f.path).is_file()]
+
+    def mmprojs(self, folder: Path, order: tuple[str, ...] = MMPROJ_RUN_ORDER) -> list[FileEntry]:
+        """The folder's mmproj rows whose file is present, best first by type ``order`` (others last), then name."""
+        return sorted(self.present(folder, "mmproj"), key=lambda row: (type_rank(row.type, order), row.path))
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "source": self.source, "files": [f.to_json() for f in self.files],

@@ -649,23 +649,21 @@ def open_reference(source: str, *, cache_dir: Path, dtype: str | None = None, mm
     return HFReference(source, cache_dir, dtype=dtype or "bf16", token=token)
 
 
-_PRECISION_ORDER = {"F32": 0, "BF16": 1, "F16": 2, "Q8_0": 3}
 
 
 def mmproj_from_manifest(text_gguf: Path) -> Path | None:
     """The highest-precision mmproj beside ``text_gguf``: from the folder's manifest, else the folder's
     ``mmproj*.gguf`` files (type read from the name's last ``-`` field); None without one."""
-    from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
+    from medgemma_gguf.manifest import MANIFEST_NAME, MMPROJ_PRECISION_ORDER, Manifest, type_rank
 
     folder = Path(text_gguf).parent
     if (folder / MANIFEST_NAME).is_file():
-        entries = Manifest.load(folder).find("mmproj")
-        typed = [(e.type.upper(), folder / e.path) for e in entries if (folder / e.path).is_file()]
-    else:
-        typed = [(p.stem.rsplit("-", 1)[-1].upper(), p) for p in folder.glob("mmproj*.gguf") if p.is_file()]
+        rows = Manifest.load(folder).mmprojs(folder, MMPROJ_PRECISION_ORDER)
+        return folder / rows[0].path if rows else None
+    typed = [(p.stem.rsplit("-", 1)[-1].upper(), p) for p in folder.glob("mmproj*.gguf") if p.is_file()]
     if not typed:
         return None
-    return min(typed, key=lambda pair: (_PRECISION_ORDER.get(pair[0], 9), pair[1].name))[1]
+    return min(typed, key=lambda pair: (type_rank(pair[0], MMPROJ_PRECISION_ORDER), pair[1].name))[1]
 
 
 # ----------------------------------------------------------------------------------------------------

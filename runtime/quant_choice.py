@@ -25,8 +25,6 @@ from runtime.offload import OffloadPlan, format_size, plan_offload
 
 log = logging.getLogger(__name__)
 
-# preferred mmproj precision when a folder holds several (F16 is what llama.cpp's tools default to)
-MMPROJ_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")
 
 
 def bits_per_weight(path: Path) -> float:
@@ -105,12 +103,8 @@ def available_memory_bytes() -> int:
 
 def folder_mmproj(folder: Path, manifest: Manifest, model_path: Path) -> Path | None:
     """The folder's mmproj that matches ``model_path`` (preferring F16, BF16, F32, Q8_0), or None."""
-    rows = sorted(manifest.find("mmproj"), key=lambda r: (
-        MMPROJ_PREFERENCE.index(r.type.upper()) if r.type.upper() in MMPROJ_PREFERENCE else len(MMPROJ_PREFERENCE)))
-    for row in rows:
+    for row in manifest.mmprojs(folder):
         path = folder / row.path
-        if not path.is_file():
-            continue
         try:
             check_model_pair(model_path, path)
         except UserError:

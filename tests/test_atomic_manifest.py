@@ -106,3 +106,16 @@ def test_atomic_directory_appears_complete_or_not_at_all(tmp_path):
     with pytest.raises(UserError, match="not an empty folder"), atomic_directory(target):
         pass
     assert (target / "whole.bin").is_file()
+
+
+def test_mmproj_rows_best_first_by_the_callers_order_and_only_present_files(tmp_path):
+    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, FileEntry
+
+    names = {"m-Q8_0.gguf": "Q8_0", "m-F32.gguf": "F32", "m-F16.gguf": "f16", "m-X.gguf": "X", "gone.gguf": "F16"}
+    for name in names:
+        if name != "gone.gguf":
+            (tmp_path / name).write_bytes(b"GGUF")
+    manifest = Manifest(model="m", source={}, files=[FileEntry(n, "mmproj", t, 4, "0") for n, t in names.items()])
+    assert [r.path for r in manifest.mmprojs(tmp_path)] == ["m-F16.gguf", "m-F32.gguf", "m-Q8_0.gguf", "m-X.gguf"]
+    assert [r.path for r in manifest.mmprojs(tmp_path, MMPROJ_PRECISION_ORDER)][:2] == ["m-F32.gguf", "m-F16.gguf"]
+    assert "gone.gguf" not in [r.path for r in manifest.present(tmp_path, "mmproj")]
