@@ -96,3 +96,9 @@ def test_demo_on_the_text_only_variant_runs_twice(tmp_path, capsys):
         assert code == 0, err
         assert expected in out and "chat (" not in out  # no mmproj, so no image chat
     assert not (demo / "gguf" / "mmproj-tiny-medgemma-F16.gguf").exists()
+
+
+def test_unknown_demo_variant_is_refused_before_writing(tmp_path, capsys):
+    code, _, err = _run(capsys, "demo", "--outdir", tmp_path / "demo", "--variant", "huge")
+    assert code == 2 and err.startswith("error: unknown demo variant 'huge'; choose one of mm-k256")
+    assert not (tmp_path / "demo").exists()
