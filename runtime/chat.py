@@ -20,6 +20,11 @@ KV cache keeps what was evaluated last (prompt and generated tokens), and the ne
 longest common prefix — images compared by pixel hash — so only the new turn is evaluated. When the
 cache cannot be trimmed, it is cleared and the prompt evaluated from the start (same result, slower).
 
+Seeds. The prompt's last token is always decoded in a batch of its own, so the same request gives the same
+logits, and with the same seed the same reply, whether its prefix was re-used or evaluated afresh. Not
+covered: a prefix cached by another conversation (its tokens were decoded in other batch shapes), another
+thread count, or another backend (GPU offload): the last bits of the logits differ there.
+
 ``ChatModel`` is not thread-safe: one conversation at a time (the server serializes requests). Starting
 a new ``chat`` ends any unfinished stream of the previous one.
 """
@@ -313,6 +318,11 @@ class ChatModel:
                 else:
                     parts.append(list(part[max(0, common - position):]))
             position += size
+        # the last token gets a llama_decode of its own: its logits are then computed by the same batch shape
+        # whether the prefix was re-used or evaluated now, so a seeded reply does not depend on the cache
+        last = parts[-1]
+        if isinstance(last, list) and len(last) > 1:
+            parts[-1:] = [last[:-1], last[-1:]]
         try:
             logits = self.engine.eval_parts(parts, logits="last")
         except BaseException:

@@ -354,11 +354,13 @@ def gpu_offload_supported() -> tuple[bool, str]:
         import llama_cpp
     except ImportError:
         return False, "llama-cpp-python is not installed: planning for CPU only"
-    if llama_cpp.llama_supports_gpu_offload():
+    from runtime.devices import gpu_devices
+
+    if llama_cpp.llama_supports_gpu_offload() and gpu_devices():
         return True, ""
     return False, (
-        "this llama-cpp-python build cannot offload to a GPU (llama_supports_gpu_offload() is False): "
-        "everything runs on the CPU; reinstall it with CUDA (CMAKE_ARGS=-DGGML_CUDA=on) to use a GPU"
+        "this llama-cpp-python build has no GPU device to offload to: everything runs on the CPU; "
+        "reinstall it with CUDA (LLAMA_CMAKE_ARGS=-DGGML_CUDA=on bash scripts/setup.sh) to use a GPU"
     )
 
 

@@ -317,11 +317,22 @@ def test_sampling_greedy_temperature_and_top_p():
             check_sampling(**args)
 
 
-def test_seeded_sampling_reproduces_a_reply(folder, chat_model):
+def test_seeded_sampling_reproduces_a_reply(folder, files, chat_model):
+    """Same request + same seed = same reply, whether the prefix is re-used or evaluated from scratch."""
+    from runtime import load
+
     messages = _conversations(folder)["system"]
-    a = chat_model.chat(messages, max_tokens=10, temperature=1.5, top_p=0.95, seed=123)
-    b = chat_model.chat(messages, max_tokens=10, temperature=1.5, top_p=0.95, seed=123)
-    assert a.token_ids == b.token_ids
+    prompt = chat_model.prompt(messages)
+    chat_model.reset()
+    fresh = chat_model.next_token_logits(prompt)
+    reused = chat_model.next_token_logits(prompt)  # everything but the last token comes from the cache
+    assert np.array_equal(fresh, reused)
+    sampling = {"max_tokens": 24, "temperature": 1.5, "top_p": 0.95, "seed": 123}
+    a = chat_model.chat(messages, **sampling)
+    b = chat_model.chat(messages, **sampling)
+    with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1) as other:
+        c = other.chat(messages, **sampling)
+    assert a.token_ids == b.token_ids == c.token_ids
 
 
 def test_context_overflow_is_refused_before_evaluation(files):

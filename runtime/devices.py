@@ -1,0 +1,81 @@
+"""The compute devices llama.cpp's ggml backends registered: which are GPUs, and their memory.
+
+``llama_supports_gpu_offload()`` is also True for a CPU-only build with the RPC backend compiled in
+(llama.cpp's ``llama_supports_gpu_offload`` counts ``llama_supports_rpc()``), so it cannot tell whether
+this machine has a GPU. ggml's device registry can: ``ggml_backend_dev_type`` says CPU, GPU, IGPU
+(integrated) or ACCEL. llama-cpp-python does not bind the registry, so it is called through ctypes on
+the ``libggml`` it ships.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# enum ggml_backend_dev_type (ggml/include/ggml-backend.h)
+DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One ggml backend device."""
+
+    name: str
+    description: str
+    type: str  # one of DEVICE_TYPES
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.type in ("GPU", "IGPU")
+
+
+@cache
+def _libggml() -> ctypes.CDLL:
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(folder.glob("libggml.so*")) + sorted(folder.glob("libggml.dylib")) + sorted(
+        folder.glob("ggml.dll"))
+    if not candidates:
+        raise OSError(f"libggml not found in {folder}")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_memory.restype = None
+    return lib
+
+
+def list_devices() -> list[Device]:
+    """Every device the installed llama.cpp build registered (loads llama.cpp's backends first)."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    lib = _libggml()
+    devices = []
+    for index in range(lib.ggml_backend_dev_count()):
+        device = lib.ggml_backend_dev_get(index)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        kind = lib.ggml_backend_dev_type(device)
+        devices.append(Device(name=(lib.ggml_backend_dev_name(device) or b"").decode(),
+                              description=(lib.ggml_backend_dev_description(device) or b"").decode(),
+                              type=DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else str(kind),
+                              free_bytes=free.value, total_bytes=total.value))
+    return devices
+
+
+def gpu_devices() -> list[Device]:
+    """The GPUs (dedicated or integrated) llama.cpp can offload to; empty on a CPU-only build."""
+    return [device for device in list_devices() if device.is_gpu]
