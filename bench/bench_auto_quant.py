@@ -26,8 +26,8 @@ GOAL_VS_Q4_K_M = 0.85
 
 def _folder(workdir: Path, steps: int) -> Path:
     """The converted trained fixture (built and converted once)."""
-    from convert.converter import convert_checkpoint
-    from convert.trained_fixture import build_trained_fixture
+    from medgemma_gguf.convert.converter import convert_checkpoint
+    from medgemma_gguf.fixtures.trained_fixture import build_trained_fixture
 
     checkpoint = workdir / "trained"
     if not (checkpoint / "config.json").is_file():
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agreement-groups", type=int, default=6)
     args = parser.parse_args(argv)
 
-    from convert.quantize import auto_quantize_folder, quantize_folder
-    from convert.sensitivity import proxy_agreement
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.sensitivity import proxy_agreement
     from medgemma_gguf.manifest import Manifest
-    from quant_eval.evaluate import Candidate, evaluate_candidates, load_slices
-    from quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
-    from quant_eval.slices import load_heldout_text
+    from medgemma_gguf.quant_eval.evaluate import Candidate, evaluate_candidates, load_slices
+    from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
+    from medgemma_gguf.quant_eval.slices import load_heldout_text
 
     started = time.perf_counter()
     workdir = args.workdir.resolve()

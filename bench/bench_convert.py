@@ -31,7 +31,7 @@ def build_wide_checkpoint(folder: Path, layers: int) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from convert.tiny_checkpoint import build_tiny_checkpoint
+    from medgemma_gguf.fixtures.tiny_checkpoint import build_tiny_checkpoint
 
     if (folder / "config.json").is_file():
         return REAL_4B["vocab_size"] * REAL_4B["hidden_size"] * 2

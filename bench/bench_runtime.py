@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def tiny_fixture(workdir: Path) -> tuple[Path, Path]:
     """Build and convert (once per workdir) the tiny image+text fixture; its F32 text GGUF and mmproj."""
-    from convert.converter import convert_checkpoint
-    from convert.tiny_checkpoint import build_tiny_checkpoint
+    from medgemma_gguf.convert.converter import convert_checkpoint
+    from medgemma_gguf.fixtures.tiny_checkpoint import build_tiny_checkpoint
 
     checkpoint, out = workdir / "ckpt-mm-k256", workdir / "gguf-mm-k256"
     if not (checkpoint / "config.json").is_file():
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import llama_cpp
 
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     model_path, mmproj_path = args.model, args.mmproj
     if model_path is None:

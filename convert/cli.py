@@ -1,4 +1,4 @@
-"""``medgemma-gguf convert`` and ``medgemma-gguf demo``."""
+"""``medgemma-gguf convert``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from convert.tensor_types import MMPROJ_OUTTYPES, TEXT_OUTTYPES
+from medgemma_gguf.convert.tensor_types import MMPROJ_OUTTYPES, TEXT_OUTTYPES
 from medgemma_gguf.errors import UserError
 
 
@@ -33,7 +33,7 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
                     token: str | None, revision: str | None, quants: tuple[str, ...], imatrix: str | None,
                     recipes: tuple[Path, ...], threads: int | None, force: bool, quiet: bool) -> None:
     """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF, then quantize."""
-    from convert.converter import convert_checkpoint
+    from medgemma_gguf.convert.converter import convert_checkpoint
 
     quantizing = bool(quants or recipes)
     if quantizing:
@@ -47,8 +47,8 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
         click.echo(f"wrote {result.mmproj_path}")
     click.echo(f"wrote {result.manifest_path}")
     if quantizing:
-        from convert.quantize import quantize_folder
-        from convert.quantize_cli import echo_results
+        from medgemma_gguf.convert.quantize.cli import echo_results
+        from medgemma_gguf.convert.quantize.folder import quantize_folder
 
         results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
                                   progress=not quiet, n_threads=threads)
@@ -58,8 +58,9 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
 
 def check_quant_request(quants: tuple[str, ...], recipes: tuple[Path, ...], imatrix: str | None) -> None:
     """Fail fast on unknown quant names, bad recipe files, or imatrix types asked for without --imatrix."""
-    from convert.quantize import IMATRIX_AUTO, may_need_imatrix, parse_quant_list, resolve_quants
-    from convert.recipe import load_recipe
+    from medgemma_gguf.convert.quantize.folder import IMATRIX_AUTO
+    from medgemma_gguf.convert.quantize.llama_quantize import may_need_imatrix, parse_quant_list, resolve_quants
+    from medgemma_gguf.convert.quantize.recipe import load_recipe
 
     specs = resolve_quants(parse_quant_list(list(quants)), [load_recipe(path) for path in recipes])
     needing = [spec.name for spec in specs if may_need_imatrix(spec)]
@@ -68,20 +69,3 @@ def check_quant_request(quants: tuple[str, ...], recipes: tuple[Path, ...], imat
                         "one on the bundled calibration set, or --imatrix FILE")
     if imatrix is not None and imatrix != IMATRIX_AUTO and not Path(imatrix).is_file():
         raise UserError(f"imatrix file {imatrix} not found; pass an existing file or --imatrix {IMATRIX_AUTO}")
-
-
-@click.command("demo")
-@click.option("--outdir", "-o", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
-              help="Folder for the tiny checkpoint and its GGUF files.")
-@click.option("--variant", default="mm-k256", show_default=True, help="Which tiny fixture to build.")
-@click.option("--force", is_flag=True, help="Rebuild and overwrite existing outputs.")
-@click.option("--no-eval", is_flag=True, help="Stop after the chat; skip the evaluation report.")
-def demo_command(outdir: Path, variant: str, force: bool, no_eval: bool) -> None:
-    """Run the whole pipeline offline on a tiny random-weight MedGemma-shaped checkpoint.
-
-    Builds it, converts it, quantizes it (Q8_0, Q4_K_M, UD-Q4_K_XL with an imatrix), chats with an image
-    and writes the evaluation report.
-    """
-    from convert.demo import run_demo
-
-    run_demo(outdir, variant=variant, force=force, evaluate=not no_eval, echo=click.echo)

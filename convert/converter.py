@@ -9,10 +9,11 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from convert.checkpoint import Checkpoint, TensorInfo
-from convert.config import ModelConfig, read_config
-from convert.gguf_stream import PlannedTensor, write_gguf
-from convert.metadata import (
+from medgemma_gguf.atomic import StagedOutputs
+from medgemma_gguf.convert.checkpoint import Checkpoint, TensorInfo
+from medgemma_gguf.convert.config import ModelConfig, read_config
+from medgemma_gguf.convert.gguf_stream import PlannedTensor, write_gguf
+from medgemma_gguf.convert.metadata import (
     TEXT_ARCH,
     GeneralInfo,
     add_general,
@@ -22,9 +23,8 @@ from convert.metadata import (
     general_info,
     read_card_metadata,
 )
-from convert.source import ResolvedSource, resolve_source
-from convert.tensor_names import Component, is_vision_head, map_tensor_name
-from convert.tensor_types import (
+from medgemma_gguf.convert.tensor_names import Component, is_vision_head, map_tensor_name
+from medgemma_gguf.convert.tensor_types import (
     FILE_TYPES,
     MMPROJ_OUTTYPES,
     TEXT_OUTTYPES,
@@ -33,11 +33,11 @@ from convert.tensor_types import (
     text_tensor_type,
     type_label,
 )
-from convert.vocab import Vocab, read_vocab
-from medgemma_gguf.atomic import StagedOutputs
+from medgemma_gguf.convert.vocab import Vocab, read_vocab
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.hub import ResolvedSource, resolve_source
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
-from runtime.gguf_info import read_gguf_info
 
 log = logging.getLogger(__name__)
 SOURCE_DTYPES = ("BF16", "F16", "F32")

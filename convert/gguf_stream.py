@@ -13,8 +13,8 @@ import torch
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from convert.checkpoint import Checkpoint
-from convert.tensor_types import BF16, F16, F32, Q8_0
+from medgemma_gguf.convert.checkpoint import Checkpoint
+from medgemma_gguf.convert.tensor_types import BF16, F16, F32, Q8_0
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Any
 
 import gguf
 
-from convert.config import ModelConfig
-from convert.vocab import Vocab
+from medgemma_gguf.convert.config import ModelConfig
+from medgemma_gguf.convert.vocab import Vocab
 
 TEXT_ARCH = "gemma3"
 # Gemma 3's image processor normalises with mean = std = 0.5 (preprocessor_config.json).

@@ -1,6 +1,7 @@
 """The ``medgemma-gguf`` command line: one group, subcommands defined next to the code they run.
 
-Each subcommand lives in its package (``convert/cli.py``, ``runtime/cli.py``, ``quant_eval/cli.py``)
+Each subcommand lives in its stage (``convert/cli.py``, ``convert/quantize/cli.py``, ``runtime/cli.py``,
+``quant_eval/cli.py``, ``fixtures/cli.py``)
 and is imported only when used, so ``medgemma-gguf --help`` stays fast.
 """
 
@@ -16,14 +17,14 @@ from medgemma_gguf.errors import UserError
 
 # subcommand name -> "module:attribute" of its click command
 SUBCOMMANDS: dict[str, str] = {
-    "convert": "convert.cli:convert_command",
-    "imatrix": "convert.imatrix_cli:imatrix_command",
-    "quantize": "convert.quantize_cli:quantize_command",
-    "chat": "runtime.cli:chat_command",
-    "serve": "runtime.cli:serve_command",
-    "fit": "runtime.cli:fit_command",
-    "eval": "quant_eval.cli:eval_command",
-    "demo": "convert.cli:demo_command",
+    "convert": "medgemma_gguf.convert.cli:convert_command",
+    "imatrix": "medgemma_gguf.convert.quantize.cli:imatrix_command",
+    "quantize": "medgemma_gguf.convert.quantize.cli:quantize_command",
+    "chat": "medgemma_gguf.runtime.cli:chat_command",
+    "serve": "medgemma_gguf.runtime.cli:serve_command",
+    "fit": "medgemma_gguf.runtime.cli:fit_command",
+    "eval": "medgemma_gguf.quant_eval.cli:eval_command",
+    "demo": "medgemma_gguf.fixtures.cli:demo_command",
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,20 +9,12 @@ from typing import Any
 
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.hashing import sha256_of
 
 MANIFEST_NAME = "manifest.json"
 # mmproj types, best first: to run with (F16 is what llama.cpp's tools default to), and to evaluate with
 MMPROJ_RUN_ORDER = ("F16", "BF16", "F32", "Q8_0")
 MMPROJ_PRECISION_ORDER = ("F32", "BF16", "F16", "Q8_0")
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The evaluation stage: each quant against the unquantized reference (``evaluate``, ``metrics``, ``report``)."""

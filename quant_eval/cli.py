@@ -42,7 +42,7 @@ def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_
                  quiet: bool) -> None:
     """Evaluate TARGETS (GGUF files, or output folders: every quant in their manifest) against --reference."""
     from medgemma_gguf.errors import UserError
-    from quant_eval.evaluate import run_eval
+    from medgemma_gguf.quant_eval.evaluate import run_eval
 
     slices = None
     if slice_specs is not None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from medgemma_gguf.errors import UserError
-from quant_eval.metrics import (
+from medgemma_gguf.quant_eval.metrics import (
     TopKLogProbs,
     accuracy_with_ci,
     kl_divergence_topk,
@@ -39,7 +39,7 @@ from quant_eval.metrics import (
     token_logprobs,
     top1_agreement,
 )
-from quant_eval.reference import (
+from medgemma_gguf.quant_eval.reference import (
     HELDOUT_PART,
     ModelSignature,
     ReferencePart,
@@ -48,7 +48,7 @@ from quant_eval.reference import (
     option_choices,
     sequence_parts,
 )
-from quant_eval.slices import Slice
+from medgemma_gguf.quant_eval.slices import Slice
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
     highest-precision mmproj; ``mmproj`` overrides both. A file gets ``mmproj``, else its folder's.
     """
     from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
-    from quant_eval.reference import mmproj_from_manifest
+    from medgemma_gguf.quant_eval.reference import mmproj_from_manifest
 
     found: list[Candidate] = []
     for raw in paths:
@@ -128,7 +128,7 @@ def _vm_hwm() -> int | None:
 
 def file_stats(path: Path) -> dict[str, Any]:
     """Size, bits per weight (``runtime.gguf_info.bits_per_weight``) and tensor totals of a GGUF."""
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.gguf_info import read_gguf_info
 
     info = read_gguf_info(path)
     n_elements = sum(t.n_elements for t in info.tensors)
@@ -178,7 +178,7 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
             if item is None or item.image is None:
                 raise RuntimeError(f"{part.name}: sequence {s} has an image span but its item has no image")
             pixels = native_pixels(item, image_size)
-            from runtime.engine import ImagePart
+            from medgemma_gguf.runtime.engine import ImagePart
 
             n_image = engine.image_token_count(ImagePart(pixels))
             if n_image != span[1] - span[0]:
@@ -279,7 +279,7 @@ def _speed(engine, prompt_tokens: Sequence[int], pixels: np.ndarray | None) -> d
     gen_s = time.perf_counter() - start
     encode_s = None
     if pixels is not None and engine.has_vision:
-        from runtime.engine import ImagePart
+        from medgemma_gguf.runtime.engine import ImagePart
 
         timings = []
         for _ in range(2):  # the first call includes allocation; report the faster
@@ -297,7 +297,7 @@ def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], sli
                        signature: ModelSignature, image_size: int, *, n_threads: int | None = None,
                        measure_speed: bool = True, progress: bool = False) -> dict[str, Any]:
     """All metrics of one quant as one report row (raises UserError for a quant that cannot be evaluated)."""
-    from runtime.engine import Engine
+    from medgemma_gguf.runtime.engine import Engine
 
     stats = file_stats(candidate.path)
     info = stats.pop("info")
@@ -373,7 +373,7 @@ def evaluate_candidates(candidates: Sequence[Candidate], parts: Sequence[Referen
 
 def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items: int | None = None) -> list[Slice]:
     """Load each slice spec; ``max_items`` keeps the first N items of each (the spec then names the cut)."""
-    from quant_eval.slices import load_slice, parse_spec
+    from medgemma_gguf.quant_eval.slices import load_slice, parse_spec
 
     if max_items is not None and (isinstance(max_items, bool) or max_items < 1):
         raise UserError(f"--max-items must be at least 1, got {max_items}")
@@ -398,9 +398,9 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
              measure_speed: bool = True, token: str | None = None, force: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``."""
-    from quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
-    from quant_eval.report import REPORT_FILES, write_report
-    from quant_eval.slices import load_heldout_text, slice_hash
+    from medgemma_gguf.quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
+    from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
+    from medgemma_gguf.quant_eval.slices import load_heldout_text, slice_hash
 
     outdir = Path(outdir)
     if not force:

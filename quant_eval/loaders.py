@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.errors import UserError
-from quant_eval.slices import ImageRef, Item
+from medgemma_gguf.quant_eval.items import ImageRef, Item
 
 DATA_DIR_ENV = "MEDGEMMA_GGUF_DATA_DIR"
 READABLE_SUFFIXES = (".parquet", ".jsonl", ".json")

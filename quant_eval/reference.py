@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from medgemma_gguf.atomic import atomic_output, write_text_atomic
+from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.manifest import sha256_of
-from quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
-from quant_eval.slices import Item, Slice, TextChunk, slice_hash
-from runtime.prompt import IMAGE_START, render_template, split_at_images
+from medgemma_gguf.hashing import cached_file_sha256, folder_sha256
+from medgemma_gguf.quant_eval.items import Item
+from medgemma_gguf.quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
+from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
+from medgemma_gguf.runtime.prompt import IMAGE_START, render_template, split_at_images
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +58,8 @@ TEXT_SYSTEM_PROMPT = "You are a helpful medical assistant."
 IMAGE_SYSTEM_PROMPT = "You are an expert radiologist."
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
 # files of a checkpoint folder whose bytes define the reference (weights, config, tokenizer, processor)
-_FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json",
-                         "added_tokens.json", "chat_template.*", "preprocessor_config.json", "processor_config.json")
-
-
 # ----------------------------------------------------------------------------------------------------
 # hashing with a path + size + mtime cache
-
-
-def cached_file_sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of ``path``, remembered in ``cache_dir/file-hashes.json`` by resolved path + size + mtime."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = str(path)
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    index_path = Path(cache_dir) / "file-hashes.json"
-    index: dict[str, Any] = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError):
-            index = {}
-    entry = index.get(key)
-    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and entry.get("sha256"):
-        return str(entry["sha256"])
-    sha = sha256_of(path)
-    index[key] = {**stamp, "sha256": sha}
-    try:
-        write_text_atomic(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
-    except (OSError, UserError) as exc:  # a read-only cache only costs re-hashing next time
-        log.warning("cannot update %s: %s", index_path, exc)
-    return sha
-
-
-def folder_sha256(folder: Path, cache_dir: Path) -> str:
-    """One sha256 over the weight, config and tokenizer files of a checkpoint folder (names + file hashes)."""
-    files = sorted({p for pattern in _FOLDER_HASH_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise UserError(f"{folder} holds no .safetensors weights; pass a checkpoint folder or a BF16/F32 GGUF")
-    digest = hashlib.sha256(b"medgemma-gguf folder v1\n")
-    for path in files:
-        digest.update(f"{path.name}:{cached_file_sha256(path, cache_dir)}\n".encode())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,7 +376,7 @@ class HFReference(Reference):
 
     def __init__(self, source: str, cache_dir: Path, dtype: str = "bf16", token: str | None = None):
         super().__init__(source, cache_dir)
-        from convert.source import resolve_source
+        from medgemma_gguf.hub import resolve_source
 
         if dtype not in REFERENCE_DTYPES:
             raise UserError(f"reference dtype {dtype!r} is not supported; use bf16 or f32 (f16 overflows in Gemma 3)")
@@ -529,7 +490,7 @@ class GGUFReference(Reference):
 
     def __init__(self, source: str, cache_dir: Path, mmproj: Path | None = None, n_threads: int | None = None):
         super().__init__(source, cache_dir)
-        from runtime.gguf_info import read_gguf_info
+        from medgemma_gguf.gguf_info import read_gguf_info
 
         self.path = Path(source)
         self.info = read_gguf_info(self.path)
@@ -569,7 +530,7 @@ class GGUFReference(Reference):
 
     def _load(self):
         if self._engine is None:
-            from runtime.engine import Engine
+            from medgemma_gguf.runtime.engine import Engine
 
             self._engine = Engine(self.path, self.mmproj, n_ctx=MAX_SEQUENCE_TOKENS + 64, n_threads=self.n_threads)
         return self._engine
@@ -618,7 +579,7 @@ class GGUFReference(Reference):
 
 
 def _image_part(pixels: NDArray[np.uint8]):
-    from runtime.engine import ImagePart
+    from medgemma_gguf.runtime.engine import ImagePart
 
     return ImagePart(pixels)
 

@@ -1,4 +1,4 @@
-"""Run MedGemma GGUF files: ``from runtime import load`` (see ``runtime.chat``)."""
+"""Run MedGemma GGUF files: ``from medgemma_gguf.runtime import load`` (see ``medgemma_gguf.runtime.chat``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ __all__ = ["load"]
 
 
 def __getattr__(name: str) -> Any:
-    # lazy, so ``import runtime.images`` does not load llama.cpp
+    # lazy, so ``import medgemma_gguf.runtime.images`` does not load llama.cpp
     if name == "load":
-        from runtime.chat import load
+        from medgemma_gguf.runtime.chat import load
 
         return load
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    raise AttributeError(f"module 'medgemma_gguf.runtime' has no attribute {name!r}")

@@ -43,13 +43,14 @@ from typing import Any
 import numpy as np
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
-from runtime.engine import Engine, ImagePart
-from runtime.gguf_info import read_gguf_info
-from runtime.images import DEFAULT_MAX_PIXELS
-from runtime.offload import OffloadPlan, parse_size, plan_offload, read_vision_model
-from runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
-from runtime.quant_choice import check_model_pair, choose_quant
+from medgemma_gguf.runtime.engine import Engine, ImagePart
+from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
+from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
+from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
+from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
+from medgemma_gguf.sizes import parse_size
 
 log = logging.getLogger(__name__)
 

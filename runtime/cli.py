@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from medgemma_gguf.errors import UserError
-from runtime.prompt import load_presets
+from medgemma_gguf.runtime.prompt import load_presets
 
 REPL_HELP = ("commands: /image PATH attaches an image to your next message, /reset starts a new conversation, "
              "/quit (or end of input) leaves")
@@ -46,7 +46,7 @@ def _model_options(command):
 
 def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str, vram: str | None,
           threads: int | None, **extra: Any):
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     chat_model = load(model, mmproj, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram, n_threads=threads,
                       quant=quant, **extra)
@@ -100,7 +100,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
 
 def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | None, sampling: dict) -> None:
     """Multi-turn chat over stdin: each line is a user message; /image, /reset, /quit."""
-    from runtime.prompt import load_prompt_image
+    from medgemma_gguf.runtime.prompt import load_prompt_image
 
     pending = []
     for path in images:
@@ -172,7 +172,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
                   allow_local_files: bool, max_body_bytes: int, max_image_pixels: int, max_images: int,
                   max_tokens_limit: int) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions)."""
-    from runtime.server import ServerLimits, serve
+    from medgemma_gguf.runtime.server import ServerLimits, serve
 
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -191,8 +191,8 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
 def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None, as_json: bool) -> None:
     """Rank the quants in FOLDER that fit a memory budget, best first."""
-    from runtime.offload import format_size, parse_size
-    from runtime.quant_choice import rank_quants
+    from medgemma_gguf.runtime.quant_choice import rank_quants
+    from medgemma_gguf.sizes import format_size, parse_size
 
     ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
     rows = [{"file": c.path.name, "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3), "mmproj": c.mmproj.name

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medgemma_gguf.errors import UserError
-from runtime.dicom_image import DicomFrame, has_dicom_magic, read_dicom_frame
+from medgemma_gguf.runtime.dicom_image import DicomFrame, has_dicom_magic, read_dicom_frame
 
 DEFAULT_MAX_PIXELS = 50_000_000
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")

@@ -60,53 +60,14 @@ from pathlib import Path
 import gguf
 
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import GgufInfo, TensorInfo, read_gguf_info, tensor_nbytes
+from medgemma_gguf.gguf_info import GgufInfo, TensorInfo, read_gguf_info, tensor_nbytes
+from medgemma_gguf.sizes import GiB, MiB, format_size
 
-MiB = 1024**2
-GiB = 1024**3
 DEFAULT_HEADROOM_BYTES = 1 * GiB
 COMPUTE_CONSTANT_BYTES = 32 * MiB
 KV_CELL_PADDING = 256
 DEFAULT_SWA_PATTERN = {"gemma3": 6}
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.")
-
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as ``"6GiB"``, ``"6GB"``, ``"6000MB"``, ``"512MiB"`` (KiB/MiB/GiB/TiB are
-    powers of 1024, KB/MB/GB/TB powers of 1000); UserError for anything else."""
-    match = _SIZE_PATTERN.match(str(text))
-    hint = "write a number and a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB"
-    if match is None:
-        raise UserError(f"cannot read the size {text!r}; {hint}")
-    number, unit = match.groups()
-    factor = _SIZE_UNITS.get(unit.lower())
-    if factor is None:
-        raise UserError(f"unknown size unit {unit!r} in {text!r}; {hint}")
-    size = int(float(number) * factor)
-    if size <= 0:
-        raise UserError(f"the size {text!r} must be more than 0 bytes; {hint}")
-    return size
-
-
-def format_size(n_bytes: int) -> str:
-    """``n_bytes`` in MiB or GiB for people."""
-    if abs(n_bytes) >= GiB:
-        return f"{n_bytes / GiB:.2f} GiB"
-    return f"{n_bytes / MiB:.0f} MiB"
-
 
 def _pad(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
@@ -354,7 +315,7 @@ def gpu_offload_supported() -> tuple[bool, str]:
         import llama_cpp
     except ImportError:
         return False, "llama-cpp-python is not installed: planning for CPU only"
-    from runtime.devices import gpu_devices
+    from medgemma_gguf.runtime.devices import gpu_devices
 
     if llama_cpp.llama_supports_gpu_offload() and gpu_devices():
         return True, ""

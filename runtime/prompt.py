@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from medgemma_gguf.errors import UserError
-from runtime.images import (
+from medgemma_gguf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
     load_image,

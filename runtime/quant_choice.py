@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
-from runtime.gguf_info import read_gguf_info
-from runtime.offload import OffloadPlan, format_size, plan_offload
+from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload
+from medgemma_gguf.sizes import format_size
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgemma_gguf.errors import UserError
-from runtime.chat import ChatModel, ChatResult, ChatStream, check_sampling
+from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream, check_sampling
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import pytest
 
 from medgemma_gguf.atomic import StagedOutputs, atomic_output
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.manifest import Manifest, entry_for, sha256_of
+from medgemma_gguf.hashing import sha256_of
+from medgemma_gguf.manifest import Manifest, entry_for
 
 
 def test_atomic_output_renames_only_on_success(tmp_path):
@@ -83,7 +84,7 @@ def test_manifest_errors(tmp_path):
 
 def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
     from medgemma_gguf.cache import cache_root
-    from quant_eval.reference import default_cache_dir
+    from medgemma_gguf.quant_eval.reference import default_cache_dir
 
     monkeypatch.setenv("MEDGEMMA_GGUF_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c" and default_cache_dir() == tmp_path / "c" / "reference"

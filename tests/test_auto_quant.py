@@ -10,7 +10,7 @@ import random
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.auto_quant import (
+from medgemma_gguf.convert.quantize.auto import (
     BpwBudget,
     Capacity,
     Infeasible,
@@ -236,8 +236,8 @@ def gguf_table(facts_info, rng: random.Random) -> SensitivityTable:
 
 
 def test_size_and_vram_budgets_on_converted_model(converted):
-    from runtime.gguf_info import read_gguf_info
-    from runtime.offload import plan_offload
+    from medgemma_gguf.gguf_info import read_gguf_info
+    from medgemma_gguf.runtime.offload import plan_offload
 
     result = converted("mm-k256", "f32", "f32")
     info = read_gguf_info(result.text_path)
@@ -280,7 +280,7 @@ def test_size_and_vram_budgets_on_converted_model(converted):
 
 
 def test_model_facts_rejects_mismatched_tables(converted):
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.gguf_info import read_gguf_info
 
     result = converted("mm-k256", "f32", "f32")
     table = gguf_table(read_gguf_info(result.text_path), random.Random(7))

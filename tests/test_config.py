@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from convert.config import parse_config
+from medgemma_gguf.convert.config import parse_config
 from medgemma_gguf.errors import UserError
 
 # The published google/medgemma-4b-it config.json (transformers 4.50 format).

@@ -9,7 +9,7 @@ import gguf
 import pytest
 
 from medgemma_gguf.cli import main
-from medgemma_gguf.manifest import sha256_of
+from medgemma_gguf.hashing import sha256_of
 
 
 def _copy(folder, tmp_path):
@@ -166,7 +166,7 @@ def test_unwritable_outdir(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import convert.gguf_stream as stream
+    import medgemma_gguf.convert.gguf_stream as stream
 
     calls = {"n": 0}
     original = stream.converted

@@ -12,10 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from support import ALL_VARIANTS, MULTIMODAL_VARIANTS
 
-from quant_eval.metrics import kl_divergence_full
-from runtime.engine import Engine, ImagePart
-from tests.conftest import ALL_VARIANTS, MULTIMODAL_VARIANTS
+from medgemma_gguf.quant_eval.metrics import kl_divergence_full
+from medgemma_gguf.runtime.engine import Engine, ImagePart
 
 TOKENIZER_CORPUS = [
     "<start_of_turn>user\nWhat is the normal adult resting heart rate?<end_of_turn>\n<start_of_turn>model\n",

@@ -12,20 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medgemma_gguf import hashing
 from medgemma_gguf.errors import UserError
-from quant_eval import reference as reference_module
-from quant_eval.evaluate import Candidate, candidates_from_paths, run_eval
-from quant_eval.reference import (
+from medgemma_gguf.hashing import cached_file_sha256
+from medgemma_gguf.quant_eval import reference as reference_module
+from medgemma_gguf.quant_eval.evaluate import Candidate, candidates_from_paths, run_eval
+from medgemma_gguf.quant_eval.reference import (
     GGUFReference,
     HFReference,
     ReferenceCache,
     ReferencePart,
-    cached_file_sha256,
     open_reference,
     reference_parts,
 )
-from quant_eval.report import GIB, recommendations, write_report
-from quant_eval.slices import load_heldout_text, load_slice
+from medgemma_gguf.quant_eval.report import GIB, recommendations, write_report
+from medgemma_gguf.quant_eval.slices import load_heldout_text, load_slice
 
 SLICES = ["medqa-mini:5", "vqa-mini:3"]
 VARIANT = "mm-k256"
@@ -132,7 +133,7 @@ def test_quants_rank_by_precision_and_report_files_parse(tiny_checkpoint, quant_
 
 
 def test_bf16_hf_reference_is_cached_apart_from_f32(tiny_checkpoint, converted, tmp_path):
-    from quant_eval.evaluate import evaluate_candidate, load_slices
+    from medgemma_gguf.quant_eval.evaluate import evaluate_candidate, load_slices
 
     folder = str(tiny_checkpoint(VARIANT))
     (medqa,) = load_slices(["medqa-mini"], max_items=2)
@@ -235,8 +236,8 @@ def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     target = tmp_path / "weights.bin"
     target.write_bytes(b"a" * 1000)
     calls: list[Path] = []
-    original = reference_module.sha256_of
-    monkeypatch.setattr(reference_module, "sha256_of", lambda p: calls.append(p) or original(p))
+    original = hashing.sha256_of
+    monkeypatch.setattr(hashing, "sha256_of", lambda p: calls.append(p) or original(p))
     first = cached_file_sha256(target, tmp_path / "cache")
     assert cached_file_sha256(target, tmp_path / "cache") == first and len(calls) == 1
     target.write_bytes(b"b" * 1000)  # same size; mtime changes
@@ -339,7 +340,7 @@ def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
 
 
 def test_report_writes_all_files_or_none(tmp_path, monkeypatch):
-    from quant_eval import report as report_module
+    from medgemma_gguf.quant_eval import report as report_module
 
     report = {"reference": {"source": "x", "kind": "gguf", "dtype": "f32", "sha256": "0" * 64}, "top_k": 8,
               "slices": [], "heldout": None, "rows": [_row("Q4", 1.0, 0.05) | {"accuracy": {}, "bpw": 4.5}]}
@@ -356,7 +357,7 @@ def test_report_writes_all_files_or_none(tmp_path, monkeypatch):
 def test_cli_eval_command(converted, cache_dir, tmp_path):
     from click.testing import CliRunner
 
-    from quant_eval.cli import eval_command
+    from medgemma_gguf.quant_eval.cli import eval_command
 
     result = converted(VARIANT)
     out = tmp_path / "report"

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
 from medgemma_gguf.errors import UserError
-from runtime.images import (
+from medgemma_gguf.runtime.images import (
     image_to_rgb_array,
     load_image,
     load_image_from_data_uri,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.calibration import DEFAULT_PATH, load_calibration, render_image, without_images
-from convert.imatrix import (
+from medgemma_gguf.convert.quantize.calibration import DEFAULT_PATH, load_calibration, render_image, without_images
+from medgemma_gguf.convert.quantize.imatrix import (
     Imatrix,
     accumulate_mul_mat,
     accumulate_mul_mat_id,
@@ -49,7 +49,7 @@ def _hf_reference(model, processor, calibration, image_size: int) -> tuple[dict[
     import torch
     from PIL import Image
 
-    from convert.tensor_names import Component, map_tensor_name
+    from medgemma_gguf.convert.tensor_names import Component, map_tensor_name
 
     sums: dict[str, np.ndarray] = {}
     hooks = []
@@ -300,7 +300,7 @@ def test_bad_calibration_files_are_refused(tmp_path, converted):
 def test_cli_writes_a_readable_imatrix(converted, small_calibration, tmp_path):
     from click.testing import CliRunner
 
-    from convert.imatrix_cli import imatrix_command
+    from medgemma_gguf.convert.quantize.cli import imatrix_command
 
     result = converted("mm-k256")
     output = tmp_path / "out" / "imatrix.gguf"

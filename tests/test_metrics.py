@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medgemma_gguf.errors import UserError
-from quant_eval.metrics import (
+from medgemma_gguf.quant_eval.metrics import (
     MetricInputError,
     TopKLogProbs,
     accuracy_with_ci,
@@ -379,7 +379,7 @@ def test_invalid_input_raises_clear_error(call, message: str) -> None:
 
 
 def test_chunked_processing_matches_whole_array(monkeypatch: pytest.MonkeyPatch) -> None:
-    import quant_eval.metrics as metrics
+    import medgemma_gguf.quant_eval.metrics as metrics
 
     rng = np.random.default_rng(11)
     ref = (rng.normal(size=(7, 20)) * 2).astype(np.float32)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import read_gguf_info
-from runtime.offload import parse_size, plan_offload, query_free_vram
+from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.runtime.offload import plan_offload, query_free_vram
+from medgemma_gguf.sizes import parse_size
 
 MiB = 1024**2
 GiB = 1024**3
@@ -485,7 +486,7 @@ def test_explicit_pattern_array_and_no_sliding_window(tmp_path: Path) -> None:
 
 
 def test_cpu_only_build_plans_zero_layers(model_4b: Path, mmproj: Path) -> None:
-    from runtime.devices import gpu_devices
+    from medgemma_gguf.runtime.devices import gpu_devices
 
     if gpu_devices():
         pytest.skip("needs a llama-cpp-python build without a GPU backend")

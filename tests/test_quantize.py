@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import image_text_greedy_tokens
 
-from convert.imatrix import compute_imatrix, read_imatrix, write_imatrix_gguf
-from convert.quantize import STANDARD_TYPES, quantize_file, quantize_folder, resolve_quants
-from convert.recipe import builtin_recipe_names
+from medgemma_gguf.convert.quantize.folder import quantize_folder
+from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, read_imatrix, write_imatrix_gguf
+from medgemma_gguf.convert.quantize.llama_quantize import STANDARD_TYPES, quantize_file, resolve_quants
+from medgemma_gguf.convert.quantize.recipe import builtin_recipe_names
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.manifest import Manifest, sha256_of
-from quant_eval.metrics import kl_divergence_full
-from runtime.engine import Engine
-from runtime.gguf_info import read_gguf_info
-from tests.conftest import image_text_greedy_tokens
+from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.hashing import sha256_of
+from medgemma_gguf.manifest import Manifest
+from medgemma_gguf.quant_eval.metrics import kl_divergence_full
+from medgemma_gguf.runtime.engine import Engine
 
 CALIBRATION_ITEMS = ("img-cxr-rll", "med-dka")
 NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "UD-IQ2_XXS", "UD-IQ3_XXS"}
@@ -179,7 +181,7 @@ def test_folder_quantize_manifest_card_skip_and_force(k256, calibration, tmp_pat
 def test_cli_quantize_and_list(k256, tmp_path):
     from click.testing import CliRunner
 
-    from convert.quantize_cli import quantize_command
+    from medgemma_gguf.convert.quantize.cli import quantize_command
 
     folder = _copy_folder(k256, tmp_path / "out")
     recipe = tmp_path / "mine.toml"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from convert.quantize import needs_imatrix, resolve_quants
-from convert.recipe import (
+from medgemma_gguf.convert.quantize.llama_quantize import needs_imatrix, resolve_quants
+from medgemma_gguf.convert.quantize.recipe import (
     LAYER_KINDS,
     TensorSpec,
     builtin_recipe,

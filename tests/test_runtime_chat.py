@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from medgemma_gguf.errors import UserError
-from quant_eval.metrics import kl_divergence_full
+from medgemma_gguf.quant_eval.metrics import kl_divergence_full
 
 VARIANT = "mm-deep"
 GREEDY_TOKENS = 16
@@ -106,7 +106,7 @@ def files(converted):
 
 @pytest.fixture(scope="module")
 def chat_model(files):
-    from runtime import load
+    from medgemma_gguf.runtime import load
 
     model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1)
     yield model
@@ -140,7 +140,7 @@ CASES = ("text-only", "system", "image-first", "multi-turn")
 
 
 def test_presets_cover_medgemmas_documented_uses():
-    from runtime.prompt import load_presets, preset_system, resolve_system
+    from medgemma_gguf.runtime.prompt import load_presets, preset_system, resolve_system
 
     presets = load_presets()
     assert set(presets) >= {"radiology", "dermatology", "pathology", "ophthalmology", "medical-qa"}
@@ -180,7 +180,7 @@ def test_system_and_preset_render_as_the_template_does(folder, chat_model):
 def test_text_model_prompt_equals_hf_tokenizer(tiny_checkpoint, converted):
     from transformers import AutoTokenizer
 
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     folder = tiny_checkpoint("text")
     messages = [{"role": "system", "content": "You are a helpful medical assistant."},
@@ -282,7 +282,7 @@ def test_should_stop_ends_a_reply_early(folder, chat_model):
 
 
 def test_utf8_decoder_keeps_split_characters_whole():
-    from runtime.chat import Utf8Decoder
+    from medgemma_gguf.runtime.chat import Utf8Decoder
 
     decoder = Utf8Decoder()
     data = "é🩻a".encode()
@@ -295,7 +295,7 @@ def test_utf8_decoder_keeps_split_characters_whole():
 
 
 def test_sampling_greedy_temperature_and_top_p():
-    from runtime.chat import check_sampling, sample_token
+    from medgemma_gguf.runtime.chat import check_sampling, sample_token
 
     logits = np.array([0.0, 2.0, 1.0, 2.0 - 1e-6, -5.0], dtype=np.float32)
     assert sample_token(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
@@ -319,7 +319,7 @@ def test_sampling_greedy_temperature_and_top_p():
 
 def test_seeded_sampling_reproduces_a_reply(folder, files, chat_model):
     """Same request + same seed = same reply, whether the prefix is re-used or evaluated from scratch."""
-    from runtime import load
+    from medgemma_gguf.runtime import load
 
     messages = _conversations(folder)["system"]
     prompt = chat_model.prompt(messages)
@@ -336,7 +336,7 @@ def test_seeded_sampling_reproduces_a_reply(folder, files, chat_model):
 
 
 def test_context_overflow_is_refused_before_evaluation(files):
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
         long_text = " ".join(["pneumothorax"] * 80)
@@ -358,7 +358,7 @@ def test_context_overflow_is_refused_before_evaluation(files):
 
 
 def test_mismatched_or_wrong_files_are_refused_before_loading(converted, tmp_path):
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     k256, deep = converted("mm-k256"), converted("mm-deep")
     with pytest.raises(UserError, match="belongs to another model; use the mmproj from the same conversion"):
@@ -400,7 +400,7 @@ def test_bad_images_give_clear_errors_and_the_next_chat_works(folder, chat_model
         with pytest.raises(UserError, match="more than the limit of 100"):
             chat_model.chat([{"role": "user", "content": [{"type": "image", "image": native_image(64, 1)}]}])
     finally:
-        from runtime.images import DEFAULT_MAX_PIXELS
+        from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 
         chat_model.max_image_pixels = DEFAULT_MAX_PIXELS
     for messages, message in [([], "non-empty list"), ([{"role": "doctor", "content": "x"}], "role 'doctor'"),
@@ -454,7 +454,7 @@ def quant_folder(converted, tmp_path_factory):
 
 
 def test_load_from_a_folder_picks_the_best_quant_and_its_mmproj(quant_folder):
-    from runtime.chat import load
+    from medgemma_gguf.runtime.chat import load
 
     with load(quant_folder, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
         assert model.model_path.name == "model-F32.gguf" and model.mmproj_path.name == "mmproj-F32.gguf"
@@ -467,7 +467,7 @@ def test_load_from_a_folder_picks_the_best_quant_and_its_mmproj(quant_folder):
 
 
 def test_fit_ranks_by_bits_per_weight_or_by_report(quant_folder, tmp_path):
-    from runtime.cli import fit_command
+    from medgemma_gguf.runtime.cli import fit_command
 
     runner = CliRunner()
     ranked = json.loads(runner.invoke(fit_command, [str(quant_folder), "--vram", "8GiB", "--json"]).output)
@@ -529,7 +529,7 @@ def test_cli_one_shot_streams_hf_greedy_tokens_and_json(folder, files, converted
 
 
 def test_cli_repl_keeps_the_conversation(folder, files, chat_model, tmp_path):
-    from runtime.cli import chat_command
+    from medgemma_gguf.runtime.cli import chat_command
 
     img = native_image(image_size(folder), 41)
     path = tmp_path / "cxr.png"
@@ -552,7 +552,7 @@ def test_cli_repl_keeps_the_conversation(folder, files, chat_model, tmp_path):
 
 
 def test_engine_truncate_forgets_positions_and_reevaluation_matches(converted):
-    from runtime.engine import Engine
+    from medgemma_gguf.runtime.engine import Engine
 
     text_path = converted("text").text_path
     with Engine(text_path, n_ctx=64) as engine:

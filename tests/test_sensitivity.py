@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
+from support import image_text_greedy_tokens
 
-from convert import sensitivity
-from convert.auto_quant import SensitivityTable, TensorGroup, recipe_tensor_types
-from convert.sensitivity import (
+from medgemma_gguf.convert.quantize import sensitivity
+from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, recipe_tensor_types
+from medgemma_gguf.convert.quantize.sensitivity import (
     calibration_parts,
     fit_power_law,
     measure_sensitivity,
@@ -25,10 +26,9 @@ from convert.sensitivity import (
     proxy_agreement,
 )
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
-from quant_eval.metrics import spearman_rank_correlation
-from runtime.gguf_info import read_gguf_info
-from tests.conftest import image_text_greedy_tokens
+from medgemma_gguf.quant_eval.metrics import spearman_rank_correlation
 
 T = GGMLQuantizationType
 CALIBRATION_ITEMS = ("med-dka", "gen-json", "img-cxr-rll", "img-skin-short")
@@ -95,7 +95,7 @@ def test_groups_of_a_converted_model(converted):
 # --- fast: AUTO end to end on a synthetic table ------------------------------------------------------------
 def _synthetic_result(source: Path, seed: int = 0):
     """A table shaped like the model, ΔKL falling with bits and some groups more sensitive (no measuring)."""
-    from convert.sensitivity import SensitivityResult
+    from medgemma_gguf.convert.quantize.sensitivity import SensitivityResult
 
     rng = random.Random(seed)
     groups = []
@@ -124,7 +124,7 @@ def synthetic(monkeypatch, folder):
 
 
 def _source(folder: Path) -> Path:
-    from convert.quantize import source_entry
+    from medgemma_gguf.convert.quantize.folder import source_entry
 
     return folder / source_entry(folder, Manifest.load(folder)).path
 
@@ -134,7 +134,7 @@ def _listing(folder: Path) -> dict[str, int]:
 
 
 def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp_path):
-    from convert.quantize import AUTO_PREFIX, auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AUTO_PREFIX, auto_quantize_folder, quantize_folder
 
     folder = synthetic
     source = _source(folder)
@@ -161,7 +161,7 @@ def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp
 
 
 def test_auto_bad_budgets_say_the_feasible_range(synthetic):
-    from convert.quantize import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
 
     folder = synthetic
     before = _listing(folder)
@@ -180,7 +180,7 @@ def test_auto_bad_budgets_say_the_feasible_range(synthetic):
 def test_cli_auto_and_its_errors(synthetic):
     from click.testing import CliRunner
 
-    from convert.quantize_cli import quantize_command
+    from medgemma_gguf.convert.quantize.cli import quantize_command
 
     folder = synthetic
     result = CliRunner().invoke(quantize_command, [str(folder), "--target-bpw", "4.25", "--quiet",
@@ -200,7 +200,7 @@ def test_cli_auto_and_its_errors(synthetic):
 @pytest.fixture(scope="module")
 def measured_setup(converted, calibration_subset, tmp_path_factory):
     """The fixture folder with an imatrix, and one proxy table measured on a small calibration subset."""
-    from convert.imatrix import compute_imatrix, write_imatrix_gguf
+    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
 
     result = converted("mm-k256")
     root = tmp_path_factory.mktemp("sensitivity")
@@ -254,7 +254,7 @@ def test_proxy_agrees_with_direct_measurement(measured_setup):
 
 @pytest.mark.slow  # reuses the cached table: one quantization and a chat
 def test_auto_from_measured_table_fits_loads_and_chats(measured_setup):
-    from convert.quantize import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
 
     setup = measured_setup
     made = auto_quantize_folder(setup["folder"], target_bpw=3.5, imatrix=setup["imatrix"], candidates=CANDIDATES,
@@ -268,8 +268,8 @@ def test_auto_from_measured_table_fits_loads_and_chats(measured_setup):
 
 
 def test_type_ggml_cannot_write_without_imatrix_data_is_refused_not_aborted(folder, tmp_path):
-    from convert.quantize import QuantSpec, quantize_file
-    from convert.recipe import parse_recipe
+    from medgemma_gguf.convert.quantize.llama_quantize import QuantSpec, quantize_file
+    from medgemma_gguf.convert.quantize.recipe import parse_recipe
 
     recipe = parse_recipe('name = "BARE"\nbase = "Q4_K"\n[[rules]]\ntensors = ["token_embd"]\ntype = "IQ2_XXS"\n')
     with pytest.raises(UserError, match=r"IQ2_XXS on token_embd\.weight, which the importance matrix does not"):
@@ -278,9 +278,9 @@ def test_type_ggml_cannot_write_without_imatrix_data_is_refused_not_aborted(fold
 
 
 def test_auto_vram_budget_counts_what_the_planner_puts_on_the_gpu(synthetic):
-    from convert.auto_quant import VramBudget, model_facts
-    from convert.quantize import auto_quantize_folder
-    from runtime.offload import plan_offload
+    from medgemma_gguf.convert.quantize.auto import VramBudget, model_facts
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+    from medgemma_gguf.runtime.offload import plan_offload
 
     folder = synthetic
     source = _source(folder)
@@ -297,7 +297,7 @@ def test_auto_vram_budget_counts_what_the_planner_puts_on_the_gpu(synthetic):
 
 @pytest.mark.slow  # 3 groups x 4 types measured directly (~10 s)
 def test_measured_method_agrees_with_the_proxy_probes(measured_setup, monkeypatch):
-    from convert.auto_quant import model_facts
+    from medgemma_gguf.convert.quantize.auto import model_facts
 
     setup = measured_setup
     proxy = setup["table"]

@@ -43,8 +43,8 @@ def served(converted):
     """(base_url, ChatModel): uvicorn serving mm-deep F32 in a thread, stopped after the module."""
     import uvicorn
 
-    from runtime.chat import load
-    from runtime.server import ServerLimits, create_app
+    from medgemma_gguf.runtime.chat import load
+    from medgemma_gguf.runtime.server import ServerLimits, create_app
 
     files = converted(VARIANT)
     model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
@@ -192,7 +192,7 @@ def test_a_client_leaving_mid_stream_frees_the_model(served):
 def test_local_files_only_when_allowed(served, tmp_path, tiny_checkpoint):
     from fastapi.testclient import TestClient
 
-    from runtime.server import create_app
+    from medgemma_gguf.runtime.server import create_app
 
     _, model = served
     img = native_image(image_size(tiny_checkpoint(VARIANT)), 9)
@@ -212,11 +212,11 @@ def test_local_files_only_when_allowed(served, tmp_path, tiny_checkpoint):
 def test_serve_command_wires_options_to_the_server(converted, monkeypatch):
     from click.testing import CliRunner
 
-    import runtime.server
-    from runtime.cli import serve_command
+    from medgemma_gguf.runtime import server as server_module
+    from medgemma_gguf.runtime.cli import serve_command
 
     calls = []
-    monkeypatch.setattr(runtime.server, "serve", lambda model, **kwargs: calls.append((model.name, kwargs)))
+    monkeypatch.setattr(server_module, "serve", lambda model, **kwargs: calls.append((model.name, kwargs)))
     files = converted(VARIANT)
     args = [str(files.text_path), "--mmproj", str(files.mmproj_path), "--threads", "1", "--ctx", "256",
             "--max-images", "3", "--max-tokens-limit", "99", "--max-image-pixels", "1234", "--max-body-bytes", "5000"]
@@ -225,7 +225,7 @@ def test_serve_command_wires_options_to_the_server(converted, monkeypatch):
     (_, kwargs), = calls
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8080 and kwargs["api_key"] is None
     assert kwargs["allow_local_files"] is False
-    assert kwargs["limits"] == runtime.server.ServerLimits(5000, 1234, 3, 99)
+    assert kwargs["limits"] == server_module.ServerLimits(5000, 1234, 3, 99)
     exposed = CliRunner().invoke(serve_command, [*args, "--host", "0.0.0.0", "--port", "9000"])
     assert exposed.exit_code == 0 and "without --api-key" in exposed.stderr
     assert calls[-1][1]["host"] == "0.0.0.0" and calls[-1][1]["port"] == 9000

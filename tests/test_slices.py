@@ -12,21 +12,17 @@ import numpy as np
 import pytest
 
 from medgemma_gguf.errors import UserError
-from quant_eval import loaders
-from quant_eval.loaders import BENCHMARKS, closed_options, load_benchmark
-from quant_eval.slices import (
-    ImageRef,
-    Item,
+from medgemma_gguf.quant_eval import loaders
+from medgemma_gguf.quant_eval.items import ImageRef, Item, mean_by_half, render_synthetic, synthetic_answer
+from medgemma_gguf.quant_eval.loaders import BENCHMARKS, closed_options, load_benchmark
+from medgemma_gguf.quant_eval.slices import (
     Slice,
     load_heldout_text,
     load_slice,
-    mean_by_half,
     parse_spec,
     read_slice_jsonl,
-    render_synthetic,
     save_slice,
     slice_hash,
-    synthetic_answer,
 )
 
 FIXTURES = Path(__file__).parent / "data" / "benchmarks"
@@ -330,7 +326,7 @@ def test_save_slice_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(UserError, match="already exists"):
         save_slice(items, target)
     target.unlink()
-    import quant_eval.slices as slices_module
+    import medgemma_gguf.quant_eval.slices as slices_module
 
     real = slices_module.item_to_json
 

@@ -14,8 +14,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from convert.source import NEEDED_FILES, resolve_source
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.hub import NEEDED_FILES, resolve_source
 
 # The file list of the published google/medgemma-4b-it repository.
 MEDGEMMA_4B_FILES = [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from convert.tensor_names import Component, is_vision_head, map_tensor_name
+from medgemma_gguf.convert.tensor_names import Component, is_vision_head, map_tensor_name
 
 CASES = [
     # published google/medgemma-4b-it layout

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from convert import tiny_checkpoint as tc
-from convert.tiny_checkpoint import VARIANTS, build_tiny_checkpoint
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.fixtures import tiny_checkpoint as tc
+from medgemma_gguf.fixtures.tiny_checkpoint import VARIANTS, build_tiny_checkpoint
 
 PUBLISHED_MM_FILES = {
     "config.json", "generation_config.json", "model-00001-of-00002.safetensors",

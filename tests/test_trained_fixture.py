@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from convert import trained_fixture
-from convert.trained_fixture import build_trained_fixture, synthetic_image
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.fixtures import trained_fixture
+from medgemma_gguf.fixtures.trained_fixture import build_trained_fixture, synthetic_image
 
 STEPS = 12
 
@@ -57,8 +57,8 @@ def test_layout_matches_the_published_tiny_checkpoint(trained, tiny_checkpoint):
 def test_converts_and_matches_hf_logits_in_llama_cpp(trained, tmp_path, hf_model):
     import torch
 
-    from convert.converter import convert_checkpoint
-    from runtime.engine import Engine
+    from medgemma_gguf.convert.converter import convert_checkpoint
+    from medgemma_gguf.runtime.engine import Engine
 
     result = convert_checkpoint(str(trained.path), tmp_path, outtype="f32", mmproj_type="f32", progress=False)
     batches = trained_fixture.Batches(seed=123)

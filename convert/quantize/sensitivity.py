@@ -63,10 +63,10 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.auto_quant import SensitivityTable, TensorGroup, ggml_type, parse_sensitivity_table
-from convert.recipe import is_quantizable, parse_recipe, tensor_kind
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.cache import cache_root
+from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, ggml_type, parse_sensitivity_table
+from medgemma_gguf.convert.quantize.recipe import is_quantizable, parse_recipe, tensor_kind
 from medgemma_gguf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,9 @@ def calibration_parts(calibration: Any | None = None, *, max_text: int | None = 
     """
     from PIL import Image
 
-    from convert.calibration import CalibrationSet, load_calibration, render_image
-    from quant_eval.slices import ImageRef, Item, TextChunk
+    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, render_image
+    from medgemma_gguf.quant_eval.items import ImageRef, Item
+    from medgemma_gguf.quant_eval.slices import TextChunk
 
     if not isinstance(calibration, CalibrationSet):
         calibration = load_calibration(calibration)
@@ -162,7 +163,7 @@ def _fits(qtype: GGMLQuantizationType, tensors: Iterable[tuple[str, tuple[int, .
           covered: frozenset[str] | None = None) -> bool:
     """Whether llama.cpp can write every tensor as ``qtype``: the block divides the row length, and types
     ggml only writes with an imatrix have imatrix data for the tensor (``covered``: the imatrix's names)."""
-    from convert.quantize import GGML_REQUIRES_IMATRIX
+    from medgemma_gguf.convert.quantize.llama_quantize import GGML_REQUIRES_IMATRIX
 
     block = GGML_QUANT_SIZES[qtype][0]
     if qtype in GGML_REQUIRES_IMATRIX and any(name not in (covered or ()) for name, _ in tensors):
@@ -206,9 +207,9 @@ class Measurer:
     def __init__(self, source: Path, mmproj: Path | None, imatrix: Any | None, *, cache_dir: Path,
                  calibration: Any | None = None, max_text: int | None = None, max_images: int | None = None,
                  n_threads: int | None = None, progress: bool = False):
-        from quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
-        from quant_eval.slices import Slice
-        from runtime.gguf_info import read_gguf_info
+        from medgemma_gguf.gguf_info import read_gguf_info
+        from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
+        from medgemma_gguf.quant_eval.slices import Slice
 
         self.source, self.mmproj, self.imatrix = Path(source), (Path(mmproj) if mmproj else None), imatrix
         self.info = read_gguf_info(self.source)
@@ -250,7 +251,7 @@ class Measurer:
     def quantize(self, types: dict[str, GGMLQuantizationType], base: GGMLQuantizationType | None,
                  label: str) -> Path:
         """A GGUF with ``types`` for the named tensors and ``base`` (default: the source type) for the rest."""
-        from convert.quantize import QuantSpec, quantize_file
+        from medgemma_gguf.convert.quantize.llama_quantize import QuantSpec, quantize_file
 
         if self._tmp is None:
             raise RuntimeError("use the Measurer as a context manager")
@@ -270,7 +271,7 @@ class Measurer:
 
     def evaluate(self, path: Path) -> Measurement:
         """Mean KL of ``path`` against the reference over the calibration parts."""
-        from quant_eval.evaluate import Candidate, evaluate_candidate
+        from medgemma_gguf.quant_eval.evaluate import Candidate, evaluate_candidate
 
         start = time.perf_counter()
         row = evaluate_candidate(Candidate(path, self.mmproj if self.slices else None), self.parts,
@@ -366,7 +367,7 @@ class SensitivityResult:
 
 
 def _parse_types(names: Sequence[str | GGMLQuantizationType], what: str) -> tuple[GGMLQuantizationType, ...]:
-    from convert.recipe import QUANT_TYPES
+    from medgemma_gguf.convert.quantize.recipe import QUANT_TYPES
 
     types = []
     for name in names:
@@ -404,10 +405,10 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
     ``imatrix``: the file the final quant will use (its weights enter the proxy and llama.cpp's quantizer);
     without one, types that llama.cpp refuses without an imatrix are dropped from the candidates.
     """
-    from convert.calibration import CalibrationSet, load_calibration
-    from convert.imatrix import check_imatrix_matches, read_imatrix
-    from convert.quantize import IMATRIX_TYPES
-    from quant_eval.reference import cached_file_sha256
+    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration
+    from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
+    from medgemma_gguf.convert.quantize.llama_quantize import IMATRIX_TYPES
+    from medgemma_gguf.hashing import cached_file_sha256
 
     if method not in METHODS:
         raise UserError(f"unknown sensitivity method {method!r}; choose one of {', '.join(METHODS)}")
@@ -565,8 +566,8 @@ def proxy_agreement(result: SensitivityResult, source: Path | str, mmproj: Path 
                     choose: Callable[[random.Random, list[str]], list[str]] | None = None) -> Agreement:
     """Measure ``n_groups`` seeded groups × ``n_types`` non-probe candidate types directly; rank-correlate them
     with the table. Uses the table's calibration selection (``result.meta``)."""
-    from convert.imatrix import read_imatrix
-    from quant_eval.metrics import spearman_rank_correlation
+    from medgemma_gguf.convert.quantize.imatrix import read_imatrix
+    from medgemma_gguf.quant_eval.metrics import spearman_rank_correlation
 
     rng = random.Random(seed)
     names = [g.name for g in result.table.groups]

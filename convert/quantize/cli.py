@@ -1,4 +1,5 @@
-"""``medgemma-gguf quantize``: llama.cpp quants and dynamic recipes of a converted folder."""
+"""``medgemma-gguf quantize`` (llama.cpp quants, recipes and AUTO mixes of a converted folder) and
+``medgemma-gguf imatrix`` (an importance matrix on the bundled image+text calibration set)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
     With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
     sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
     """
-    from convert.quantize import auto_quantize_folder, quantize_folder, valid_quant_names
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.llama_quantize import valid_quant_names
     from medgemma_gguf.errors import UserError
 
     if list_types:
@@ -84,3 +86,32 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
                               progress=not quiet, n_threads=threads)
     echo_results(results)
     click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
+
+
+@click.command("imatrix")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--mmproj", type=click.Path(path_type=Path),
+              help="The model's mmproj GGUF: image turns of the calibration set are evaluated with it.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Where to write the imatrix (llama.cpp's GGUF imatrix format).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="A calibration JSONL file (default: the bundled medgemma-gguf calibration set).")
+@click.option("--chunks", type=int, help="Stop after this many chunks (default: all).")
+@click.option("--chunk-size", type=int, default=512, show_default=True, help="Positions per chunk.")
+@click.option("--threads", type=int, help="CPU threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def imatrix_command(model: Path, mmproj: Path | None, output: Path, calibration: Path | None, chunks: int | None,
+                    chunk_size: int, threads: int | None, force: bool, quiet: bool) -> None:
+    """Compute an importance matrix for MODEL (a text GGUF) to guide low-bit quantization."""
+    from medgemma_gguf.atomic import check_can_write
+    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
+
+    check_can_write(output, force)  # fail before the long computation, not after
+    imatrix = compute_imatrix(model, mmproj, calibration=calibration, chunk_size=chunk_size, max_chunks=chunks,
+                              progress=not quiet, n_threads=threads)
+    write_imatrix_gguf(imatrix, output, force=force)
+    described = imatrix.calibration or {}
+    click.echo(f"wrote {output} ({len(imatrix.tensor_names)} matrices, {imatrix.chunk_count} chunks, "
+               f"{described.get('items')} items, {described.get('positions')} positions of which "
+               f"{described.get('image_positions')} image positions)")

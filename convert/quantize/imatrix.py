@@ -37,7 +37,7 @@ import numpy as np
 
 from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.errors import UserError
-from runtime.prompt import render_template, split_at_images
+from medgemma_gguf.runtime.prompt import render_template, split_at_images
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _decode_all_rows(engine: Any, tokens: Sequence[int] | None = None, embedding
 
 # --- computing --------------------------------------------------------------------------------------------------
 def _native_image_size(mmproj_path: Path) -> int:
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.gguf_info import read_gguf_info
 
     size = read_gguf_info(mmproj_path).metadata.get("clip.vision.image_size")
     if not isinstance(size, int) or size <= 0:
@@ -333,8 +333,8 @@ def _native_image_size(mmproj_path: Path) -> int:
 
 def _plan_item(engine: Any, item: Any, template: str, bos: str, image_size: int | None,
                chunk_size: int) -> PromptPlan:
-    from convert.calibration import render_image
-    from runtime.engine import ImagePart
+    from medgemma_gguf.convert.quantize.calibration import render_image
+    from medgemma_gguf.runtime.engine import ImagePart
 
     texts = split_at_images(render_template(template, item.messages, bos_token=bos, add_generation_prompt=False))
     runs = [engine.tokenize(text) for text in texts]
@@ -377,9 +377,9 @@ def compute_imatrix(model_path: Path | str, mmproj_path: Path | str | None = Non
     """
     from tqdm import tqdm
 
-    from convert.calibration import CalibrationSet, load_calibration, without_images
-    from runtime.engine import Engine
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, without_images
+    from medgemma_gguf.gguf_info import read_gguf_info
+    from medgemma_gguf.runtime.engine import Engine
 
     if chunk_size < 16:
         raise UserError(f"chunk size {chunk_size} is too small; use at least 16 (llama-imatrix uses 512)")
@@ -415,7 +415,7 @@ def compute_imatrix(model_path: Path | str, mmproj_path: Path | str | None = Non
 
 
 def _evaluate_plan(engine: Any, plan: PromptPlan, collector: ActivationCollector) -> None:
-    from runtime.engine import ImagePart
+    from medgemma_gguf.runtime.engine import ImagePart
 
     engine.reset()
     for index, run in enumerate(plan.token_runs):
@@ -434,7 +434,7 @@ def calibration_description(calibration: Path | str | None = None, *,
     ``tokens`` is the number of text tokens of all items under ``model_path``'s tokenizer (image
     embedding positions not included), or None without a model.
     """
-    from convert.calibration import load_calibration
+    from medgemma_gguf.convert.quantize.calibration import load_calibration
 
     calib = load_calibration(calibration)
     description: dict[str, Any] = {
@@ -442,8 +442,8 @@ def calibration_description(calibration: Path | str | None = None, *,
         "image_items": calib.image_items, "images": calib.images, "tokens": None,
     }
     if model_path is not None:
-        from runtime.engine import Engine
-        from runtime.gguf_info import read_gguf_info
+        from medgemma_gguf.gguf_info import read_gguf_info
+        from medgemma_gguf.runtime.engine import Engine
 
         template = read_gguf_info(Path(model_path)).metadata.get("tokenizer.chat_template") or ""
         with Engine(Path(model_path), vocab_only=True) as engine:
@@ -508,7 +508,7 @@ def _field_value(reader: Any, key: str) -> Any:
 def _read_gguf(path: Path) -> Imatrix:
     import gguf
 
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.gguf_info import read_gguf_info
 
     kind = read_gguf_info(path).metadata.get(KEY_TYPE)
     if kind is not None and kind != "imatrix":
@@ -606,7 +606,7 @@ def read_imatrix(path: Path | str) -> Imatrix:
 
 def check_imatrix_matches(imatrix: Imatrix, model_path: Path | str) -> None:
     """UserError unless ``imatrix`` covers exactly the model's layer matrices with the model's widths."""
-    from runtime.gguf_info import read_gguf_info
+    from medgemma_gguf.gguf_info import read_gguf_info
 
     model_path = Path(model_path)
     tensors = {info.name: info for info in read_gguf_info(model_path).tensors}

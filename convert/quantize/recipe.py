@@ -39,7 +39,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import is_quantizable
+from medgemma_gguf.gguf_info import is_quantizable
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 T = GGMLQuantizationType

@@ -35,10 +35,17 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.recipe import QuantPlan, Recipe, builtin_recipe, builtin_recipe_names, is_quantizable, plan_recipe
 from medgemma_gguf.atomic import atomic_output
+from medgemma_gguf.convert.quantize.recipe import (
+    QuantPlan,
+    Recipe,
+    builtin_recipe,
+    builtin_recipe_names,
+    is_quantizable,
+    plan_recipe,
+)
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import bits_per_weight, read_gguf_info
+from medgemma_gguf.gguf_info import bits_per_weight, read_gguf_info
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -241,7 +248,7 @@ class _LogCapture:
     def __exit__(self, *exc: object) -> None:
         import llama_cpp
 
-        from runtime import engine
+        from medgemma_gguf.runtime import engine
 
         llama_cpp.llama_log_set(engine._forward_log, ctypes.c_void_p(0))  # back to the runtime's routing
 
@@ -369,7 +376,7 @@ def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any |
             raise UserError(f"{spec.name} needs an importance matrix (llama.cpp refuses {needing[0]} "
                             f"without one); {imatrix_help(source, None)}")
     else:
-        from convert.imatrix import check_imatrix_matches
+        from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches
 
         check_imatrix_matches(imatrix, source)
     if plan is not None:
@@ -418,247 +425,3 @@ def _recipe_ftype(plan: QuantPlan, metadata: dict[str, str | int]) -> int:
         return _RECIPE_FTYPE[base]
     metadata["general.file_type"] = _UNQUANTIZED_FTYPE[base]
     return _RECIPE_FTYPE[T.Q8_0]
-
-
-# --- an output folder -----------------------------------------------------------------------------------
-IMATRIX_AUTO = "auto"
-
-
-def source_entry(folder: Path, manifest: Any) -> Any:
-    """The folder's highest-precision unquantized text GGUF (F32, then BF16, then F16) from its manifest."""
-    rows = [row for row in manifest.present(folder, "text") if row.type.upper() in HIGH_PRECISION]
-    if not rows:
-        raise UserError(f"{folder} has no unquantized (F32/BF16/F16) text GGUF in its manifest; run "
-                        f"`medgemma-gguf convert SOURCE --outdir {folder}` first")
-    return min(rows, key=lambda row: HIGH_PRECISION.index(row.type.upper()))
-
-
-def _mmproj_entry(folder: Path, manifest: Any) -> Any | None:
-    rows = manifest.mmprojs(folder)
-    return rows[0] if rows else None
-
-
-def quant_path(folder: Path, model: str, spec: QuantSpec) -> Path:
-    """``<model>-<TYPE>.gguf`` in ``folder``."""
-    return Path(folder) / f"{model}-{spec.name}.gguf"
-
-
-def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, source: Any, mmproj: Any | None,
-                     calibration: Any | None, force: bool, progress: bool, n_threads: int | None
-                     ) -> tuple[Any | None, Path | None]:
-    """(Imatrix, file) for ``--imatrix``: None, a file, or ``auto`` (computed once into the folder, reused)."""
-    from convert.imatrix import calibration_description, compute_imatrix, read_imatrix, write_imatrix_gguf
-    from medgemma_gguf.manifest import entry_for, sha256_of
-
-    if imatrix is None:
-        return None, None
-    if str(imatrix) != IMATRIX_AUTO:
-        path = Path(imatrix)
-        return read_imatrix(path), path
-    path = folder / f"imatrix-{manifest.model}.gguf"
-    described = calibration_description(calibration)
-    for row in manifest.find("imatrix"):
-        if (row.path == path.name and path.is_file() and row.extra.get("source_sha256") == source.sha256
-                and row.extra.get("calibration_sha256") == described["sha256"] and not force
-                and sha256_of(path) == row.sha256):
-            log.info("reusing %s", path.name)
-            return read_imatrix(path), path
-    if path.exists() and not force:
-        raise UserError(f"{path} exists but the manifest does not record it for {source.path} and this "
-                        "calibration set; pass --force to recompute it")
-    computed = compute_imatrix(folder / source.path, folder / mmproj.path if mmproj else None,
-                               calibration=calibration, progress=progress, n_threads=n_threads)
-    write_imatrix_gguf(computed, path, force=True)
-    manifest.upsert(entry_for(folder, path, "imatrix", "F32", source=source.path, source_sha256=source.sha256,
-                              calibration_sha256=described["sha256"], calibration=computed.calibration,
-                              chunks=computed.chunk_count, chunk_size=computed.chunk_size))
-    manifest.save(folder)
-    return computed, path
-
-
-def _inputs(source: Any, spec: QuantSpec, imatrix_path: Path | None) -> dict[str, Any]:
-    """What a quant file is built from: a rebuild is skipped only while these and its sha256 are unchanged."""
-    from medgemma_gguf.manifest import sha256_of
-
-    return {"source": source.path, "source_sha256": source.sha256, "quant": spec.name,
-            "recipe_sha256": spec.recipe.sha256 if spec.recipe else None,
-            "imatrix_sha256": sha256_of(imatrix_path) if imatrix_path else None}
-
-
-def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, imatrix: str | Path | None = None,
-                    recipe_files: Sequence[Path | str] = (), force: bool = False, progress: bool = True,
-                    n_threads: int | None = None, calibration: Any | None = None,
-                    row_extra: dict[str, dict[str, Any]] | None = None) -> list[QuantResult]:
-    """Quantize the folder's unquantized text GGUF to each of ``quants`` (+ each recipe file's recipe).
-
-    Outputs are ``<model>-<TYPE>.gguf`` beside it, recorded in ``manifest.json`` (role, type, bytes, bpw,
-    sha256, per-tensor type counts, fallbacks, inputs) and described in a generated ``README.md``.
-    ``imatrix``: None, an imatrix file, or ``"auto"`` (computed on ``calibration`` — default the bundled
-    set — into ``imatrix-<model>.gguf`` once and reused). A quant whose file still matches its manifest
-    row and inputs is skipped; ``force`` rebuilds. Every request is checked before any file is written.
-    ``row_extra``: more manifest fields per quant name (how an AUTO recipe was chosen).
-    """
-    from convert.model_card import write_model_card
-    from convert.recipe import load_recipe
-    from medgemma_gguf.manifest import Manifest, entry_for, sha256_of
-
-    folder = Path(outdir)
-    manifest = Manifest.load(folder)
-    recipes = [load_recipe(path) for path in recipe_files]
-    specs = resolve_quants(parse_quant_list(quants), recipes)
-    if not specs:
-        raise UserError(f"no quant types given; pass --quants with some of: {', '.join(valid_quant_names())}")
-    source = source_entry(folder, manifest)
-    source_path = folder / source.path
-    mmproj = _mmproj_entry(folder, manifest)
-    info = read_gguf_info(source_path)
-    plans = {spec.name: plan_recipe(spec.recipe, info.tensors) for spec in specs if spec.recipe}
-    if imatrix is None:
-        for spec in specs:
-            needing = needs_imatrix(spec, info.tensors)
-            if needing:
-                raise UserError(f"{spec.name} needs an importance matrix (llama.cpp refuses {needing[0]} without "
-                                f"one); {imatrix_help(source_path, folder / mmproj.path if mmproj else None)}")
-    elif str(imatrix) != IMATRIX_AUTO:
-        from convert.imatrix import check_imatrix_matches, read_imatrix
-
-        check_imatrix_matches(read_imatrix(imatrix), source_path)
-    todo: list[QuantSpec] = []
-    results: dict[str, QuantResult] = {}
-    pending_inputs = {}
-    for spec in specs:
-        path = quant_path(folder, manifest.model, spec)
-        if path.resolve() == source_path.resolve():
-            results[spec.name] = read_back(path, spec.name, None)
-            results[spec.name].skipped = True
-            continue
-        row = next((r for r in manifest.files if r.path == path.name), None)
-        if path.exists() and not force:
-            if row is None or row.role != "text":
-                raise UserError(f"{path} exists but the manifest does not record it; pass --force to rebuild it")
-            pending_inputs[spec.name] = row
-        todo.append(spec)
-
-    imatrix_data, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force,
-                                                  progress, n_threads)
-    for spec in todo:
-        path = quant_path(folder, manifest.model, spec)
-        inputs = _inputs(source, spec, imatrix_path)
-        row = pending_inputs.get(spec.name)
-        if row is not None:
-            if row.extra.get("inputs") != inputs or sha256_of(path) != row.sha256:
-                raise UserError(f"{path.name} was built from other inputs (source, recipe or imatrix) or changed "
-                                "since; pass --force to rebuild it")
-            result = read_back(path, spec.name, plans.get(spec.name))
-            result.fallbacks = [Fallback(**f) for f in row.extra.get("fallbacks", [])] or result.fallbacks
-            result.skipped = True
-            results[spec.name] = result
-            if progress:
-                log.info("%s is up to date; skipped", path.name)
-            continue
-        result = quantize_file(source_path, path, spec, imatrix=imatrix_data,
-                               imatrix_name=imatrix_path.name if imatrix_path else None, force=True,
-                               n_threads=n_threads, progress=progress)
-        result.imatrix = imatrix_path
-        manifest.upsert(entry_for(
-            folder, path, "text", spec.name, bits_per_weight=round(result.bpw, 4),
-            tensor_types=result.tensor_type_counts, inputs=inputs, recipe=spec.recipe.name if spec.recipe else None,
-            imatrix=imatrix_path.name if imatrix_path else None, mmproj=mmproj.path if mmproj else None,
-            fallbacks=[f.__dict__ for f in result.fallbacks], quantizer=_quantizer_version(),
-            **(row_extra or {}).get(spec.name, {})))
-        manifest.save(folder)
-        results[spec.name] = result
-    write_model_card(folder, manifest)
-    return [results[spec.name] for spec in specs]
-
-
-def _quantizer_version() -> str:
-    import llama_cpp
-
-    return f"llama-cpp-python {llama_cpp.__version__}"
-
-
-# --- AUTO: a recipe chosen from measured sensitivity ----------------------------------------------------
-AUTO_PREFIX = "AUTO"
-
-
-@dataclass
-class AutoResult:
-    """An AUTO quant: the file, its recipe file and how the mix was chosen."""
-
-    result: QuantResult
-    recipe_path: Path
-    mix: Any  # convert.auto_quant.QuantMix
-    sensitivity: Any  # convert.sensitivity.SensitivityResult
-    how: dict[str, Any]
-
-
-def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
-                         vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
-                         sensitivity_method: str = "proxy", cache_dir: Path | str | None = None,
-                         candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
-                         max_text: int | None = None,
-                         max_images: int | None = None, calibration: Any | None = None, force: bool = False,
-                         progress: bool = True, n_threads: int | None = None) -> AutoResult:
-    """``quantize OUTDIR --target-bpw/--target-size/--vram``: measure (or reuse) the sensitivity table, choose
-    the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
-    engine to ``<model>-AUTO-<bpw>.gguf`` (``<bpw>``: the mix's bits per weight, 2 decimals)."""
-    from convert.auto_quant import allocate, mix_to_recipe_toml, model_facts, parse_budget
-    from convert.recipe import parse_recipe
-    from convert.sensitivity import DEFAULT_CANDIDATES, DEFAULT_PROBES, measure_sensitivity
-    from medgemma_gguf.atomic import write_text_atomic
-    from medgemma_gguf.manifest import Manifest
-
-    folder = Path(outdir)
-    manifest = Manifest.load(folder)
-    source = source_entry(folder, manifest)
-    source_path = folder / source.path
-    mmproj = _mmproj_entry(folder, manifest)
-    mmproj_path = folder / mmproj.path if mmproj else None
-    budget = parse_budget(target_size, target_bpw, vram, ctx, mmproj_path)  # bad options fail before any work
-    _, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force, progress,
-                                       n_threads)
-    sensitivity = measure_sensitivity(
-        source_path, mmproj_path, imatrix_path, method=sensitivity_method,
-        candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES,
-        probes=tuple(probes) if probes else DEFAULT_PROBES,
-        calibration=calibration, max_text=max_text,
-        max_images=max_images, cache_dir=cache_dir, n_threads=n_threads, progress=progress)
-    table = sensitivity.table
-    facts = model_facts(source_path, table)
-    capacity = budget.capacity(table, facts)
-    mix = allocate(table, capacity)
-    bpw = 8 * mix.total_bytes / sum(g.n_elements for g in table.groups)
-    name = f"{AUTO_PREFIX}-{bpw:.2f}"
-    text = mix_to_recipe_toml(mix, name, description=f"Chosen by medgemma-gguf from measured sensitivity "
-                                                       f"({sensitivity.meta['method']}); {mix.summary()}")
-    recipe_path = folder / f"{manifest.model}-{name}.toml"
-    parse_recipe(text, str(recipe_path))  # the written recipe must read back as a recipe
-    created = False
-    if recipe_path.exists():
-        if recipe_path.read_text(encoding="utf-8") != text:
-            if not force:
-                raise UserError(f"{recipe_path} exists with another mix; pass --force to replace it")
-            write_text_atomic(recipe_path, text)
-    else:
-        write_text_atomic(recipe_path, text)
-        created = True
-    how = {"budget": capacity.label, "budget_used": capacity.user_value(mix.counted_bytes),
-           "predicted_delta_kl": mix.predicted_delta_kl, "allocator": mix.method,
-           "sensitivity_method": sensitivity.meta["method"], "sensitivity_candidates": sensitivity.meta["candidates"],
-           "sensitivity_probes": sensitivity.meta["probes"],
-           "sensitivity_cache": str(sensitivity.cache_path) if sensitivity.cache_path else None,
-           "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name}
-    try:
-        [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
-                                   recipe_files=[recipe_path], force=force, progress=progress, n_threads=n_threads,
-                                   row_extra={name: {"auto": how}})
-    except BaseException:
-        if created:
-            recipe_path.unlink(missing_ok=True)
-        raise
-    limit = getattr(budget, "total_bytes", None)
-    if limit is not None and result.bytes > limit:
-        log.warning("%s is %d bytes, %d over the budget: the header estimate was short", result.path.name,
-                    result.bytes, result.bytes - limit)
-    return AutoResult(result=result, recipe_path=recipe_path, mix=mix, sensitivity=sensitivity, how=how)

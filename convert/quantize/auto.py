@@ -55,17 +55,17 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from medgemma_gguf.errors import UserError
-from runtime.gguf_info import GgufInfo, read_gguf_info, tensor_nbytes
-from runtime.offload import (
+from medgemma_gguf.gguf_info import GgufInfo, read_gguf_info, tensor_nbytes
+from medgemma_gguf.runtime.offload import (
     DEFAULT_HEADROOM_BYTES,
     _kv_type,
-    format_size,
     kv_cache_layout,
     read_text_model,
     read_vision_model,
     text_compute_bytes,
     vision_compute_bytes,
 )
+from medgemma_gguf.sizes import format_size
 
 TABLE_FORMAT = "medgemma-gguf-sensitivity"
 TABLE_VERSION = 1
@@ -545,7 +545,7 @@ Budget = SizeBudget | BpwBudget | VramBudget
 def parse_budget(target_size: str | None = None, target_bpw: float | None = None, vram: str | None = None,
                  ctx: int | None = None, mmproj: Path | None = None) -> Budget:
     """The one budget given by CLI-style options; UserError unless exactly one is given."""
-    from runtime.offload import parse_size
+    from medgemma_gguf.sizes import parse_size
 
     given = [name for name, value in (("--target-size", target_size), ("--target-bpw", target_bpw),
                                       ("--vram", vram)) if value is not None]

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.atomic import write_text_atomic
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
-from runtime.gguf_info import read_gguf_info
 
 CARD_NAME = "README.md"
 BPW_NOTE = ("Bits per weight = 8 × bytes of the quantizable tensors (the 2-D+ weight matrices: token embedding, "
