@@ -55,6 +55,11 @@ def route_llama_logs() -> None:
         _LOGGING_ROUTED = True
 
 
+def restore_llama_log_routing() -> None:
+    """Route llama.cpp's log lines to Python logging again after a caller installed its own callback."""
+    llama_cpp.llama_log_set(_forward_log, ctypes.c_void_p(0))
+
+
 @dataclass(frozen=True)
 class ImagePart:
     """An RGB image to place in the prompt (uint8 array of shape [height, width, 3])."""

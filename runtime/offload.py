@@ -446,7 +446,8 @@ class OffloadPlan:
         return "\n".join(lines)
 
 
-def _kv_type(name: str) -> gguf.GGMLQuantizationType:
+def kv_cache_type(name: str) -> gguf.GGMLQuantizationType:
+    """The ggml type of a KV cache type name (f16, bf16, q8_0, q4_0)."""
     try:
         return gguf.GGMLQuantizationType[name.upper()]
     except KeyError:
@@ -489,7 +490,7 @@ def plan_offload(
         raise UserError(f"the GPU memory budget must be a positive number of bytes, got {vram_bytes!r}")
     if headroom_bytes < 0:
         raise UserError(f"headroom_bytes must not be negative, got {headroom_bytes}")
-    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, _kv_type(kv_type))
+    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, kv_cache_type(kv_type))
     notes: list[str] = []
     if vision is not None and vision.n_image_tokens and min(n_ubatch, n_ctx) < vision.n_image_tokens:
         notes.append(

@@ -58,8 +58,8 @@ from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import GgufInfo, read_gguf_info, tensor_nbytes
 from medgemma_gguf.runtime.offload import (
     DEFAULT_HEADROOM_BYTES,
-    _kv_type,
     kv_cache_layout,
+    kv_cache_type,
     read_text_model,
     read_vision_model,
     text_compute_bytes,
@@ -514,7 +514,7 @@ class VramBudget:
         model = read_text_model(facts.path)
         if self.n_ctx < 1:
             raise UserError(f"--ctx must be a positive number of tokens, got {self.n_ctx}")
-        kv = kv_cache_layout(model, self.n_ctx, self.n_ubatch, self.swa_full, _kv_type(self.kv_type))
+        kv = kv_cache_layout(model, self.n_ctx, self.n_ubatch, self.swa_full, kv_cache_type(self.kv_type))
         compute = text_compute_bytes(model, kv, model.n_layers + 1, self.flash_attn)
         mmproj = 0
         if self.mmproj_path is not None:

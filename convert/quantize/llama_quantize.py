@@ -246,11 +246,9 @@ class _LogCapture:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import llama_cpp
+        from medgemma_gguf.runtime.engine import restore_llama_log_routing
 
-        from medgemma_gguf.runtime import engine
-
-        llama_cpp.llama_log_set(engine._forward_log, ctypes.c_void_p(0))  # back to the runtime's routing
+        restore_llama_log_routing()
 
 
 def _kv_override(key: str, value: str | int) -> Any:
