@@ -34,7 +34,7 @@ from medgemma_gguf.convert.tensor_types import (
     type_label,
 )
 from medgemma_gguf.convert.vocab import Vocab, read_vocab
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.hub import ResolvedSource, resolve_source
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
@@ -241,6 +241,7 @@ def _load_or_new_manifest(outdir: Path, name: str, resolved: ResolvedSource, for
             return manifest
         if not force:
             raise UserError(f"{outdir / MANIFEST_NAME} describes {manifest.model} from "
-                            f"{manifest.source.get('repo_or_path')}; use another --outdir, or --force to replace it")
+                            f"{manifest.source.get('repo_or_path')}; use another {setting('outdir')}, or "
+                            f"{setting('force')} to replace it")
         log.warning("replacing %s, which described another model or source", outdir / MANIFEST_NAME)
     return Manifest(model=name, source=source)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 
 TEMP_SUFFIX = ".partial"
 
@@ -20,7 +20,8 @@ def temp_path_for(final: Path) -> Path:
 def check_can_write(final: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless ``force``; check the folder is writable."""
     if final.exists() and not force:
-        raise UserError(f"{final} already exists; pass --force to overwrite it or choose another --outdir")
+        raise UserError(f"{final} already exists; pass {setting('force')} to overwrite it or choose another "
+                        f"{setting('outdir')}")
     folder = final.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="medgemma-gguf", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {exc.for_cli()}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)

@@ -1,14 +1,152 @@
-"""The one error type users see: a single line naming the problem and the fix."""
+"""The errors users see: one line naming the problem and the fix, worded for the interface it reaches.
+
+Every error a user can cause is a ``UserError`` (or a subclass saying what kind it is). Its message names
+a setting with ``setting(name)``, ``name`` a key of ``SETTINGS``; each interface renders it in its own
+words, so a Python caller reads ``n_ctx``, a shell user ``--ctx`` and an HTTP client the request field or
+"the server's context size" — never a flag it cannot pass:
+
+    raise ResourceError(f"the prompt needs {n} positions but the context holds {m}; raise {setting('n_ctx')}")
+
+* ``str(error)`` / ``error.for_python()``: the Python API's words (what ``load()`` and ``chat()`` raise);
+* ``error.for_cli()``: the command line's (``medgemma-gguf`` prints ``error: <line>``, exits ``exit_code``);
+* ``error.for_http()``: an HTTP client's (the server answers ``http_status`` with it).
+
+``setting`` returns a marker made of private-use characters, so text the user typed (a file name, a
+value) is never mistaken for a setting. A message without markers reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one setting is named on each interface."""
+
+    cli: str
+    python: str
+    http: str
+
+
+# setting -> its name per interface (CLI flag, Python argument, HTTP request field or server-side wording)
+SETTINGS: dict[str, Spelling] = {
+    "n_ctx": Spelling("--ctx", "n_ctx", "the server's context size (serve --ctx)"),
+    "mmproj": Spelling("--mmproj", "mmproj", "the server's mmproj (serve --mmproj)"),
+    "quant": Spelling("--quant", "quant", "the server's quant (serve --quant)"),
+    "vram": Spelling("--vram", "vram", "the server's GPU memory budget (serve --vram)"),
+    "n_gpu_layers": Spelling("--n-gpu-layers", "n_gpu_layers", "the server's GPU layers (serve --n-gpu-layers)"),
+    "n_threads": Spelling("--threads", "n_threads", "the server's threads (serve --threads)"),
+    "window": Spelling("--window", "window", "'window'"),
+    "allow_local_files": Spelling("--allow-local-files", "allow_local_files",
+                                  "local files (start serve with --allow-local-files)"),
+    "max_tokens": Spelling("--max-tokens", "max_tokens", "'max_tokens'"),
+    "temperature": Spelling("--temperature", "temperature", "'temperature'"),
+    "top_p": Spelling("--top-p", "top_p", "'top_p'"),
+    "top_k": Spelling("--top-k", "top_k", "'top_k'"),
+    "min_p": Spelling("--min-p", "min_p", "'min_p'"),
+    "seed": Spelling("--seed", "seed", "'seed'"),
+    "stop": Spelling("--stop", "stop", "'stop'"),
+    "system": Spelling("--system", "system", "the system message"),
+    "preset": Spelling("--preset", "preset", "'preset'"),
+    "image": Spelling("--image", "an image content part", "an image content part"),
+    "outdir": Spelling("--outdir", "outdir", "'outdir'"),
+    "force": Spelling("--force", "force=True", "'force'"),
+    "imatrix": Spelling("--imatrix", "imatrix", "'imatrix'"),
+    "quants": Spelling("--quants", "quants", "'quants'"),
+    "recipe": Spelling("--recipe", "recipe_files", "'recipe'"),
+    "token": Spelling("--token", "token", "a Hugging Face token"),
+    "revision": Spelling("--revision", "revision", "'revision'"),
+    "target_bpw": Spelling("--target-bpw", "target_bpw", "'target_bpw'"),
+    "target_size": Spelling("--target-size", "target_size", "'target_size'"),
+    "cache_dir": Spelling("--cache-dir", "cache_dir", "'cache_dir'"),
+    "report": Spelling("--report", "report", "'report'"),
+    "auto_ctx": Spelling("--ctx", "ctx", "'ctx'"),
+    "vram_budget": Spelling("--vram", "vram", "'vram'"),
+    "max_chunks": Spelling("--chunks", "max_chunks", "'chunks'"),
+    "slices": Spelling("--slice", "slices", "'slices'"),
+    "max_items": Spelling("--max-items", "max_items", "'max_items'"),
+    "eval_outdir": Spelling("--out", "outdir", "'outdir'"),
+    "reference_mmproj": Spelling("--reference-mmproj", "reference_mmproj", "'reference_mmproj'"),
+    "reference_top_k": Spelling("--top-k", "top_k", "'top_k'"),
+    "data_dir": Spelling("--data-dir", "data_dir (or local_dir)", "'data_dir'"),
+}
+
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARKER = re.compile(f"{_OPEN}([a-z_]+){_CLOSE}")
+
+
+def setting(name: str) -> str:
+    """A setting's name inside an error message, rendered per interface (see the module docstring)."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; add it to medgemma_gguf.errors.SETTINGS")
+    return f"{_OPEN}{name}{_CLOSE}"
 
 
 class UserError(Exception):
-    """A problem with the user's input or environment.
+    """A problem with the user's input or environment, with the fix, worded per interface (module docstring).
 
-    The CLI prints ``error: <message>`` on one line and exits with status 2.
-    The message must say what is wrong and how to fix it.
+    ``exit_code`` is the CLI's exit status; ``http_status`` the server's answer.
     """
 
     exit_code = 2
+    http_status = 400
 
     def __init__(self, message: str):
-        super().__init__(" ".join(message.split()))
+        self.template = " ".join(str(message).split())
+        super().__init__(self.for_python())
+
+    def _render(self, interface: str) -> str:
+        return _MARKER.sub(lambda match: getattr(SETTINGS[match.group(1)], interface), self.template)
+
+    def for_python(self) -> str:
+        return self._render("python")
+
+    def for_cli(self) -> str:
+        return self._render("cli")
+
+    def for_http(self) -> str:
+        return self._render("http")
+
+
+class InputError(UserError):
+    """A value given is not acceptable (out of range, malformed, unknown name)."""
+
+
+class NotFoundError(UserError):
+    """A file, folder, repository, quant or other named thing does not exist."""
+
+    http_status = 404
+
+
+class MismatchError(UserError):
+    """Inputs that must belong together do not (an mmproj of another model, an imatrix of another model)."""
+
+
+class ExistsError(UserError):
+    """An output already exists and would be overwritten."""
+
+    http_status = 409
+
+
+class NeedsImatrixError(UserError):
+    """A quant type that llama.cpp writes only with an importance matrix was asked for without one."""
+
+
+class ResourceError(UserError):
+    """Something does not fit: the context, the memory, a size limit."""
+
+    http_status = 413
+
+
+class IntegrityError(UserError):
+    """A file is damaged, truncated or not what its manifest records."""
+
+    http_status = 422
+
+
+class AccessError(UserError):
+    """Access was refused: a gated or private repository, a missing token, a path outside the allowed roots."""
+
+    http_status = 403

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import AccessError, NotFoundError, UserError, setting
 
 # Everything convert reads; weights as safetensors only.
 NEEDED_FILES = [
@@ -50,7 +50,7 @@ def resolve_source(source: str, *, token: str | None = None, revision: str | Non
         if not path.is_dir():
             raise UserError(f"{source} is a file; pass the checkpoint folder (with config.json) or a Hub repo id")
         if revision:
-            raise UserError("--revision applies to Hub repo ids only; a local folder is used as it is")
+            raise UserError(f"{setting('revision')} applies to Hub repo ids only; a local folder is used as it is")
         return ResolvedSource(path.resolve(), str(path), None, False)
     if not REPO_ID.match(source):
         raise UserError(f"{source} is neither an existing folder nor a Hub repo id like google/medgemma-4b-it")
@@ -73,22 +73,22 @@ def _download(repo_id: str, *, token: str | None, revision: str | None, cache_di
         folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                    allow_patterns=NEEDED_FILES)
     except GatedRepoError as exc:
-        raise UserError(f"{repo_id} is gated: accept the license on {page} while logged in, then pass "
-                        "--token or set HF_TOKEN (or run `hf auth login`)") from exc
+        raise AccessError(f"{repo_id} is gated: accept the license on {page} while logged in, then pass "
+                          f"{setting('token')} or set HF_TOKEN (or run `hf auth login`)") from exc
     except RevisionNotFoundError as exc:
-        raise UserError(f"revision {revision!r} not found in {repo_id}; check the branch, tag or commit "
+        raise NotFoundError(f"revision {revision!r} not found in {repo_id}; check the branch, tag or commit "
                         f"on {page}") from exc
     except RepositoryNotFoundError as exc:
-        raise UserError(f"{repo_id} not found or not accessible (HTTP 401/404): check the name, accept the "
-                        f"license on {page}, and pass --token or set HF_TOKEN") from exc
+        raise NotFoundError(f"{repo_id} not found or not accessible (HTTP 401/404): check the name, accept the "
+                            f"license on {page}, and pass {setting('token')} or set HF_TOKEN") from exc
     except LocalEntryNotFoundError as exc:
         raise UserError(f"cannot download {repo_id}: no connection to the Hub and no cached copy; connect, or "
                         "convert a local folder instead") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
-            raise UserError(f"access to {repo_id} denied (HTTP {status}): accept the license on {page} and "
-                            "pass --token or set HF_TOKEN with a token that has read access") from exc
+            raise AccessError(f"access to {repo_id} denied (HTTP {status}): accept the license on {page} and "
+                              f"pass {setting('token')} or set HF_TOKEN with a token that has read access") from exc
         raise UserError(f"download of {repo_id} failed (HTTP {status}); re-run to resume") from exc
     except OSError as exc:
         raise UserError(f"download of {repo_id} failed ({exc}); re-run to resume") from exc

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.quant_eval.metrics import (
     TopKLogProbs,
     accuracy_with_ci,
@@ -173,7 +173,8 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
         pixels = None
         if span is not None:
             if not engine.has_vision:
-                raise UserError(f"{part.name} has images but this quant runs without an mmproj; pass --mmproj")
+                raise UserError(f"{part.name} has images but this quant runs without an mmproj; pass "
+                                f"{setting('mmproj')}")
             item = slice_.items[item_index] if slice_ is not None else None
             if item is None or item.image is None:
                 raise RuntimeError(f"{part.name}: sequence {s} has an image span but its item has no image")
@@ -314,7 +315,7 @@ def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], sli
     needs_images = any(bool((p.image_start >= 0).any()) for p in parts)
     mmproj = candidate.mmproj if needs_images else None
     if needs_images and mmproj is None:
-        raise UserError(f"{candidate.path.name} has no mmproj but the slices have images; pass --mmproj")
+        raise UserError(f"{candidate.path.name} has no mmproj but the slices have images; pass {setting('mmproj')}")
     longest = max(int(np.diff(p.seq_offsets).max()) for p in parts)
     n_ctx = max(512, -(-(longest + SPEED_GEN_TOKENS + 16) // 256) * 256)
     row.update(prompt_tps=None, gen_tps=None, image_encode_s=None)
@@ -376,7 +377,7 @@ def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items
     from medgemma_gguf.quant_eval.slices import load_slice, parse_spec
 
     if max_items is not None and (isinstance(max_items, bool) or max_items < 1):
-        raise UserError(f"--max-items must be at least 1, got {max_items}")
+        raise UserError(f"{setting('max_items')} must be at least 1, got {max_items}")
     slices = []
     for spec in specs:
         loaded = load_slice(spec, local_dir=data_dir)
@@ -406,7 +407,8 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     if not force:
         existing = [outdir / name for name in REPORT_FILES if (outdir / name).exists()]
         if existing:
-            raise UserError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+            raise UserError(f"{existing[0]} already exists; pass {setting('force')} to overwrite it or choose another "
+                            f"{setting('eval_outdir')}")
     candidates = candidates_from_paths(targets, mmproj)
     cache = ReferenceCache(cache_dir or default_cache_dir())
     reference = open_reference(reference_source, cache_dir=cache.cache_dir, dtype=reference_dtype,
@@ -416,7 +418,7 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     loaded = load_slices(slices, data_dir=data_dir, max_items=max_items)
     chunks = load_heldout_text() if heldout else []
     if not loaded and not chunks:
-        raise UserError("nothing to evaluate: give at least one --slice or keep the held-out text")
+        raise UserError(f"nothing to evaluate: give at least one of {setting('slices')} or keep the held-out text")
     try:
         parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, top_k=top_k, progress=progress)
     finally:

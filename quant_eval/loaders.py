@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.quant_eval.items import ImageRef, Item
 
 DATA_DIR_ENV = "MEDGEMMA_GGUF_DATA_DIR"
@@ -328,7 +328,8 @@ def missing_data_message(bench: Benchmark, where: str) -> str:
     return (
         f"{bench.name} data not found {where}: download dataset {bench.repo_id} (files "
         f"{', '.join(bench.hub_patterns)}) with `hf download {bench.repo_id} --repo-type dataset {includes} "
-        f"--local-dir DATA_DIR/{bench.repo_id}` and pass --data-dir DATA_DIR (or set {DATA_DIR_ENV}=DATA_DIR), "
+        f"--local-dir DATA_DIR/{bench.repo_id}` and pass {setting('data_dir')} DATA_DIR (or set "
+        f"{DATA_DIR_ENV}=DATA_DIR), "
         f"or unset HF_HUB_OFFLINE so it is downloaded from the Hub"
     )
 

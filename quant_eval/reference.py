@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from medgemma_gguf.atomic import atomic_output
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.hashing import cached_file_sha256, folder_sha256
 from medgemma_gguf.quant_eval.items import Item
 from medgemma_gguf.quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
@@ -554,7 +554,8 @@ class GGUFReference(Reference):
             tokens, span = [engine.bos_token, *engine.tokenize(text)], None
         else:
             if not engine.has_vision:
-                raise UserError(f"item {item.id} has an image but the reference has no mmproj; pass --reference-mmproj")
+                raise UserError(f"item {item.id} has an image but the reference has no mmproj; pass "
+                                f"{setting('reference_mmproj')}")
             runs = split_at_images(text)
             if len(runs) != 2:
                 raise UserError(f"the chat template of {self.path.name} did not place one {IMAGE_START}")
@@ -606,7 +607,8 @@ def open_reference(source: str, *, cache_dir: Path, dtype: str | None = None, mm
             mmproj = mmproj_from_manifest(Path(source))
         return GGUFReference(source, cache_dir, mmproj=mmproj, n_threads=n_threads)
     if mmproj is not None:
-        raise UserError("--reference-mmproj applies to a GGUF reference; a checkpoint carries its own vision tower")
+        raise UserError(f"{setting('reference_mmproj')} applies to a GGUF reference; a checkpoint carries its own "
+                        "vision tower")
     return HFReference(source, cache_dir, dtype=dtype or "bf16", token=token)
 
 
@@ -651,7 +653,7 @@ class ReferenceCache:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the reference cache {self.cache_dir}: {exc.strerror}; pass "
-                            "--cache-dir with a writable folder") from exc
+                            f"{setting('cache_dir')} with a writable folder") from exc
         self.hits = 0
         self.misses = 0
 
@@ -693,11 +695,11 @@ def reference_parts(reference: Reference, cache: ReferenceCache, *, heldout: Seq
                     slices: Sequence[Slice], top_k: int = DEFAULT_TOP_K, progress: bool = False) -> list[ReferencePart]:
     """Every part of an evaluation (held-out text first, then the slices), from the cache or computed."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise UserError(f"--top-k must be a positive integer, got {top_k!r}")
+        raise UserError(f"{setting('reference_top_k')} must be a positive integer, got {top_k!r}")
     for slice_ in slices:
         if slice_.has_images and not reference.has_vision:
             raise UserError(f"slice {slice_.spec} has images but the reference has no vision tower; drop the "
-                            "slice or pass --reference-mmproj")
+                            f"slice or pass {setting('reference_mmproj')}")
     parts = []
     if heldout:
         parts.append(cache.get(reference, name=HELDOUT_PART, kind="text", content_hash=heldout_hash(heldout),

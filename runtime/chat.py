@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
@@ -229,7 +229,7 @@ class ChatModel:
         if prompt.n_positions + 1 > self.n_ctx:
             raise UserError(
                 f"the conversation needs {prompt.n_positions} positions (text tokens plus "
-                f"{self.image_tokens} per image) and the context holds {self.n_ctx}; raise --ctx or start "
+                f"{self.image_tokens} per image) and the context holds {self.n_ctx}; raise {setting('n_ctx')} or start "
                 "a new conversation"
             )
 

@@ -130,7 +130,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
                     pending.append(load_prompt_image(argument.strip(), _image_options(chat_model)))
                     click.echo(f"(image attached to your next message: {argument.strip()})", err=True)
                 except UserError as exc:
-                    click.echo(f"error: {exc}", err=True)
+                    click.echo(f"error: {exc.for_cli()}", err=True)
             else:
                 click.echo(f"unknown command {command}; {REPL_HELP}", err=True)
             continue
@@ -139,7 +139,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
         try:
             stream = chat_model.chat([*conversation, message], stream=True, system=system, preset=preset, **sampling)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc.for_cli()}", err=True)
             continue
         for piece in stream:
             click.echo(piece, nl=False)

@@ -20,7 +20,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Engine:
         if not self._model:
             raise UserError(
                 f"llama.cpp could not load {self.model_path}; the file is damaged or not a text "
-                "model (an mmproj goes in --mmproj)"
+                f"model (an mmproj goes in {setting('mmproj')})"
             )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -133,7 +133,8 @@ class Engine:
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             self.close()
-            raise UserError(f"cannot create a context of {n_ctx} tokens for {self.model_path}; lower --ctx")
+            raise UserError(f"cannot create a context of {n_ctx} tokens for {self.model_path}; lower "
+                            f"{setting('n_ctx')}")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_ubatch = n_ubatch
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
@@ -248,7 +249,7 @@ class Engine:
         if self.n_past + n_new > self.n_ctx:
             raise UserError(
                 f"the prompt needs {self.n_past + n_new} tokens but the context holds {self.n_ctx}; "
-                "raise --ctx or shorten the conversation"
+                f"raise {setting('n_ctx')} or shorten the conversation"
             )
 
     def eval_tokens(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
@@ -290,7 +291,7 @@ class Engine:
     def _image_chunks(self, image: ImagePart):
         """libmtmd's chunks for one image: [text <start_of_image>], image, [text <end_of_image>]."""
         if self._mtmd is None:
-            raise UserError("this model was loaded without an mmproj; pass --mmproj to use images")
+            raise UserError(f"this model was loaded without an mmproj; pass {setting('mmproj')} to use images")
         pixels = np.ascontiguousarray(image.pixels, dtype=np.uint8)
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError("ImagePart.pixels must be uint8 [height, width, 3]")

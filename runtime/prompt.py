@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
@@ -154,7 +154,7 @@ def _load_reference(reference: str, options: ImageOptions) -> Image.Image:
     if not options.allow_local_files:
         raise UserError(
             "local image paths are not allowed here; send the image inline as a data: URI "
-            "(the server accepts paths only with --allow-local-files)"
+            f"(paths are accepted only with {setting('allow_local_files')})"
         )
     return load_image(Path(path), window=options.window, max_pixels=options.max_pixels)
 
@@ -220,7 +220,8 @@ def _normalize_content(content: Any, role: str, index: int, options: ImageOption
             if role != "user":
                 raise UserError(f"{where}: only user messages may carry images")
             if options is None:
-                raise UserError("this model was loaded without an mmproj; pass one (--mmproj) to send images")
+                raise UserError(f"this model was loaded without an mmproj; pass one ({setting('mmproj')}) to "
+                                f"send images")
             items.append({"type": "image", "image": load_prompt_image(_image_source(item), options)})
         else:
             raise UserError(f"{where}: unknown content item type {kind!r}; use \"text\" or \"image\"")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload
@@ -44,7 +44,8 @@ def check_model_pair(model_path: Path, mmproj_path: Path | None) -> None:
     """
     text = read_gguf_info(model_path)
     if text.architecture == "clip":
-        raise UserError(f"{model_path} is an mmproj (vision) file; pass the text model as MODEL and this as --mmproj")
+        raise UserError(f"{model_path} is an mmproj (vision) file; pass the text model as the model and this as "
+                        f"{setting('mmproj')}")
     if text.architecture != "gemma3":
         raise UserError(
             f"{model_path} is a {text.architecture or 'unknown'} model, not Gemma 3; pass a MedGemma GGUF made by "
@@ -119,7 +120,7 @@ def read_report(path: Path) -> dict[str, float]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise UserError(f"report {path} not found; run `medgemma-gguf eval` or drop --report") from exc
+        raise UserError(f"report {path} not found; run `medgemma-gguf eval` or drop {setting('report')}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"report {path} is not valid JSON; re-run the evaluation") from exc
     rows: Any = data.get("rows") if isinstance(data, dict) else data

@@ -118,7 +118,7 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
     try:
         check_sampling(max_tokens, temperature, top_p, seed)
     except UserError as exc:
-        raise ApiError(400, f"{exc}") from exc
+        raise ApiError(exc.http_status, exc.for_http()) from exc
     if temperature > 2:
         raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}")
     return CompletionRequest(messages, stream, include_usage, max_tokens, float(temperature), float(top_p), seed)
@@ -185,7 +185,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
             return model.generate(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed, should_stop=cancelled.is_set if cancelled is not None else None)
         except UserError as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError(exc.http_status, exc.for_http()) from exc
 
     def complete(req: CompletionRequest) -> ChatResult:
         with lock:

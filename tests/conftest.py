@@ -1,10 +1,31 @@
-"""Shared, session-cached fixtures: tiny checkpoints (built once per variant) and their conversions."""
+"""Shared, session-cached fixtures: tiny checkpoints (built once per variant) and their conversions.
+
+Test tiers (``pytest -m unit`` etc.): ``e2e`` — whole commands end to end (minutes); ``integration`` — tiny
+models through llama.cpp or transformers; ``unit`` — everything else (seconds, no model). A test marked
+with a tier keeps it; otherwise a test is ``integration`` when it uses one of ``MODEL_FIXTURES`` (directly
+or through another fixture), else ``unit``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "integration", "e2e")
+MODEL_FIXTURES = {"tiny_checkpoint", "converted", "hf_model", "calibration_subset"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)
+        elif MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,9 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     final = tmp_path / "a.gguf"
     final.write_bytes(b"old")
-    with pytest.raises(UserError, match="--force"), atomic_output(final):
+    with pytest.raises(UserError, match="force=True") as caught, atomic_output(final):
         pass
+    assert "pass --force" in caught.value.for_cli()
     assert final.read_bytes() == b"old"
     with atomic_output(final, force=True) as tmp:
         tmp.write_bytes(b"new")

@@ -213,7 +213,7 @@ def test_parse_budget():
     assert parse_budget(target_bpw=4.5) == BpwBudget(4.5)
     assert parse_budget(vram="6GiB", ctx=8192) == VramBudget(6 * 1024**3, 8192)
     for kwargs, message in (({}, "exactly one"), ({"target_size": "1GB", "target_bpw": 4.0}, "exactly one"),
-                            ({"vram": "6GiB"}, "needs --ctx"), ({"target_bpw": 4.0, "ctx": 10}, "only applies"),
+                            ({"vram": "6GiB"}, "needs ctx"), ({"target_bpw": 4.0, "ctx": 10}, "only applies"),
                             ({"target_bpw": 0}, "above 0"), ({"target_bpw": 40}, "at most 32"),
                             ({"vram": "6GiB", "ctx": 0}, "positive"), ({"target_size": "big"}, "cannot read")):
         with pytest.raises(UserError, match=message):

@@ -292,7 +292,7 @@ def test_bad_reference_and_options_are_clear_errors(converted, quant_folder, tin
         open_reference(str(quant_folder / "tiny-Q4_K_M.gguf"), cache_dir=cache)
     with pytest.raises(UserError, match="f16 overflows"):
         HFReference(str(tiny_checkpoint(VARIANT)), cache, dtype="f16")
-    with pytest.raises(UserError, match="--max-items must be at least 1"):
+    with pytest.raises(UserError, match="max_items must be at least 1"):
         run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, max_items=0, progress=False)
     # a GGUF reference without an mmproj cannot answer image questions
     lone = tmp_path / "lone" / "tiny-F32.gguf"

@@ -172,8 +172,9 @@ def test_folder_quantize_manifest_card_skip_and_force(k256, calibration, tmp_pat
     with open(results[0].path, "r+b") as handle:  # a changed file is not skipped, nor silently replaced
         handle.seek(-1, 2)
         handle.write(b"\x01")
-    with pytest.raises(UserError, match="pass --force to rebuild it"):
+    with pytest.raises(UserError, match="pass force=True to rebuild it") as caught:
         quantize_folder(folder, "Q4_K_M", imatrix="auto", calibration=calibration, progress=False)
+    assert "pass --force to rebuild it" in caught.value.for_cli()
     rebuilt = quantize_folder(folder, "Q4_K_M", imatrix="auto", calibration=calibration, force=True, progress=False)
     assert not rebuilt[0].skipped and sha256_of(rebuilt[0].path) == before[results[0].path.name]
 
@@ -218,7 +219,8 @@ def test_imatrix_type_without_imatrix_says_how_to_make_one(folder, name):
         quantize_folder(folder, f"Q8_0,{name}", progress=False)
     message = str(caught.value)
     assert f"{name} needs an importance matrix" in message
-    assert "--imatrix auto" in message and "medgemma-gguf imatrix" in message and "--mmproj" in message
+    assert "pass imatrix auto" in message and "medgemma-gguf imatrix" in message and "--mmproj" in message
+    assert "pass --imatrix auto" in caught.value.for_cli()
     assert _listing(folder) == before
 
 

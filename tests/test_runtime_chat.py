@@ -340,7 +340,7 @@ def test_context_overflow_is_refused_before_evaluation(files):
 
     with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=256, n_threads=1) as model:
         long_text = " ".join(["pneumothorax"] * 80)
-        with pytest.raises(UserError, match=r"needs \d+ positions .* context holds 256; raise --ctx"):
+        with pytest.raises(UserError, match=r"needs \d+ positions .* context holds 256; raise n_ctx"):
             model.chat([{"role": "user", "content": long_text}])
         assert model.engine.n_past == 0  # nothing was evaluated
         prompt = model.prompt([{"role": "user", "content": "Hi"}])

@@ -254,11 +254,12 @@ def test_missing_dataset_offline_says_what_to_download(tmp_path: Path, monkeypat
         load_benchmark("medmcqa", cache_dir=tmp_path / "empty-cache")
     message = str(error.value)
     assert "openlifescienceai/medmcqa" in message and "data/validation-*.parquet" in message
-    assert "HF_HUB_OFFLINE" in message and "--data-dir" in message and "\n" not in message
+    assert "HF_HUB_OFFLINE" in message and "data_dir" in message and "\n" not in message
+    assert "--data-dir" in error.value.for_cli()
 
 
 def test_missing_dataset_in_local_dir(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"flaviagiammarino/vqa-rad .*data/test-\*\.parquet.*--data-dir"):
+    with pytest.raises(UserError, match=r"flaviagiammarino/vqa-rad .*data/test-\*\.parquet.*data_dir"):
         load_slice("vqa-rad:5", local_dir=tmp_path)
 
 

@@ -32,7 +32,7 @@ def test_local_folder_is_used_as_is(tmp_path):
 
 
 def test_local_folder_with_revision_is_refused(tmp_path):
-    with pytest.raises(UserError, match="--revision applies to Hub repo ids only"):
+    with pytest.raises(UserError, match="revision applies to Hub repo ids only"):
         resolve_source(str(tmp_path), revision="main")
 
 

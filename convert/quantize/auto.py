@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import GgufInfo, read_gguf_info, tensor_nbytes
 from medgemma_gguf.runtime.offload import (
     DEFAULT_HEADROOM_BYTES,
@@ -513,7 +513,7 @@ class VramBudget:
         """Bytes of everything on the GPU that does not depend on the weights' types."""
         model = read_text_model(facts.path)
         if self.n_ctx < 1:
-            raise UserError(f"--ctx must be a positive number of tokens, got {self.n_ctx}")
+            raise UserError(f"{setting('auto_ctx')} must be a positive number of tokens, got {self.n_ctx}")
         kv = kv_cache_layout(model, self.n_ctx, self.n_ubatch, self.swa_full, kv_cache_type(self.kv_type))
         compute = text_compute_bytes(model, kv, model.n_layers + 1, self.flash_attn)
         mmproj = 0
@@ -547,22 +547,26 @@ def parse_budget(target_size: str | None = None, target_bpw: float | None = None
     """The one budget given by CLI-style options; UserError unless exactly one is given."""
     from medgemma_gguf.sizes import parse_size
 
-    given = [name for name, value in (("--target-size", target_size), ("--target-bpw", target_bpw),
-                                      ("--vram", vram)) if value is not None]
+    given = [name for name, value in ((setting("target_size"), target_size), (setting("target_bpw"), target_bpw),
+                                      (setting("vram_budget"), vram)) if value is not None]
     if len(given) != 1:
-        raise UserError(f"give exactly one of --target-size, --target-bpw, --vram (got {', '.join(given) or 'none'})")
+        raise UserError(f"give exactly one of {setting('target_size')}, {setting('target_bpw')}, "
+                        f"{setting('vram_budget')} (got {', '.join(given) or 'none'})")
     if ctx is not None and vram is None:
-        raise UserError("--ctx only applies with --vram; drop it or add --vram")
+        raise UserError(f"{setting('auto_ctx')} only applies with {setting('vram_budget')}; drop it or add "
+                        f"{setting('vram_budget')}")
     if target_size is not None:
         return SizeBudget(parse_size(target_size))
     if target_bpw is not None:
         if isinstance(target_bpw, bool) or not isinstance(target_bpw, int | float) or not 0 < target_bpw <= 32:
-            raise UserError(f"--target-bpw must be a number of bits above 0 and at most 32, got {target_bpw!r}")
+            raise UserError(f"{setting('target_bpw')} must be a number of bits above 0 and at most 32, got "
+                            f"{target_bpw!r}")
         return BpwBudget(float(target_bpw))
     if ctx is None:
-        raise UserError("--vram needs --ctx (the context length the model must run with), e.g. --ctx 8192")
+        raise UserError(f"{setting('vram_budget')} needs {setting('auto_ctx')} (the context length the model must "
+                        "run with), e.g. 8192")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
-        raise UserError(f"--ctx must be a positive number of tokens, got {ctx!r}")
+        raise UserError(f"{setting('auto_ctx')} must be a positive number of tokens, got {ctx!r}")
     return VramBudget(parse_size(str(vram)), ctx, Path(mmproj) if mmproj is not None else None)
 
 

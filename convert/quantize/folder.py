@@ -30,7 +30,7 @@ from medgemma_gguf.convert.quantize.llama_quantize import (
     valid_quant_names,
 )
 from medgemma_gguf.convert.quantize.recipe import plan_recipe
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
             return read_imatrix(path), path
     if path.exists() and not force:
         raise UserError(f"{path} exists but the manifest does not record it for {source.path} and this "
-                        "calibration set; pass --force to recompute it")
+                        f"calibration set; pass {setting('force')} to recompute it")
     computed = compute_imatrix(folder / source.path, folder / mmproj.path if mmproj else None,
                                calibration=calibration, progress=progress, n_threads=n_threads)
     write_imatrix_gguf(computed, path, force=True)
@@ -130,7 +130,8 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     recipes = [load_recipe(path) for path in recipe_files]
     specs = resolve_quants(parse_quant_list(quants), recipes)
     if not specs:
-        raise UserError(f"no quant types given; pass --quants with some of: {', '.join(valid_quant_names())}")
+        raise UserError(f"no quant types given; pass {setting('quants')} with some of: "
+                        f"{', '.join(valid_quant_names())}")
     source = source_entry(folder, manifest)
     source_path = folder / source.path
     mmproj = _mmproj_entry(folder, manifest)
@@ -158,7 +159,8 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
         row = next((r for r in manifest.files if r.path == path.name), None)
         if path.exists() and not force:
             if row is None or row.role != "text":
-                raise UserError(f"{path} exists but the manifest does not record it; pass --force to rebuild it")
+                raise UserError(f"{path} exists but the manifest does not record it; pass {setting('force')} to "
+                                "rebuild it")
             pending_inputs[spec.name] = row
         todo.append(spec)
 
@@ -171,7 +173,7 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
         if row is not None:
             if row.extra.get("inputs") != inputs or sha256_of(path) != row.sha256:
                 raise UserError(f"{path.name} was built from other inputs (source, recipe or imatrix) or changed "
-                                "since; pass --force to rebuild it")
+                                f"since; pass {setting('force')} to rebuild it")
             result = read_back(path, spec.name, plans.get(spec.name))
             result.fallbacks = [Fallback(**f) for f in row.extra.get("fallbacks", [])] or result.fallbacks
             result.skipped = True
@@ -261,7 +263,7 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
     if recipe_path.exists():
         if recipe_path.read_text(encoding="utf-8") != text:
             if not force:
-                raise UserError(f"{recipe_path} exists with another mix; pass --force to replace it")
+                raise UserError(f"{recipe_path} exists with another mix; pass {setting('force')} to replace it")
             write_text_atomic(recipe_path, text)
     else:
         write_text_atomic(recipe_path, text)

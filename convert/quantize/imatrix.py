@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from medgemma_gguf.atomic import atomic_output
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.runtime.prompt import render_template, split_at_images
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def compute_imatrix(model_path: Path | str, mmproj_path: Path | str | None = Non
     if chunk_size < 16:
         raise UserError(f"chunk size {chunk_size} is too small; use at least 16 (llama-imatrix uses 512)")
     if max_chunks is not None and max_chunks < 1:
-        raise UserError(f"--chunks must be at least 1, got {max_chunks}")
+        raise UserError(f"{setting('max_chunks')} must be at least 1, got {max_chunks}")
     calib = calibration if isinstance(calibration, CalibrationSet) else load_calibration(calibration)
     model_path = Path(model_path)
     template = read_gguf_info(model_path).metadata.get("tokenizer.chat_template")

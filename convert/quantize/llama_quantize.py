@@ -44,7 +44,7 @@ from medgemma_gguf.convert.quantize.recipe import (
     is_quantizable,
     plan_recipe,
 )
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import bits_per_weight, read_gguf_info
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ def resolve_quants(names: Iterable[str], recipes: Sequence[Recipe] = ()) -> list
             spec = QuantSpec(builtin[key], recipe=builtin_recipe(builtin[key]))
         else:
             known = valid_quant_names() + [r.name for r in recipes]
-            raise UserError(f"unknown quant type {name!r}; valid: {', '.join(known)} (or --recipe FILE.toml)")
+            raise UserError(f"unknown quant type {name!r}; valid: {', '.join(known)} (or {setting('recipe')} "
+                            f"FILE.toml)")
         if spec.name not in [s.name for s in specs]:
             specs.append(spec)
     for recipe in recipes:
@@ -210,8 +211,8 @@ def imatrix_help(source: Path, mmproj: Path | None) -> str:
     """How to make an imatrix for ``source``: the command line to run."""
     folder = source.parent
     mm = f" --mmproj {mmproj}" if mmproj else ""
-    return (f"pass --imatrix auto to compute one, or run `medgemma-gguf imatrix {source}{mm} -o "
-            f"{folder / 'imatrix.gguf'}` and pass --imatrix {folder / 'imatrix.gguf'}")
+    return (f"pass {setting('imatrix')} auto to compute one, or run `medgemma-gguf imatrix {source}{mm} -o "
+            f"{folder / 'imatrix.gguf'}` and pass {setting('imatrix')} {folder / 'imatrix.gguf'}")
 
 
 # --- llama.cpp call -------------------------------------------------------------------------------------

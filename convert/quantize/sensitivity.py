@@ -67,7 +67,7 @@ from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.cache import cache_root
 from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, ggml_type, parse_sensitivity_table
 from medgemma_gguf.convert.quantize.recipe import is_quantizable, parse_recipe, tensor_kind
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -424,7 +424,7 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
         if dropped:
             log.info("no imatrix: dropping %s from the candidates (llama.cpp needs one for them)", ", ".join(dropped))
         if not types:
-            raise UserError("every candidate type needs an imatrix; pass --imatrix")
+            raise UserError(f"every candidate type needs an imatrix; pass {setting('imatrix')}")
     probe_types = _parse_types(probes, "probe") if method == "proxy" else ()
     missing = [t.name for t in probe_types if t not in types]
     if missing:
