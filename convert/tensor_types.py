@@ -5,14 +5,16 @@ from __future__ import annotations
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.quant_types import TENSOR_TYPES
 
 F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
                         GGMLQuantizationType.Q8_0)
 
-TEXT_OUTTYPES = {"f32": F32, "f16": F16, "bf16": BF16}
-MMPROJ_OUTTYPES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0}
-FILE_TYPES = {F32: LlamaFileType.ALL_F32, F16: LlamaFileType.MOSTLY_F16, BF16: LlamaFileType.MOSTLY_BF16,
-              Q8_0: LlamaFileType.MOSTLY_Q8_0}
+# --outtype / --mmproj-type values and the general.file_type each is written with (medgemma_gguf.quant_types)
+TEXT_OUTTYPES = {row.name.lower(): row.type for row in TENSOR_TYPES if "text" in row.converter}
+MMPROJ_OUTTYPES = {row.name.lower(): row.type for row in TENSOR_TYPES if "mmproj" in row.converter}
+FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {row.type: row.file_type for row in TENSOR_TYPES
+                                                         if row.converter}
 
 
 def parse_outtype(value: str, allowed: dict[str, GGMLQuantizationType], option: str) -> GGMLQuantizationType:

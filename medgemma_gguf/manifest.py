@@ -7,14 +7,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medgemma_gguf import quant_types
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.hashing import sha256_of
 
 MANIFEST_NAME = "manifest.json"
 # mmproj types, best first: to run with (F16 is what llama.cpp's tools default to), and to evaluate with
-MMPROJ_RUN_ORDER = ("F16", "BF16", "F32", "Q8_0")
-MMPROJ_PRECISION_ORDER = ("F32", "BF16", "F16", "Q8_0")
+MMPROJ_RUN_ORDER = quant_types.MMPROJ_RUN_ORDER
+MMPROJ_PRECISION_ORDER = quant_types.MMPROJ_PRECISION_ORDER
 
 
 @dataclass

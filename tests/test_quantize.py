@@ -13,13 +13,14 @@ from support import image_text_greedy_tokens
 
 from medgemma_gguf.convert.quantize.folder import quantize_folder
 from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, read_imatrix, write_imatrix_gguf
-from medgemma_gguf.convert.quantize.llama_quantize import STANDARD_TYPES, quantize_file, resolve_quants
+from medgemma_gguf.convert.quantize.llama_quantize import quantize_file, resolve_quants
 from medgemma_gguf.convert.quantize.recipe import builtin_recipe_names
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.hashing import sha256_of
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.quant_eval.metrics import kl_divergence_full
+from medgemma_gguf.quant_types import FILE_TYPE
 from medgemma_gguf.runtime.engine import Engine
 
 CALIBRATION_ITEMS = ("img-cxr-rll", "med-dka")
@@ -78,7 +79,7 @@ def _logits(path: Path) -> np.ndarray:
         return engine.eval_tokens(_text_ids(engine), logits="all")
 
 
-ALL_QUANTS = [*STANDARD_TYPES, *builtin_recipe_names()]
+ALL_QUANTS = [*FILE_TYPE, *builtin_recipe_names()]
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_every_type_loads_and_generates_with_the_types_asked_for(name, quantized
     if result.planned_types:  # a recipe: every planned type is in the file (all k256 widths fit every block)
         assert {k: result.actual_types[k] for k in result.planned_types} == result.planned_types
     else:
-        assert name in STANDARD_TYPES
+        assert name in FILE_TYPE
     assert result.fallbacks == []
     if name in NEEDS_IMATRIX:
         assert header.metadata["quantize.imatrix.entries_count"] == 6 * 7

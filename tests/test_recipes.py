@@ -10,7 +10,6 @@ from gguf import GGMLQuantizationType as T
 
 from medgemma_gguf.convert.quantize.llama_quantize import needs_imatrix, resolve_quants
 from medgemma_gguf.convert.quantize.recipe import (
-    LAYER_KINDS,
     TensorSpec,
     builtin_recipe,
     builtin_recipe_names,
@@ -19,6 +18,7 @@ from medgemma_gguf.convert.quantize.recipe import (
     plan_recipe,
 )
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.quant_types import LAYER_KINDS
 
 UD_RECIPES = ("UD-Q2_K_XL", "UD-Q3_K_XL", "UD-Q4_K_XL", "UD-Q5_K_XL", "UD-Q6_K_XL", "UD-Q8_K_XL",
               "UD-IQ2_XXS", "UD-IQ3_XXS")

@@ -75,7 +75,6 @@ HEADER_SLACK_BYTES = 16 * 1024  # metadata a quantized file adds (file type, qua
 GGUF_ALIGNMENT = 32
 METHODS = ("auto", "dp", "greedy")
 
-KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd", "output")
 _GROUP_NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)$")
 
 

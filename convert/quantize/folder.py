@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.convert.quantize.llama_quantize import (
-    HIGH_PRECISION,
     Fallback,
     QuantResult,
     QuantSpec,
@@ -32,6 +31,7 @@ from medgemma_gguf.convert.quantize.llama_quantize import (
 from medgemma_gguf.convert.quantize.recipe import plan_recipe
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.quant_types import DEFAULT_CANDIDATES, UNQUANTIZED_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ IMATRIX_AUTO = "auto"
 
 def source_entry(folder: Path, manifest: Any) -> Any:
     """The folder's highest-precision unquantized text GGUF (F32, then BF16, then F16) from its manifest."""
-    rows = [row for row in manifest.present(folder, "text") if row.type.upper() in HIGH_PRECISION]
+    rows = [row for row in manifest.present(folder, "text") if row.type.upper() in UNQUANTIZED_PRECISION]
     if not rows:
         raise UserError(f"{folder} has no unquantized (F32/BF16/F16) text GGUF in its manifest; run "
                         f"`medgemma-gguf convert SOURCE --outdir {folder}` first")
-    return min(rows, key=lambda row: HIGH_PRECISION.index(row.type.upper()))
+    return min(rows, key=lambda row: UNQUANTIZED_PRECISION.index(row.type.upper()))
 
 
 def _mmproj_entry(folder: Path, manifest: Any) -> Any | None:
@@ -231,7 +231,7 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
     from medgemma_gguf.atomic import write_text_atomic
     from medgemma_gguf.convert.quantize.auto import allocate, mix_to_recipe_toml, model_facts, parse_budget
     from medgemma_gguf.convert.quantize.recipe import parse_recipe
-    from medgemma_gguf.convert.quantize.sensitivity import DEFAULT_CANDIDATES, DEFAULT_PROBES, measure_sensitivity
+    from medgemma_gguf.convert.quantize.sensitivity import DEFAULT_PROBES, measure_sensitivity
     from medgemma_gguf.manifest import Manifest
 
     folder = Path(outdir)

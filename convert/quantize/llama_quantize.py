@@ -46,38 +46,17 @@ from medgemma_gguf.convert.quantize.recipe import (
 )
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import bits_per_weight, read_gguf_info
+from medgemma_gguf.quant_types import (
+    FILE_TYPE,
+    FILE_TYPES,
+    GGML_IMATRIX_TYPES,
+    IMATRIX_EXEMPT_TENSORS,
+    LLAMA_IMATRIX_TYPES,
+    recipe_file_type,
+)
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
-
-# quant name -> llama_ftype (values of LLAMA_FTYPE_* in llama.h), in llama-quantize's order of size
-STANDARD_TYPES: dict[str, int] = {
-    "BF16": 32, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q4_K_M": 15, "Q4_K_S": 14,
-    "Q4_0": 2, "IQ4_XS": 30, "IQ4_NL": 25, "Q3_K_L": 13, "Q3_K_M": 12, "Q3_K_S": 11, "IQ3_M": 27,
-    "IQ3_XXS": 23, "Q2_K": 10, "IQ2_M": 29, "IQ2_XS": 20, "IQ2_XXS": 19, "IQ1_M": 31, "IQ1_S": 24,
-}  # fmt: skip
-# llama_ftype_get_default_type: the ggml type most tensors of a standard file type get
-_DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
-    "BF16": T.BF16, "F16": T.F16, "Q8_0": T.Q8_0, "Q6_K": T.Q6_K, "Q5_K_M": T.Q5_K, "Q5_K_S": T.Q5_K,
-    "Q4_K_M": T.Q4_K, "Q4_K_S": T.Q4_K, "Q4_0": T.Q4_0, "IQ4_XS": T.IQ4_XS, "IQ4_NL": T.IQ4_NL,
-    "Q3_K_L": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_S": T.Q3_K, "IQ3_M": T.IQ3_S, "IQ3_XXS": T.IQ3_XXS,
-    "Q2_K": T.Q2_K, "IQ2_M": T.IQ2_S, "IQ2_XS": T.IQ2_XS, "IQ2_XXS": T.IQ2_XXS, "IQ1_M": T.IQ1_M,
-    "IQ1_S": T.IQ1_S,
-}  # fmt: skip
-# tensor_requires_imatrix: these destination types need an imatrix (Q2_K only inside a Q2_K_S file)
-IMATRIX_TYPES = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
-_NO_IMATRIX_NEEDED = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
-# ggml_quantize_requires_imatrix (ggml.c): ggml aborts the process when one of these is written without
-# imatrix data for that very tensor, whatever llama.cpp's rules above say (token_embd included)
-GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
-# the llama_ftype a recipe's file is written with (general.file_type), by its base type
-_RECIPE_FTYPE: dict[GGMLQuantizationType, int] = {
-    T.Q8_0: 7, T.Q6_K: 18, T.Q5_K: 17, T.Q5_1: 9, T.Q5_0: 8, T.Q4_K: 15, T.Q4_1: 3, T.Q4_0: 2, T.IQ4_XS: 30,
-    T.IQ4_NL: 25, T.Q3_K: 12, T.IQ3_S: 26, T.IQ3_XXS: 23, T.Q2_K: 10, T.IQ2_S: 28, T.IQ2_XS: 20,
-    T.IQ2_XXS: 19, T.IQ1_M: 31, T.IQ1_S: 24,
-}  # fmt: skip
-_UNQUANTIZED_FTYPE = {T.F32: 0, T.F16: 1, T.BF16: 32}
-HIGH_PRECISION = ("F32", "BF16", "F16")  # source types, best first
 
 _FALLBACK_LOG = re.compile(
     r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)[^\n]*?"
@@ -129,7 +108,7 @@ class QuantResult:
 # --- resolving names ------------------------------------------------------------------------------------
 def valid_quant_names() -> list[str]:
     """Standard types and bundled recipes, as accepted by --quants."""
-    return [*STANDARD_TYPES, *builtin_recipe_names()]
+    return [*(row.name for row in FILE_TYPES), *builtin_recipe_names()]
 
 
 def parse_quant_list(text: str | Sequence[str] | None) -> list[str]:
@@ -148,7 +127,7 @@ def resolve_quants(names: Iterable[str], recipes: Sequence[Recipe] = ()) -> list
 
     UserError listing the valid names for an unknown one, or for a user recipe named like another quant.
     """
-    by_upper = {name.upper(): name for name in STANDARD_TYPES}
+    by_upper = {row.name.upper(): row.name for row in FILE_TYPES}
     builtin = {name.upper(): name for name in builtin_recipe_names()}
     user = {}
     for recipe in recipes:
@@ -160,7 +139,7 @@ def resolve_quants(names: Iterable[str], recipes: Sequence[Recipe] = ()) -> list
     for name in names:
         key = name.strip().upper()
         if key in by_upper:
-            spec = QuantSpec(by_upper[key], ftype=STANDARD_TYPES[by_upper[key]])
+            spec = QuantSpec(by_upper[key], ftype=FILE_TYPE[by_upper[key]].ftype)
         elif key in user:
             spec = QuantSpec(user[key].name, recipe=user[key])
         elif key in builtin:
@@ -192,19 +171,21 @@ def needs_imatrix(spec: QuantSpec, tensors: Sequence[Any]) -> list[str]:
         plan = plan_recipe(spec.recipe, tensors)
         shapes = {t.name: t.shape for t in tensors}
         return [name for name, qtype in plan.types.items()
-                if qtype in IMATRIX_TYPES and name not in _NO_IMATRIX_NEEDED and _row_fits(qtype, shapes[name])]
-    default = _DEFAULT_TYPE[spec.name]
-    if default not in IMATRIX_TYPES:
+                if qtype in LLAMA_IMATRIX_TYPES and name not in IMATRIX_EXEMPT_TENSORS
+                and _row_fits(qtype, shapes[name])]
+    default = FILE_TYPE[spec.name].default
+    if not FILE_TYPE[spec.name].needs_imatrix:
         return []
-    return [t.name for t in tensors if is_quantizable(t.name, t.shape) and t.name not in _NO_IMATRIX_NEEDED
+    return [t.name for t in tensors if is_quantizable(t.name, t.shape) and t.name not in IMATRIX_EXEMPT_TENSORS
             and _row_fits(default, t.shape)]
 
 
 def may_need_imatrix(spec: QuantSpec) -> bool:
     """Whether ``spec`` asks for an imatrix type anywhere, before the model's shapes are known."""
     if spec.recipe is not None:
-        return spec.recipe.base in IMATRIX_TYPES or any(rule.type in IMATRIX_TYPES for rule in spec.recipe.rules)
-    return _DEFAULT_TYPE[spec.name] in IMATRIX_TYPES
+        return spec.recipe.base in LLAMA_IMATRIX_TYPES or any(rule.type in LLAMA_IMATRIX_TYPES
+                                                              for rule in spec.recipe.rules)
+    return FILE_TYPE[spec.name].needs_imatrix
 
 
 def imatrix_help(source: Path, mmproj: Path | None) -> str:
@@ -381,7 +362,7 @@ def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any |
     if plan is not None:
         shapes = {t.name: t.shape for t in info.tensors}
         covered = set(imatrix.tensor_names) if imatrix is not None else set()
-        bare = [name for name, qtype in plan.types.items() if qtype in GGML_REQUIRES_IMATRIX and name not in covered
+        bare = [name for name, qtype in plan.types.items() if qtype in GGML_IMATRIX_TYPES and name not in covered
                 and _row_fits(qtype, shapes[name])]
         if bare:
             raise UserError(f"{spec.name} asks for {plan.types[bare[0]].name} on {bare[0]}, which the importance "
@@ -399,7 +380,7 @@ def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any |
         ftype, overrides = _recipe_ftype(plan, metadata), plan.overrides
         metadata["medgemma_gguf.recipe_sha256"] = plan.recipe.sha256
     else:
-        ftype, overrides = STANDARD_TYPES[spec.name], []
+        ftype, overrides = FILE_TYPE[spec.name].ftype, []
     bar = tqdm(desc=output.name, unit="tensor", disable=not progress, total=len(info.tensors))
     try:
         with atomic_output(output, force=force) as tmp:
@@ -420,7 +401,7 @@ def _recipe_ftype(plan: QuantPlan, metadata: dict[str, str | int]) -> int:
     type's default is a quantized type, so an unquantized base is written as Q8_0 with every tensor
     overridden and ``general.file_type`` set back to the base's."""
     base = plan.recipe.base
-    if base in _RECIPE_FTYPE:
-        return _RECIPE_FTYPE[base]
-    metadata["general.file_type"] = _UNQUANTIZED_FTYPE[base]
-    return _RECIPE_FTYPE[T.Q8_0]
+    if base not in (T.F32, T.F16, T.BF16):
+        return int(recipe_file_type(base))
+    metadata["general.file_type"] = int(recipe_file_type(base))
+    return int(recipe_file_type(T.Q8_0))

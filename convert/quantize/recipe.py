@@ -40,24 +40,16 @@ from gguf import GGMLQuantizationType
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import is_quantizable
+from medgemma_gguf.quant_types import GLOBAL_KINDS, KINDS, TENSOR_TYPES, tensor_kind
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 T = GGMLQuantizationType
 
-# ggml types llama.cpp's quantizer can write for a tensor (ggml_quantize_chunk supports them)
-QUANT_TYPES: dict[str, GGMLQuantizationType] = {t.name: t for t in (
-    T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0, T.IQ4_XS, T.IQ4_NL,
-    T.Q3_K, T.IQ3_S, T.IQ3_XXS, T.Q2_K, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_M, T.IQ1_S,
-)}
-# kinds of quantizable tensors: layer tensors are ``blk.<i>.<kind>.weight``, global ones ``<kind>.weight``
-LAYER_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-GLOBAL_KINDS = ("token_embd", "output")
-KINDS = GLOBAL_KINDS + LAYER_KINDS
+# ggml types llama.cpp's quantizer can write for a tensor, and the tensor kinds: medgemma_gguf.quant_types
+QUANT_TYPES: dict[str, GGMLQuantizationType] = {row.name: row.type for row in TENSOR_TYPES}
 RULE_KEYS = {"tensors", "pattern", "layers", "type", "why", "optional"}
 TOP_KEYS = {"name", "description", "base", "rules"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
-_GLOBAL_NAME = re.compile(r"^([a-z_]+)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -322,15 +314,6 @@ def builtin_recipe(name: str) -> Recipe:
 
 
 # --- planning -------------------------------------------------------------------------------------------
-def tensor_kind(name: str) -> tuple[str, int | None]:
-    """(kind, layer) of a tensor name: ('ffn_down', 3) for blk.3.ffn_down.weight, ('token_embd', None)."""
-    match = _LAYER_NAME.match(name)
-    if match:
-        return match.group(2), int(match.group(1))
-    match = _GLOBAL_NAME.match(name)
-    return (match.group(1) if match else name), None
-
-
 def _as_specs(tensors: Iterable[Any]) -> list[TensorSpec]:
     return [TensorSpec(t.name, tuple(t.shape)) for t in tensors]
 

@@ -1,7 +1,7 @@
 """Per-tensor-group sensitivity: the KL divergence each group adds at each candidate ggml type.
 
 A *group* is one quantizable tensor kind of one layer (``blk.3.attn_v``, ``blk.3.ffn_down``, …) or a global
-matrix (``token_embd``, ``output``), named by ``convert.recipe.tensor_kind``. For a group ``g`` and a
+matrix (``token_embd``, ``output``), named by ``medgemma_gguf.quant_types.tensor_kind``. For a group ``g`` and a
 candidate type ``t``, ΔKL(g, t) is the mean KL divergence (nats per position, ``quant_eval.metrics``)
 between the unquantized model — the reference — and the same model with only ``g`` stored as ``t``,
 over the *calibration parts*: text and image-conditioned prompts built from the project's calibration
@@ -66,16 +66,21 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.cache import cache_root
 from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, ggml_type, parse_sensitivity_table
-from medgemma_gguf.convert.quantize.recipe import is_quantizable, parse_recipe, tensor_kind
+from medgemma_gguf.convert.quantize.recipe import is_quantizable, parse_recipe
 from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.quant_types import (
+    DEFAULT_CANDIDATES,
+    GGML_IMATRIX_TYPES,
+    LLAMA_IMATRIX_TYPES,
+    tensor_kind,
+    tensor_type,
+)
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 
 CACHE_VERSION = 1
 METHODS = ("proxy", "measured")
-DEFAULT_CANDIDATES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K",
-                      "Q6_K", "Q8_0")
 DEFAULT_PROBES = ("Q2_K", "Q5_K")
 EXPONENT_RANGE = (0.5, 2.0)
 MIN_DELTA_KL = 1e-12  # a measured ΔKL of 0 (no change at all) is floored to this for the log-log fit
@@ -163,10 +168,8 @@ def _fits(qtype: GGMLQuantizationType, tensors: Iterable[tuple[str, tuple[int, .
           covered: frozenset[str] | None = None) -> bool:
     """Whether llama.cpp can write every tensor as ``qtype``: the block divides the row length, and types
     ggml only writes with an imatrix have imatrix data for the tensor (``covered``: the imatrix's names)."""
-    from medgemma_gguf.convert.quantize.llama_quantize import GGML_REQUIRES_IMATRIX
-
     block = GGML_QUANT_SIZES[qtype][0]
-    if qtype in GGML_REQUIRES_IMATRIX and any(name not in (covered or ()) for name, _ in tensors):
+    if qtype in GGML_IMATRIX_TYPES and any(name not in (covered or ()) for name, _ in tensors):
         return False
     return all(shape[0] % block == 0 for _, shape in tensors)
 
@@ -367,12 +370,11 @@ class SensitivityResult:
 
 
 def _parse_types(names: Sequence[str | GGMLQuantizationType], what: str) -> tuple[GGMLQuantizationType, ...]:
-    from medgemma_gguf.convert.quantize.recipe import QUANT_TYPES
-
     types = []
     for name in names:
         qtype = ggml_type(name)
-        if qtype.name not in QUANT_TYPES or qtype in (T.F32, T.F16, T.BF16):
+        row = tensor_type(qtype)
+        if row is None or not row.quantized:
             raise UserError(f"{what} {qtype.name} is not a quantized type llama.cpp writes; use e.g. Q4_K, IQ2_S")
         if qtype not in types:
             types.append(qtype)
@@ -407,7 +409,6 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
     """
     from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration
     from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
-    from medgemma_gguf.convert.quantize.llama_quantize import IMATRIX_TYPES
     from medgemma_gguf.hashing import cached_file_sha256
 
     if method not in METHODS:
@@ -419,8 +420,8 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
         check_imatrix_matches(imatrix_data, source)
     types = _parse_types(candidates, "candidate")
     if imatrix_data is None:
-        dropped = [t.name for t in types if t in IMATRIX_TYPES]
-        types = tuple(t for t in types if t not in IMATRIX_TYPES)
+        dropped = [t.name for t in types if t in LLAMA_IMATRIX_TYPES]
+        types = tuple(t for t in types if t not in LLAMA_IMATRIX_TYPES)
         if dropped:
             log.info("no imatrix: dropping %s from the candidates (llama.cpp needs one for them)", ", ".join(dropped))
         if not types:
