@@ -18,10 +18,12 @@ from medgemma_gguf.convert.metadata import (
     GeneralInfo,
     add_general,
     add_mmproj_hparams,
+    add_sampling,
     add_text_hparams,
     add_vocab,
     general_info,
     read_card_metadata,
+    sampling_defaults,
 )
 from medgemma_gguf.convert.tensor_names import Component, is_vision_head, map_tensor_name
 from medgemma_gguf.convert.tensor_types import (
@@ -174,6 +176,7 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
     checkpoint = Checkpoint(resolved.folder)
     text_plan, mmproj_plan = plan_tensors(checkpoint, config, text_type, vision_type)
     vocab = read_vocab(resolved.folder, config.text.vocab_size)
+    sampling = sampling_defaults(_json_file(resolved.folder / "generation_config.json"))
     name = name or default_model_name(resolved)
     n_params = sum(checkpoint.tensors[t.source_name].n_elements for t in (*text_plan, *mmproj_plan))
     info = general_info(name, read_card_metadata(resolved.folder),
@@ -185,7 +188,7 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
     with StagedOutputs(force=force) as staged:
         text_tmp = staged.stage(text_path)
         mmproj_tmp = staged.stage(mmproj_path) if mmproj_path else None
-        write_gguf(text_tmp, TEXT_ARCH, lambda w: _text_metadata(w, config, vocab, info, text_type),
+        write_gguf(text_tmp, TEXT_ARCH, lambda w: _text_metadata(w, config, vocab, info, text_type, sampling),
                    text_plan, checkpoint, progress=progress, label=text_path.name)
         if mmproj_tmp is not None and mmproj_path is not None:
             preprocessor = _preprocessor_config(resolved.folder)
@@ -204,8 +207,9 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
 
 
 def _text_metadata(writer, config: ModelConfig, vocab: Vocab, info: GeneralInfo,
-                   qtype: GGMLQuantizationType) -> None:
+                   qtype: GGMLQuantizationType, sampling: dict[str, int | float]) -> None:
     add_general(writer, info, FILE_TYPES[qtype])
+    add_sampling(writer, sampling)
     add_text_hparams(writer, config)
     add_vocab(writer, vocab)
 
@@ -214,6 +218,17 @@ def _mmproj_metadata(writer, config: ModelConfig, preprocessor: dict, info: Gene
                      qtype: GGMLQuantizationType) -> None:
     add_general(writer, info, FILE_TYPES[qtype])
     add_mmproj_hparams(writer, config, preprocessor)
+
+
+def _json_file(path: Path) -> dict:
+    """A JSON object file of the checkpoint ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}); re-download it") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def _preprocessor_config(folder: Path) -> dict:

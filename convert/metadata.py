@@ -132,6 +132,41 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
+# generation_config.json key -> (general.sampling.* key, type, valid range): what llama.cpp's
+# common_init_sampler_from_model reads at load (llama-server, llama-cli) and runtime.sampling reads here.
+_SAMPLING_KEYS: dict[str, tuple[str, type, float, float]] = {
+    "top_k": (gguf.Keys.General.SAMPLING_TOP_K, int, 1, 2**31 - 1),
+    "top_p": (gguf.Keys.General.SAMPLING_TOP_P, float, 0.0, 1.0),
+    "min_p": (gguf.Keys.General.SAMPLING_MIN_P, float, 0.0, 1.0),
+    "temperature": (gguf.Keys.General.SAMPLING_TEMP, float, 0.0, 100.0),
+    "repetition_penalty": (gguf.Keys.General.SAMPLING_PENALTY_REPEAT, float, 0.1, 10.0),
+}
+
+
+def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, int | float]:
+    """``general.sampling.*`` values from a checkpoint's ``generation_config.json`` (MedGemma: top_k 64,
+    top_p 0.95). Keys absent or out of range are left out; ``do_sample`` is ignored, as llama.cpp's
+    converter ignores it (the runtime decides whether to sample)."""
+    values: dict[str, int | float] = {}
+    for name, (key, kind, low, high) in _SAMPLING_KEYS.items():
+        value = generation_config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            continue
+        if kind is int and value != int(value):
+            continue
+        values[key] = kind(value)
+    return values
+
+
+def add_sampling(writer: gguf.GGUFWriter, values: dict[str, int | float]) -> None:
+    """Write ``general.sampling.*`` keys (int32 for top_k, float32 for the rest, as gguf-py's writer does)."""
+    for key, value in values.items():
+        if isinstance(value, int):
+            writer.add_int32(key, value)
+        else:
+            writer.add_float32(key, value)
+
+
 def add_mmproj_hparams(writer: gguf.GGUFWriter, config: ModelConfig, preprocessor: dict[str, Any]) -> None:
     """Everything llama.cpp's clip loader reads for a Gemma 3 vision tower + projector."""
     vision = config.vision

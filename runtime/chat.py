@@ -1,13 +1,9 @@
 """Load MedGemma GGUF files and chat with them: ``load(...) -> ChatModel``, ``ChatModel.chat(messages)``.
 
 Decoding. The prompt is built by ``runtime.prompt`` (token-for-token what the HF processor builds) and
-evaluated with ``runtime.engine.Engine``; each new token is chosen in numpy from the last position's
-logits — no llama.cpp sampler chain:
-
-* ``temperature == 0``: greedy, ``argmax`` (ties go to the lowest id, as numpy's and torch's argmax);
-* else softmax of ``logits / temperature`` in float64, then nucleus (top-p) filtering — keep the most
-  probable tokens, in order, up to and including the first whose cumulative probability reaches
-  ``top_p`` — renormalize and draw with ``numpy.random.default_rng(seed)`` (``seed=None``: fresh entropy).
+evaluated with ``runtime.engine.Engine``; each new token is chosen by llama.cpp's sampler chain, built per
+request from validated settings (``runtime.sampling``: greedy by default, the model's top-k/top-p when a
+temperature is set).
 
 Generation stops at an end-of-generation token (``<end_of_turn>``, ``<eos>``: llama.cpp's EOG set; not
 part of the text), after ``max_tokens`` tokens, or when the context is full (``finish_reason`` "length").
@@ -21,9 +17,9 @@ longest common prefix — images compared by pixel hash — so only the new turn
 cache cannot be trimmed, it is cleared and the prompt evaluated from the start (same result, slower).
 
 Seeds. The prompt's last token is always decoded in a batch of its own, so the same request gives the same
-logits, and with the same seed the same reply, whether its prefix was re-used or evaluated afresh. Not
-covered: a prefix cached by another conversation (its tokens were decoded in other batch shapes), another
-thread count, or another backend (GPU offload): the last bits of the logits differ there.
+logits, and with the same seed the same reply, whether its prefix was re-used or evaluated afresh (the
+limits are in ``runtime.sampling``). Not covered either: a prefix cached by another conversation (its
+tokens were decoded in other batch shapes).
 
 ``ChatModel`` is not thread-safe: one conversation at a time (the server serializes requests). Starting
 a new ``chat`` ends any unfinished stream of the previous one.
@@ -33,7 +29,6 @@ from __future__ import annotations
 
 import codecs
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +45,7 @@ from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
+from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings, model_sampling, sampling_settings
 from medgemma_gguf.sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -57,36 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_N_UBATCH = 512
 
 
-# --- sampling -----------------------------------------------------------------------------------------
-
-
-def check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
-    """UserError for sampling settings out of range."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise UserError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not (
-            math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UserError(f"seed must be a whole number >= 0, got {seed!r}")
-
-
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy (temperature 0) or temperature + top-p sampling of one token id from a row of logits."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
-        kept = probs[keep] / probs[keep].sum()
-        return int(keep[rng.choice(len(keep), p=kept)])
-    return int(rng.choice(len(probs), p=probs))
+# --- text ---------------------------------------------------------------------------------------------
 
 
 class Utf8Decoder:
@@ -168,6 +135,7 @@ class ChatModel:
         self.template = info.metadata.get("tokenizer.chat_template")
         if not isinstance(self.template, str) or not self.template:
             raise UserError(f"{engine.model_path} has no tokenizer.chat_template; re-convert it with medgemma-gguf")
+        self.sampling_defaults = model_sampling(info.metadata)
         self.bos_text = engine.token_piece(engine.bos_token, special=True).decode("utf-8")
         self.image_size: int | None = None
         self.image_tokens = 0
@@ -234,44 +202,62 @@ class ChatModel:
             )
 
     # chat ------------------------------------------------------------------------------------------
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, max_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, system: str | None = None,
-             preset: str | None = None) -> ChatResult | ChatStream:
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, system: str | None = None,
+             preset: str | None = None, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
+             repeat_last_n: int | None = None, presence_penalty: float | None = None,
+             frequency_penalty: float | None = None, seed: int | None = None,
+             logit_bias: Mapping[int, float] | None = None) -> ChatResult | ChatStream:
         """Reply to ``messages`` (HF/OpenAI shape; images as ``{"type": "image", "path"|"image"|"url": ...}``).
 
-        Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. Bad messages,
-        images and settings, and prompts too long for the context, raise ``UserError`` before evaluation.
+        Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. The sampling
+        settings (ranges and defaults: ``runtime.sampling``) default to greedy decoding; ``None`` means the
+        model's value when ``temperature`` > 0. Bad messages, images and settings, and prompts too long for
+        the context, raise ``UserError`` before evaluation.
         """
-        check_sampling(max_tokens, temperature, top_p, seed)
+        settings = sampling_settings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     seed=seed, logit_bias=logit_bias)
         prompt = self.prompt(messages, system=system, preset=preset)
-        replies = self.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        replies = self.generate(prompt, settings)
         return replies if stream else replies.collect()
 
-    def generate(self, prompt: Prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, ignore_eos: bool = False,
-                 should_stop: Callable[[], bool] | None = None) -> ChatStream:
+    def generate(self, prompt: Prompt, settings: SamplingSettings | None = None, *, ignore_eos: bool = False,
+                 should_stop: Callable[[], bool] | None = None, **fields: Any) -> ChatStream:
         """Evaluate ``prompt`` now (re-using the cached prefix) and return the stream of the reply.
 
-        ``ignore_eos``: do not stop at end-of-generation tokens (benchmarks, tests); they are then
-        generated and fed back like any token (their text is empty). ``should_stop``: polled before each
-        token is decoded; True ends the reply with ``finish_reason`` "cancelled" (a client went away).
+        ``settings`` from ``runtime.sampling.sampling_settings``, or its arguments as keywords
+        (``max_tokens=32, temperature=1``). ``ignore_eos``: do not stop at end-of-generation tokens
+        (benchmarks, tests); they are then generated and fed back like any token (their text is empty).
+        ``should_stop``: polled before each token is decoded; True ends the reply with ``finish_reason``
+        "cancelled" (a client went away).
         """
-        check_sampling(max_tokens, temperature, top_p, seed)
+        if settings is None:
+            settings = sampling_settings(**fields)
+        elif fields:
+            raise TypeError("pass either settings or sampling keywords, not both")
         self.check_fits(prompt)
-        self._generation += 1
-        started = time.perf_counter()
-        logits, reused = self._evaluate_prompt(prompt)
+        sampler = Sampler(self.engine.llama_context, settings.resolve(self.sampling_defaults),
+                          n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx)
+        try:
+            self._generation += 1
+            started = time.perf_counter()
+            _, reused = self._evaluate_prompt(prompt, logits="context")
+        except BaseException:
+            sampler.close()
+            raise
         prompt_seconds = time.perf_counter() - started
         timings = {"prompt_ms": prompt_seconds * 1e3, "prompt_positions_evaluated": prompt.n_positions - reused,
                    "prompt_positions_reused": reused}
-        return ChatStream(self._decode(logits, prompt, max_tokens, temperature, top_p, seed, timings, started,
-                                       ignore_eos, should_stop, self._generation))
+        return ChatStream(self._decode(sampler, prompt, settings.max_tokens, timings, started, ignore_eos,
+                                       should_stop, self._generation))
 
     def next_token_logits(self, prompt: Prompt) -> np.ndarray:
         """The logits after ``prompt`` (float32 [n_vocab]), evaluated as ``generate`` evaluates it."""
         self.check_fits(prompt)
         self._generation += 1
-        return self._evaluate_prompt(prompt)[0]
+        return self._evaluate_prompt(prompt, logits="last")[0][-1]
 
     def reset(self) -> None:
         """Forget the cached conversation (the next chat evaluates its whole prompt)."""
@@ -293,8 +279,9 @@ class ChatModel:
         self.close()
 
     # internals -------------------------------------------------------------------------------------
-    def _evaluate_prompt(self, prompt: Prompt) -> tuple[np.ndarray, int]:
-        """Logits after the prompt, and how many positions were re-used from the cache."""
+    def _evaluate_prompt(self, prompt: Prompt, *, logits: str) -> tuple[np.ndarray, int]:
+        """Evaluate the prompt's new part: ``Engine.eval_parts``'s logits ("last" or "context", where the
+        sampler reads them), and how many positions were re-used from the cache."""
         units = prompt.units
         if not units or isinstance(units[-1], tuple):
             raise UserError("the prompt must end with text; the chat template produced none after the last image")
@@ -325,19 +312,17 @@ class ChatModel:
         if isinstance(last, list) and len(last) > 1:
             parts[-1:] = [last[:-1], last[-1:]]
         try:
-            logits = self.engine.eval_parts(parts, logits="last")
+            rows = self.engine.eval_parts(parts, logits=logits)
         except BaseException:
             self.engine.reset()
             self._kv_units = []
             raise
         self._kv_units = list(units)
-        return logits[-1], reused
+        return rows, reused
 
-    def _decode(self, logits: np.ndarray, prompt: Prompt, max_tokens: int, temperature: float, top_p: float,
-                seed: int | None, timings: dict[str, float], started: float, ignore_eos: bool,
-                should_stop: Callable[[], bool] | None, generation: int):
+    def _decode(self, sampler: Sampler, prompt: Prompt, max_tokens: int, timings: dict[str, float], started: float,
+                ignore_eos: bool, should_stop: Callable[[], bool] | None, generation: int):
         engine = self.engine
-        rng = np.random.default_rng(seed)
         decoder = Utf8Decoder()
         pieces: list[str] = []
         token_ids: list[int] = []
@@ -346,32 +331,37 @@ class ChatModel:
         decode_seconds = 0.0
         first_token_at = None
         step_started = time.perf_counter()
-        while n_tokens < max_tokens:
-            if generation != self._generation:
-                raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was closed)")
-            token = sample_token(logits, temperature, top_p, rng)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if not ignore_eos and engine.is_end_of_generation(token):
-                finish = "stop"
-                break
-            n_tokens += 1
-            token_ids.append(token)
-            text = decoder.push(engine.token_piece(token))
-            decode_seconds += time.perf_counter() - step_started
-            if text:
-                pieces.append(text)
-                yield text
-            if generation != self._generation:
-                raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was closed)")
-            if n_tokens == max_tokens or engine.n_past + 1 > engine.n_ctx:
-                break
-            if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-            step_started = time.perf_counter()
-            logits = engine.eval_tokens([token], logits="last")[0]
-            self._kv_units.append(token)
+        try:
+            while n_tokens < max_tokens:
+                if generation != self._generation:
+                    raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was "
+                                       "closed)")
+                token = sampler.sample()
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if not ignore_eos and engine.is_end_of_generation(token):
+                    finish = "stop"
+                    break
+                n_tokens += 1
+                token_ids.append(token)
+                text = decoder.push(engine.piece(token))
+                decode_seconds += time.perf_counter() - step_started
+                if text:
+                    pieces.append(text)
+                    yield text
+                if generation != self._generation:
+                    raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was "
+                                       "closed)")
+                if n_tokens == max_tokens or engine.n_past + 1 > engine.n_ctx:
+                    break
+                if should_stop is not None and should_stop():
+                    finish = "cancelled"
+                    break
+                step_started = time.perf_counter()
+                engine.decode_next(token)
+                self._kv_units.append(token)
+        finally:
+            sampler.close()
         tail = decoder.finish()
         if tail:
             pieces.append(tail)

@@ -28,6 +28,21 @@ def _parse_window(_ctx: click.Context, _param: click.Parameter, value: str | Non
     return center, width
 
 
+def _parse_logit_bias(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict | None:
+    if not values:
+        return None
+    bias: dict[str, float] = {}
+    for value in values:
+        token, sep, amount = value.partition("=")
+        try:
+            bias[token.strip()] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"use TOKEN_ID=BIAS, e.g. --logit-bias 1234=-100 (got {value!r})") from None
+        if not sep:
+            raise click.BadParameter(f"use TOKEN_ID=BIAS, e.g. --logit-bias 1234=-100 (got {value!r})")
+    return bias
+
+
 def _model_options(command):
     """Options shared by chat and serve: which files, where they run."""
     for option in reversed([
@@ -64,23 +79,35 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
 @click.option("--prompt", help="One-shot question; without it an interactive chat starts.")
 @click.option("--system", help="System prompt (none by default).")
 @click.option("--preset", type=click.Choice(sorted(load_presets())), help="A documented-use system prompt.")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (with --temperature > 0).")
+@click.option("--max-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0 = greedy; > 0 samples (top-k/top-p default to the model's values).")
+@click.option("--top-k", type=int, help="Keep the K most likely tokens (0 = off; default: the model's).")
+@click.option("--top-p", type=float, help="Nucleus: keep tokens up to this probability mass (default: the model's).")
+@click.option("--min-p", type=float, help="Drop tokens below this fraction of the top token's probability.")
+@click.option("--repeat-penalty", type=float, help="Divide repeated tokens' logits by this (1 = off).")
+@click.option("--repeat-last-n", type=int, help="Tokens the penalties look back over (default 64; -1 = all).")
+@click.option("--presence-penalty", type=float, help="Subtract from tokens already generated (-2..2).")
+@click.option("--frequency-penalty", type=float, help="Subtract per occurrence in the reply so far (-2..2).")
+@click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN_ID=BIAS", callback=_parse_logit_bias,
+              help="Add BIAS (-100..100) to a token's logit; repeat for several.")
+@click.option("--seed", type=int, help="Sampling seed (with --temperature > 0): the same seed, the same reply.")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                  vram: str | None, threads: int | None, images: tuple[Path, ...], prompt: str | None,
-                 system: str | None, preset: str | None, max_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, window: tuple[float, float] | None, as_json: bool) -> None:
+                 system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
+                 **sampling_options: Any) -> None:
     """Chat with MODEL (a GGUF, or an output folder: the best quant that fits is used)."""
+    from medgemma_gguf.runtime.sampling import sampling_settings
+
     if as_json and prompt is None:
         raise UserError("--json prints one reply; pass the question with --prompt")
     if system is not None and preset is not None:
         raise UserError("pass either --system or --preset, not both")
+    sampling_settings(**sampling_options)  # bad settings are refused before the model loads
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, window=window)
-    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    sampling = dict(sampling_options)
     with chat_model:
         if prompt is not None:
             content = [{"type": "text", "text": prompt}] + [{"type": "image", "path": str(p)} for p in images]

@@ -120,6 +120,9 @@ class Engine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_past = 0
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        self._one = None  # a one-token batch for decode_next
         if vocab_only:
             return
         ctx_params = llama_cpp.llama_context_default_params()
@@ -136,6 +139,11 @@ class Engine:
             raise UserError(f"cannot create a context of {n_ctx} tokens for {self.model_path}; lower "
                             f"{setting('n_ctx')}")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._one = llama_cpp.llama_batch_init(1, 0, 1)
+        self._one.n_tokens = 1
+        self._one.n_seq_id[0] = 1
+        self._one.seq_id[0][0] = 0
+        self._one.logits[0] = True
         self.n_ubatch = n_ubatch
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         if self.mmproj_path is not None:
@@ -164,6 +172,9 @@ class Engine:
         if self._mtmd:
             mtmd.mtmd_free(self._mtmd)
             self._mtmd = None
+        if self._one is not None:
+            llama_cpp.llama_batch_free(self._one)
+            self._one = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -206,8 +217,26 @@ class Engine:
             count = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         return buffer.raw[:count]
 
+    def piece(self, token: int) -> bytes:
+        """``token_piece(token)``, remembered per token (the decode loop asks for every generated token)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.token_piece(token)
+        return piece
+
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        """Whether llama.cpp counts ``token`` as an end of generation (remembered per token)."""
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the one vocabulary token whose text is ``text`` (special tokens parsed), else None."""
+        ids = self.tokenize(text)
+        if len(ids) != 1 or self.token_piece(ids[0], special=True) != text.encode("utf-8"):
+            return None
+        return ids[0]
 
     @property
     def bos_token(self) -> int:
@@ -224,6 +253,11 @@ class Engine:
         return start[0], end[0]
 
     # evaluation ------------------------------------------------------------------------------------
+    @property
+    def llama_vocab(self) -> ctypes.c_void_p:
+        """The raw ``llama_vocab`` pointer (sampler chains and grammars are built on it)."""
+        return self._vocab
+
     @property
     def llama_context(self) -> ctypes.c_void_p:
         """The raw ``llama_context`` pointer, for callers that drive llama.cpp's C API directly (imatrix)."""
@@ -255,15 +289,18 @@ class Engine:
     def eval_tokens(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
         """Decode ``tokens`` after what was evaluated so far.
 
-        ``logits``: "all" returns float32 [len(tokens), n_vocab], "last" returns [1, n_vocab], "none" [0, n_vocab].
+        ``logits``: "all" returns float32 [len(tokens), n_vocab], "last" returns [1, n_vocab], "none" [0, n_vocab];
+        "context" computes the last token's logits but leaves them in the context for a sampler (returns
+        [0, n_vocab]).
         """
         tokens = list(tokens)
         self._check_room(len(tokens))
         want = np.zeros(len(tokens), dtype=bool)
         if logits == "all":
             want[:] = True
-        elif logits == "last" and tokens:
+        elif logits in ("last", "context") and tokens:
             want[-1] = True
+        copy = logits != "context"
         rows: list[np.ndarray] = []
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         try:
@@ -279,7 +316,7 @@ class Engine:
                 status = llama_cpp.llama_decode(self._ctx, batch)
                 if status != 0:
                     raise RuntimeError(f"llama_decode failed with status {status}")
-                for i in range(len(chunk)):
+                for i in range(len(chunk) if copy else 0):
                     if want[start + i]:
                         pointer = llama_cpp.llama_get_logits_ith(self._ctx, i)
                         rows.append(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy())
@@ -287,6 +324,18 @@ class Engine:
         finally:
             llama_cpp.llama_batch_free(batch)
         return np.stack(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)
+
+    def decode_next(self, token: int) -> None:
+        """Decode one generated token after the others; its logits stay in the context for the sampler."""
+        if self.n_past >= self.n_ctx:
+            self._check_room(1)
+        batch = self._one
+        batch.token[0] = token
+        batch.pos[0] = self.n_past
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        self.n_past += 1
 
     def _image_chunks(self, image: ImagePart):
         """libmtmd's chunks for one image: [text <start_of_image>], image, [text <end_of_image>]."""
@@ -378,6 +427,6 @@ class Engine:
                 self.eval_image(part)
                 continue
             is_last = index == len(parts) - 1
-            mode = "all" if logits == "all" else ("last" if logits == "last" and is_last else "none")
+            mode = "all" if logits == "all" else (logits if logits in ("last", "context") and is_last else "none")
             rows.append(self.eval_tokens(part, logits=mode))
         return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)

@@ -35,7 +35,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream, check_sampling
+from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream
+from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,7 @@ class CompletionRequest:
     messages: list[Any]
     stream: bool
     include_usage: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
+    sampling: SamplingSettings
 
 
 def _count_images(messages: Any) -> int:
@@ -105,23 +103,14 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
         raise ApiError(400, "'stream' must be true or false")
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = limits.max_tokens_limit
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ApiError(400, f"'max_tokens' must be a whole number >= 1, got {max_tokens!r}")
-    if max_tokens > limits.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' {max_tokens} is above this server's limit of {limits.max_tokens_limit}")
-    temperature = 0.0 if body.get("temperature") is None else body["temperature"]
-    top_p = 1.0 if body.get("top_p") is None else body["top_p"]
-    seed = body.get("seed")
     try:
-        check_sampling(max_tokens, temperature, top_p, seed)
+        sampling = settings_from_request(body, default_max_tokens=limits.max_tokens_limit)
     except UserError as exc:
         raise ApiError(exc.http_status, exc.for_http()) from exc
-    if temperature > 2:
-        raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}")
-    return CompletionRequest(messages, stream, include_usage, max_tokens, float(temperature), float(top_p), seed)
+    if sampling.max_tokens > limits.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' {sampling.max_tokens} is above this server's limit of "
+                            f"{limits.max_tokens_limit}")
+    return CompletionRequest(messages, stream, include_usage, sampling)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -182,8 +171,8 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         """Build the prompt and evaluate it (the caller holds the lock); ApiError(400) for bad input."""
         try:
             prompt = model.prompt(req.messages, images=image_options)
-            return model.generate(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  seed=req.seed, should_stop=cancelled.is_set if cancelled is not None else None)
+            return model.generate(prompt, req.sampling,
+                                  should_stop=cancelled.is_set if cancelled is not None else None)
         except UserError as exc:
             raise ApiError(exc.http_status, exc.for_http()) from exc
 

@@ -116,6 +116,26 @@ def test_openai_client_gets_hf_greedy_reply_streaming_and_not(served, client, ti
     assert json.loads(data_lines[0][6:])["object"] == "chat.completion.chunk"
 
 
+def test_sampling_fields_are_honoured(served, client):
+    _, model = served
+    question = [{"role": "user", "content": "What is the normal adult resting heart rate?"}]
+    greedy = model.chat(question, max_tokens=8)
+
+    def reply(**fields):
+        return client.chat.completions.create(model="m", messages=question, max_tokens=8, **fields)
+
+    assert reply().choices[0].message.content == greedy.text
+    assert reply(temperature=1.0, seed=4, extra_body={"top_k": 1}).choices[0].message.content == greedy.text
+    assert reply(temperature=1.0, seed=4, extra_body={"min_p": 1.0}).choices[0].message.content == greedy.text
+    seeded = model.chat(question, max_tokens=8, temperature=1.3, top_p=0.9, seed=77)
+    assert reply(temperature=1.3, top_p=0.9, seed=77).choices[0].message.content == seeded.text
+    for fields in ({"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"extra_body": {"repeat_penalty": 1.5}}):
+        expected = model.chat(question, max_tokens=8, **fields.get("extra_body", fields)).text
+        assert reply(**fields).choices[0].message.content == expected
+    forced = reply(logit_bias={"77": 100})
+    assert forced.choices[0].message.content == model.engine.token_piece(77).decode() * 8
+
+
 def test_models_and_health(served, client):
     base, model = served
     assert [m.id for m in client.models.list().data] == [model.name]
@@ -141,6 +161,15 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         (_post(base, {"messages": []}), 400, "non-empty array"),
         (_post(base, {"messages": _request(img)[:1] * 1, "max_tokens": 65}), 400, "above this server's limit of 64"),
         (_post(base, {**good, "temperature": -1}), 400, "temperature"),
+        (_post(base, None, raw=b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e400}'), 400,
+         "'temperature' must be 0 (greedy) or between 0.001 and 100"),
+        (_post(base, {**good, "temperature": 5e-324}), 400, "'temperature' must be"),
+        (_post(base, {**good, "top_k": -1}), 400, "'top_k' must be a whole number >= 0"),
+        (_post(base, {**good, "top_k": True}), 400, "'top_k' must be a whole number"),
+        (_post(base, {**good, "min_p": 2}), 400, "'min_p' must be between 0 and 1"),
+        (_post(base, {**good, "presence_penalty": 9}), 400, "'presence_penalty' must be between -2 and 2"),
+        (_post(base, {**good, "seed": 2**70}), 400, "'seed' must be a whole number"),
+        (_post(base, {**good, "logit_bias": {"999999": 5}}), 400, "'logit_bias' names token 999999"),
         (_post(base, {**good, "stop": ["\n"]}), 400, "'stop' sequences are not supported"),
         (_post(base, {**good, "n": 2}), 400, "'n' must be 1"),
         (_post(base, {"messages": [{"role": "user", "content": [
