@@ -6,9 +6,10 @@ request from validated settings (``runtime.sampling``: greedy by default, the mo
 temperature is set).
 
 Generation stops at an end-of-generation token (``<end_of_turn>``, ``<eos>``: llama.cpp's EOG set; not
-part of the text), after ``max_tokens`` tokens, or when the context is full (``finish_reason`` "length").
-Streaming yields text pieces decoded incrementally from the tokens' UTF-8 bytes, so a character split
-over several byte tokens comes out whole.
+part of the text) or a stop string (``finish_reason`` "stop"), after ``max_tokens`` tokens, or when the
+context is full ("length"). The text comes from ``runtime.reply``: decoded incrementally from the tokens'
+UTF-8 bytes, so a character split over several byte tokens comes out whole, and cut before a stop string
+even when it spans tokens; a stream holds back only what could still become a stop string.
 
 Context. A prompt that does not fit in the context (with room for one generated token) raises a
 ``UserError`` before anything is evaluated. Multi-turn: every call passes the whole conversation; the
@@ -27,7 +28,6 @@ a new ``chat`` ends any unfinished stream of the previous one.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,30 +45,13 @@ from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
+from medgemma_gguf.runtime.reply import CONTENT, Delta, ReplyText
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings, model_sampling, sampling_settings
 from medgemma_gguf.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
 DEFAULT_N_UBATCH = 512
-
-
-# --- text ---------------------------------------------------------------------------------------------
-
-
-class Utf8Decoder:
-    """Turns token byte pieces into text as they arrive; a character split over pieces comes out whole."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, piece: bytes) -> str:
-        """The text completed by ``piece`` (may be empty while a character is incomplete)."""
-        return self._decoder.decode(piece)
-
-    def finish(self) -> str:
-        """What is left: U+FFFD for an incomplete trailing character, else empty."""
-        return self._decoder.decode(b"", final=True)
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -91,29 +74,47 @@ class ChatResult:
 
 
 class ChatStream(Iterator[str]):
-    """The text pieces of a reply as they are generated; ``result`` is set once the stream is exhausted."""
+    """The text pieces of a reply as they are generated; ``result`` is set once the stream is exhausted.
 
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
+    Iterating gives the reply's text; ``deltas()`` gives every piece as ``(channel, text)`` (the
+    channels of ``runtime.reply``). Use one or the other.
+    """
+
+    def __init__(self, deltas: Iterator[Delta]):
+        self._deltas = deltas
         self.result: ChatResult | None = None
 
     def __iter__(self) -> ChatStream:
         return self
 
     def __next__(self) -> str:
+        while True:
+            channel, text = self._next_delta()
+            if channel == CONTENT:
+                return text
+
+    def _next_delta(self) -> Delta:
         try:
-            return next(self._pieces)
+            return next(self._deltas)
         except StopIteration as stop:
             self.result = stop.value
             raise
 
+    def deltas(self) -> Iterator[Delta]:
+        """Every piece as it comes, with its channel."""
+        while True:
+            try:
+                yield self._next_delta()
+            except StopIteration:
+                return
+
     def close(self) -> None:
         """Stop generating (the tokens generated so far stay in the KV cache)."""
-        self._pieces.close()
+        self._deltas.close()
 
     def collect(self) -> ChatResult:
         """Run to the end and return the result."""
-        for _ in self:
+        for _ in self.deltas():
             pass
         assert self.result is not None
         return self.result
@@ -207,7 +208,8 @@ class ChatModel:
              top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
              repeat_last_n: int | None = None, presence_penalty: float | None = None,
              frequency_penalty: float | None = None, seed: int | None = None,
-             logit_bias: Mapping[int, float] | None = None) -> ChatResult | ChatStream:
+             logit_bias: Mapping[int, float] | None = None, stop: str | Sequence[str] | None = None,
+             ) -> ChatResult | ChatStream:
         """Reply to ``messages`` (HF/OpenAI shape; images as ``{"type": "image", "path"|"image"|"url": ...}``).
 
         Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. The sampling
@@ -218,7 +220,7 @@ class ChatModel:
         settings = sampling_settings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     seed=seed, logit_bias=logit_bias)
+                                     seed=seed, logit_bias=logit_bias, stop=stop)
         prompt = self.prompt(messages, system=system, preset=preset)
         replies = self.generate(prompt, settings)
         return replies if stream else replies.collect()
@@ -250,7 +252,8 @@ class ChatModel:
         prompt_seconds = time.perf_counter() - started
         timings = {"prompt_ms": prompt_seconds * 1e3, "prompt_positions_evaluated": prompt.n_positions - reused,
                    "prompt_positions_reused": reused}
-        return ChatStream(self._decode(sampler, prompt, settings.max_tokens, timings, started, ignore_eos,
+        reply = ReplyText(self.engine.piece, stop=settings.stop)
+        return ChatStream(self._decode(sampler, reply, prompt, settings.max_tokens, timings, started, ignore_eos,
                                        should_stop, self._generation))
 
     def next_token_logits(self, prompt: Prompt) -> np.ndarray:
@@ -320,11 +323,10 @@ class ChatModel:
         self._kv_units = list(units)
         return rows, reused
 
-    def _decode(self, sampler: Sampler, prompt: Prompt, max_tokens: int, timings: dict[str, float], started: float,
-                ignore_eos: bool, should_stop: Callable[[], bool] | None, generation: int):
+    def _decode(self, sampler: Sampler, reply: ReplyText, prompt: Prompt, max_tokens: int,
+                timings: dict[str, float], started: float, ignore_eos: bool,
+                should_stop: Callable[[], bool] | None, generation: int):
         engine = self.engine
-        decoder = Utf8Decoder()
-        pieces: list[str] = []
         token_ids: list[int] = []
         n_tokens = 0
         finish = "length"
@@ -344,14 +346,16 @@ class ChatModel:
                     break
                 n_tokens += 1
                 token_ids.append(token)
-                text = decoder.push(engine.piece(token))
+                shown = reply.push(token)
                 decode_seconds += time.perf_counter() - step_started
-                if text:
-                    pieces.append(text)
-                    yield text
+                if shown:
+                    yield from shown
                 if generation != self._generation:
                     raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was "
                                        "closed)")
+                if reply.stopped:
+                    finish = "stop"
+                    break
                 if n_tokens == max_tokens or engine.n_past + 1 > engine.n_ctx:
                     break
                 if should_stop is not None and should_stop():
@@ -362,15 +366,12 @@ class ChatModel:
                 self._kv_units.append(token)
         finally:
             sampler.close()
-        tail = decoder.finish()
-        if tail:
-            pieces.append(tail)
-            yield tail
+        yield from reply.finish()
         timings["time_to_first_token_ms"] = ((first_token_at or time.perf_counter()) - started) * 1e3
         timings["decode_ms"] = decode_seconds * 1e3
         timings["decode_tokens_per_s"] = (n_tokens - 1) / decode_seconds if n_tokens > 1 and decode_seconds else 0.0
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        return ChatResult("".join(pieces), prompt.n_positions, n_tokens, timings, finish, token_ids)
+        return ChatResult(reply.text, prompt.n_positions, n_tokens, timings, finish, token_ids)
 
 
 # --- loading ------------------------------------------------------------------------------------------

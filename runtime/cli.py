@@ -92,6 +92,7 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
 @click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN_ID=BIAS", callback=_parse_logit_bias,
               help="Add BIAS (-100..100) to a token's logit; repeat for several.")
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0): the same seed, the same reply.")
+@click.option("--stop", multiple=True, help="End the reply where this text appears (not printed); up to 4.")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
@@ -105,6 +106,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
         raise UserError("--json prints one reply; pass the question with --prompt")
     if system is not None and preset is not None:
         raise UserError("pass either --system or --preset, not both")
+    sampling_options["stop"] = list(sampling_options["stop"]) or None
     sampling_settings(**sampling_options)  # bad settings are refused before the model loads
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, window=window)
     sampling = dict(sampling_options)

@@ -18,6 +18,7 @@ out of range.
 | ``presence_penalty``, ``frequency_penalty`` | -2 .. 2 (OpenAI's range) | 0 = off |
 | ``seed`` | 0 .. 4294967294, or -1 / None | None or -1 = a fresh random seed |
 | ``logit_bias`` | {token id: -100 .. 100} | none |
+| ``stop`` | a string or up to 4 non-empty strings | none (``runtime.reply`` cuts the reply there) |
 
 Defaults from the model. Temperature 0 (greedy) stays the default. A request that sets a temperature > 0
 takes, for each of top-k, top-p, min-p and the repeat penalty it leaves unset, the model's value: the
@@ -52,6 +53,7 @@ import gguf
 import llama_cpp
 
 from medgemma_gguf.errors import InputError, setting
+from medgemma_gguf.runtime.reply import MAX_STOP
 
 INT32_MAX = 2**31 - 1
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a seed itself
@@ -161,6 +163,18 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(biases.items()))
 
 
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+        raise InputError(f"{setting('stop')} must be a string or a list of up to {MAX_STOP} strings, "
+                         f"got {_show(value)}")
+    if len(stops) > MAX_STOP:
+        raise InputError(f"{setting('stop')} takes at most {MAX_STOP} stop strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise InputError(f"{setting('stop')} strings must not be empty; drop the empty one")
+    return tuple(dict.fromkeys(stops))
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Validated settings of one request (build with ``sampling_settings``). ``None``: the model's default."""
@@ -176,6 +190,7 @@ class SamplingSettings:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -203,7 +218,7 @@ class SamplingSettings:
 def sampling_settings(*, max_tokens: Any = DEFAULT_MAX_TOKENS, temperature: Any = 0.0, top_k: Any = None,
                       top_p: Any = None, min_p: Any = None, repeat_penalty: Any = None, repeat_last_n: Any = None,
                       presence_penalty: Any = None, frequency_penalty: Any = None, seed: Any = None,
-                      logit_bias: Any = None) -> SamplingSettings:
+                      logit_bias: Any = None, stop: Any = None) -> SamplingSettings:
     """Check every sampling setting (the ranges are in the module docstring); InputError naming the first bad one.
 
     ``None`` means "not set" everywhere (JSON ``null`` too); ``seed=-1`` means a random seed, as in llama.cpp.
@@ -226,6 +241,7 @@ def sampling_settings(*, max_tokens: Any = DEFAULT_MAX_TOKENS, temperature: Any 
         seed=None if seed is None or (type(seed) is int and seed == -1) else _integer(
             "seed", seed, 0, RANDOM_SEED - 1, f"between 0 and {RANDOM_SEED - 1} (or -1 for a random seed)"),
         logit_bias=() if logit_bias is None else _logit_bias(logit_bias),
+        stop=() if stop is None else _stop(stop),
     )
 
 
@@ -234,7 +250,7 @@ REQUEST_FIELDS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "seed": "seed",
-    "logit_bias": "logit_bias",
+    "logit_bias": "logit_bias", "stop": "stop",
 }
 
 

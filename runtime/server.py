@@ -13,7 +13,13 @@ status and the server keeps serving.
 One model, one context: requests run one at a time (a lock held from prompt building to the last token;
 a streaming client that disconnects stops its generation at the next token). Defaults differ from
 OpenAI's in one place: ``temperature`` defaults to 0 (greedy, as in Google's MedGemma examples);
-``max_tokens`` defaults to the server's limit. ``stop`` sequences and ``n > 1`` are refused with 400.
+``max_tokens`` defaults to the server's limit. ``n > 1`` is refused with 400.
+
+Sampling fields (checked by ``runtime.sampling.settings_from_request``, the validation the CLI and the
+Python API use): ``temperature``, ``top_p``, ``seed``, ``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``stop`` (up to 4 strings, never part of the reply, also when streaming), and
+llama-server's ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``. A sampled request takes the
+model's top-k/top-p for what it leaves unset.
 """
 
 from __future__ import annotations
@@ -96,8 +102,6 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
         raise ApiError(400, f"the request has {n_images} images; this server accepts at most {limits.max_images}")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "'n' must be 1: one model, one reply per request")
-    if body.get("stop") not in (None, [], ""):
-        raise ApiError(400, "'stop' sequences are not supported; the reply ends at the model's end of turn")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false")

@@ -281,19 +281,6 @@ def test_should_stop_ends_a_reply_early(folder, chat_model):
     assert result.finish_reason == "cancelled" and result.completion_tokens == 3
 
 
-def test_utf8_decoder_keeps_split_characters_whole():
-    from medgemma_gguf.runtime.chat import Utf8Decoder
-
-    decoder = Utf8Decoder()
-    data = "é🩻a".encode()
-    pieces = [decoder.push(data[i:i + 1]) for i in range(len(data))]
-    assert pieces == ["", "é", "", "", "", "🩻", "a"]
-    assert decoder.finish() == ""
-    broken = Utf8Decoder()
-    assert broken.push(b"\xf0\x9f") == "" and broken.finish() == "\ufffd"
-    assert Utf8Decoder().push(b"\xffok") == "\ufffdok"
-
-
 def test_seeded_sampling_reproduces_a_reply(folder, files, chat_model):
     """Same request + same seed = same reply, whether the prefix is re-used or evaluated from scratch."""
     from medgemma_gguf.runtime import load

@@ -139,6 +139,12 @@ def test_the_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
         assert err[-1].startswith(message), err
     assert main(["chat", model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
     assert "TOKEN_ID=BIAS" in capsys.readouterr().err
+    assert main(["chat", model, "--prompt", "x", *[f"--stop={c}" for c in "abcde"]]) == 2
+    assert "error: --stop takes at most 4 stop strings, got 5" in capsys.readouterr().err
+    assert main(["chat", model, "--prompt", "x", "--stop", ""]) == 2
+    assert "error: --stop strings must not be empty" in capsys.readouterr().err
+    assert main(["chat", model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
+    assert "TOKEN_ID=BIAS" in capsys.readouterr().err
 
 
 # --- the chain on a real model -----------------------------------------------------------------------------

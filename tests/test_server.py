@@ -132,6 +132,16 @@ def test_sampling_fields_are_honoured(served, client):
     for fields in ({"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"extra_body": {"repeat_penalty": 1.5}}):
         expected = model.chat(question, max_tokens=8, **fields.get("extra_body", fields)).text
         assert reply(**fields).choices[0].message.content == expected
+    sampled = {"max_tokens": 16, "temperature": 1.0, "seed": 21}
+    full = model.chat(question, **sampled).text
+    stop = full[5:8]
+    expected = model.chat(question, **sampled, stop=[stop])
+    assert expected.text == full[:full.index(stop)] and expected.finish_reason == "stop"
+    stopped = client.chat.completions.create(model="m", messages=question, stop=[stop], **sampled)
+    assert stopped.choices[0].message.content == expected.text and stopped.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="m", messages=question, stop=stop, stream=True, **sampled))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
     forced = reply(logit_bias={"77": 100})
     assert forced.choices[0].message.content == model.engine.token_piece(77).decode() * 8
 
@@ -170,7 +180,9 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         (_post(base, {**good, "presence_penalty": 9}), 400, "'presence_penalty' must be between -2 and 2"),
         (_post(base, {**good, "seed": 2**70}), 400, "'seed' must be a whole number"),
         (_post(base, {**good, "logit_bias": {"999999": 5}}), 400, "'logit_bias' names token 999999"),
-        (_post(base, {**good, "stop": ["\n"]}), 400, "'stop' sequences are not supported"),
+        (_post(base, {**good, "stop": ["a", "b", "c", "d", "e"]}), 400, "'stop' takes at most 4 stop strings"),
+        (_post(base, {**good, "stop": ""}), 400, "'stop' strings must not be empty"),
+        (_post(base, {**good, "stop": 5}), 400, "'stop' must be a string or a list"),
         (_post(base, {**good, "n": 2}), 400, "'n' must be 1"),
         (_post(base, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cxr.png"}}]}]}), 400, "never fetched"),
