@@ -79,6 +79,16 @@ SETTINGS: dict[str, Spelling] = {
     "eval_outdir": Spelling("--out", "outdir", "'outdir'"),
     "reference_mmproj": Spelling("--reference-mmproj", "reference_mmproj", "'reference_mmproj'"),
     "reference_top_k": Spelling("--top-k", "top_k", "'top_k'"),
+    "volume_slices": Spelling("--slices", "slices", "the volume item's 'slices'"),
+    "windows": Spelling("--windows", "windows", "the volume item's 'windows'"),
+    "modality": Spelling("--modality", "modality", "the volume item's 'modality'"),
+    "series": Spelling("--series", "series", "the volume item's 'series'"),
+    "patches": Spelling("--patches", "patches", "the slide item's 'patches'"),
+    "magnification": Spelling("--magnification", "magnification", "the slide item's 'magnification'"),
+    "mpp": Spelling("--mpp", "mpp", "the slide item's 'mpp'"),
+    "max_images": Spelling("--max-images", "max_images", "the server's image limit (serve --max-images)"),
+    "allow_dir": Spelling("--allow-dir", "allowed_roots", "a folder the server allows (serve --allow-dir)"),
+    "prior": Spelling("--prior", "prior", "the longitudinal item's 'prior'"),
     "data_dir": Spelling("--data-dir", "data_dir (or local_dir)", "'data_dir'"),
 }
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.errors import ResourceError, UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
@@ -52,6 +52,19 @@ from medgemma_gguf.sizes import parse_size
 log = logging.getLogger(__name__)
 
 DEFAULT_N_UBATCH = 512
+
+
+def context_overflow_message(prompt: Prompt, n_ctx: int) -> str:
+    """Why ``prompt`` does not fit in ``n_ctx`` positions (one kept for a generated token), and how many images do."""
+    text = prompt.n_positions - prompt.n_images * prompt.image_tokens
+    head = (f"the conversation needs {prompt.n_positions} positions ({text} of text"
+            + (f" and {prompt.n_images} images of {prompt.image_tokens}" if prompt.n_images else "")
+            + f") and the context holds {n_ctx}")
+    if not prompt.n_images:
+        return f"{head}; raise {setting('n_ctx')} or start a new conversation"
+    fit = max(0, (n_ctx - 1 - text) // prompt.image_tokens)
+    return (f"{head}: with this text {fit} of the {prompt.n_images} images fit; send at most {fit} images (a volume: "
+            f"{setting('volume_slices')} {fit}) or raise {setting('n_ctx')} to at least {prompt.n_positions + 1}")
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -169,14 +182,17 @@ class ChatModel:
         return self.engine.n_ctx
 
     def image_options(self, *, window: tuple[float, float] | None = None, max_pixels: int | None = None,
-                      allow_local_files: bool | None = None) -> ImageOptions | None:
+                      allow_local_files: bool | None = None, allowed_roots: tuple[Path, ...] = (),
+                      max_images: int | None = None) -> ImageOptions | None:
         """How this model loads images (None without an mmproj)."""
         if self.image_size is None:
             return None
         if allow_local_files is None:
             allow_local_files = self.allow_local_files
         return ImageOptions(self.image_size, window=window if window is not None else self.window,
-                            max_pixels=max_pixels or self.max_image_pixels, allow_local_files=allow_local_files)
+                            max_pixels=max_pixels or self.max_image_pixels, allow_local_files=allow_local_files,
+                            allowed_roots=tuple(allowed_roots), max_images=max_images, n_ctx=self.n_ctx,
+                            image_tokens=self.image_tokens)
 
     # prompts ---------------------------------------------------------------------------------------
     def prompt(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None, preset: str | None = None,
@@ -196,11 +212,7 @@ class ChatModel:
         """UserError when the model was closed or the prompt leaves no room in the context for a generated token."""
         self._check_open()
         if prompt.n_positions + 1 > self.n_ctx:
-            raise UserError(
-                f"the conversation needs {prompt.n_positions} positions (text tokens plus "
-                f"{self.image_tokens} per image) and the context holds {self.n_ctx}; raise {setting('n_ctx')} or start "
-                "a new conversation"
-            )
+            raise ResourceError(context_overflow_message(prompt, self.n_ctx))
 
     # chat ------------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, system: str | None = None,

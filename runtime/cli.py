@@ -11,6 +11,8 @@ import click
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.prompt import load_presets
+from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
+from medgemma_gguf.runtime.study_cli import STUDY_OPTION_NAMES, build_study_turn, is_study, study_options
 
 REPL_HELP = ("commands: /image PATH attaches an image to your next message, /reset starts a new conversation, "
              "/quit (or end of input) leaves")
@@ -78,7 +80,8 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
               help="Image file (PNG, JPEG, DICOM, ...); repeat for several.")
 @click.option("--prompt", help="One-shot question; without it an interactive chat starts.")
 @click.option("--system", help="System prompt (none by default).")
-@click.option("--preset", type=click.Choice(sorted(load_presets())), help="A documented-use system prompt.")
+@click.option("--preset", type=click.Choice(sorted(load_presets())),
+              help="A documented-use system prompt, or a notebook's task layout for --volume/--slide/--prior.")
 @click.option("--max-tokens", default=256, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float,
               help="0 = greedy; > 0 samples (top-k/top-p default to the model's values).")
@@ -95,22 +98,41 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
 @click.option("--stop", multiple=True, help="End the reply where this text appears (not printed); up to 4.")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
+@study_options
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                  vram: str | None, threads: int | None, images: tuple[Path, ...], prompt: str | None,
                  system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
-                 **sampling_options: Any) -> None:
+                 **options: Any) -> None:
     """Chat with MODEL (a GGUF, or an output folder: the best quant that fits is used)."""
     from medgemma_gguf.runtime.sampling import sampling_settings
 
-    if as_json and prompt is None:
+    study = {name: options.pop(name) for name in STUDY_OPTION_NAMES}
+    sampling_options = options
+    task = load_presets()[preset] if preset is not None and load_presets()[preset].input else None
+    if as_json and prompt is None and task is None:
         raise UserError("--json prints one reply; pass the question with --prompt")
-    if system is not None and preset is not None:
+    if system is not None and preset is not None and task is None:
         raise UserError("pass either --system or --preset, not both")
     sampling_options["stop"] = list(sampling_options["stop"]) or None
     sampling_settings(**sampling_options)  # bad settings are refused before the model loads
+    if task is not None and not is_study(study):
+        flag = "--prior" if task.input == "longitudinal" else f"--{task.input}"
+        raise UserError(f"preset {preset} lays out a {task.input} prompt; pass {flag}")
+    preset = None if task is not None else preset
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, window=window)
     sampling = dict(sampling_options)
     with chat_model:
+        turn = build_study_turn(chat_model, prompt=prompt, images=images, preset=task, study=study) if is_study(
+            study) else None
+        if turn is not None and (prompt is not None or (task is not None and turn.after is not None)):
+            content = turn.items + ([{"type": "text", "text": turn.after}] if turn.after else [])
+            result = chat_model.chat([{"role": "user", "content": content}], stream=not as_json, system=system,
+                                     **sampling)
+            _print_reply(result, as_json)
+            return
+        if turn is not None:
+            _repl(chat_model, [], system=system, preset=preset, sampling=sampling, first=turn.items)
+            return
         if prompt is not None:
             content = [{"type": "text", "text": prompt}] + [{"type": "image", "path": str(p)} for p in images]
             messages = [{"role": "user", "content": content}]
@@ -127,11 +149,23 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
         _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling)
 
 
-def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | None, sampling: dict) -> None:
-    """Multi-turn chat over stdin: each line is a user message; /image, /reset, /quit."""
+def _print_reply(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    for piece in result:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | None, sampling: dict,
+          first: list[dict[str, Any]] | None = None) -> None:
+    """Multi-turn chat over stdin: each line is a user message; /image, /reset, /quit. ``first``: items (a
+    volume's slices, a slide's patches) that go before the first line typed."""
     from medgemma_gguf.runtime.prompt import load_prompt_image
 
-    pending = []
+    pending: list[Any] = []
     for path in images:
         pending.append(load_prompt_image(path, _image_options(chat_model)))
     conversation: list[dict[str, Any]] = []
@@ -152,6 +186,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
             if command == "/reset":
                 conversation.clear()
                 pending.clear()
+                first = None
                 chat_model.reset()
                 click.echo("(new conversation)", err=True)
             elif command == "/image":
@@ -163,8 +198,12 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
             else:
                 click.echo(f"unknown command {command}; {REPL_HELP}", err=True)
             continue
-        message = {"role": "user", "content": [{"type": "text", "text": line}]
-                   + [{"type": "image", "image": image} for image in pending]}
+        if first is not None:
+            message = {"role": "user", "content": [*first, {"type": "text", "text": line}]
+                       + [{"type": "image", "image": image} for image in pending]}
+        else:
+            message = {"role": "user", "content": [{"type": "text", "text": line}]
+                       + [{"type": "image", "image": image} for image in pending]}
         try:
             stream = chat_model.chat([*conversation, message], stream=True, system=system, preset=preset, **sampling)
         except UserError as exc:
@@ -176,6 +215,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
         click.echo()
         conversation += [message, {"role": "assistant", "content": stream.result.text}]
         pending.clear()
+        first = None
 
 
 def _image_options(chat_model):
@@ -192,14 +232,18 @@ def _image_options(chat_model):
 @click.option("--api-key", envvar="MEDGEMMA_API_KEY",
               help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY).")
 @click.option("--allow-local-files", is_flag=True, help="Accept local image paths in requests (trusted clients only).")
-@click.option("--max-body-bytes", default=32 * 1024**2, show_default=True, type=click.IntRange(min=1024))
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Accept local paths (series folders, slides, images) under this folder; repeat for several.")
+@click.option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1024),
+              help="Request size limit (the default fits an 85-slice 512x512 CT series zipped as base64).")
 @click.option("--max-image-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-images", default=DEFAULT_MAX_IMAGES, show_default=True, type=click.IntRange(min=0),
+              help="Images per request; a volume counts its slices, a slide its patches.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1))
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                   vram: str | None, threads: int | None, host: str, port: int, api_key: str | None,
-                  allow_local_files: bool, max_body_bytes: int, max_image_pixels: int, max_images: int,
-                  max_tokens_limit: int) -> None:
+                  allow_local_files: bool, allow_dirs: tuple[Path, ...], max_body_bytes: int, max_image_pixels: int,
+                  max_images: int, max_tokens_limit: int) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions)."""
     from medgemma_gguf.runtime.server import ServerLimits, serve
 
@@ -208,7 +252,8 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, max_image_pixels=max_image_pixels)
     with chat_model:
         serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
-              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit))
+              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit),
+              allowed_roots=allow_dirs)
 
 
 @click.command("fit")

@@ -157,10 +157,17 @@ def _ensure_transfer_syntax(ds: Any) -> None:
 
 
 def _check_decoder(ds: Any, label: str) -> None:
-    """Raise a UserError naming the package to install when no plugin can decode the transfer syntax."""
-    from pydicom.pixels import get_decoder
+    check_decoder(ds.file_meta.TransferSyntaxUID, label)
 
-    syntax = ds.file_meta.TransferSyntaxUID
+
+def check_decoder(syntax: Any, label: str) -> None:
+    """Raise a UserError naming the package to install when no plugin can decode transfer syntax ``syntax``."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    syntax = UID(str(syntax)) if syntax else UID("1.2.840.10008.1.2")  # no file meta: implicit VR little endian
+    if syntax.is_transfer_syntax and not syntax.is_compressed:
+        return
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.errors import ResourceError, UserError, setting
 from medgemma_gguf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
@@ -47,6 +47,8 @@ from medgemma_gguf.runtime.images import (
     load_image_from_data_uri,
     prepare_for_model,
 )
+from medgemma_gguf.runtime.sources import within
+from medgemma_gguf.runtime.studies import STUDY_ITEM_TYPES, expand_item
 
 IMAGE_START = "<start_of_image>"
 IMAGE_END = "<end_of_image>"
@@ -62,18 +64,29 @@ Tokenize = Callable[[str], list[int]]
 
 @dataclass(frozen=True)
 class Preset:
-    """A named system prompt for one of MedGemma's documented uses."""
+    """A named prompt for one of MedGemma's documented uses.
+
+    A system-prompt preset has ``system``. A task preset (``input`` = "volume", "slide" or "longitudinal")
+    holds the user-turn texts of one of Google's notebooks instead: ``instruction`` before the images and
+    ``question`` after them (see ``runtime.studies``).
+    """
 
     name: str
-    system: str
+    system: str | None
     description: str
+    input: str | None = None
+    instruction: str | None = None
+    question: str | None = None
+    prompt_hint: str | None = None
 
 
 def load_presets(path: Path = PRESETS_PATH) -> dict[str, Preset]:
     """The presets in ``presets.toml``, by name."""
     with open(path, "rb") as handle:
         data = tomllib.load(handle)
-    return {name: Preset(name, str(row["system"]), str(row.get("description", ""))) for name, row in data.items()}
+    return {name: Preset(name, row.get("system"), str(row.get("description", "")), row.get("input"),
+                         row.get("instruction"), row.get("question"), row.get("prompt_hint"))
+            for name, row in data.items()}
 
 
 def preset_system(name: str) -> str:
@@ -81,6 +94,9 @@ def preset_system(name: str) -> str:
     presets = load_presets()
     if name not in presets:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(sorted(presets))}")
+    if presets[name].system is None:
+        raise UserError(f"preset {name!r} lays out a {presets[name].input} prompt, not a system prompt; use it with "
+                        f"runtime.studies.task_layout (the CLI's --{presets[name].input})")
     return presets[name].system
 
 
@@ -98,12 +114,24 @@ def resolve_system(system: str | None, preset: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How images in messages are loaded: model size, grayscale window, size cap, local files allowed."""
+    """How images in messages are loaded: model size, grayscale window, size cap, local files allowed (anywhere,
+    or under ``allowed_roots``); ``max_images`` per request, and the context (``n_ctx``, ``image_tokens`` per
+    image) that volumes and slides are checked against before they are decoded."""
 
     image_size: int
     window: tuple[float, float] | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_local_files: bool = True
+    allowed_roots: tuple[Path, ...] = ()
+    max_images: int | None = None
+    n_ctx: int | None = None
+    image_tokens: int = 0
+
+    def room(self, used: int) -> int | None:
+        """How many more images the context could hold after ``used`` (text not counted), or None."""
+        if self.n_ctx is None or self.image_tokens < 1:
+            return None
+        return (self.n_ctx - 1) // self.image_tokens - used
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,7 +179,7 @@ def _load_reference(reference: str, options: ImageOptions) -> Image.Image:
             "send the image inline as a data: URI (data:image/png;base64,...)"
         )
     path = text[len("file://"):] if match is not None else text
-    if not options.allow_local_files:
+    if not options.allow_local_files and not (options.allowed_roots and within(Path(path), options.allowed_roots)):
         raise UserError(
             "local image paths are not allowed here; send the image inline as a data: URI "
             f"(paths are accepted only with {setting('allow_local_files')})"
@@ -171,7 +199,8 @@ def load_prompt_image(source: Any, options: ImageOptions) -> PromptImage:
     elif isinstance(source, bytes | bytearray | memoryview):
         img = load_image(bytes(source), window=options.window, max_pixels=options.max_pixels)
     elif isinstance(source, os.PathLike):
-        if not options.allow_local_files:
+        if not options.allow_local_files and not (options.allowed_roots and within(Path(source),
+                                                                                   options.allowed_roots)):
             raise UserError("local image paths are not allowed here; send the image inline as a data: URI")
         img = load_image(source, window=options.window, max_pixels=options.max_pixels)
     elif isinstance(source, str):
@@ -201,7 +230,8 @@ def _image_source(item: Mapping[str, Any]) -> Any:
     raise UserError('an image item needs "image" (PIL image or array), "path" or "url"')
 
 
-def _normalize_content(content: Any, role: str, index: int, options: ImageOptions | None) -> str | list[dict]:
+def _normalize_content(content: Any, role: str, index: int, options: ImageOptions | None,
+                       used: list[int]) -> str | list[dict]:
     where = f"message {index} ({role})"
     if isinstance(content, str):
         return content
@@ -216,15 +246,31 @@ def _normalize_content(content: Any, role: str, index: int, options: ImageOption
             if not isinstance(item.get("text"), str):
                 raise UserError(f"{where}: a text item needs a string \"text\"")
             items.append({"type": "text", "text": item["text"]})
-        elif kind in ("image", "image_url"):
+        elif kind in ("image", "image_url", *STUDY_ITEM_TYPES):
             if role != "user":
                 raise UserError(f"{where}: only user messages may carry images")
             if options is None:
                 raise UserError(f"this model was loaded without an mmproj; pass one ({setting('mmproj')}) to "
                                 f"send images")
-            items.append({"type": "image", "image": load_prompt_image(_image_source(item), options)})
+            expanded = [item] if kind in ("image", "image_url") else expand_item(
+                item, options, room=options.room(used[0]), image_tokens=options.image_tokens, n_ctx=options.n_ctx,
+                max_images=None if options.max_images is None else options.max_images - used[0])
+            try:
+                for part in expanded:
+                    if part["type"] == "text":
+                        items.append(part)
+                        continue
+                    used[0] += 1
+                    if options.max_images is not None and used[0] > options.max_images:
+                        raise ResourceError(f"the messages hold more than {options.max_images} images, the most "
+                                            f"allowed per request ({setting('max_images')}); send fewer")
+                    items.append({"type": "image", "image": load_prompt_image(_image_source(part), options)})
+            finally:
+                if hasattr(expanded, "close"):
+                    expanded.close()  # a volume or slide being read is closed at once, also on an error
         else:
-            raise UserError(f"{where}: unknown content item type {kind!r}; use \"text\" or \"image\"")
+            raise UserError(f"{where}: unknown content item type {kind!r}; use \"text\", \"image\", \"volume\", "
+                            "\"slide\" or \"longitudinal\"")
     return items
 
 
@@ -239,6 +285,7 @@ def normalize_messages(
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
         raise UserError("messages must be a non-empty list of {\"role\", \"content\"} objects")
     out: list[dict[str, Any]] = []
+    used = [0]
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise UserError(f"message {index} must be an object with \"role\" and \"content\"")
@@ -247,7 +294,7 @@ def normalize_messages(
             raise UserError(f"message {index} has role {role!r}; use one of {', '.join(ROLES)}")
         if role == "system" and index != 0:
             raise UserError("a system message may only come first")
-        out.append({"role": role, "content": _normalize_content(message["content"], role, index, images)})
+        out.append({"role": role, "content": _normalize_content(message["content"], role, index, images, used)})
     if system is not None:
         if out[0]["role"] == "system":
             raise UserError("the messages already start with a system message; drop the extra system prompt")

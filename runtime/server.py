@@ -5,8 +5,13 @@ ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
 
 Safety: images come as base64 ``data:`` URIs; a local file path (or ``file://`` URL) only when the server
 was started with ``allow_local_files``; http(s) and every other remote URL are refused with 400 and never
-fetched (server-side request forgery). Limits: request body bytes (413), pixels per image, images per
-request, ``max_tokens``. An API key, when set, must come as ``Authorization: Bearer KEY`` (401 otherwise;
+fetched (server-side request forgery). Studies (``runtime.studies``): ``{"type": "volume", "data": <base64 of a
+zipped DICOM series or a NIfTI file>}``, ``{"type": "slide", "data": ...}`` and ``{"type": "longitudinal",
+"prior", "current"}``; a ``path`` for a volume or slide only under a folder the server was started with
+(``allowed_roots``, ``serve --allow-dir``) or with ``allow_local_files``. Limits: request body bytes (413;
+the default fits an 85-slice CT series zipped as base64), pixels per image, images per request (a volume
+counts its slices, a slide its patches; the default takes a CT study), ``max_tokens``.
+An API key, when set, must come as ``Authorization: Bearer KEY`` (401 otherwise;
 ``/health`` stays open). Every bad request is answered ``{"error": {"message", "type"}}`` with a 4xx
 status and the server keeps serving.
 
@@ -31,8 +36,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream
 from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request
+from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
+from medgemma_gguf.runtime.studies import requested_images
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,9 @@ MiB = 1024**2
 class ServerLimits:
     """Per-request limits."""
 
-    max_body_bytes: int = 32 * MiB
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_pixels: int = 25_000_000
-    max_images: int = 8
+    max_images: int = DEFAULT_MAX_IMAGES
     max_tokens_limit: int = 2048
 
 
@@ -86,8 +94,8 @@ class CompletionRequest:
 def _count_images(messages: Any) -> int:
     if not isinstance(messages, list):
         return 0
-    return sum(1 for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), list)
-               for item in m["content"] if isinstance(item, Mapping) and item.get("type") in ("image", "image_url"))
+    return sum(requested_images(item) for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+               for item in m["content"] if isinstance(item, Mapping))
 
 
 def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
@@ -99,7 +107,8 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
         raise ApiError(400, "'messages' must be a non-empty array of {role, content} objects")
     n_images = _count_images(messages)
     if n_images > limits.max_images:
-        raise ApiError(400, f"the request has {n_images} images; this server accepts at most {limits.max_images}")
+        raise ApiError(400, f"the request has {n_images} images (a volume counts its 'slices', a slide its 'patches'); "
+                            f"this server accepts at most {limits.max_images}")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "'n' must be 1: one model, one reply per request")
     stream = body.get("stream", False)
@@ -131,13 +140,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_files: bool = False,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving ``model``."""
+               limits: ServerLimits | None = None, allowed_roots: Sequence[Path] = ()) -> FastAPI:
+    """The FastAPI app serving ``model``; local paths are read only with ``allow_local_files`` or under
+    ``allowed_roots``."""
     limits = limits or ServerLimits()
     app = FastAPI(title="medgemma-gguf", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
     created = int(time.time())
-    image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=allow_local_files)
+    image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=allow_local_files,
+                                        allowed_roots=tuple(Path(r) for r in allowed_roots),
+                                        max_images=limits.max_images)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -275,9 +287,11 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
 
 
 def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          allow_local_files: bool = False, limits: ServerLimits | None = None) -> None:
+          allow_local_files: bool = False, limits: ServerLimits | None = None,
+          allowed_roots: Sequence[Path] = ()) -> None:
     """Serve ``model`` with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(model, api_key=api_key, allow_local_files=allow_local_files, limits=limits)
+    app = create_app(model, api_key=api_key, allow_local_files=allow_local_files, limits=limits,
+                     allowed_roots=allowed_roots)
     uvicorn.run(app, host=host, port=port, log_level="info")

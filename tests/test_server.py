@@ -197,7 +197,7 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         (_post(base, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": _data_uri(img)}}] * 3}]}), 400, "at most 2"),
         (_post(base, {"messages": [{"role": "user", "content": "x" * 300_000}]}), 413, "at most 200000"),
-        (_post(base, {"messages": [{"role": "user", "content": "pneumothorax " * 600}]}), 400, "context holds"),
+        (_post(base, {"messages": [{"role": "user", "content": "pneumothorax " * 600}]}), 413, "context holds"),
         (_post(base, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}), 400,
          "alternate"),
         (httpx.get(f"{base}/v1/nothing-here"), 404, "Not Found"),
