@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,3 +397,22 @@ def test_volume_errors_are_one_line(tmp_path):
     with pytest.raises(UserError) as caught:
         open_volume(tmp_path / "empty")
     assert "\n" not in str(caught.value) and str(caught.value).endswith("CT or MR series")
+
+
+def test_the_readme_study_commands_use_real_chat_options():
+    import re
+    import shlex
+
+    from medgemma_gguf.runtime.cli import chat_command
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Imaging studies"):readme.index("## Serve")]
+    commands = [shlex.split(line.replace("\\\n", " ")) for line in re.findall(
+        r"^medgemma-gguf chat (?:[^\n]*\\\n)*[^\n]*", section, flags=re.MULTILINE)]
+    assert len(commands) == 5
+    known = {opt for param in chat_command.params for opt in param.opts}
+    for words in commands:
+        flags = {w for w in words if w.startswith("--")}
+        assert flags <= known, flags - known
+        context = chat_command.make_context("chat", words[2:], resilient_parsing=True)
+        assert context.params["model"] == Path("out/")
