@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from medgemma_gguf.convert.tensor_types import MMPROJ_OUTTYPES, TEXT_OUTTYPES
+from medgemma_gguf.convert.tensor_types import ADAPTER_OUTTYPES, MMPROJ_OUTTYPES, TEXT_OUTTYPES
 from medgemma_gguf.errors import UserError
 
 
@@ -21,6 +21,8 @@ from medgemma_gguf.errors import UserError
 @click.option("--name", help="Model name used in file names (default: the repo or folder name).")
 @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token (default: $HF_TOKEN or `hf auth login`).")
 @click.option("--revision", help="Hub branch, tag or commit to convert.")
+@click.option("--adapter", help="Merge this PEFT LoRA adapter (folder or Hub repo id) into the weights.")
+@click.option("--adapter-revision", help="Hub branch, tag or commit of --adapter.")
 @click.option("--quants", multiple=True,
               help="Then quantize: comma-separated llama.cpp types or UD recipes (see `quantize --list`).")
 @click.option("--imatrix", help="With --quants: an importance matrix file, or 'auto' to compute one.")
@@ -30,9 +32,14 @@ from medgemma_gguf.errors import UserError
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, name: str | None,
-                    token: str | None, revision: str | None, quants: tuple[str, ...], imatrix: str | None,
-                    recipes: tuple[Path, ...], threads: int | None, force: bool, quiet: bool) -> None:
-    """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF, then quantize."""
+                    token: str | None, revision: str | None, adapter: str | None, adapter_revision: str | None,
+                    quants: tuple[str, ...], imatrix: str | None, recipes: tuple[Path, ...], threads: int | None,
+                    force: bool, quiet: bool) -> None:
+    """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF, then quantize.
+
+    With --adapter, a PEFT LoRA adapter is merged into the weights as they are converted (text and
+    vision tower alike); the result is a model like any other (quantize, chat, eval).
+    """
     from medgemma_gguf.convert.converter import convert_checkpoint
 
     quantizing = bool(quants or recipes)
@@ -41,7 +48,8 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
     elif imatrix:
         raise UserError("--imatrix only applies with --quants or --recipe; add --quants Q4_K_M,... or drop it")
     result = convert_checkpoint(source, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
-                                force=force, token=token, revision=revision, progress=not quiet)
+                                force=force, token=token, revision=revision, progress=not quiet,
+                                adapter=adapter, adapter_revision=adapter_revision)
     click.echo(f"wrote {result.text_path}")
     if result.mmproj_path:
         click.echo(f"wrote {result.mmproj_path}")
@@ -69,3 +77,32 @@ def check_quant_request(quants: tuple[str, ...], recipes: tuple[Path, ...], imat
                         "one on the bundled calibration set, or --imatrix FILE")
     if imatrix is not None and imatrix != IMATRIX_AUTO and not Path(imatrix).is_file():
         raise UserError(f"imatrix file {imatrix} not found; pass an existing file or --imatrix {IMATRIX_AUTO}")
+
+
+@click.command("convert-adapter")
+@click.argument("adapter")
+@click.option("--base", required=True,
+              help="The base model: its text GGUF, output folder, or checkpoint (folder or Hub repo id).")
+@click.option("--outdir", "-o", type=click.Path(path_type=Path), required=True,
+              help="Folder for the adapter GGUF (recorded in its manifest.json).")
+@click.option("--outtype", type=click.Choice(list(ADAPTER_OUTTYPES), case_sensitive=False), default="f16",
+              show_default=True, help="Tensor type of the adapter's matrices.")
+@click.option("--name", help="Adapter name used in the file name and by serve (default: the repo or folder name).")
+@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token (default: $HF_TOKEN or `hf auth login`).")
+@click.option("--revision", help="Hub branch, tag or commit of ADAPTER.")
+@click.option("--base-revision", help="Hub branch, tag or commit of --base.")
+@click.option("--force", is_flag=True, help="Overwrite an existing adapter file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def convert_adapter_command(adapter: str, base: str, outdir: Path, outtype: str, name: str | None, token: str | None,
+                            revision: str | None, base_revision: str | None, force: bool, quiet: bool) -> None:
+    """Convert the PEFT LoRA ADAPTER (folder or Hub repo id) to a GGUF LoRA adapter for llama.cpp.
+
+    Apply it with `chat`/`serve --lora FILE` (or llama.cpp's --lora). Adapters that change the vision
+    tower cannot be applied at run time: merge those with `convert BASE --adapter ADAPTER`.
+    """
+    from medgemma_gguf.convert.lora_gguf import convert_adapter
+
+    result = convert_adapter(adapter, base, outdir, outtype=outtype, name=name, force=force, token=token,
+                             revision=revision, base_revision=base_revision, progress=not quiet)
+    click.echo(f"wrote {result.path} (adapter.lora.alpha {result.alpha:g})")
+    click.echo(f"wrote {result.manifest_path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from medgemma_gguf.convert.metadata import (
     read_card_metadata,
     sampling_defaults,
 )
+from medgemma_gguf.convert.peft_adapter import TIED_OUTPUT_SOURCE, MergedTensors, PeftAdapter, output_plan
 from medgemma_gguf.convert.tensor_names import Component, is_vision_head, map_tensor_name
 from medgemma_gguf.convert.tensor_types import (
     FILE_TYPES,
@@ -166,34 +168,50 @@ def default_model_name(resolved: ResolvedSource) -> str:
 
 def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmproj_type: str = "f16",
                        name: str | None = None, force: bool = False, token: str | None = None,
-                       revision: str | None = None, progress: bool = True) -> ConvertResult:
-    """Convert a Hub repo id or local folder into ``outdir``; see the README for the file layout."""
+                       revision: str | None = None, progress: bool = True, adapter: str | None = None,
+                       adapter_revision: str | None = None) -> ConvertResult:
+    """Convert a Hub repo id or local folder into ``outdir``; see the README for the file layout.
+
+    ``adapter``: a PEFT LoRA adapter (folder or Hub repo id) merged into the weights while they stream:
+    each adapted tensor is written as ``W + scale · B·A`` computed in float32 (``convert.peft_adapter``);
+    the default name is then ``<base>-<adapter>`` and the manifest records both sources.
+    """
     text_type = parse_outtype(outtype, TEXT_OUTTYPES, "--outtype")
     vision_type = parse_outtype(mmproj_type, MMPROJ_OUTTYPES, "--mmproj-type")
     outdir = Path(outdir)
+    if adapter_revision and not adapter:
+        raise UserError(f"{setting('adapter_revision')} applies with {setting('adapter')} only; add the adapter or "
+                        "drop the revision")
     resolved = resolve_source(source, token=token, revision=revision)
     config = read_config(resolved.folder)
     checkpoint = Checkpoint(resolved.folder)
     text_plan, mmproj_plan = plan_tensors(checkpoint, config, text_type, vision_type)
+    peft = PeftAdapter.open(adapter, token=token, revision=adapter_revision) if adapter else None
+    tensors: Checkpoint | MergedTensors = checkpoint
+    if peft is not None:
+        text_plan, tensors = _merge_plan(peft, config, checkpoint, text_plan, mmproj_plan, text_type, source)
     vocab = read_vocab(resolved.folder, config.text.vocab_size)
     sampling = sampling_defaults(_json_file(resolved.folder / "generation_config.json"))
-    name = name or default_model_name(resolved)
-    n_params = sum(checkpoint.tensors[t.source_name].n_elements for t in (*text_plan, *mmproj_plan))
+    name = name or default_model_name(resolved) + (f"-{peft.name}" if peft is not None else "")
+    n_params = sum(math.prod(t.shape) for t in (*text_plan, *mmproj_plan))
     info = general_info(name, read_card_metadata(resolved.folder),
                         source_repo=resolved.repo_or_path if resolved.is_hub else None,
                         revision=resolved.revision, n_params=n_params)
     text_path, mmproj_path = output_paths(outdir, name, text_type, vision_type, config.is_multimodal)
-    manifest = _load_or_new_manifest(outdir, name, resolved, force)
+    manifest = _load_or_new_manifest(outdir, name, resolved, force,
+                                     adapter=peft.provenance() if peft is not None else None)
 
     with StagedOutputs(force=force) as staged:
         text_tmp = staged.stage(text_path)
         mmproj_tmp = staged.stage(mmproj_path) if mmproj_path else None
         write_gguf(text_tmp, TEXT_ARCH, lambda w: _text_metadata(w, config, vocab, info, text_type, sampling),
-                   text_plan, checkpoint, progress=progress, label=text_path.name)
+                   text_plan, tensors, progress=progress, label=text_path.name)
         if mmproj_tmp is not None and mmproj_path is not None:
             preprocessor = _preprocessor_config(resolved.folder)
             write_gguf(mmproj_tmp, "clip", lambda w: _mmproj_metadata(w, config, preprocessor, info, vision_type),
-                       mmproj_plan, checkpoint, progress=progress, label=mmproj_path.name)
+                       mmproj_plan, tensors, progress=progress, label=mmproj_path.name)
+        if isinstance(tensors, MergedTensors) and (left := list(tensors.iter_unmerged())):
+            raise RuntimeError(f"adapted tensors not merged: {left}")  # a planning bug; nothing is committed
         staged.commit()
 
     for path, role, label in ((text_path, "text", type_label(text_type)),
@@ -247,9 +265,34 @@ def _preprocessor_config(folder: Path) -> dict:
     return merged
 
 
-def _load_or_new_manifest(outdir: Path, name: str, resolved: ResolvedSource, force: bool) -> Manifest:
-    """The folder's manifest to extend; another model's manifest is only replaced with ``force``."""
+def _merge_plan(peft: PeftAdapter, config: ModelConfig, checkpoint: Checkpoint, text_plan: list[PlannedTensor],
+                mmproj_plan: list[PlannedTensor], text_type: GGMLQuantizationType,
+                base: str) -> tuple[list[PlannedTensor], MergedTensors]:
+    """Check the adapter against the base's shapes; the text plan (plus an untied output matrix when the
+    merge unties it) and the merging tensor source."""
+    expected = expected_shapes(config)
+    vocab_shape = (config.text.vocab_size, config.text.n_embd)
+    expected.setdefault("output.weight", vocab_shape)
+    peft.check_base(expected, base)
+    if config.text.tie_word_embeddings and output_plan(peft, True) is not None:
+        text_plan = sorted([*text_plan, PlannedTensor("output.weight", TIED_OUTPUT_SOURCE, vocab_shape,
+                                                      text_tensor_type(vocab_shape, text_type))], key=_sort_key)
+    gguf_of_source = {t.source_name: t.gguf_name for t in (*text_plan, *mmproj_plan)}
+    log.info("merging %d LoRA tensor pair(s)%s from %s", len(peft.pairs),
+             f" and {len(peft.replacements)} saved module(s)" if peft.replacements else "", peft.repo_or_path)
+    return text_plan, MergedTensors(checkpoint, peft, gguf_of_source)
+
+
+def _load_or_new_manifest(outdir: Path, name: str, resolved: ResolvedSource, force: bool,
+                          adapter: dict | None = None) -> Manifest:
+    """The folder's manifest to extend; another model's manifest is only replaced with ``force``.
+
+    A merged model's source also records the adapter (``source.adapter``: repo or path, revision, the
+    sha256 of its weights and config, rank, alpha, rsLoRA).
+    """
     source = {"repo_or_path": resolved.repo_or_path, "revision": resolved.revision}
+    if adapter is not None:
+        source["adapter"] = adapter
     if (outdir / MANIFEST_NAME).is_file():
         manifest = Manifest.load(outdir)
         if manifest.model == name and manifest.source == source:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -13,8 +14,13 @@ import torch
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from medgemma_gguf.convert.checkpoint import Checkpoint
 from medgemma_gguf.convert.tensor_types import BF16, F16, F32, Q8_0
+
+
+class TensorSource(Protocol):
+    """Where tensor data comes from: a ``Checkpoint``, or one with an adapter merged (``MergedTensors``)."""
+
+    def load(self, name: str) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ def stored_nbytes(planned: PlannedTensor) -> int:
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-               tensors: Sequence[PlannedTensor], checkpoint: Checkpoint, *, progress: bool = True,
+               tensors: Sequence[PlannedTensor], checkpoint: TensorSource, *, progress: bool = True,
                label: str = "") -> None:
     """Write a complete GGUF at ``path`` (callers pass a temporary path and rename it afterwards)."""
     writer = gguf.GGUFWriter(path=None, arch=arch)

@@ -13,6 +13,7 @@ F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGML
 # --outtype / --mmproj-type values and the general.file_type each is written with (medgemma_gguf.quant_types)
 TEXT_OUTTYPES = {row.name.lower(): row.type for row in TENSOR_TYPES if "text" in row.converter}
 MMPROJ_OUTTYPES = {row.name.lower(): row.type for row in TENSOR_TYPES if "mmproj" in row.converter}
+ADAPTER_OUTTYPES = {row.name.lower(): row.type for row in TENSOR_TYPES if "adapter" in row.converter}
 FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {row.type: row.file_type for row in TENSOR_TYPES
                                                          if row.converter}
 

@@ -18,6 +18,7 @@ from medgemma_gguf.errors import UserError
 # subcommand name -> "module:attribute" of its click command
 SUBCOMMANDS: dict[str, str] = {
     "convert": "medgemma_gguf.convert.cli:convert_command",
+    "convert-adapter": "medgemma_gguf.convert.cli:convert_adapter_command",
     "imatrix": "medgemma_gguf.convert.quantize.cli:imatrix_command",
     "quantize": "medgemma_gguf.convert.quantize.cli:quantize_command",
     "chat": "medgemma_gguf.runtime.cli:chat_command",

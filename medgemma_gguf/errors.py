@@ -90,6 +90,12 @@ SETTINGS: dict[str, Spelling] = {
     "allow_dir": Spelling("--allow-dir", "allowed_roots", "a folder the server allows (serve --allow-dir)"),
     "prior": Spelling("--prior", "prior", "the longitudinal item's 'prior'"),
     "data_dir": Spelling("--data-dir", "data_dir (or local_dir)", "'data_dir'"),
+    "adapter": Spelling("--adapter", "adapter", "'adapter'"),
+    "adapter_revision": Spelling("--adapter-revision", "adapter_revision", "'adapter_revision'"),
+    "base": Spelling("--base", "base", "'base'"),
+    "adapter_outtype": Spelling("--outtype", "outtype", "'outtype'"),
+    "lora": Spelling("--lora", "lora", "the server's adapters (serve --lora)"),
+    "model_id": Spelling("--lora", "adapters", "'model'"),
 }
 
 _OPEN, _CLOSE = "\ue000", "\ue001"

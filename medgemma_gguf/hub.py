@@ -40,25 +40,30 @@ class ResolvedSource:
 
 
 def resolve_source(source: str, *, token: str | None = None, revision: str | None = None,
-                   cache_dir: Path | None = None) -> ResolvedSource:
+                   cache_dir: Path | None = None, patterns: list[str] | None = None,
+                   what: str = "the checkpoint folder (with config.json)") -> ResolvedSource:
     """A local folder as is, or a Hub repo id downloaded into the cache (resuming partial downloads).
 
-    The token comes from ``token``, else ``HF_TOKEN``, else the cached ``hf auth login``.
+    ``patterns``: the files to download (default: everything ``convert`` reads, ``NEEDED_FILES``); ``what``
+    names the expected folder in errors. The token comes from ``token``, else ``HF_TOKEN``, else the cached
+    ``hf auth login``.
     """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{source} is a file; pass the checkpoint folder (with config.json) or a Hub repo id")
+            raise UserError(f"{source} is a file; pass {what} or a Hub repo id")
         if revision:
             raise UserError(f"{setting('revision')} applies to Hub repo ids only; a local folder is used as it is")
         return ResolvedSource(path.resolve(), str(path), None, False)
     if not REPO_ID.match(source):
         raise UserError(f"{source} is neither an existing folder nor a Hub repo id like google/medgemma-4b-it")
-    folder = _download(source, token=token, revision=revision, cache_dir=cache_dir)
+    folder = _download(source, token=token, revision=revision, cache_dir=cache_dir,
+                       patterns=NEEDED_FILES if patterns is None else patterns)
     return ResolvedSource(folder, source, folder.name, True)
 
 
-def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir: Path | None) -> Path:
+def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir: Path | None,
+              patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -71,7 +76,7 @@ def _download(repo_id: str, *, token: str | None, revision: str | None, cache_di
     page = f"https://huggingface.co/{repo_id}"
     try:
         folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                   allow_patterns=NEEDED_FILES)
+                                   allow_patterns=patterns)
     except GatedRepoError as exc:
         raise AccessError(f"{repo_id} is gated: accept the license on {page} while logged in, then pass "
                           f"{setting('token')} or set HF_TOKEN (or run `hf auth login`)") from exc

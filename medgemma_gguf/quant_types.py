@@ -41,7 +41,7 @@ class TensorType:
     llama_needs_imatrix: bool = False  # llama.cpp's tensor_requires_imatrix (not token_embd / output)
     ggml_needs_imatrix: bool = False  # ggml_quantize_requires_imatrix: aborts without data for the tensor
     candidate: bool = False  # an AUTO sensitivity candidate by default
-    converter: tuple[str, ...] = ()  # convert writes it for: "text", "mmproj"
+    converter: tuple[str, ...] = ()  # convert writes it for: "text", "mmproj", "adapter" (GGUF LoRA matrices)
     precision_rank: int | None = None  # unquantized sources and mmprojs, most precise first
 
     @property
@@ -65,10 +65,10 @@ class TensorType:
 
 # In recipe error messages' order: unquantized, then by decreasing size.
 TENSOR_TYPES: tuple[TensorType, ...] = (
-    TensorType(T.F32, F.ALL_F32, converter=("text", "mmproj"), precision_rank=0),
-    TensorType(T.F16, F.MOSTLY_F16, converter=("text", "mmproj"), precision_rank=2),
+    TensorType(T.F32, F.ALL_F32, converter=("text", "mmproj", "adapter"), precision_rank=0),
+    TensorType(T.F16, F.MOSTLY_F16, converter=("text", "mmproj", "adapter"), precision_rank=2),
     TensorType(T.BF16, F.MOSTLY_BF16, converter=("text", "mmproj"), precision_rank=1),
-    TensorType(T.Q8_0, F.MOSTLY_Q8_0, candidate=True, converter=("mmproj",), precision_rank=3),
+    TensorType(T.Q8_0, F.MOSTLY_Q8_0, candidate=True, converter=("mmproj", "adapter"), precision_rank=3),
     TensorType(T.Q6_K, F.MOSTLY_Q6_K, candidate=True),
     TensorType(T.Q5_K, F.MOSTLY_Q5_K_M, candidate=True),
     TensorType(T.Q5_1, F.MOSTLY_Q5_1),

@@ -42,6 +42,7 @@ from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
+from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
@@ -141,10 +142,14 @@ class ChatModel:
 
     def __init__(self, engine: Engine, *, name: str, plan: OffloadPlan | None = None,
                  allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 window: tuple[float, float] | None = None):
+                 window: tuple[float, float] | None = None, adapters: Sequence[LoraFile] = ()):
         self.engine = engine
         self.name = name
         self.plan = plan
+        self.adapters = list(adapters)
+        self._lora_handles = {a.name: engine.load_lora(a.path) for a in self.adapters}
+        self.model_ids = ModelIds(name, self.adapters)
+        self.active_adapters: tuple[str, ...] = ()
         info = read_gguf_info(engine.model_path)
         self.template = info.metadata.get("tokenizer.chat_template")
         if not isinstance(self.template, str) or not self.template:
@@ -163,6 +168,7 @@ class ChatModel:
         self._kv_units: list[int | tuple[str, str, int]] = []
         self._generation = 0
         self._closed = False
+        self.use_adapters(self.model_ids.default)
 
     # properties ------------------------------------------------------------------------------------
     @property
@@ -273,6 +279,24 @@ class ChatModel:
         self.check_fits(prompt)
         self._generation += 1
         return self._evaluate_prompt(prompt, logits="last")[0][-1]
+
+    def use_adapters(self, names: Sequence[str]) -> None:
+        """Run the next replies with exactly these loaded LoRA adapters (each at its scale; ``()`` = the base).
+
+        A change clears the cached conversation: its keys and values were computed with the previous set.
+        """
+        self._check_open()
+        names = tuple(names)
+        if names == self.active_adapters:
+            return
+        unknown = [n for n in names if n not in self._lora_handles]
+        if unknown:
+            raise UserError(f"LoRA adapter {unknown[0]!r} is not loaded; loaded: "
+                            f"{', '.join(self._lora_handles) or 'none'} (add it with {setting('lora')})")
+        scales = {a.name: a.scale for a in self.adapters}
+        self.engine.set_loras([(self._lora_handles[n], scales[n]) for n in names])
+        self.active_adapters = names
+        self.reset()
 
     def reset(self) -> None:
         """Forget the cached conversation (the next chat evaluates its whole prompt)."""
@@ -407,7 +431,7 @@ def _is_gguf(path: Path) -> bool:
 def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
          vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
          allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-         window: tuple[float, float] | None = None) -> ChatModel:
+         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None) -> ChatModel:
     """Load a MedGemma GGUF (or the best fitting quant of an output folder) for chatting.
 
     ``model``: a text GGUF, or a folder written by ``medgemma-gguf convert``: its manifest's quants are
@@ -416,7 +440,10 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     is given. A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
     ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
     ``ChatModel.plan``); without a GPU build everything runs on the CPU. ``vram``: bytes or "6GiB".
-    ``window``: (center, width) for 16-bit / DICOM grayscale images.
+    ``window``: (center, width) for 16-bit / DICOM grayscale images. ``lora``: GGUF LoRA adapters
+    (``medgemma-gguf convert-adapter``) applied to every reply, as paths (scale 1) or ``(path, scale)``
+    pairs; each is checked against the model first (another base, or a vision-tower adapter, is refused:
+    see ``runtime.lora``); ``ChatModel.use_adapters`` switches between them.
     """
     vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
@@ -444,6 +471,7 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
         if path is not None and not _is_gguf(path):
             raise UserError(f"{path} is not a GGUF file; pass files made by medgemma-gguf convert")
     check_model_pair(model_path, mmproj_path)
+    adapters = check_lora_files(parse_lora_specs(lora), model_path)
     n_ubatch = DEFAULT_N_UBATCH
     if mmproj_path is not None:
         n_ubatch = max(n_ubatch, read_vision_model(mmproj_path).n_image_tokens or 0)
@@ -456,7 +484,7 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
                     n_batch=n_ubatch, n_ubatch=n_ubatch)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
-                         max_image_pixels=max_image_pixels, window=window)
+                         max_image_pixels=max_image_pixels, window=window, adapters=adapters)
     except BaseException:
         engine.close()
         raise

@@ -56,18 +56,25 @@ def _model_options(command):
         click.option("--n-gpu-layers", default="auto", show_default=True, help="'auto' (plan from --vram) or a count."),
         click.option("--vram", help="GPU memory to plan for, e.g. 6GiB (default: free memory of GPU 0)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)."),
+        click.option("--lora", "lora", multiple=True, type=click.Path(path_type=Path),
+                     help="GGUF LoRA adapter to apply (convert-adapter writes one); repeat for several."),
+        click.option("--lora-scaled", "lora_scaled", multiple=True, nargs=2, type=(click.Path(path_type=Path), float),
+                     help="GGUF LoRA adapter and its scale, e.g. --lora-scaled my.gguf 0.5; repeatable."),
     ]):
         command = option(command)
     return command
 
 
 def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str, vram: str | None,
-          threads: int | None, **extra: Any):
+          threads: int | None, lora: tuple[Path, ...] = (), lora_scaled: tuple[tuple[Path, float], ...] = (),
+          **extra: Any):
     from medgemma_gguf.runtime.chat import load
 
+    adapters = [(path, 1.0) for path in lora] + list(lora_scaled)
     chat_model = load(model, mmproj, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram, n_threads=threads,
-                      quant=quant, **extra)
+                      quant=quant, lora=adapters, **extra)
     where = f"{chat_model.model_path.name}" + (f" + {chat_model.mmproj_path.name}" if chat_model.mmproj_path else "")
+    where += "".join(f" + LoRA {a.name} (scale {a.scale:g})" for a in chat_model.adapters)
     click.echo(f"loaded {where}", err=True)
     if chat_model.plan is not None:
         click.echo(chat_model.plan.describe(), err=True)
@@ -100,7 +107,8 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
 @study_options
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
-                 vram: str | None, threads: int | None, images: tuple[Path, ...], prompt: str | None,
+                 vram: str | None, threads: int | None, lora: tuple[Path, ...],
+                 lora_scaled: tuple[tuple[Path, float], ...], images: tuple[Path, ...], prompt: str | None,
                  system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
                  **options: Any) -> None:
     """Chat with MODEL (a GGUF, or an output folder: the best quant that fits is used)."""
@@ -119,7 +127,8 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
         flag = "--prior" if task.input == "longitudinal" else f"--{task.input}"
         raise UserError(f"preset {preset} lays out a {task.input} prompt; pass {flag}")
     preset = None if task is not None else preset
-    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, window=window)
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
+                       window=window)
     sampling = dict(sampling_options)
     with chat_model:
         turn = build_study_turn(chat_model, prompt=prompt, images=images, preset=task, study=study) if is_study(
@@ -241,15 +250,21 @@ def _image_options(chat_model):
               help="Images per request; a volume counts its slices, a slide its patches.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1))
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
-                  vram: str | None, threads: int | None, host: str, port: int, api_key: str | None,
+                  vram: str | None, threads: int | None, lora: tuple[Path, ...],
+                  lora_scaled: tuple[tuple[Path, float], ...], host: str, port: int, api_key: str | None,
                   allow_local_files: bool, allow_dirs: tuple[Path, ...], max_body_bytes: int, max_image_pixels: int,
                   max_images: int, max_tokens_limit: int) -> None:
-    """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions)."""
+    """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions).
+
+    With --lora adapters, GET /v1/models lists MODEL (all adapters), MODEL+base and MODEL+ADAPTER; a
+    request's "model" picks one of them.
+    """
     from medgemma_gguf.runtime.server import ServerLimits, serve
 
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, max_image_pixels=max_image_pixels)
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
+                       max_image_pixels=max_image_pixels)
     with chat_model:
         serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
               limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit),

@@ -20,7 +20,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
-from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.errors import MismatchError, UserError, setting
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,28 @@ class Engine:
     @property
     def has_vision(self) -> bool:
         return self._mtmd is not None
+
+    # LoRA adapters (see runtime.lora) -----------------------------------------------------------------
+    def load_lora(self, path: Path) -> ctypes.c_void_p:
+        """Load a GGUF LoRA adapter onto the model (freed with it); the caller checked it (``runtime.lora``).
+
+        llama.cpp answers a file it cannot use with NULL (llama-cpp-python's ``Llama`` misses that and
+        crashes later): refused here.
+        """
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            raise MismatchError(f"llama.cpp could not apply the LoRA adapter {path} to {self.model_path.name}: it "
+                                "was made for another base model or is damaged")
+        return adapter
+
+    def set_loras(self, adapters: Sequence[tuple[ctypes.c_void_p, float]]) -> None:
+        """Replace the context's adapter set (``llama_set_adapters_lora``) and clear the KV cache, which
+        llama.cpp keeps although it was computed with the previous set."""
+        count = len(adapters)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*(a for a, _ in adapters)) if count else None
+        scales = (ctypes.c_float * count)(*(s for _, s in adapters)) if count else None
+        llama_cpp.llama_set_adapters_lora(self._ctx, handles, count, scales)
+        self.reset()
 
     # tokens ----------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:

@@ -15,6 +15,10 @@ An API key, when set, must come as ``Authorization: Bearer KEY`` (401 otherwise;
 ``/health`` stays open). Every bad request is answered ``{"error": {"message", "type"}}`` with a 4xx
 status and the server keeps serving.
 
+LoRA adapters (``serve --lora``): ``GET /v1/models`` lists the ids and a request's ``model`` chooses the
+adapters it runs with (``runtime.lora``: ``M`` = the default set, ``M+base``, ``M+<adapter>``); the reply's
+``model`` is the id it ran with. Switching adapters clears the cached prefix.
+
 One model, one context: requests run one at a time (a lock held from prompt building to the last token;
 a streaming client that disconnects stops its generation at the next token). Defaults differ from
 OpenAI's in one place: ``temperature`` defaults to 0 (greedy, as in Google's MedGemma examples);
@@ -89,6 +93,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     sampling: SamplingSettings
+    model: str | None = None
 
 
 def _count_images(messages: Any) -> int:
@@ -123,7 +128,10 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
     if sampling.max_tokens > limits.max_tokens_limit:
         raise ApiError(400, f"'max_tokens' {sampling.max_tokens} is above this server's limit of "
                             f"{limits.max_tokens_limit}")
-    return CompletionRequest(messages, stream, include_usage, sampling)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string (GET /v1/models lists them)")
+    return CompletionRequest(messages, stream, include_usage, sampling, model)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -180,26 +188,31 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
-        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": created,
-                                            "owned_by": "medgemma-gguf"}]}
+        ids = model.model_ids
+        return {"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": created, "owned_by": "medgemma-gguf",
+             "lora": [{"name": n, "scale": ids.adapters[n].scale} for n in ids.resolve(model_id)]}
+            for model_id in ids.listed()]}
 
     def start(req: CompletionRequest, cancelled: threading.Event | None = None) -> ChatStream:
         """Build the prompt and evaluate it (the caller holds the lock); ApiError(400) for bad input."""
         try:
+            model.use_adapters(model.model_ids.resolve(req.model))  # a change clears the cached prefix
             prompt = model.prompt(req.messages, images=image_options)
             return model.generate(prompt, req.sampling,
                                   should_stop=cancelled.is_set if cancelled is not None else None)
         except UserError as exc:
             raise ApiError(exc.http_status, exc.for_http()) from exc
 
-    def complete(req: CompletionRequest) -> ChatResult:
+    def complete(req: CompletionRequest) -> tuple[ChatResult, str]:
         with lock:
-            return start(req).collect()
+            return start(req).collect(), model.model_ids.reply_id(req.model)
 
-    def chunk(completion_id: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
+    def chunk(completion_id: str, model_id: str, delta: dict[str, Any], finish: str | None = None,
+              **extra: Any) -> dict[str, str]:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                   "model": model.name, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                     "finish_reason": finish}], **extra}
+                   "model": model_id, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                   "finish_reason": finish}], **extra}
         return {"data": json.dumps(payload, ensure_ascii=False)}
 
     async def stream_completion(req: CompletionRequest, completion_id: str):
@@ -233,21 +246,23 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         if kind == "error":
             cancelled.set()
             raise value
+        model_id = model.model_ids.reply_id(req.model)
 
         async def events() -> AsyncIterator[dict[str, str]]:
             try:
-                yield chunk(completion_id, {"role": "assistant", "content": ""})
+                yield chunk(completion_id, model_id, {"role": "assistant", "content": ""})
                 while True:
                     kind, value = await queue.get()
                     if kind == "piece":
-                        yield chunk(completion_id, {"content": value})
+                        yield chunk(completion_id, model_id, {"content": value})
                     elif kind == "done":
-                        yield chunk(completion_id, {}, value.finish_reason)
+                        yield chunk(completion_id, model_id, {}, value.finish_reason)
                         if req.include_usage:
                             usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
                                      "total_tokens": value.prompt_tokens + value.completion_tokens}
                             payload = {"id": completion_id, "object": "chat.completion.chunk",
-                                       "created": int(time.time()), "model": model.name, "choices": [],
+                                       "created": int(time.time()),
+                                       "model": model_id, "choices": [],
                                        "usage": usage}
                             yield {"data": json.dumps(payload)}
                         break
@@ -272,10 +287,10 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         req = parse_request(body, limits)
         if req.stream:
             return await stream_completion(req, f"chatcmpl-{uuid.uuid4().hex}")
-        result = await run_in_threadpool(complete, req)
+        result, model_id = await run_in_threadpool(complete, req)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model.name,
+            "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
                          "finish_reason": result.finish_reason}],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 TIERS = ("unit", "integration", "e2e")
-MODEL_FIXTURES = {"tiny_checkpoint", "converted", "hf_model", "calibration_subset"}
+MODEL_FIXTURES = {"tiny_checkpoint", "converted", "hf_model", "calibration_subset", "peft_adapter"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +57,24 @@ def converted(tmp_path_factory, tiny_checkpoint):
             done[key] = convert_checkpoint(str(tiny_checkpoint(variant)), outdir, outtype=outtype,
                                            mmproj_type=mmproj_type, progress=False)
         return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tmp_path_factory, tiny_checkpoint):
+    """``peft_adapter(variant, **options) -> Path``: a LoRA adapter saved by ``peft`` for a tiny checkpoint, with
+    random A and B (``support.make_peft_adapter``), built once per variant and options."""
+    from support import make_peft_adapter
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str, **options) -> Path:
+        key = repr((variant, sorted(options.items())))
+        if key not in built:
+            built[key] = make_peft_adapter(tiny_checkpoint(variant), tmp_path_factory.mktemp("adapter") / "adapter",
+                                           **options)
+        return built[key]
 
     return get
 

@@ -37,6 +37,17 @@ def _license_lines(metadata: dict[str, Any]) -> list[str]:
     return [text, "", "Read and accept those terms before using or redistributing these files."]
 
 
+def _adapter_lines(adapter: dict[str, Any] | None) -> list[str]:
+    """What the card says about a LoRA adapter merged at conversion (the manifest's ``source.adapter``)."""
+    if not adapter:
+        return []
+    where = f"`{adapter.get('repo_or_path')}`" + (f" (revision `{adapter['revision']}`)" if adapter.get("revision")
+                                                  else "")
+    scaling = "rsLoRA, alpha/√r" if adapter.get("use_rslora") else "alpha/r"
+    return [f"Fine-tuned: the LoRA adapter {where} (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, "
+            f"{scaling}; weights sha256 `{adapter.get('sha256')}`) is merged into these weights.", ""]
+
+
 def render_model_card(folder: Path, manifest: Manifest) -> str:
     """The model card text for ``folder``."""
     folder = Path(folder)
@@ -49,7 +60,8 @@ def render_model_card(folder: Path, manifest: Manifest) -> str:
     lines = [f"# {manifest.model} — GGUF", "",
              f"GGUF files of `{source}`{f' (revision `{revision}`)' if revision else ''}, converted and quantized "
              "with medgemma-gguf using llama.cpp's quantizer. The text model and the vision projector (mmproj) "
-             "are separate files; image input needs both.", "", "## License", "", *_license_lines(metadata), "",
+             "are separate files; image input needs both.", "", *_adapter_lines(manifest.source.get("adapter")),
+             "## License", "", *_license_lines(metadata), "",
              "## Files", "", "| File | Role | Type | Size | Bits per weight | Notes |", "|---|---|---|---|---|---|"]
     for row in sorted(texts, key=lambda r: -float(r.extra.get("bits_per_weight") or _bpw(folder / r.path))):
         notes = []
