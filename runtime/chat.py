@@ -227,18 +227,20 @@ class ChatModel:
              repeat_last_n: int | None = None, presence_penalty: float | None = None,
              frequency_penalty: float | None = None, seed: int | None = None,
              logit_bias: Mapping[int, float] | None = None, stop: str | Sequence[str] | None = None,
-             ) -> ChatResult | ChatStream:
+             json_schema: Mapping[str, Any] | None = None, grammar: str | None = None) -> ChatResult | ChatStream:
         """Reply to ``messages`` (HF/OpenAI shape; images as ``{"type": "image", "path"|"image"|"url": ...}``).
 
         Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. The sampling
         settings (ranges and defaults: ``runtime.sampling``) default to greedy decoding; ``None`` means the
-        model's value when ``temperature`` > 0. Bad messages, images and settings, and prompts too long for
-        the context, raise ``UserError`` before evaluation.
+        model's value when ``temperature`` > 0. ``json_schema`` (a JSON Schema dict) or ``grammar`` (GBNF
+        text) constrain the reply (``runtime.structured``). Bad messages, images, settings, schemas and
+        grammars, and prompts too long for the context, raise ``UserError`` before evaluation.
         """
         settings = sampling_settings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     seed=seed, logit_bias=logit_bias, stop=stop)
+                                     seed=seed, logit_bias=logit_bias, stop=stop, json_schema=json_schema,
+                                     grammar=grammar)
         prompt = self.prompt(messages, system=system, preset=preset)
         replies = self.generate(prompt, settings)
         return replies if stream else replies.collect()
@@ -258,7 +260,7 @@ class ChatModel:
         elif fields:
             raise TypeError("pass either settings or sampling keywords, not both")
         self.check_fits(prompt)
-        sampler = Sampler(self.engine.llama_context, settings.resolve(self.sampling_defaults),
+        sampler = Sampler(self.engine.llama_context, self.engine.llama_vocab, settings.resolve(self.sampling_defaults),
                           n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx)
         try:
             self._generation += 1
@@ -375,6 +377,9 @@ class ChatModel:
                     raise RuntimeError("this stream was ended by a newer chat on the same model (or the model was "
                                        "closed)")
                 token = sampler.sample()
+                if token < 0:  # the grammar allows no further token
+                    log.warning("the reply's grammar allows no token after %d tokens; the reply ends here", n_tokens)
+                    break
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 if not ignore_eos and engine.is_end_of_generation(token):

@@ -45,6 +45,26 @@ def _parse_logit_bias(_ctx: click.Context, _param: click.Parameter, values: tupl
     return bias
 
 
+def _read_text(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path} as UTF-8 text ({exc})") from None
+
+
+def _read_json_schema(ctx: click.Context, param: click.Parameter, path: Path | None) -> Any:
+    text = _read_text(ctx, param, path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); pass a JSON Schema "
+                                 "file") from None
+
+
 def _model_options(command):
     """Options shared by chat and serve: which files, where they run."""
     for option in reversed([
@@ -103,6 +123,10 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
               help="Add BIAS (-100..100) to a token's logit; repeat for several.")
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0): the same seed, the same reply.")
 @click.option("--stop", multiple=True, help="End the reply where this text appears (not printed); up to 4.")
+@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              callback=_read_json_schema, help="Constrain the reply to JSON valid under this JSON Schema file.")
+@click.option("--grammar", type=click.Path(exists=True, dir_okay=False, path_type=Path), callback=_read_text,
+              help="Constrain the reply to this GBNF grammar file (llama.cpp's format, rule 'root').")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
 @study_options

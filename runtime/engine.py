@@ -9,10 +9,13 @@ text model with Gemma 3's non-causal attention over the image block, as ``mtmd_h
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,16 @@ EXPECTED_LLAMA_WARNINGS = (
 )
 
 
+_CAPTURED: list[str] | None = None  # set by native_errors()
+
+
 @llama_cpp.llama_log_callback
 def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if not message:
+        return
+    if _CAPTURED is not None and level in (3, 4):
+        _CAPTURED.append(message)
         return
     python_level = logging.WARNING if level == 3 else logging.ERROR if level == 4 else logging.DEBUG
     if python_level == logging.WARNING and message.startswith(EXPECTED_LLAMA_WARNINGS):
@@ -53,6 +62,32 @@ def route_llama_logs() -> None:
         mtmd.mtmd_log_set(_forward_log, ctypes.c_void_p(0))
         mtmd.mtmd_helper_log_set(_forward_log, ctypes.c_void_p(0))
         _LOGGING_ROUTED = True
+
+
+@contextlib.contextmanager
+def native_errors() -> Iterator[list[str]]:
+    """Collect what llama.cpp reports while the block runs — its warning and error log lines (not logged)
+    and what it prints to stderr itself (the grammar parser does) — into the list it yields.
+
+    For short calls whose failure is explained only there (``llama_sampler_init_grammar``); stderr output of
+    other threads during the call lands in the list too.
+    """
+    global _CAPTURED
+    route_llama_logs()
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as spool:
+        os.dup2(spool.fileno(), 2)
+        _CAPTURED = lines
+        try:
+            yield lines
+        finally:
+            _CAPTURED = None
+            os.dup2(saved, 2)
+            os.close(saved)
+            spool.seek(0)
+            lines += spool.read().decode("utf-8", errors="replace").splitlines()
 
 
 def restore_llama_log_routing() -> None:

@@ -19,6 +19,7 @@ out of range.
 | ``seed`` | 0 .. 4294967294, or -1 / None | None or -1 = a fresh random seed |
 | ``logit_bias`` | {token id: -100 .. 100} | none |
 | ``stop`` | a string or up to 4 non-empty strings | none (``runtime.reply`` cuts the reply there) |
+| ``json_schema`` / ``grammar`` | a JSON Schema object / GBNF text (``runtime.structured``) | none |
 
 Defaults from the model. Temperature 0 (greedy) stays the default. A request that sets a temperature > 0
 takes, for each of top-k, top-p, min-p and the repeat penalty it leaves unset, the model's value: the
@@ -44,9 +45,10 @@ seeded server request reproduces only when it runs alone.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gguf
@@ -54,6 +56,7 @@ import llama_cpp
 
 from medgemma_gguf.errors import InputError, setting
 from medgemma_gguf.runtime.reply import MAX_STOP
+from medgemma_gguf.runtime.structured import check_grammar, grammar_sampler, response_format_schema, schema_grammar
 
 INT32_MAX = 2**31 - 1
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a seed itself
@@ -191,6 +194,8 @@ class SamplingSettings:
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF (root "root"): from grammar=, or converted from json_schema=
+    json_schema: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -218,11 +223,22 @@ class SamplingSettings:
 def sampling_settings(*, max_tokens: Any = DEFAULT_MAX_TOKENS, temperature: Any = 0.0, top_k: Any = None,
                       top_p: Any = None, min_p: Any = None, repeat_penalty: Any = None, repeat_last_n: Any = None,
                       presence_penalty: Any = None, frequency_penalty: Any = None, seed: Any = None,
-                      logit_bias: Any = None, stop: Any = None) -> SamplingSettings:
+                      logit_bias: Any = None, stop: Any = None, json_schema: Any = None,
+                      grammar: Any = None) -> SamplingSettings:
     """Check every sampling setting (the ranges are in the module docstring); InputError naming the first bad one.
 
     ``None`` means "not set" everywhere (JSON ``null`` too); ``seed=-1`` means a random seed, as in llama.cpp.
+    ``json_schema`` (a JSON Schema object) or ``grammar`` (GBNF text) constrain the reply
+    (``runtime.structured``); both are checked here, before any model work.
     """
+    if json_schema is not None and grammar is not None:
+        raise InputError(f"pass either {setting('json_schema')} or {setting('grammar')}, not both")
+    if grammar is not None:
+        if not isinstance(grammar, str):
+            raise InputError(f"{setting('grammar')} must be GBNF text, got {type(grammar).__name__}")
+        check_grammar(grammar)
+    elif json_schema is not None:
+        grammar = schema_grammar(json_schema)
     return SamplingSettings(
         max_tokens=_integer("max_tokens", DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, 1, INT32_MAX,
                             f"between 1 and {INT32_MAX}"),
@@ -242,6 +258,8 @@ def sampling_settings(*, max_tokens: Any = DEFAULT_MAX_TOKENS, temperature: Any 
             "seed", seed, 0, RANDOM_SEED - 1, f"between 0 and {RANDOM_SEED - 1} (or -1 for a random seed)"),
         logit_bias=() if logit_bias is None else _logit_bias(logit_bias),
         stop=() if stop is None else _stop(stop),
+        grammar=grammar,
+        json_schema=json_schema,
     )
 
 
@@ -264,7 +282,13 @@ def settings_from_request(body: Mapping[str, Any], *, default_max_tokens: int) -
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     fields = {argument: body.get(name) for name, argument in REQUEST_FIELDS.items()}
-    return sampling_settings(max_tokens=default_max_tokens if max_tokens is None else max_tokens, **fields)
+    schema = response_format_schema(body.get("response_format"))
+    if schema is not None and (body.get("json_schema") is not None or body.get("grammar") is not None):
+        raise InputError(f"pass either {setting('response_format')} or llama-server's 'json_schema'/'grammar', "
+                         "not both")
+    return sampling_settings(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+                             json_schema=schema if schema is not None else body.get("json_schema"),
+                             grammar=body.get("grammar"), **fields)
 
 
 # --- the chain ------------------------------------------------------------------------------------------
@@ -275,18 +299,26 @@ class Sampler:
 
     ``settings`` must be resolved (``SamplingSettings.resolve``). ``n_vocab`` bounds the logit-bias ids;
     ``n_ctx`` is the window of ``repeat_last_n=-1``.
+
+    With a grammar, tokens are chosen as llama.cpp's common sampler chooses them: the chain picks a token
+    from the raw logits, the grammar checks that one token, and only when it is rejected are the logits
+    filtered by the grammar over the whole vocabulary and the chain run again. Only grammar-valid tokens
+    are ever accepted (llama.cpp aborts the process on any other); when the grammar allows no token at all
+    ``sample()`` returns -1 and the reply ends.
     """
 
-    def __init__(self, context: Any, settings: SamplingSettings, *, n_vocab: int, n_ctx: int):
+    def __init__(self, context: Any, vocab: Any, settings: SamplingSettings, *, n_vocab: int, n_ctx: int):
         self._ctx = context
-        self._chain = None
+        self._chain = self._grammar = None
+        self._wrappers: list[Any] = []
         bad = [token for token, _ in settings.logit_bias if token >= n_vocab]
         if bad:
             raise InputError(f"{setting('logit_bias')} names token {bad[0]}, but the vocabulary has {n_vocab} "
                              f"tokens (ids 0 to {n_vocab - 1})")
-        params = llama_cpp.llama_sampler_chain_default_params()
-        params.no_perf = True
-        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        if settings.grammar is not None:
+            name = "json_schema" if settings.json_schema is not None else "grammar"
+            self._grammar = grammar_sampler(settings.grammar, vocab, name=name)
+        self._chain = self._new_chain()
         add = self._add
         if settings.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(settings.logit_bias))()
@@ -308,11 +340,68 @@ class Sampler:
                 add(llama_cpp.llama_sampler_init_min_p(settings.min_p, 1))
             add(llama_cpp.llama_sampler_init_temp(settings.temperature))
             add(llama_cpp.llama_sampler_init_dist(RANDOM_SEED if settings.seed is None else settings.seed))
+        if self._grammar:
+            self._probe = llama_cpp.llama_sampler_init_greedy()
+            self._one = (llama_cpp.llama_token_data * 1)()
+            self._one_array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+            self._fast = self._wrap(self._chain_only)
+            self._full = self._wrap(self._grammar_then_chain)
+            self._dead = False
+            self.sample = self._sample_with_grammar  # type: ignore[method-assign]
+
+    @staticmethod
+    def _new_chain() -> Any:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        return llama_cpp.llama_sampler_chain_init(params)
 
     def _add(self, sampler: Any) -> None:
         if not sampler:
             raise RuntimeError("llama.cpp could not create a sampler")
         llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # the chain owns it from here
+
+    def _wrap(self, apply: Any) -> Any:
+        """A chain holding one Python sampler (the chain keeps llama_sampler_sample's logits buffer)."""
+        function = llama_cpp.llama_sampler_i_apply(lambda _smpl, cur_p: apply(cur_p.contents))
+        iface = llama_cpp.llama_sampler_i()
+        iface.apply = function
+        sampler = llama_cpp.llama_sampler(iface=ctypes.pointer(iface), ctx=None)
+        chain = self._new_chain()
+        llama_cpp.llama_sampler_chain_add(chain, ctypes.pointer(sampler))
+        self._wrappers.append((chain, function, iface, sampler))
+        return chain
+
+    def _chain_only(self, candidates: Any) -> None:
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(candidates))
+
+    def _grammar_then_chain(self, candidates: Any) -> None:
+        try:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+            llama_cpp.llama_sampler_apply(self._probe, ctypes.byref(candidates))
+            if not math.isfinite(candidates.data[candidates.selected].logit):
+                self._dead = True  # the grammar allows no token here
+                return
+            candidates.selected = -1
+            llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(candidates))
+        except Exception:  # noqa: BLE001 - an exception cannot cross back into llama.cpp
+            self._dead = True
+            candidates.selected = 0
+
+    def _allowed(self, token: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
+        return math.isfinite(self._one[0].logit)
+
+    def _sample_with_grammar(self) -> int:
+        token = llama_cpp.llama_sampler_sample(self._fast, self._ctx, -1)  # the chain alone, nothing accepted
+        if not self._allowed(token):
+            token = llama_cpp.llama_sampler_sample(self._full, self._ctx, -1)
+            if self._dead or not self._allowed(token):
+                return -1
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     @property
     def seed(self) -> int:
@@ -324,10 +413,15 @@ class Sampler:
         return llama_cpp.llama_sampler_sample(self._chain, self._ctx, -1)
 
     def close(self) -> None:
-        if self._chain:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
+        for chain, *_ in self._wrappers:
+            llama_cpp.llama_sampler_chain_remove(chain, 0)  # the Python sampler is not llama.cpp's to free
+            llama_cpp.llama_sampler_free(chain)
+        self._wrappers = []
+        for name in ("_chain", "_grammar", "_probe"):
+            sampler = getattr(self, name, None)
+            if sampler:
+                llama_cpp.llama_sampler_free(sampler)
+                setattr(self, name, None)
 
     def __del__(self) -> None:
         self.close()
-

@@ -146,6 +146,34 @@ def test_sampling_fields_are_honoured(served, client):
     assert forced.choices[0].message.content == model.engine.token_piece(77).decode() * 8
 
 
+def test_structured_output_in_openais_shape(served, client):
+    import jsonschema
+    from test_structured import QUESTION
+
+    _, model = served
+    schema = {"type": "object", "properties": {"severity": {"enum": ["none", "mild", "severe"]},
+              "urgent": {"type": "boolean"}, "codes": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}},
+              "required": ["severity", "urgent", "codes"]}
+    expected = model.chat(QUESTION, max_tokens=64, json_schema=schema, temperature=1.0, seed=8)
+    response_format = {"type": "json_schema", "json_schema": {"name": "finding", "strict": True, "schema": schema}}
+    reply = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=64, temperature=1.0, seed=8,
+                                           response_format=response_format)
+    assert reply.choices[0].message.content == expected.text and reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    chunks = list(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=64, temperature=1.0,
+                                                 seed=8, response_format=response_format, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    anything = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=64, temperature=1.0, seed=2,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":  # an unbounded object may run to max_tokens
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    else:
+        assert anything.choices[0].message.content.startswith("{")
+    grammar = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=30,
+                                             extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert grammar.choices[0].message.content in ("yes", "no")
+
+
 def test_models_and_health(served, client):
     base, model = served
     assert [m.id for m in client.models.list().data] == [model.name]
@@ -183,6 +211,12 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         (_post(base, {**good, "stop": ["a", "b", "c", "d", "e"]}), 400, "'stop' takes at most 4 stop strings"),
         (_post(base, {**good, "stop": ""}), 400, "'stop' strings must not be empty"),
         (_post(base, {**good, "stop": 5}), 400, "'stop' must be a string or a list"),
+        (_post(base, {**good, "response_format": {"type": "xml"}}), 400, "'response_format' type must be"),
+        (_post(base, {**good, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "nonsense"}}}}), 400,
+         "the JSON schema ('response_format') is not a valid JSON Schema"),
+        (_post(base, {**good, "grammar": "root ::= nothing"}), 400, "'grammar' is not a grammar llama.cpp accepts"),
+        (_post(base, {**good, "grammar": "root ::= <nosuch>"}), 400, "invalid token '<nosuch>'"),
         (_post(base, {**good, "n": 2}), 400, "'n' must be 1"),
         (_post(base, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cxr.png"}}]}]}), 400, "never fetched"),

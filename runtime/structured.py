@@ -1,0 +1,138 @@
+"""Structured output: a JSON schema or a GBNF grammar that constrains the reply, checked before evaluation.
+
+* ``json_schema``: checked as a JSON Schema (``jsonschema``: its draft's meta-schema), then turned into a
+  GBNF grammar by llama-cpp-python's converter (``llama_cpp.llama_grammar``), with one change: a string
+  character excludes the control characters U+0000–U+001F and DEL, as llama.cpp's own C++ converter has
+  it, so every reply parses with Python's strict ``json.loads``.
+* ``grammar``: GBNF text as llama.cpp reads it (``root`` is where it starts).
+* Server ``response_format`` (OpenAI's shapes): ``{"type": "text"}`` (none), ``{"type": "json_object"}``
+  (any JSON object; llama-server's ``"schema"`` key is honoured) and ``{"type": "json_schema",
+  "json_schema": {"name": ..., "schema": {...}}}`` (without a schema: any object).
+
+What the grammar enforces: types, ``properties``/``required``/``additionalProperties`` (an object without
+``additionalProperties`` is closed), ``enum``/``const``, ``items``/``prefixItems``/``minItems``/``maxItems``,
+string ``minLength``/``maxLength``/``pattern`` (anchored ``^…$``)/``format`` (date, time, date-time,
+uuid), ``anyOf``/``oneOf``/``allOf``, local ``$ref``. Not enforced: numeric bounds (``minimum``,
+``maximum``, ``multipleOf``), ``uniqueItems``, string formats other than those. Whitespace is at most one
+space between tokens. A grammar forces the syntax, not an end: a schema without bounds (``maxLength``,
+``maxItems``, ``enum``) lets a weak model write until ``max_tokens`` (``finish_reason`` "length", the JSON
+then incomplete). Huge bounds (``maxLength`` in the thousands) make llama.cpp refuse the grammar.
+
+Grammars are checked when the settings are (no model needed) and again when the sampler is built on the
+model's vocabulary (token references such as ``<think>`` need it): every problem is an ``InputError``
+naming the setting, before anything is evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
+
+from medgemma_gguf.errors import InputError, setting
+from medgemma_gguf.runtime.engine import native_errors
+
+ROOT = "root"
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# llama.cpp's C++ converter's string character (common/json-schema-to-grammar.cpp: no raw control characters),
+# also without the code points UTF-8 cannot carry (surrogates, above U+10FFFF), which byte tokens could spell
+STRICT_CHAR = BuiltinRule(
+    r'[^"\\\x7F\x00-\x1F\U0000D800-\U0000DFFF\U00110000-\U7FFFFFFF] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})', [])
+
+
+class _Converter(SchemaConverter):
+    """llama-cpp-python's schema converter with JSON-valid string characters."""
+
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        return super()._add_primitive(name, STRICT_CHAR if name == "char" else rule)
+
+
+def schema_grammar(schema: Any) -> str:
+    """The GBNF grammar (root ``root``) of a JSON schema; InputError for a schema that is not valid or
+    cannot be turned into a grammar."""
+    from jsonschema import Draft202012Validator, SchemaError, validators
+
+    if not isinstance(schema, Mapping):
+        raise InputError(f"{setting('json_schema')} must be a JSON object (a JSON Schema), got "
+                         f"{type(schema).__name__}")
+    schema = dict(schema)
+    try:
+        validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise InputError(f"{setting('json_schema')} is not a valid JSON Schema: {exc.message}"
+                         + (f" (at {where})" if where else "")) from None
+    try:
+        converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "input"), "")
+        grammar = converter.format_grammar()
+    except RecursionError:
+        raise InputError(f"{setting('json_schema')} is nested too deeply to turn into a grammar") from None
+    except Exception as exc:  # the converter asserts on what it does not support
+        detail = str(exc) or type(exc).__name__
+        raise InputError(f"{setting('json_schema')} cannot be turned into a grammar ({detail}); use the "
+                         "keywords listed in the README's structured output section") from None
+    check_grammar(grammar, name="json_schema")
+    return grammar
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema an OpenAI ``response_format`` asks for (None for text); InputError for other shapes."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise InputError(f"{setting('response_format')} must be an object such as {{\"type\": \"json_object\"}}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return ANY_OBJECT if schema is None else schema
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise InputError(f"{setting('response_format')} of type json_schema needs \"json_schema\": "
+                             "{\"name\": ..., \"schema\": {...}}")
+        schema = spec.get("schema")
+        return ANY_OBJECT if schema is None or schema == {} else schema
+    raise InputError(f"{setting('response_format')} type must be 'text', 'json_object' or 'json_schema', "
+                     f"got {kind!r}")
+
+
+_PARSE_ERROR = re.compile(r"error parsing grammar: (.+)")
+
+
+def _reason(lines: list[str]) -> str:
+    for line in lines:
+        match = _PARSE_ERROR.search(line)
+        if match:
+            return match.group(1).strip()[:160]
+    useful = [line.strip() for line in lines if line.strip() and "failed to parse grammar" not in line]
+    return useful[0][:160] if useful else "llama.cpp refused it"
+
+
+def grammar_sampler(grammar: str, vocab: Any, *, root: str = ROOT, name: str = "grammar") -> Any:
+    """A llama.cpp grammar sampler for ``grammar`` on ``vocab``; InputError naming ``name`` when it is refused."""
+    if not grammar.strip():
+        raise InputError(f"{setting(name)} is empty; pass GBNF rules starting with 'root ::= ...'")
+    with native_errors() as lines:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), root.encode("utf-8"))
+    if not sampler:
+        if vocab is None and any("no vocab to parse token" in line for line in lines):
+            return None  # token references: checked once the model's vocabulary is there
+        if name == "json_schema":
+            raise InputError(f"{setting(name)} makes a grammar llama.cpp refuses ({_reason(lines)}); lower its "
+                             "maxLength/maxItems bounds")
+        raise InputError(f"{setting(name)} is not a grammar llama.cpp accepts: {_reason(lines)}")
+    return sampler
+
+
+def check_grammar(grammar: str, *, name: str = "grammar") -> None:
+    """Parse ``grammar`` without a model (token references are left for ``grammar_sampler``)."""
+    sampler = grammar_sampler(grammar, None, name=name)
+    if sampler:
+        llama_cpp.llama_sampler_free(sampler)
