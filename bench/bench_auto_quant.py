@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     files = [b.path for b in baselines] + [a.result.path for a in autos.values()]
     rows = evaluate_candidates([Candidate(path, mmproj) for path in files], parts, slices, reference.signature,
                                image_size, n_threads=args.threads, measure_speed=False)
-    by_file = {Path(r["path"]).name: r for r in rows}
+    by_file = {Path(r.path or r.file).name: r for r in rows}
     for row in rows:
-        if row.get("error"):
-            print(f"error: {row['file']}: {row['error']}", file=sys.stderr)
+        if not row.ok:
+            print(f"error: {row.file}: {row.error}", file=sys.stderr)
             return 1
 
     print()
@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     for base in baselines:
         auto = autos[base.type_name].result
         b, a = by_file[base.path.name], by_file[auto.path.name]
-        ratio = a["kld_mean"] / b["kld_mean"]
+        ratio = a.kld.mean / b.kld.mean
         ratios[base.type_name] = ratio
         delta = 100 * (auto.bytes - base.bytes) / base.bytes
-        print(f"| {base.type_name} | {base.bytes} | {base.bpw:.2f} | {b['kld_mean']:.5f} | {b['image_kld_mean']:.5f} "
-              f"| {auto.type_name} | {auto.bytes} ({delta:+.2f}) | {auto.bpw:.2f} | {a['kld_mean']:.5f} "
-              f"| {a['image_kld_mean']:.5f} | {ratio:.3f} |")
+        print(f"| {base.type_name} | {base.bytes} | {base.bpw:.2f} | {b.kld.mean:.5f} | {b.image_kld.mean:.5f} "
+              f"| {auto.type_name} | {auto.bytes} ({delta:+.2f}) | {auto.bpw:.2f} | {a.kld.mean:.5f} "
+              f"| {a.image_kld.mean:.5f} | {ratio:.3f} |")
 
     agreement = proxy_agreement(sensitivity, source, mmproj, imatrix, n_groups=args.agreement_groups, n_types=4,
                                 cache_dir=cache, n_threads=args.threads, progress=False)

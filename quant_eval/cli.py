@@ -26,8 +26,13 @@ import click
               help="Reference cache (default ~/.cache/medgemma-gguf/reference).")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder with downloaded benchmark files for the public slices.")
-@click.option("--top-k", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Reference log-probabilities kept per position.")
+@click.option("--coverage", type=float, default=None,
+              help="Reference probability mass left out per position (ε, default 1e-4): the cache keeps the most "
+                   "likely tokens until the rest holds at most ε, and the KL comes with its exact bracket. Smaller "
+                   "ε: a narrower bracket and a larger cache.")
+@click.option("--full-vocab", is_flag=True,
+              help="Keep every logit of every position (llama.cpp's method): an exact KL, but 4 bytes x vocabulary "
+                   "a position (1 MiB at MedGemma's 262,208 tokens).")
 @click.option("--max-items", type=click.IntRange(min=1), default=None, help="At most N items per slice.")
 @click.option("--no-heldout", is_flag=True, help="Skip the held-out text (no perplexity ratio).")
 @click.option("--no-speed", is_flag=True, help="Skip the speed measurements.")
@@ -37,7 +42,8 @@ import click
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_specs: str | None,
                  mmproj: Path | None, reference_mmproj: Path | None, reference_dtype: str | None,
-                 cache_dir: Path | None, data_dir: Path | None, top_k: int, max_items: int | None,
+                 cache_dir: Path | None, data_dir: Path | None, coverage: float | None, full_vocab: bool,
+                 max_items: int | None,
                  no_heldout: bool, no_speed: bool, threads: int | None, token: str | None, force: bool,
                  quiet: bool) -> None:
     """Evaluate TARGETS (GGUF files, or output folders: every quant in their manifest) against --reference."""
@@ -51,10 +57,19 @@ def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_
             raise UserError("--slice is empty; give slice names such as medqa-mini,vqa-mini")
     report = run_eval(list(targets), reference, outdir, slices=slices, mmproj=mmproj,
                       reference_mmproj=reference_mmproj, reference_dtype=reference_dtype, cache_dir=cache_dir,
-                      data_dir=data_dir, top_k=top_k, max_items=max_items, heldout=not no_heldout,
+                      data_dir=data_dir, coverage=coverage, full_vocab=full_vocab,
+                      max_items=max_items, heldout=not no_heldout,
                       n_threads=threads, measure_speed=not no_speed, token=token, force=force, progress=not quiet)
-    failed = [row for row in report["rows"] if row.get("error")]
-    for row in report["rows"]:
-        status = f"error: {row['error']}" if row.get("error") else f"mean KL {row['kld_mean']:.4g}"
-        click.echo(f"{row['file']}: {status}")
-    click.echo(f"wrote {outdir / 'report.md'} ({len(report['rows']) - len(failed)} evaluated, {len(failed)} failed)")
+    failed = [row for row in report.rows if row.error]
+    for row in report.rows:
+        if row.error or row.kld is None:
+            status = f"error: {row.error}"
+        else:
+            low, high = row.kld.bracket
+            status = f"mean KL {row.kld.mean:.4g} [{low:.4g}, {high:.4g}]"
+        click.echo(f"{row.file}: {status}")
+    cov = report.coverage
+    if cov.cache_bytes_per_position is not None:
+        kept = "every token" if cov.full_vocab else f"ε = {cov.epsilon:g}, {cov.mean_set_size:.1f} tokens a position"
+        click.echo(f"reference cache: {kept}, {cov.cache_bytes_per_position / 1024:.1f} KiB a position")
+    click.echo(f"wrote {outdir / 'report.md'} ({len(report.rows) - len(failed)} evaluated, {len(failed)} failed)")

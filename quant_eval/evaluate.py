@@ -1,9 +1,10 @@
 """Run candidate GGUF quants over the reference's stored sequences and compute their metrics.
 
 Every candidate replays the token ids the reference stored (so both score the same positions), through
-``runtime.engine.Engine``. Per quant: KL statistics (estimate = lumped-tail lower bound, and the upper
-bound) over all text positions and over the image-conditioned ones, top-1 agreement, RMS Δp (llama.cpp's:
-the observed next token) and of the reference's top token, perplexity ratio on the held-out text, task
+``runtime.engine.Engine``. Per quant: KL statistics (the mean with its exact bracket from the coverage
+cache, and llama.cpp's percentiles) over all text positions and over the image-conditioned ones, top-1
+agreement ("same top p"), llama.cpp's Δp statistics (the observed next token) and RMS Δp of the
+reference's top token, perplexity ratio on the held-out text, task
 accuracy per slice with a 95 % Wilson interval and McNemar's exact test against the reference's answers,
 file size and bits per weight, prompt/generation speed, image encode time and peak memory.
 
@@ -12,7 +13,8 @@ Peak memory: Linux's ``VmHWM`` (peak resident set) is reset before each quant by
 process and the loaded quant), ``None`` where the platform does not allow the reset.
 
 A quant that fails (unreadable file, another model than the reference, an mmproj that does not fit)
-becomes a row with ``error`` set; the other quants are still evaluated.
+becomes a row with ``error`` set; the other quants are still evaluated. Rows are
+:class:`medgemma_gguf.report_schema.ReportRow` records.
 """
 
 from __future__ import annotations
@@ -28,27 +30,40 @@ import numpy as np
 
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.quant_eval.metrics import (
-    TopKLogProbs,
     accuracy_with_ci,
-    kl_divergence_topk,
-    kl_summary,
+    delta_p_statistics,
+    kl_divergence_covered,
+    kld_statistics,
     ln_perplexity_ratio,
     log_softmax,
     paired_test,
     rms_delta_p,
+    same_top_statistics,
     token_logprobs,
     top1_agreement,
 )
 from medgemma_gguf.quant_eval.reference import (
     HELDOUT_PART,
+    CoverageSpec,
     ModelSignature,
     ReferencePart,
+    coverage_summary,
     gguf_signature,
     native_pixels,
     option_choices,
     sequence_parts,
+    text_positions,
 )
 from medgemma_gguf.quant_eval.slices import Slice
+from medgemma_gguf.report_schema import (
+    Coverage,
+    DeltaPStats,
+    EvalReport,
+    KLStats,
+    PartStats,
+    ReportRow,
+    SliceAccuracy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +165,7 @@ def _file_type_label(info) -> str | None:
 
 @dataclass
 class _PartScores:
-    kl: np.ndarray
+    kl: np.ndarray  # estimate = the bracket's low end
     kl_upper: np.ndarray
     top1: np.ndarray  # candidate argmax per position
     next_lp: np.ndarray  # candidate ln q of the observed next token (NaN where none)
@@ -186,13 +201,21 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
                 raise UserError(f"the mmproj gives {n_image} image positions but the reference used "
                                 f"{span[1] - span[0]}; use the mmproj of the reference model")
         engine.reset()
-        logits = engine.eval_parts(sequence_parts(tokens, span, pixels), logits="all")
+        all_logits = engine.eval_parts(sequence_parts(tokens, span, pixels), logits="all")
+        all_positions = text_positions(tokens.size, span)
+        if all_logits.shape[0] != all_positions.size:
+            raise RuntimeError(f"{part.name}: got {all_logits.shape[0]} logit rows for {all_positions.size} positions")
+        if item_index >= 0:
+            last = log_softmax(all_logits[-1].astype(np.float64))
+            options = part.option_tokens[item_index]
+            lps = np.where(options >= 0, last[np.clip(options, 0, None)], np.nan)
+            choices[item_index] = option_choices(lps[None, :])[0]
         rows = part.positions_of(s)
-        if logits.shape[0] != rows.size:
-            raise RuntimeError(f"{part.name}: got {logits.shape[0]} logit rows for {rows.size} positions")
-        ref_rows = TopKLogProbs(ids=part.topk.ids[rows], logprobs=part.topk.logprobs[rows],
-                                tail_mass=part.topk.tail_mass[rows])
-        bounds = kl_divergence_topk(ref_rows, logits)
+        if rows.size == 0:
+            continue
+        logits = all_logits[np.searchsorted(all_positions, part.pos_token[rows])]
+        ref_rows = part.dist.take(rows)
+        bounds = kl_divergence_covered(ref_rows, logits)
         scores.kl[rows], scores.kl_upper[rows] = bounds.estimate, bounds.upper
         scores.top1[rows] = np.argmax(logits, axis=1)
         scores.ref_top_lp[rows] = token_logprobs(logits, ref_rows.top1_ids)
@@ -200,66 +223,58 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
         has_next = nxt >= 0
         if has_next.any():
             scores.next_lp[rows[has_next]] = token_logprobs(logits[has_next], nxt[has_next])
-        if item_index >= 0:
-            last = log_softmax(logits[-1].astype(np.float64))
-            options = part.option_tokens[item_index]
-            lps = np.where(options >= 0, last[np.clip(options, 0, None)], np.nan)
-            choices[item_index] = option_choices(lps[None, :])[0]
     if n_items:
         scores.choices = choices
     return scores
 
 
-def _kl_fields(prefix: str, kl: np.ndarray, kl_upper: np.ndarray) -> dict[str, Any]:
+def _kl_stats(kl: np.ndarray, kl_upper: np.ndarray) -> KLStats | None:
     if kl.size == 0:
-        return {f"{prefix}_mean": None, f"{prefix}_p99": None}
-    summary = kl_summary(kl)
-    return {f"{prefix}_mean": summary["mean"], f"{prefix}_mean_stderr": summary["mean_stderr"],
-            f"{prefix}_median": summary["median"], f"{prefix}_p90": summary["p90"], f"{prefix}_p99": summary["p99"],
-            f"{prefix}_p999": summary["p999"], f"{prefix}_max": summary["max"],
-            f"{prefix}_upper_mean": float(np.mean(kl_upper)), f"{prefix}_n": summary["n"]}
+        return None
+    stats = kld_statistics(kl)
+    return KLStats(mean_low=stats["mean"], mean_high=float(np.mean(kl_upper)), **stats)
 
 
 def _aggregate(parts: Sequence[ReferencePart], scores: Sequence[_PartScores]) -> dict[str, Any]:
     kl = np.concatenate([s.kl for s in scores])
     kl_upper = np.concatenate([s.kl_upper for s in scores])
     after = np.concatenate([p.after_image for p in parts])
-    ref_top1 = np.concatenate([p.topk.top1_ids for p in parts])
+    ref_top1 = np.concatenate([p.dist.top1_ids for p in parts])
     cand_top1 = np.concatenate([s.top1 for s in scores])
     ref_next = np.concatenate([p.next_logprob for p in parts])
     cand_next = np.concatenate([s.next_lp for s in scores])
-    ref_top_lp = np.concatenate([p.topk.logprobs[:, 0].astype(np.float64) for p in parts])
+    ref_top_lp = np.concatenate([p.dist.top1_logprobs for p in parts])
     cand_top_lp = np.concatenate([s.ref_top_lp for s in scores])
-    row: dict[str, Any] = {}
-    row.update(_kl_fields("kld", kl, kl_upper))
-    row["top1_agreement"] = top1_agreement(ref_top1, cand_top1)
+    fields: dict[str, Any] = {"kld": _kl_stats(kl, kl_upper), "image_kld": _kl_stats(kl[after], kl_upper[after])}
+    fields["top1_agreement"], fields["top1_agreement_stderr"] = same_top_statistics(ref_top1, cand_top1)
+    fields["image_top1_agreement"] = top1_agreement(ref_top1[after], cand_top1[after]) if after.any() else None
     has_next = ~np.isnan(ref_next) & ~np.isnan(cand_next)
-    row["rms_dp"] = rms_delta_p(ref_next[has_next], cand_next[has_next]) if has_next.any() else None
-    row["rms_dp_top"] = rms_delta_p(ref_top_lp, cand_top_lp)
-    row.update(_kl_fields("image_kld", kl[after], kl_upper[after]))
-    row["image_top1_agreement"] = top1_agreement(ref_top1[after], cand_top1[after]) if after.any() else None
-    row["ppl_ratio"] = row["ln_ppl_ratio"] = row["ln_ppl_ratio_stderr"] = None
+    fields["dp"] = (DeltaPStats(**delta_p_statistics(ref_next[has_next], cand_next[has_next]))
+                    if has_next.any() else None)
+    fields["rms_dp_top"] = rms_delta_p(ref_top_lp, cand_top_lp)
     for part, score in zip(parts, scores, strict=True):
         if part.name == HELDOUT_PART:
             valid = ~np.isnan(part.next_logprob)
             ln_ratio, stderr = ln_perplexity_ratio(score.next_lp[valid], part.next_logprob[valid])
-            row.update(ppl_ratio=float(np.exp(ln_ratio)), ln_ppl_ratio=ln_ratio, ln_ppl_ratio_stderr=stderr)
-    accuracy: dict[str, Any] = {}
+            fields.update(ppl_ratio=float(np.exp(ln_ratio)), ln_ppl_ratio=ln_ratio, ln_ppl_ratio_stderr=stderr)
+    accuracy: dict[str, SliceAccuracy] = {}
     for part, score in zip(parts, scores, strict=True):
         if part.kind != "task" or score.choices is None:
             continue
         correct = score.choices == part.answer_index
         acc, low, high = accuracy_with_ci(correct)
         test = paired_test(correct, part.reference_correct())
-        accuracy[part.name] = {"accuracy": acc, "ci95_low": low, "ci95_high": high, "n": int(correct.size),
-                               "reference_accuracy": test["ref_accuracy"], "mcnemar_p": test["p_value"],
-                               "only_quant_right": test["b"], "only_reference_right": test["c"]}
-    row["accuracy"] = accuracy
-    row["parts"] = {part.name: {"n_positions": int(score.kl.size), "kld_mean": float(score.kl.mean()),
-                                "kld_max": float(score.kl.max()),
-                                "top1_agreement": top1_agreement(part.topk.top1_ids, score.top1)}
-                    for part, score in zip(parts, scores, strict=True)}
-    return row
+        accuracy[part.name] = SliceAccuracy(accuracy=acc, ci95_low=low, ci95_high=high, n=int(correct.size),
+                                            reference_accuracy=test["ref_accuracy"], mcnemar_p=test["p_value"],
+                                            only_quant_right=test["b"], only_reference_right=test["c"])
+    fields["accuracy"] = accuracy
+    fields["parts"] = {part.name: PartStats(n_positions=int(score.kl.size), kld_mean=float(score.kl.mean()),
+                                            kld_mean_low=float(score.kl.mean()),
+                                            kld_mean_high=float(score.kl_upper.mean()),
+                                            kld_max=float(score.kl.max()),
+                                            top1_agreement=top1_agreement(part.dist.top1_ids, score.top1))
+                       for part, score in zip(parts, scores, strict=True) if score.kl.size}
+    return fields
 
 
 def _speed(engine, prompt_tokens: Sequence[int], pixels: np.ndarray | None) -> dict[str, Any]:
@@ -296,7 +311,7 @@ def _speed(engine, prompt_tokens: Sequence[int], pixels: np.ndarray | None) -> d
 
 def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], slices: dict[str, Slice],
                        signature: ModelSignature, image_size: int, *, n_threads: int | None = None,
-                       measure_speed: bool = True, progress: bool = False) -> dict[str, Any]:
+                       measure_speed: bool = True, progress: bool = False) -> ReportRow:
     """All metrics of one quant as one report row (raises UserError for a quant that cannot be evaluated)."""
     from medgemma_gguf.runtime.engine import Engine
 
@@ -340,23 +355,20 @@ def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], sli
             row.update(_speed(engine, prompt.tolist(), pixels))
     row["eval_seconds"] = time.perf_counter() - start
     row["peak_rss_bytes"] = _vm_hwm() if hwm_reset else None
-    row["error"] = None
-    return row
+    return ReportRow(**row)
 
 
-def error_row(candidate: Candidate, error: BaseException) -> dict[str, Any]:
+def error_row(candidate: Candidate, error: BaseException) -> ReportRow:
     """The report row of a quant that could not be evaluated."""
     size = candidate.path.stat().st_size if candidate.path.is_file() else None
-    return {"file": candidate.path.name, "path": str(candidate.path),
-            "type": candidate.type or _type_from_name(candidate.path), "bytes": size,
-            "bpw": None, "kld_mean": None, "kld_p99": None, "top1_agreement": None, "ppl_ratio": None,
-            "image_kld_mean": None, "accuracy": {}, "prompt_tps": None, "gen_tps": None,
-            "error": str(error) or type(error).__name__}
+    return ReportRow(file=candidate.path.name, path=str(candidate.path),
+                     type=candidate.type or _type_from_name(candidate.path), bytes=size,
+                     error=str(error) or type(error).__name__)
 
 
 def evaluate_candidates(candidates: Sequence[Candidate], parts: Sequence[ReferencePart], slices: Sequence[Slice],
                         signature: ModelSignature, image_size: int, *, n_threads: int | None = None,
-                        measure_speed: bool = True, progress: bool = False) -> list[dict[str, Any]]:
+                        measure_speed: bool = True, progress: bool = False) -> list[ReportRow]:
     """One row per candidate, in order; a failing candidate gives an error row and the rest still run."""
     from tqdm import tqdm
 
@@ -394,16 +406,21 @@ def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items
 
 def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, slices: Sequence[str] | None = None,
              mmproj: Path | None = None, reference_mmproj: Path | None = None, reference_dtype: str | None = None,
-             cache_dir: Path | None = None, data_dir: Path | None = None, top_k: int = 256,
-             max_items: int | None = None, heldout: bool = True, n_threads: int | None = None,
-             measure_speed: bool = True, token: str | None = None, force: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``."""
+             cache_dir: Path | None = None, data_dir: Path | None = None, coverage: float | None = None,
+             full_vocab: bool = False, max_items: int | None = None, heldout: bool = True,
+             n_threads: int | None = None, measure_speed: bool = True, token: str | None = None, force: bool = False,
+             progress: bool = True) -> EvalReport:
+    """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``.
+
+    ``coverage``: the reference mass left out per position (ε, default 1e-4); ``full_vocab``: keep every
+    logit instead (llama.cpp's method; 1 MiB a position at Gemma 3's vocabulary).
+    """
     from medgemma_gguf.quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
     from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
     from medgemma_gguf.quant_eval.slices import load_heldout_text, slice_hash
 
     outdir = Path(outdir)
+    spec = CoverageSpec.make(coverage, full_vocab)
     if not force:
         existing = [outdir / name for name in REPORT_FILES if (outdir / name).exists()]
         if existing:
@@ -420,21 +437,22 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     if not loaded and not chunks:
         raise UserError(f"nothing to evaluate: give at least one of {setting('slices')} or keep the held-out text")
     try:
-        parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, top_k=top_k, progress=progress)
+        parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, coverage=spec, progress=progress)
     finally:
         reference.close()  # free the reference model before loading any quant
     image_size = max((int(p.meta.get("image_size") or 0) for p in parts), default=0)
     rows = evaluate_candidates(candidates, parts, loaded, reference.signature, image_size, n_threads=n_threads,
                                measure_speed=measure_speed, progress=progress)
-    report = {
-        "reference": reference.describe(),
-        "top_k": top_k,
-        "slices": [{"spec": s.spec, "n_items": len(s), "hash": slice_hash(s), "has_images": s.has_images,
-                    "reference_accuracy": float(p.reference_correct().mean())}
-                   for s, p in zip(loaded, [p for p in parts if p.kind == "task"], strict=True)],
-        "heldout": {"n_chunks": len(chunks), "n_positions": int(parts[0].pos_seq.size)} if chunks else None,
-        "cache": {"dir": str(cache.cache_dir), "hits": cache.hits, "misses": cache.misses},
-        "rows": rows,
-    }
+    report = EvalReport(
+        reference=reference.describe(),
+        coverage=Coverage(**coverage_summary(parts)),
+        slices=[{"spec": s.spec, "n_items": len(s), "hash": slice_hash(s), "has_images": s.has_images,
+                 "reference_accuracy": float(p.reference_correct().mean())}
+                for s, p in zip(loaded, [p for p in parts if p.kind == "task"], strict=True)],
+        heldout={"n_chunks": len(chunks), "n_positions": int(parts[0].pos_seq.size)} if chunks else None,
+        cache={"dir": str(cache.cache_dir), "hits": cache.hits, "misses": cache.misses,
+               "stale_removed": cache.stale_removed},
+        rows=rows,
+    )
     write_report(report, outdir, force=force)
     return report

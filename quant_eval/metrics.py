@@ -6,23 +6,38 @@ Conventions
 * Distribution inputs are ``[N, V]`` arrays (N positions, V vocabulary entries). Candidate rows may be
   raw logits or log-probabilities: every function renormalises them with a float64 log-softmax, which
   leaves true log-probabilities unchanged.
-* The reference cache keeps, per position, only the top-K token ids, their log-probabilities and the
-  remaining probability mass (:class:`TopKLogProbs`), because Gemma 3's 262k-entry rows are ~1 MB each.
-* Where llama.cpp's ``llama-perplexity --kl-divergence`` reports the same statistic, we follow its
-  definition (``tools/perplexity/perplexity.cpp`` in llama.cpp, read at the copy vendored in
-  llama-cpp-python 0.3.36) so the numbers are comparable:
+* The reference cache keeps the reference's distribution by probability *mass*, not by count
+  (:class:`CoveredLogProbs`): per position the smallest set of most likely tokens covering ``1 - ε``
+  (default ε = 1e-4, with a floor and a cap on the set size), as the model's float32 logits, plus the exact
+  float64 log-sum-exp of the whole row (so the stored probabilities are exact) and the leftover tail mass.
+  Gemma 3's 262,208-entry rows are 1 MiB each as float32; a covered row is a few KiB. ε = 0 stores every
+  logit (``--full-vocab``, llama.cpp's method).
+* The KL from that cache comes with its exact bracket (:func:`kl_divergence_covered`): the reported value
+  is the coarsened KL (stored tokens exact, tail lumped), a lower bound; the upper bound is the largest KL
+  any reference consistent with the cache could have. The bracket's width is at most
+  ``P_T · (ln m - ln min_T q - ln(P_T/Q_T))`` (``P_T <= ε`` the tail mass, ``m`` the smallest stored
+  probability), tens of nats times ε — at ε = 1e-4 wider than a Q8_0-class KL, so ranking quants that close
+  needs a smaller ε or ``--full-vocab``; :func:`brackets_overlap` says when two quants cannot be told apart.
+* Per-position KL values with ``|KL| < 1e-9`` are float64 round-off of a zero KL and are set to 0
+  (:data:`ROUNDOFF_KL`); nothing else is clamped.
+* Where llama.cpp's ``llama-perplexity --kl-divergence`` reports a statistic, we follow its definition
+  (``tools/perplexity/perplexity.cpp`` in llama.cpp, read at the copy vendored in llama-cpp-python 0.3.36)
+  so tables are comparable side by side (:func:`kld_statistics`, :func:`delta_p_statistics`,
+  :func:`same_top_statistics`, :func:`ln_perplexity_ratio`). Definitional differences:
 
-  - KLD per position: ``sum_i p_i (ln p_i - ln q_i)`` over the vocabulary (llama.cpp skips reference
-    entries with ``ln p_i <= -16`` and stores the reference log-probabilities quantised to 16 bits; we
-    sum every entry in float64, so our values are exact where theirs are approximate);
-  - "Same top p": share of positions where the argmax token of P and of Q agree (first index on ties);
-  - "Δp": ``q(t) - p(t)`` where ``t`` is the *observed next token* of the evaluated text, and
-    "RMS Δp" = ``sqrt(mean(Δp²))``;
-  - percentiles: linear interpolation at rank ``fraction * (n - 1)`` of the sorted values (numpy's
-    default ``"linear"`` method), median = mean of the two middle values for even n;
-  - uncertainty of a mean: ``sqrt(population_variance / (n - 1))``; the uncertainty of
-    ``ln(PPL(Q)/PPL(P))`` is that of the mean of the per-token NLL differences (identical to
-    llama.cpp's ``sqrt(σ_Q² + σ_P² - 2 cov)``).
+  - llama.cpp stores the reference's log-probabilities quantised to 16 bits (error up to ~1.2e-4 nats
+    each) and drops reference tokens with ``ln p <= -16`` from the KL sum; we use the exact float64
+    values and every stored token, with the tail bracketed;
+  - "Same top p" compares the candidate's argmax with the argmax of those quantised values; we use the
+    reference's exact argmax (first index on ties in both);
+  - llama.cpp scores the second half of each ``n_ctx`` chunk of one token stream (positions
+    ``n_ctx/2 … n_ctx-2``, the chunk's first token replaced by BOS); ``eval`` scores every text position of
+    its own sequences unless asked for llama.cpp's positions (``reference.llama_perplexity_chunks``);
+  - the uncertainty of a mean is ``sqrt((E[x²] - E[x]²)/(n - 1))``, 0 for n <= 10 (llama.cpp's rule);
+    the uncertainty of ``ln(PPL(Q)/PPL(P))`` is that of the mean per-token NLL difference (identical to
+    llama.cpp's ``sqrt(σ_Q² + σ_P² - 2 cov)``);
+  - percentiles interpolate linearly at rank ``fraction * (n - 1)`` of the sorted values; median = mean of
+    the two middle values for even n.
 
 Invalid input raises :class:`MetricInputError`, which is both a ``ValueError`` and the project's
 ``UserError`` (one line: the problem and the fix).
@@ -42,15 +57,23 @@ from numpy.typing import ArrayLike, NDArray
 from medgemma_gguf.errors import UserError
 
 __all__ = [
+    "DEFAULT_COVERAGE",
+    "MAX_STORED_TOKENS",
+    "MIN_STORED_TOKENS",
+    "ROUNDOFF_KL",
+    "CoveredLogProbs",
     "KLBounds",
     "MetricInputError",
-    "TopKLogProbs",
     "accuracy_with_ci",
+    "brackets_overlap",
     "choice_logprob_scores",
+    "clamp_roundoff",
+    "cover_from_logits",
     "delta_p",
+    "delta_p_statistics",
+    "kl_divergence_covered",
     "kl_divergence_full",
-    "kl_divergence_topk",
-    "kl_summary",
+    "kld_statistics",
     "ln_perplexity_ratio",
     "log_softmax",
     "paired_test",
@@ -58,12 +81,20 @@ __all__ = [
     "perplexity_ratio",
     "rms_delta_p",
     "rms_delta_p_top",
+    "same_top_statistics",
     "spearman_rank_correlation",
     "token_logprobs",
     "top1_agreement",
-    "topk_from_logits",
 ]
 
+# Reference coverage: keep the most likely tokens until the rest holds at most this much probability.
+DEFAULT_COVERAGE = 1e-4
+# Floor and cap on the tokens kept per position. The cap is 512 KiB a position (8 bytes a token), what
+# llama.cpp's uint16 base file spends on every position at Gemma 3's 262,208-token vocabulary.
+MIN_STORED_TOKENS = 16
+MAX_STORED_TOKENS = 65536
+# |KL| below this is float64 round-off of a zero KL and is reported as 0.
+ROUNDOFF_KL = 1e-9
 # Slack for float rounding when checking that log-probabilities are <= 0 and masses lie in [0, 1].
 _LOGPROB_SLACK = 1e-4
 # How far sum(top-K probs) + tail mass may stray from 1 before a reference row is called inconsistent.
@@ -159,11 +190,9 @@ def _same_length(a: NDArray, b: NDArray, name_a: str, name_b: str) -> None:
 
 
 def _log_softmax_checked(x: NDArray[np.float64]) -> NDArray[np.float64]:
-    row_max = np.max(x, axis=-1, keepdims=True)
-    if np.isneginf(row_max).any():
-        raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
-    shifted = x - row_max
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    """``x - lse(x)`` with the one normaliser (:func:`_lse_rows`) the reference cache stores, so identical
+    logits give bit-identical log-probabilities on both sides."""
+    return x - _lse_rows(x)[..., None]
 
 
 def log_softmax(logits: ArrayLike) -> NDArray[np.float64]:
@@ -178,84 +207,218 @@ def log_softmax(logits: ArrayLike) -> NDArray[np.float64]:
 
 
 @dataclass(frozen=True, eq=False)
-class TopKLogProbs:
-    """The reference's top-K log-probabilities per position.
+class CoveredLogProbs:
+    """The reference's distribution per position, stored by probability mass rather than by count.
 
-    ``ids[n, j]``, ``logprobs[n, j]``: the j-th most likely token at position n and ``ln p`` of it
-    (descending; equal probabilities ordered by ascending id). ``tail_mass[n] = 1 - Σ_j p[n, j]``, the
-    probability of every token outside the top K (computed directly as a sum, not by subtraction, so it
-    keeps its relative precision when tiny).
+    Row ``n`` keeps the smallest set of tokens whose probability covers ``1 - epsilon`` (at least
+    ``min_tokens``, at most ``max_tokens`` of them; see :func:`cover_from_logits`), as the model's own
+    float32 logits, plus ``lse[n]`` = ``ln Σ_i exp(logit_i)`` over the *whole* vocabulary in float64 and
+    ``tail_mass[n]`` = the probability of every token not kept (summed directly, so it keeps its relative
+    precision when tiny). ``ln p_i = logit_i - lse[n]`` is then the exact float64 log-probability, the same
+    number a full-vocabulary float64 log-softmax gives.
+
+    Layout (CSR): row n is ``ids[offsets[n]:offsets[n+1]]`` / ``logits[...]``, most likely first (equal
+    probabilities by ascending id). ``ids is None`` is the dense layout of ``--full-vocab``: every row holds
+    all ``vocab_size`` logits in id order and ``tail_mass`` is 0.
     """
 
-    ids: NDArray[np.int32]
-    logprobs: NDArray[np.float32]
+    offsets: NDArray[np.int64]
+    ids: NDArray[np.int32] | None
+    logits: NDArray[np.float32]
+    lse: NDArray[np.float64]
     tail_mass: NDArray[np.float64]
+    vocab_size: int
+    epsilon: float
 
     def __post_init__(self) -> None:
-        ids = _as_int_array(self.ids, "TopKLogProbs.ids", ndim=2)
-        logprobs = _as_float_array(self.logprobs, "TopKLogProbs.logprobs", ndim=2, allow_neg_inf=True)
-        tail = _as_float_array(self.tail_mass, "TopKLogProbs.tail_mass", ndim=1)
-        if logprobs.shape != ids.shape:
-            raise MetricInputError(
-                f"TopKLogProbs.logprobs has shape {logprobs.shape} but ids has {ids.shape}; they must match"
-            )
-        _same_length(ids, tail, "TopKLogProbs.ids", "TopKLogProbs.tail_mass")
-        _check_logprobs(logprobs, "TopKLogProbs.logprobs")
+        offsets = _as_int_array(self.offsets, "CoveredLogProbs.offsets", ndim=1)
+        logits = _as_float_array(self.logits, "CoveredLogProbs.logits", ndim=1, allow_neg_inf=True,
+                                 keep_float_dtype=True).astype(np.float32, copy=False)
+        lse = _as_float_array(self.lse, "CoveredLogProbs.lse", ndim=1)
+        tail = _as_float_array(self.tail_mass, "CoveredLogProbs.tail_mass", ndim=1)
+        vocab = self.vocab_size
+        if isinstance(vocab, bool) or not isinstance(vocab, int | np.integer) or vocab < 1:
+            raise MetricInputError(f"CoveredLogProbs.vocab_size must be a positive integer, got {vocab!r}")
+        if isinstance(self.epsilon, bool) or not 0.0 <= float(self.epsilon) < 1.0:
+            raise MetricInputError(f"CoveredLogProbs.epsilon must lie in [0, 1), got {self.epsilon!r}")
+        sizes = np.diff(offsets)
+        if offsets[0] != 0 or offsets[-1] != logits.size or (sizes < 1).any() or offsets.size < 2:
+            raise MetricInputError("CoveredLogProbs.offsets must start at 0, grow by at least 1 a row and end at "
+                                   "len(logits); rebuild the cache with cover_from_logits")
+        n = sizes.size
+        _same_length(lse, tail, "CoveredLogProbs.lse", "CoveredLogProbs.tail_mass")
+        if lse.size != n:
+            raise MetricInputError(f"CoveredLogProbs has {n} rows in offsets but {lse.size} in lse; they must match")
         if ((tail < -_LOGPROB_SLACK) | (tail > 1 + _LOGPROB_SLACK)).any():
-            raise MetricInputError("TopKLogProbs.tail_mass must lie in [0, 1]; it is a probability mass")
-        if ids.shape[1] > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
-            raise MetricInputError("TopKLogProbs.ids repeats a token id in a position; ids must be unique")
-        total = np.exp(logprobs).sum(axis=1) + tail
+            raise MetricInputError("CoveredLogProbs.tail_mass must lie in [0, 1]; it is a probability mass")
+        if self.ids is None:
+            if (sizes != vocab).any():
+                raise MetricInputError(f"dense CoveredLogProbs rows must hold all {vocab} logits each")
+            ids = None
+        else:
+            ids = _as_int_array(self.ids, "CoveredLogProbs.ids", ndim=1)
+            if ids.size != logits.size:
+                raise MetricInputError("CoveredLogProbs.ids and logits must have one entry per stored token")
+            if (ids >= vocab).any() or (sizes > vocab).any():
+                raise MetricInputError(f"CoveredLogProbs holds token ids >= its vocabulary size {vocab}")
+            ids = ids.astype(np.int32)
+        row_of = np.repeat(np.arange(n), sizes)
+        with np.errstate(over="ignore"):
+            stored = np.bincount(row_of, weights=np.exp(logits.astype(np.float64) - lse[row_of]), minlength=n)
+        total = stored + tail
         if (np.abs(total - 1.0) > _MASS_SLACK).any():
             worst = int(np.argmax(np.abs(total - 1.0)))
-            raise MetricInputError(
-                f"TopKLogProbs row {worst}: top-K probabilities plus tail_mass sum to {total[worst]:.6f}, "
-                "not 1; rebuild the reference cache with topk_from_logits"
-            )
-        object.__setattr__(self, "ids", ids.astype(np.int32))
-        object.__setattr__(self, "logprobs", logprobs.astype(np.float32))
+            raise MetricInputError(f"CoveredLogProbs row {worst}: stored probabilities plus tail_mass sum to "
+                                   f"{total[worst]:.6f}, not 1; rebuild the cache with cover_from_logits")
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "logits", logits)
+        object.__setattr__(self, "lse", lse)
         object.__setattr__(self, "tail_mass", np.clip(tail, 0.0, 1.0))
+        object.__setattr__(self, "vocab_size", int(vocab))
+        object.__setattr__(self, "epsilon", float(self.epsilon))
 
     @property
     def n_positions(self) -> int:
-        return int(self.ids.shape[0])
+        return int(self.offsets.size - 1)
 
     @property
-    def k(self) -> int:
-        return int(self.ids.shape[1])
+    def dense(self) -> bool:
+        """True for the full-vocabulary layout (every logit of every position)."""
+        return self.ids is None
 
     @property
-    def top1_ids(self) -> NDArray[np.int32]:
-        """The reference's most likely token per position (``ids[:, 0]``)."""
-        return self.ids[:, 0]
+    def set_sizes(self) -> NDArray[np.int64]:
+        """Tokens stored per position."""
+        return np.diff(self.offsets)
+
+    def row(self, index: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """Token ids and their exact ``ln p`` (float64) at position ``index``."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        lp = self.logits[start:end].astype(np.float64) - self.lse[index]
+        ids = np.arange(self.vocab_size) if self.ids is None else self.ids[start:end].astype(np.int64)
+        return ids, lp
+
+    @property
+    def top1_ids(self) -> NDArray[np.int64]:
+        """The reference's most likely token per position (lowest id on ties, as ``argmax``)."""
+        if self.ids is None:
+            return np.argmax(self.logits.reshape(self.n_positions, self.vocab_size), axis=1)
+        return self.ids[self.offsets[:-1]].astype(np.int64)
+
+    @property
+    def top1_logprobs(self) -> NDArray[np.float64]:
+        """``ln p`` of the reference's most likely token per position."""
+        if self.ids is None:
+            return self.logits.reshape(self.n_positions, self.vocab_size).max(axis=1).astype(np.float64) - self.lse
+        return self.logits[self.offsets[:-1]].astype(np.float64) - self.lse
+
+    def take(self, rows: ArrayLike) -> CoveredLogProbs:
+        """The positions ``rows`` (indices, in the order given) as a new object."""
+        index = np.asarray(rows, dtype=np.int64)
+        sizes = self.set_sizes[index]
+        starts = self.offsets[:-1][index]
+        gather = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+        return CoveredLogProbs(
+            offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            ids=None if self.ids is None else self.ids[gather], logits=self.logits[gather], lse=self.lse[index],
+            tail_mass=self.tail_mass[index], vocab_size=self.vocab_size, epsilon=self.epsilon)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[CoveredLogProbs]) -> CoveredLogProbs:
+        """Rows of several objects (same vocabulary, ε and layout) one after another."""
+        if not parts:
+            raise MetricInputError("nothing to concatenate; pass at least one CoveredLogProbs")
+        first = parts[0]
+        if any(p.vocab_size != first.vocab_size or p.epsilon != first.epsilon or p.dense != first.dense
+               for p in parts):
+            raise MetricInputError("CoveredLogProbs to concatenate must share vocabulary size, epsilon and layout")
+        sizes = np.concatenate([p.set_sizes for p in parts])
+        return cls(offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                   ids=None if first.dense else np.concatenate([p.ids for p in parts]),  # type: ignore[misc]
+                   logits=np.concatenate([p.logits for p in parts]), lse=np.concatenate([p.lse for p in parts]),
+                   tail_mass=np.concatenate([p.tail_mass for p in parts]), vocab_size=first.vocab_size,
+                   epsilon=first.epsilon)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays in memory (the cache file is compressed and usually smaller)."""
+        ids = 0 if self.ids is None else self.ids.nbytes
+        return int(self.offsets.nbytes + ids + self.logits.nbytes + self.lse.nbytes + self.tail_mass.nbytes)
 
 
-def topk_from_logits(logits: ArrayLike, k: int) -> TopKLogProbs:
-    """Top-K of ``log_softmax(logits)`` per row, computed in float64.
+def _lse_rows(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``ln Σ_j exp(x_j)`` per row in float64 (max-shifted); the one normaliser both sides use."""
+    row_max = np.max(x, axis=-1, keepdims=True)
+    if np.isneginf(row_max).any():
+        raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
+    return (row_max + np.log(np.sum(np.exp(x - row_max), axis=-1, keepdims=True)))[..., 0]
 
-    ``tail_mass = Σ_{i ∉ top-K} exp(ln p_i)`` summed directly. Ties at the K-th place are resolved by
-    lowest token id, so the result is deterministic.
+
+def _top_tokens(lp: NDArray[np.float64], k: int) -> NDArray[np.int64]:
+    """The ``k`` largest entries' ids, by value descending then id ascending (deterministic on ties)."""
+    vocab = lp.size
+    if k >= vocab:
+        return np.lexsort((np.arange(vocab), -lp))
+    threshold = np.partition(lp, vocab - k)[vocab - k]  # the k-th largest value
+    candidates = np.flatnonzero(lp >= threshold)
+    return candidates[np.lexsort((candidates, -lp[candidates]))][:k]
+
+
+def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, min_tokens: int = MIN_STORED_TOKENS,
+                      max_tokens: int = MAX_STORED_TOKENS) -> CoveredLogProbs:
+    """Per row, the smallest most-likely-first token set with ``tail mass <= epsilon``, its exact normaliser.
+
+    ``logits`` is ``[N, V]`` (float32 as the model returns them; kept bit-exact). The set holds at least
+    ``min(min_tokens, V)`` and at most ``min(max_tokens, V)`` tokens: where the cap binds the tail is larger
+    than ``epsilon`` and the KL bracket is wider (it always says so through ``tail_mass``). ``epsilon = 0``
+    keeps every token of every row in the dense layout (llama.cpp's full-vocabulary method).
     """
     x = _validated_rows(logits, "logits")
     n_pos, vocab = x.shape
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= vocab:
-        raise MetricInputError(f"k must be an integer in [1, {vocab}] (the vocabulary size), got {k!r}")
-    ids = np.empty((n_pos, k), dtype=np.int64)
-    logprobs = np.empty((n_pos, k), dtype=np.float64)
-    tail = np.zeros(n_pos, dtype=np.float64)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0.0 <= epsilon < 1.0:
+        raise MetricInputError(f"coverage epsilon must be a number in [0, 1), e.g. 1e-4; got {epsilon!r}")
+    for name, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise MetricInputError(f"{name} must be a positive integer, got {value!r}")
+    if min_tokens > max_tokens:
+        raise MetricInputError(f"min_tokens {min_tokens} is above max_tokens {max_tokens}; swap them")
+    x32 = x.astype(np.float32, copy=False)
+    lse = np.empty(n_pos)
+    for rows in _row_slices(n_pos, vocab):
+        lse[rows] = _lse_rows(x32[rows].astype(np.float64))
+    if epsilon == 0.0:
+        return CoveredLogProbs(offsets=np.arange(n_pos + 1, dtype=np.int64) * vocab, ids=None,
+                               logits=np.ascontiguousarray(x32).reshape(-1), lse=lse, tail_mass=np.zeros(n_pos),
+                               vocab_size=vocab, epsilon=0.0)
+    floor, cap = min(min_tokens, vocab), min(max_tokens, vocab)
+    ids: list[NDArray[np.int64]] = []
+    tail = np.zeros(n_pos)
     for row in range(n_pos):
-        values = _log_softmax_rows(x[row])
-        threshold = np.partition(values, vocab - k)[vocab - k]  # the K-th largest value
-        candidates = np.flatnonzero(values >= threshold)
-        order = np.lexsort((candidates, -values[candidates]))  # by value desc, then id asc
-        chosen = candidates[order[:k]]
-        ids[row] = chosen
-        logprobs[row] = values[chosen]
-        if k < vocab:
+        lp = x32[row].astype(np.float64) - lse[row]
+        p = np.exp(lp)
+        total = float(p.sum())
+        k_try = min(cap, max(floor, 256))
+        while True:
+            top = _top_tokens(lp, k_try)
+            remaining = total - np.cumsum(p[top])  # tail mass if the first j + 1 are kept
+            hit = np.flatnonzero(remaining <= epsilon)
+            if hit.size or k_try >= cap:
+                k = int(hit[0]) + 1 if hit.size else k_try
+                break
+            k_try = min(cap, k_try * 4)
+        chosen = top[: max(k, floor)]
+        ids.append(chosen)
+        if chosen.size < vocab:
             rest = np.ones(vocab, dtype=bool)
             rest[chosen] = False
-            tail[row] = np.exp(values[rest]).sum()
-    return TopKLogProbs(ids=ids.astype(np.int32), logprobs=logprobs.astype(np.float32), tail_mass=tail)
+            tail[row] = p[rest].sum()
+    sizes = np.array([c.size for c in ids], dtype=np.int64)
+    flat_ids = np.concatenate(ids)
+    row_of = np.repeat(np.arange(n_pos), sizes)
+    return CoveredLogProbs(offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                           ids=flat_ids.astype(np.int32), logits=x32[row_of, flat_ids], lse=lse, tail_mass=tail,
+                           vocab_size=vocab, epsilon=float(epsilon))
 
 
 def token_logprobs(logits: ArrayLike, token_ids: ArrayLike) -> NDArray[np.float64]:
@@ -302,9 +465,10 @@ def kl_divergence_full(ref_logits: ArrayLike, cand_logits: ArrayLike) -> NDArray
 
 
 class KLBounds(NamedTuple):
-    """Per-position KL from a top-K reference: ``lower <= KL(P || Q) <= upper``.
+    """Per-position KL from a :class:`CoveredLogProbs` reference: ``lower <= KL(P || Q) <= upper``.
 
-    ``estimate`` is the lumped-tail KL and equals ``lower``; it is the value to report.
+    ``estimate`` is the coarsened KL (stored tokens exact, the rest lumped into one bucket); it equals
+    ``lower`` and is the value to report. All three have float64 round-off (``|KL| < 1e-9``) set to 0.
     """
 
     estimate: NDArray[np.float64]
@@ -324,107 +488,140 @@ def _tail_upper(tail_lq: NDArray[np.float64], p_tail: float, cap: float) -> floa
     return value
 
 
-def kl_divergence_topk(ref: TopKLogProbs, cand_logprobs: ArrayLike) -> KLBounds:
-    r"""``KL(P_ref || Q_cand)`` per position when only the reference's top-K is stored.
+def clamp_roundoff(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Set ``|KL| < 1e-9`` (float64 round-off of a zero KL) to exactly 0; nothing else is changed."""
+    return np.where(np.abs(values) < ROUNDOFF_KL, 0.0, values)
 
-    Split the vocabulary into the reference's top-K set ``K`` and the tail ``T``:
-    ``KL = Σ_{i∈K} p_i ln(p_i/q_i) + Σ_{i∈T} p_i ln(p_i/q_i)``. The first sum is exact. For the tail
-    we know ``P_T = ref.tail_mass``, every ``q_i`` (``Q_T = Σ_{i∈T} q_i``), and that each tail
-    ``p_i <= m := min(P_T, min_{j∈K} p_j)`` because ``K`` holds the K most likely tokens.
+
+def kl_divergence_covered(ref: CoveredLogProbs, cand_logits: ArrayLike) -> KLBounds:
+    r"""``KL(P_ref || Q_cand)`` per position from a coverage cache, with its exact bracket.
+
+    Split the vocabulary into the stored set ``S`` and the tail ``T``:
+    ``KL = Σ_{i∈S} p_i ln(p_i/q_i) + Σ_{i∈T} p_i ln(p_i/q_i)``. The first sum is exact (``ln p_i`` from
+    the stored logits and the full-row log-sum-exp; ``ln q_i`` from the candidate's full row, normalised
+    the same way, so identical logits give exactly 0). For the tail we know ``P_T = ref.tail_mass``, every
+    ``q_i`` (``Q_T = Σ_{i∈T} q_i``, summed directly), and that each tail ``p_i <= m := min(P_T, min_{j∈S} p_j)``
+    because ``S`` holds the most likely tokens.
 
     Lower bound (reported as the estimate). By the log-sum inequality,
-    ``Σ_{i∈T} p_i ln(p_i/q_i) >= P_T ln(P_T / Q_T)``, so
-    ``lower = Σ_{i∈K} p_i ln(p_i/q_i) + P_T ln(P_T/Q_T) <= KL``. It is the exact KL between P and Q
-    coarsened to K+1 outcomes (the top-K tokens and one "other" bucket), hence also ``>= 0``; it equals
-    the true KL when the candidate spreads its tail in proportion to the reference
-    (``q_i / p_i`` constant on ``T``), and when ``K = V``.
+    ``Σ_{i∈T} p_i ln(p_i/q_i) >= P_T ln(P_T / Q_T)``, so ``lower = Σ_{i∈S} p_i ln(p_i/q_i) + P_T ln(P_T/Q_T)``.
+    It is the exact KL between P and Q coarsened to the stored tokens plus one "other" bucket, hence
+    ``>= 0``; by the chain rule the true KL exceeds it by exactly ``P_T · KL(P_T-normalised tail ||
+    Q_T-normalised tail)``, which is small when ``P_T <= ε`` is small (and 0 in the dense layout).
 
-    Upper bound (the tightest the cache allows). ``f(p) = Σ_{i∈T} p_i ln(p_i/q_i)`` is convex in the
-    tail vector ``p``, and the true tail lies in the polytope
-    ``F = {p : 0 <= p_i <= m, Σ_{i∈T} p_i = P_T}``. A convex function attains its maximum over a
-    polytope at a vertex. A vertex of ``F`` (a box cut by one hyperplane) has at most one coordinate
-    strictly between its bounds, so it has ``r = floor(P_T / m)`` coordinates equal to ``m``, one equal
-    to ``ρ = P_T - r m`` and the rest 0 (if float rounding leaves fewer than r + 1 tail tokens, the
-    last one takes the remainder). Its value is
-    ``r m ln m + ρ ln ρ + m Σ_{i∈S} (-ln q_i) + ρ (-ln q_l)``: only the linear part depends on which
-    tokens are chosen, and by the rearrangement inequality (``m >= ρ``) it is largest when the ``r``
-    tokens with the smallest ``q_i`` get ``m`` and the next-smallest gets ``ρ``. That value is
-    ``max_{p∈F} f(p) >= f(p_true)``, so ``upper = Σ_{i∈K} p_i ln(p_i/q_i) + max_F f >= KL``, and some
-    reference distribution consistent with the cache attains it, so no smaller bound is valid.
+    Upper bound (the tightest the cache allows). ``f(p) = Σ_{i∈T} p_i ln(p_i/q_i)`` is convex in the tail
+    vector and the true tail lies in the polytope ``F = {p : 0 <= p_i <= m, Σ_{i∈T} p_i = P_T}``, so
+    ``max_F f`` is attained at a vertex: ``r = floor(P_T / m)`` coordinates equal to ``m``, one equal to
+    ``ρ = P_T - r m``, the rest 0; by the rearrangement inequality the ``r`` tokens with the smallest
+    ``q_i`` get ``m`` and the next-smallest gets ``ρ``. ``upper = Σ_{i∈S} p_i ln(p_i/q_i) + max_F f``.
+    Some reference distribution consistent with the cache attains it, so no smaller bound is valid; it is
+    ``+inf`` when the candidate gives a tail token probability 0.
 
-    In words: the upper bound is the largest KL any reference distribution consistent with the cache
-    could have — it puts the leftover reference mass, in pieces no larger than the smallest top-K
-    probability, on the tokens the candidate finds least likely.
-
-    ``cand_logprobs`` is ``[N, V]`` (logits accepted: rows are renormalised in float64). ``upper`` is
-    clamped to ``>= lower`` against float rounding. Cost: one O(V) pass per position.
+    ``cand_logits`` is ``[N, V]`` (log-probabilities accepted: rows are renormalised in float64).
+    Per-position values with ``|KL| < 1e-9`` are float64 round-off of a zero KL and are set to 0
+    (:func:`clamp_roundoff`); nothing else is clamped. Cost: one O(V) pass per position.
     """
-    if not isinstance(ref, TopKLogProbs):
-        raise MetricInputError(f"ref must be a TopKLogProbs, got {type(ref).__name__}; use topk_from_logits")
-    lq_all = _validated_rows(cand_logprobs, "cand_logprobs")
-    _same_length(ref.ids, lq_all, "ref", "cand_logprobs")
-    vocab = lq_all.shape[1]
-    if ref.k > vocab or (ref.ids >= vocab).any():
-        raise MetricInputError(
-            f"ref has token ids (or K) beyond the candidate's vocabulary of {vocab}; "
-            "the two models must share one tokenizer"
-        )
-    lp_top = ref.logprobs.astype(np.float64)
-    p_top = np.exp(lp_top)
+    if not isinstance(ref, CoveredLogProbs):
+        raise MetricInputError(f"ref must be a CoveredLogProbs, got {type(ref).__name__}; use cover_from_logits")
+    cand = _validated_rows(cand_logits, "cand_logits")
+    _same_length(ref.lse, cand, "ref", "cand_logits")
+    vocab = cand.shape[1]
+    if vocab != ref.vocab_size:
+        raise MetricInputError(f"ref covers a vocabulary of {ref.vocab_size} tokens but cand_logits has {vocab}; "
+                               "the two models must share one tokenizer")
     lower = np.empty(ref.n_positions)
     upper = np.empty(ref.n_positions)
-    for row in range(ref.n_positions):
-        lq = _log_softmax_rows(lq_all[row])
-        ids = ref.ids[row].astype(np.int64)
-        with np.errstate(invalid="ignore"):
-            top_term = float(np.where(p_top[row] > 0, p_top[row] * (lp_top[row] - lq[ids]), 0.0).sum())
-        p_tail = float(ref.tail_mass[row])
-        if ref.k == vocab or p_tail == 0.0:
-            lower[row] = upper[row] = top_term  # every tail term is 0 (or there is no tail)
-            continue
-        in_tail = np.ones(vocab, dtype=bool)
-        in_tail[ids] = False
-        tail_lq = lq[in_tail]
-        q_tail = float(np.exp(tail_lq).sum())
-        ln_q_tail = math.log(q_tail) if q_tail > 0 else -math.inf
-        lower[row] = top_term + p_tail * (math.log(p_tail) - ln_q_tail)
-        cap = min(p_tail, float(p_top[row].min()))
-        if cap <= 0.0:
-            raise MetricInputError(
-                f"ref row {row} has tail mass {p_tail:g} but a top-K probability of 0, which is impossible; "
-                "rebuild the reference cache with topk_from_logits"
-            )
-        if np.isneginf(tail_lq).any():
-            upper[row] = math.inf  # the reference may put mass where the candidate puts none
-        else:
-            upper[row] = max(top_term + _tail_upper(tail_lq, p_tail, cap), lower[row])
-    return KLBounds(estimate=lower.copy(), lower=lower, upper=upper)
+    for rows in _row_slices(*cand.shape):
+        block = cand[rows].astype(np.float64)
+        lq_block = block - _lse_rows(block)[:, None]
+        for offset, lq in enumerate(lq_block):
+            row = rows.start + offset
+            ids, lp = ref.row(row)
+            p = np.exp(lp)
+            with np.errstate(invalid="ignore"):
+                stored_term = float(np.where(p > 0, p * (lp - lq[ids]), 0.0).sum())
+            p_tail = float(ref.tail_mass[row])
+            if ref.dense or p_tail == 0.0 or ids.size == vocab:
+                lower[row] = upper[row] = stored_term  # every tail term is 0 (or there is no tail)
+                continue
+            in_tail = np.ones(vocab, dtype=bool)
+            in_tail[ids] = False
+            tail_lq = lq[in_tail]
+            q_tail = float(np.exp(tail_lq).sum())
+            ln_q_tail = math.log(q_tail) if q_tail > 0 else -math.inf
+            lower[row] = stored_term + p_tail * (math.log(p_tail) - ln_q_tail)
+            cap = min(p_tail, float(p.min()))
+            if cap <= 0.0:
+                raise MetricInputError(f"ref row {row} has tail mass {p_tail:g} but a stored probability of 0, "
+                                       "which is impossible; rebuild the cache with cover_from_logits")
+            if np.isneginf(tail_lq).any():
+                upper[row] = math.inf  # the reference may put mass where the candidate puts none
+            else:
+                upper[row] = max(stored_term + _tail_upper(tail_lq, p_tail, cap), lower[row])
+    lower = clamp_roundoff(lower)
+    return KLBounds(estimate=lower.copy(), lower=lower, upper=clamp_roundoff(upper))
 
 
-def kl_summary(kl_per_position: ArrayLike) -> dict[str, float]:
-    """Summary statistics of per-position KL values (nats).
+def _mean_and_stderr(values: NDArray[np.float64]) -> tuple[float, float]:
+    """Mean and llama.cpp's uncertainty of it: ``sqrt((E[x²] - E[x]²) / (n - 1))``, 0 when n <= 10."""
+    mean = float(values.mean())
+    variance = float(np.mean(values * values)) - mean * mean
+    stderr = math.sqrt(variance / (values.size - 1)) if variance > 0 and values.size > 10 else 0.0
+    return mean, stderr
 
-    Keys: ``n``, ``mean``, ``mean_stderr`` (llama.cpp's ``sqrt(population variance / (n - 1))``; 0 for
-    n = 1, where llama.cpp prints 0 for every n <= 10), ``median``, ``p90``, ``p95``, ``p99``, ``p999``
-    (the 99.9th percentile), ``max``. Percentiles interpolate linearly at rank ``q * (n - 1)`` of the
-    sorted values (numpy ``method="linear"``), the same rule as llama.cpp's perplexity tool.
+
+def _percentiles(values: NDArray[np.float64], fractions: dict[str, float]) -> dict[str, float]:
+    found = np.percentile(values, [100.0 * f for f in fractions.values()], method="linear")
+    return {name: float(v) for name, v in zip(fractions, found, strict=True)}
+
+
+KLD_PERCENTILES = {"p999": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p10": 0.10, "p05": 0.05, "p01": 0.01,
+                   "p001": 0.001}
+DELTA_P_PERCENTILES = {"p999": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p75": 0.75, "p25": 0.25, "p10": 0.10,
+                       "p05": 0.05, "p01": 0.01, "p001": 0.001}
+
+
+def kld_statistics(kl_per_position: ArrayLike) -> dict[str, float]:
+    """llama.cpp's "KL divergence statistics" of per-position KL values (nats).
+
+    Keys: ``n``, ``mean``, ``mean_stderr``, ``max``, ``p999``, ``p99``, ``p95``, ``p90``, ``median``,
+    ``p10``, ``p05``, ``p01``, ``p001``, ``min`` — the lines ``llama-perplexity --kl-divergence`` prints.
+    Percentiles interpolate linearly at rank ``q (n - 1)`` of the sorted values; the median is the middle
+    value (mean of the two middle ones for even n); ``mean_stderr`` is ``sqrt((E[x²] - E[x]²)/(n - 1))``,
+    0 for n <= 10 — all as in llama.cpp's ``tools/perplexity/perplexity.cpp``.
     """
     values = _as_float_array(kl_per_position, "kl_per_position", ndim=1)
-    n = values.size
-    mean = float(values.mean())
-    stderr = float(math.sqrt(max(values.var(), 0.0) / (n - 1))) if n > 1 else 0.0
-    p90, p95, p99, p999 = np.percentile(values, [90.0, 95.0, 99.0, 99.9], method="linear")
-    return {
-        "n": n,
-        "mean": mean,
-        "mean_stderr": stderr,
-        "median": float(np.median(values)),
-        "p90": float(p90),
-        "p95": float(p95),
-        "p99": float(p99),
-        "p999": float(p999),
-        "max": float(values.max()),
-    }
+    mean, stderr = _mean_and_stderr(values)
+    return {"n": int(values.size), "mean": mean, "mean_stderr": stderr, "max": float(values.max()),
+            **_percentiles(values, KLD_PERCENTILES), "median": float(np.median(values)), "min": float(values.min())}
+
+
+def delta_p_statistics(ref_token_logprobs: ArrayLike, cand_token_logprobs: ArrayLike) -> dict[str, float]:
+    """llama.cpp's "Token probability statistics" of ``Δp = q(t) - p(t)`` for the observed next tokens.
+
+    Keys: ``n``, ``mean``, ``mean_stderr``, ``max``, ``p999`` … ``p001`` (99.9, 99, 95, 90, 75, 25, 10,
+    5, 1, 0.1 %), ``median``, ``min``, ``rms`` = ``sqrt(mean Δp²)`` and ``rms_stderr`` =
+    ``0.5 / rms · stderr(Δp²)`` (0 when rms is 0), as llama.cpp computes them. Probabilities, not percent.
+    """
+    dp = delta_p(ref_token_logprobs, cand_token_logprobs)
+    mean, stderr = _mean_and_stderr(dp)
+    mse, mse_stderr = _mean_and_stderr(dp * dp)
+    rms = math.sqrt(mse)
+    return {"n": int(dp.size), "mean": mean, "mean_stderr": stderr, "max": float(dp.max()),
+            **_percentiles(dp, DELTA_P_PERCENTILES), "median": float(np.median(dp)), "min": float(dp.min()),
+            "rms": rms, "rms_stderr": 0.5 / rms * mse_stderr if rms > 0 else 0.0}
+
+
+def same_top_statistics(ref_top1_ids: ArrayLike, cand: ArrayLike) -> tuple[float, float]:
+    """llama.cpp's "Same top p": share of positions whose argmax tokens agree, and ``sqrt(p(1-p)/(n-1))``."""
+    share = top1_agreement(ref_top1_ids, cand)
+    n = np.asarray(ref_top1_ids).shape[0]
+    return share, math.sqrt(share * (1.0 - share) / (n - 1)) if n > 1 else 0.0
+
+
+def brackets_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two KL brackets ``(low, high)`` overlap, i.e. the cache cannot tell which KL is lower."""
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def _average_ranks(values: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -465,7 +662,7 @@ def top1_agreement(ref_top1_ids: ArrayLike, cand: ArrayLike) -> float:
     """Share of positions where the candidate's argmax token equals the reference's top-1 token.
 
     ``cand`` is either ``[N]`` token ids or ``[N, V]`` logits/log-probabilities (argmax, first index on
-    ties, as llama.cpp's "Same top p"). Use ``ref.top1_ids`` of a :class:`TopKLogProbs`.
+    ties, as llama.cpp's "Same top p"). Use ``ref.top1_ids`` of a :class:`CoveredLogProbs`.
     """
     ref_ids = _as_int_array(ref_top1_ids, "ref_top1_ids", ndim=1)
     cand_array = np.asarray(cand)
@@ -497,16 +694,16 @@ def rms_delta_p(ref_token_logprobs: ArrayLike, cand_token_logprobs: ArrayLike) -
     return float(np.sqrt(np.mean(delta_p(ref_token_logprobs, cand_token_logprobs) ** 2)))
 
 
-def rms_delta_p_top(ref: TopKLogProbs, cand_logprobs: ArrayLike) -> float:
+def rms_delta_p_top(ref: CoveredLogProbs, cand_logits: ArrayLike) -> float:
     """RMS over positions of ``q(t*_n) - p(t*_n)``, ``t*_n`` the reference's top-1 token.
 
-    Computable from the top-K cache alone. Not llama.cpp's "RMS Δp" (that uses the observed next token;
+    Computable from the reference cache alone. Not llama.cpp's "RMS Δp" (that uses the observed next token;
     see :func:`rms_delta_p`), though both are 0 for identical models and similar in practice.
     """
-    if not isinstance(ref, TopKLogProbs):
-        raise MetricInputError(f"ref must be a TopKLogProbs, got {type(ref).__name__}; use topk_from_logits")
-    cand_top = token_logprobs(cand_logprobs, ref.top1_ids)
-    return rms_delta_p(ref.logprobs[:, 0].astype(np.float64), cand_top)
+    if not isinstance(ref, CoveredLogProbs):
+        raise MetricInputError(f"ref must be a CoveredLogProbs, got {type(ref).__name__}; use cover_from_logits")
+    cand_top = token_logprobs(cand_logits, ref.top1_ids)
+    return rms_delta_p(ref.top1_logprobs, cand_top)
 
 
 # ----------------------------------------------------------------------------------------------------

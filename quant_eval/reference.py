@@ -6,10 +6,12 @@ The reference is the Hugging Face checkpoint run in transformers (bf16 by defaul
 An evaluation is split into *parts*: the held-out prose (perplexity) and each task slice. For every part
 the reference builds the exact token sequences (prompts rendered from the model's chat template; image
 prompts laid out as the HF processor lays them out: ``\\n\\n<start_of_image>`` + N image positions +
-``<end_of_image>\\n\\n``) and stores, per text position, the top-K log-probabilities + tail mass
-(:class:`quant_eval.metrics.TopKLogProbs`), the log-probability of the actual next token, and per task item
-the log-likelihood of each option. Candidates replay the stored token ids, so every model is scored on
-the same positions.
+``<end_of_image>\\n\\n``) and stores, per scored text position, the reference's distribution by mass — the
+smallest most-likely-first token set covering 1 - ε with the exact log-sum-exp of the whole row and the tail
+mass (:class:`quant_eval.metrics.CoveredLogProbs`; every logit with ``full_vocab``) — the log-probability of
+the actual next token, and per task item the log-likelihood of each option. Candidates replay the stored
+token ids, so every model is scored on the same positions. :func:`llama_perplexity_chunks` lays a token
+stream out as ``llama-perplexity`` does (chunks of ``n_ctx``, BOS first, the second half scored).
 
 Multiple-choice items are asked with lettered options ("A. …", "B. …") and scored by the log-likelihood
 of each option's letter as the first answer token (one forward pass per item), never by parsing text.
@@ -18,7 +20,10 @@ Images are resized (bicubic) to the vision tower's native square size before eit
 the reference and the candidates get identical pixels and only the model differs.
 
 Cache: ``<cache_dir>/<reference sha256[:16]>/<part>-<key[:16]>.npz``, where the key hashes the reference
-hash, the slice hash, K, the dtype and the prompt format. A file's sha256 is itself cached by
+hash, the slice hash, the coverage (ε, set size floor and cap), the dtype, the prompt format and the cache
+format. Files of an older cache format (1: top-K log-probabilities, which bound the KL only loosely) are
+refused: ``ReferencePart.load`` raises :class:`StaleCacheError`, and the cache recomputes the part and
+removes the old file, saying so. A file's sha256 is itself cached by
 path + size + mtime in ``<cache_dir>/file-hashes.json``, so GB-sized weights are hashed once.
 """
 
@@ -41,15 +46,22 @@ from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.hashing import cached_file_sha256, folder_sha256
 from medgemma_gguf.quant_eval.items import Item
-from medgemma_gguf.quant_eval.metrics import TopKLogProbs, log_softmax, token_logprobs, topk_from_logits
+from medgemma_gguf.quant_eval.metrics import (
+    DEFAULT_COVERAGE,
+    MAX_STORED_TOKENS,
+    MIN_STORED_TOKENS,
+    CoveredLogProbs,
+    cover_from_logits,
+    log_softmax,
+    token_logprobs,
+)
 from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
 from medgemma_gguf.runtime.prompt import IMAGE_START, render_template, split_at_images
 
 log = logging.getLogger(__name__)
 
 PROMPT_FORMAT_VERSION = "v1"  # bump when the prompt layout below changes: it invalidates every cache
-CACHE_FORMAT_VERSION = 1
-DEFAULT_TOP_K = 256
+CACHE_FORMAT_VERSION = 2  # 1: top-K log-probabilities (refused); 2: coverage by mass, exact normalisers
 MAX_SEQUENCE_TOKENS = 512
 REFERENCE_DTYPES = ("bf16", "f32")
 HELDOUT_PART = "heldout"
@@ -57,13 +69,45 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEXT_SYSTEM_PROMPT = "You are a helpful medical assistant."
 IMAGE_SYSTEM_PROMPT = "You are an expert radiologist."
 ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
-# files of a checkpoint folder whose bytes define the reference (weights, config, tokenizer, processor)
-# ----------------------------------------------------------------------------------------------------
-# hashing with a path + size + mtime cache
 
 
-# ----------------------------------------------------------------------------------------------------
-# what the reference stores per part
+class StaleCacheError(UserError):
+    """A reference cache file in an older format that cannot give what this version computes."""
+
+
+@dataclass(frozen=True)
+class CoverageSpec:
+    """How much of the reference's distribution the cache keeps per position.
+
+    ``epsilon``: keep the most likely tokens until the rest holds at most this probability (``0``: every
+    token, llama.cpp's full-vocabulary method); at least ``min_tokens`` and at most ``max_tokens`` of them.
+    """
+
+    epsilon: float = DEFAULT_COVERAGE
+    min_tokens: int = MIN_STORED_TOKENS
+    max_tokens: int = MAX_STORED_TOKENS
+
+    @classmethod
+    def make(cls, coverage: float | None = None, full_vocab: bool = False) -> CoverageSpec:
+        """The spec for ``coverage`` (ε, default 1e-4) or ``full_vocab``; a clear error for a bad value."""
+        if full_vocab:
+            if coverage is not None and coverage != 0:
+                raise UserError(f"{setting('full_vocab')} keeps every token; drop {setting('coverage')}")
+            return cls(epsilon=0.0)
+        if coverage is None:
+            return cls()
+        if isinstance(coverage, bool) or not isinstance(coverage, int | float) or not 0 < coverage < 0.5:
+            raise UserError(f"{setting('coverage')} must be a probability in (0, 0.5) such as 1e-4 (the reference "
+                            f"mass left out per position), got {coverage!r}; for every token use "
+                            f"{setting('full_vocab')}")
+        return cls(epsilon=float(coverage))
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.epsilon == 0.0
+
+    def key(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "min_tokens": self.min_tokens, "max_tokens": self.max_tokens}
 
 
 @dataclass
@@ -72,10 +116,11 @@ class ReferencePart:
 
     Sequences: ``seq_offsets[s]:seq_offsets[s+1]`` of ``seq_tokens`` are sequence s's token ids;
     ``image_start/end[s]`` its image positions (-1: none); ``seq_item[s]`` its item index (-1: prose).
-    Positions (every text position of every sequence, in order): ``pos_seq``, ``pos_token`` (index in the
-    sequence), ``after_image`` (text after an image), ``next_token`` (-1 where the next position is not a
-    text token), ``next_logprob`` (the reference's ln p of it, NaN where none), ``topk``.
-    Items: ``option_tokens`` / ``option_logprobs`` ([items, max options], -1 / NaN padded), ``answer_index``.
+    Positions (every scored text position of every sequence, in order): ``pos_seq``, ``pos_token`` (index in
+    the sequence), ``after_image`` (text after an image), ``next_token`` (-1 where the next position is not a
+    text token), ``next_logprob`` (the reference's ln p of it, NaN where none), ``dist`` (the reference's
+    distribution there, by coverage). Items: ``option_tokens`` / ``option_logprobs`` ([items, max options],
+    -1 / NaN padded), ``answer_index``.
     """
 
     name: str
@@ -91,7 +136,7 @@ class ReferencePart:
     after_image: NDArray[np.bool_]
     next_token: NDArray[np.int32]
     next_logprob: NDArray[np.float64]
-    topk: TopKLogProbs
+    dist: CoveredLogProbs
     item_ids: NDArray[np.str_]
     answer_index: NDArray[np.int32]
     option_tokens: NDArray[np.int32]
@@ -113,26 +158,45 @@ class ReferencePart:
         """Whether the reference's highest-scoring option is the right one, per item."""
         return option_choices(self.option_logprobs) == self.answer_index
 
+    @property
+    def file_bytes(self) -> int | None:
+        """Size of the cache file this part was read from or written to (None when not cached)."""
+        value = self.meta.get("file_bytes")
+        return int(value) if value is not None else None
+
     def save(self, path: Path) -> None:
         """Write the part atomically as an ``.npz``."""
         arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS}
-        arrays.update(topk_ids=self.topk.ids, topk_logprobs=self.topk.logprobs, topk_tail=self.topk.tail_mass)
-        meta = {**self.meta, "name": self.name, "kind": self.kind, "key": self.key,
-                "cache_format": CACHE_FORMAT_VERSION}
+        arrays.update(cov_offsets=self.dist.offsets, cov_logits=self.dist.logits, cov_lse=self.dist.lse,
+                      cov_tail=self.dist.tail_mass)
+        if self.dist.ids is not None:
+            arrays["cov_ids"] = self.dist.ids
+        meta = {**{k: v for k, v in self.meta.items() if k != "file_bytes"}, "name": self.name, "kind": self.kind,
+                "key": self.key, "cache_format": CACHE_FORMAT_VERSION, "vocab_size": self.dist.vocab_size,
+                "epsilon": self.dist.epsilon}
         arrays["meta_json"] = np.array(json.dumps(meta, sort_keys=True))
         with atomic_output(Path(path), force=True) as tmp, open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
+        self.meta["file_bytes"] = Path(path).stat().st_size
 
     @classmethod
     def load(cls, path: Path) -> ReferencePart:
-        """Read a part written by :meth:`save` (ValueError / OSError / KeyError if damaged)."""
+        """Read a part written by :meth:`save` (ValueError / OSError / KeyError if damaged; StaleCacheError for
+        an older format)."""
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta_json"]))
-            if meta.get("cache_format") != CACHE_FORMAT_VERSION:
-                raise ValueError(f"cache format {meta.get('cache_format')}")
-            topk = TopKLogProbs(ids=data["topk_ids"], logprobs=data["topk_logprobs"], tail_mass=data["topk_tail"])
+            version = meta.get("cache_format")
+            if version != CACHE_FORMAT_VERSION:
+                raise StaleCacheError(
+                    f"the reference cache {path} is in cache format {version} (format 1 kept the top-K "
+                    f"log-probabilities, which bound the KL only loosely); this version reads format "
+                    f"{CACHE_FORMAT_VERSION}: delete the file, or run medgemma-gguf eval again to recompute it")
+            dist = CoveredLogProbs(offsets=data["cov_offsets"], ids=data.get("cov_ids"),
+                                   logits=data["cov_logits"], lse=data["cov_lse"], tail_mass=data["cov_tail"],
+                                   vocab_size=int(meta["vocab_size"]), epsilon=float(meta["epsilon"]))
             arrays = {name: data[name] for name in _ARRAY_FIELDS}
-        return cls(name=meta["name"], kind=meta["kind"], key=meta["key"], topk=topk, meta=meta, **arrays)
+        meta["file_bytes"] = Path(path).stat().st_size
+        return cls(name=meta["name"], kind=meta["kind"], key=meta["key"], dist=dist, meta=meta, **arrays)
 
 
 _ARRAY_FIELDS = ("seq_tokens", "seq_offsets", "image_start", "image_end", "seq_item", "pos_seq", "pos_token",
@@ -152,12 +216,42 @@ def option_choices(option_logprobs: NDArray[np.float64]) -> NDArray[np.int64]:
 
 @dataclass
 class PromptSequence:
-    """Token ids of one sequence; ``image_span`` = (start, end) of its image positions, if any."""
+    """Token ids of one sequence; ``image_span`` = (start, end) of its image positions, if any; ``scored`` =
+    [start, end) of the token positions whose predictions are scored (None: every text position)."""
 
     tokens: list[int]
     image_span: tuple[int, int] | None = None
     item_index: int = -1
     option_tokens: list[int] = field(default_factory=list)
+    scored: tuple[int, int] | None = None
+
+    def scored_positions(self) -> NDArray[np.int64]:
+        """The text positions that are scored, in order."""
+        positions = text_positions(len(self.tokens), self.image_span)
+        if self.scored is None:
+            return positions
+        return positions[(positions >= self.scored[0]) & (positions < self.scored[1])]
+
+
+def llama_perplexity_chunks(tokens: Sequence[int], n_ctx: int, bos_token: int | None) -> list[PromptSequence]:
+    """A token stream laid out as ``llama-perplexity`` lays it out, to score the same positions.
+
+    ``n_chunk = len(tokens) // n_ctx`` non-overlapping chunks of ``n_ctx`` tokens; the first token of each is
+    replaced by BOS (when the model adds one); scored: positions ``n_ctx/2 … n_ctx-2``, each predicting the
+    next token of the chunk (``perplexity.cpp``: ``first = n_ctx/2``, ``n_ctx - 1 - first`` tokens a chunk).
+    """
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 4 <= n_ctx <= MAX_SEQUENCE_TOKENS:
+        raise UserError(f"the chunk size must be an integer in [4, {MAX_SEQUENCE_TOKENS}], got {n_ctx!r}")
+    n_chunk = len(tokens) // n_ctx
+    if n_chunk < 1:
+        raise UserError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}; give a longer text")
+    chunks = []
+    for c in range(n_chunk):
+        chunk = [int(t) for t in tokens[c * n_ctx : (c + 1) * n_ctx]]
+        if bos_token is not None:
+            chunk[0] = int(bos_token)
+        chunks.append(PromptSequence(tokens=chunk, scored=(n_ctx // 2, n_ctx - 1)))
+    return chunks
 
 
 def item_user_text(item: Item) -> str:
@@ -292,13 +386,23 @@ class Reference:
         """Free the loaded model."""
 
     def compute_part(self, name: str, kind: str, key: str, chunks: Sequence[TextChunk] = (),
-                     items: Sequence[Item] = (), top_k: int = DEFAULT_TOP_K, progress: bool = False) -> ReferencePart:
-        """Run the reference over a part's sequences and collect what the cache stores."""
+                     items: Sequence[Item] = (), coverage: CoverageSpec | None = None,
+                     sequences: Sequence[PromptSequence] = (), progress: bool = False) -> ReferencePart:
+        """Run the reference over a part's sequences (``sequences`` as given, then ``chunks``' and ``items'``)
+        and collect what the cache stores."""
         from tqdm import tqdm
 
-        sequences = [self.text_sequence(c) for c in chunks] + [self.item_sequence(it, i) for i, it in enumerate(items)]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pos_seq", "pos_token", "after", "next_tok", "next_lp",
-                                                               "ids", "lps", "tail")}
+        coverage = coverage or CoverageSpec()
+        sequences = [*sequences, *(self.text_sequence(c) for c in chunks),
+                     *(self.item_sequence(it, i) for i, it in enumerate(items))]
+        if coverage.full_vocab:
+            n_scored = sum(seq.scored_positions().size for seq in sequences)
+            from medgemma_gguf.sizes import format_size
+
+            log.warning("--full-vocab keeps every logit: %d positions x %d tokens x 4 bytes = %s of reference cache "
+                        "for %s", n_scored, self.signature.n_vocab, format_size(n_scored * self.signature.n_vocab * 4),
+                        name)
+        parts: dict[str, list[Any]] = {k: [] for k in ("pos_seq", "pos_token", "after", "next_tok", "next_lp", "dist")}
         max_options = max((len(it.options) for it in items), default=0)
         option_tokens = np.full((len(items), max_options), -1, dtype=np.int32)
         option_lps = np.full((len(items), max_options), np.nan)
@@ -306,11 +410,15 @@ class Reference:
             item = items[seq.item_index] if seq.item_index >= 0 else None
             pixels = native_pixels(item, self.image_size) if item is not None and item.image is not None else None
             logits = self.sequence_logits(seq, pixels)
-            positions = text_positions(len(seq.tokens), seq.image_span)
-            if logits.shape[0] != positions.size:
-                raise RuntimeError(f"reference returned {logits.shape[0]} rows for {positions.size} text positions")
-            k = min(top_k, logits.shape[1])
-            topk = topk_from_logits(logits, k)
+            all_positions = text_positions(len(seq.tokens), seq.image_span)
+            if logits.shape[0] != all_positions.size:
+                raise RuntimeError(f"reference returned {logits.shape[0]} rows for {all_positions.size} text positions")
+            if item is not None:
+                last = log_softmax(logits[-1].astype(np.float64))
+                option_tokens[seq.item_index, : len(seq.option_tokens)] = seq.option_tokens
+                option_lps[seq.item_index, : len(seq.option_tokens)] = last[seq.option_tokens]
+            positions = seq.scored_positions()
+            logits = logits[np.searchsorted(all_positions, positions)]
             nxt = next_tokens(seq.tokens, positions, seq.image_span)
             next_lp = np.full(positions.size, np.nan)
             has_next = nxt >= 0
@@ -321,14 +429,13 @@ class Reference:
             parts["after"].append(positions >= seq.image_span[1] if seq.image_span else np.zeros(positions.size, bool))
             parts["next_tok"].append(nxt.astype(np.int32))
             parts["next_lp"].append(next_lp)
-            parts["ids"].append(topk.ids)
-            parts["lps"].append(topk.logprobs)
-            parts["tail"].append(topk.tail_mass)
-            if item is not None:
-                last = log_softmax(logits[-1].astype(np.float64))
-                option_tokens[seq.item_index, : len(seq.option_tokens)] = seq.option_tokens
-                option_lps[seq.item_index, : len(seq.option_tokens)] = last[seq.option_tokens]
+            if positions.size:
+                parts["dist"].append(cover_from_logits(logits, coverage.epsilon, min_tokens=coverage.min_tokens,
+                                                       max_tokens=coverage.max_tokens))
+        if not parts["dist"]:
+            raise UserError(f"the part {name} has no scored position; give it longer sequences")
         lengths = [len(seq.tokens) for seq in sequences]
+        dist = CoveredLogProbs.concatenate(parts["dist"])
         return ReferencePart(
             name=name, kind=kind, key=key,
             seq_tokens=np.concatenate([np.asarray(seq.tokens, dtype=np.int32) for seq in sequences]),
@@ -338,13 +445,11 @@ class Reference:
             seq_item=np.array([seq.item_index for seq in sequences], dtype=np.int32),
             pos_seq=np.concatenate(parts["pos_seq"]), pos_token=np.concatenate(parts["pos_token"]),
             after_image=np.concatenate(parts["after"]), next_token=np.concatenate(parts["next_tok"]),
-            next_logprob=np.concatenate(parts["next_lp"]),
-            topk=TopKLogProbs(ids=np.concatenate(parts["ids"]), logprobs=np.concatenate(parts["lps"]),
-                              tail_mass=np.concatenate(parts["tail"])),
+            next_logprob=np.concatenate(parts["next_lp"]), dist=dist,
             item_ids=np.array([it.id for it in items], dtype=np.str_),
             answer_index=np.array([it.answer_index for it in items], dtype=np.int32),
             option_tokens=option_tokens, option_logprobs=option_lps,
-            meta={"reference": self.describe(), "top_k": top_k,
+            meta={"reference": self.describe(), "coverage": coverage.key(),
                   "image_size": self.image_size if self.has_vision else 0},
         )
 
@@ -535,6 +640,11 @@ class GGUFReference(Reference):
             self._engine = Engine(self.path, self.mmproj, n_ctx=MAX_SEQUENCE_TOKENS + 64, n_threads=self.n_threads)
         return self._engine
 
+    @property
+    def bos_token(self) -> int:
+        """The BOS id this reference starts every sequence with (llama-perplexity writes it into each chunk)."""
+        return int(self._load().bos_token)
+
     def text_sequence(self, chunk: TextChunk) -> PromptSequence:
         engine = self._load()
         return PromptSequence(tokens=[engine.bos_token, *engine.tokenize(chunk.text)][:MAX_SEQUENCE_TOKENS])
@@ -656,20 +766,40 @@ class ReferenceCache:
                             f"{setting('cache_dir')} with a writable folder") from exc
         self.hits = 0
         self.misses = 0
+        self.stale_removed = 0
 
-    def part_key(self, reference: Reference, content_hash: str, top_k: int) -> str:
+    def part_key(self, reference: Reference, content_hash: str, coverage: CoverageSpec) -> str:
         material = json.dumps({"reference": reference.content_hash, "kind": reference.kind, "dtype": reference.dtype,
-                               "content": content_hash, "top_k": top_k, "prompt": PROMPT_FORMAT_VERSION,
+                               "content": content_hash, "coverage": coverage.key(), "prompt": PROMPT_FORMAT_VERSION,
                                "max_tokens": MAX_SEQUENCE_TOKENS, "cache": CACHE_FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()
 
     def path_for(self, reference: Reference, name: str, key: str) -> Path:
         return self.cache_dir / reference.content_hash[:16] / f"{_safe_name(name)}-{key[:16]}.npz"
 
-    def get(self, reference: Reference, *, name: str, kind: str, content_hash: str, top_k: int,
-            chunks: Sequence[TextChunk] = (), items: Sequence[Item] = (), progress: bool = False) -> ReferencePart:
+    def _remove_stale(self, reference: Reference, name: str, keep: Path) -> None:
+        """Remove this part's files of an older cache format (they can no longer be read), saying so."""
+        for other in sorted(keep.parent.glob(f"{_safe_name(name)}-*.npz")):
+            if other == keep:
+                continue
+            try:
+                with np.load(other, allow_pickle=False) as data:
+                    version = json.loads(str(data["meta_json"])).get("cache_format")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                continue  # damaged: left for the run of its own key to replace
+            if version != CACHE_FORMAT_VERSION:
+                log.warning("the reference cache %s is in cache format %s (top-K log-probabilities, which bound the "
+                            "KL only loosely); removing it: this run recomputes %s in format %d", other, version,
+                            name, CACHE_FORMAT_VERSION)
+                other.unlink(missing_ok=True)
+                self.stale_removed += 1
+
+    def get(self, reference: Reference, *, name: str, kind: str, content_hash: str,
+            coverage: CoverageSpec | None = None, chunks: Sequence[TextChunk] = (), items: Sequence[Item] = (),
+            sequences: Sequence[PromptSequence] = (), progress: bool = False) -> ReferencePart:
         """The cached part, or compute it with the reference and store it (atomically)."""
-        key = self.part_key(reference, content_hash, top_k)
+        coverage = coverage or CoverageSpec()
+        key = self.part_key(reference, content_hash, coverage)
         path = self.path_for(reference, name, key)
         if path.is_file():
             try:
@@ -678,10 +808,15 @@ class ReferenceCache:
                     self.hits += 1
                     return part
                 log.warning("reference cache %s belongs to another key; recomputing", path)
+            except StaleCacheError as exc:
+                log.warning("%s; recomputing it", exc)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UserError) as exc:
                 log.warning("reference cache %s is unreadable (%s); recomputing", path, exc)
         self.misses += 1
-        part = reference.compute_part(name, kind, key, chunks=chunks, items=items, top_k=top_k, progress=progress)
+        if path.parent.is_dir():
+            self._remove_stale(reference, name, path)
+        part = reference.compute_part(name, kind, key, chunks=chunks, items=items, sequences=sequences,
+                                      coverage=coverage, progress=progress)
         part.meta.update({"content_hash": content_hash})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -692,10 +827,13 @@ class ReferenceCache:
 
 
 def reference_parts(reference: Reference, cache: ReferenceCache, *, heldout: Sequence[TextChunk],
-                    slices: Sequence[Slice], top_k: int = DEFAULT_TOP_K, progress: bool = False) -> list[ReferencePart]:
+                    slices: Sequence[Slice], coverage: CoverageSpec | None = None,
+                    progress: bool = False) -> list[ReferencePart]:
     """Every part of an evaluation (held-out text first, then the slices), from the cache or computed."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise UserError(f"{setting('reference_top_k')} must be a positive integer, got {top_k!r}")
+    coverage = coverage or CoverageSpec()
+    if not isinstance(coverage, CoverageSpec):
+        raise UserError(f"{setting('coverage')} must be given as a CoverageSpec (CoverageSpec.make(1e-4)), got "
+                        f"{type(coverage).__name__}")
     for slice_ in slices:
         if slice_.has_images and not reference.has_vision:
             raise UserError(f"slice {slice_.spec} has images but the reference has no vision tower; drop the "
@@ -703,11 +841,35 @@ def reference_parts(reference: Reference, cache: ReferenceCache, *, heldout: Seq
     parts = []
     if heldout:
         parts.append(cache.get(reference, name=HELDOUT_PART, kind="text", content_hash=heldout_hash(heldout),
-                               top_k=top_k, chunks=heldout, progress=progress))
+                               coverage=coverage, chunks=heldout, progress=progress))
     for slice_ in slices:
         parts.append(cache.get(reference, name=slice_.spec, kind="task", content_hash=slice_hash(slice_),
-                               top_k=top_k, items=slice_.items, progress=progress))
+                               coverage=coverage, items=slice_.items, progress=progress))
     return parts
+
+
+def token_stream_hash(tokens: Sequence[int], n_ctx: int, bos_token: int | None) -> str:
+    """Content hash of a :func:`llama_perplexity_chunks` part."""
+    digest = hashlib.sha256(f"medgemma-gguf llama-perplexity chunks v1 {n_ctx} {bos_token}\n".encode())
+    digest.update(np.asarray(tokens, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def coverage_summary(parts: Sequence[ReferencePart]) -> dict[str, Any]:
+    """What the reference cache kept over ``parts``: set sizes, tail, positions at the cap, bytes."""
+    dists = [p.dist for p in parts]
+    sizes = np.concatenate([d.set_sizes for d in dists])
+    tails = np.concatenate([d.tail_mass for d in dists])
+    spec = parts[0].meta.get("coverage") or {}
+    cap = spec.get("max_tokens")
+    vocab = dists[0].vocab_size
+    files = [p.file_bytes for p in parts]
+    cache_bytes = int(sum(files)) if all(b is not None for b in files) else None
+    return {"epsilon": dists[0].epsilon, "full_vocab": dists[0].dense, "min_tokens": spec.get("min_tokens"),
+            "max_tokens": cap, "mean_set_size": float(sizes.mean()), "max_tail_mass": float(tails.max()),
+            "positions_at_cap": int(np.sum(sizes >= min(cap, vocab))) if cap and not dists[0].dense else 0,
+            "n_positions": int(sizes.size), "vocab_size": vocab, "cache_bytes": cache_bytes,
+            "cache_bytes_per_position": cache_bytes / sizes.size if cache_bytes is not None else None}
 
 
 def default_cache_dir() -> Path:

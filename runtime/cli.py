@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,11 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
 
     ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
     rows = [{"file": c.path.name, "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3), "mmproj": c.mmproj.name
-             if c.mmproj else None, "kld_mean": c.kld_mean, "fits": c.fits, "n_gpu_layers": c.plan.n_gpu_layers,
+             if c.mmproj else None, "kld_mean": c.kld_mean,
+             "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
+             "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
+             "fits": c.fits,
+             "n_gpu_layers": c.plan.n_gpu_layers,
              "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
             for c in ranked]
     if as_json:
@@ -319,9 +324,15 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
     budget = f"{vram} of GPU memory" if vram else ("the free GPU memory" if gpu else "the available RAM")
     by = "mean KL divergence (report)" if any(r["kld_mean"] is not None for r in rows) else "bits per weight"
     click.echo(f"quants for a {n_ctx}-token context within {budget}, ranked by {by}:")
+    previous = None
     for rank, row in enumerate(r for r in rows if r["fits"]):
-        kl = f"  mean KL {row['kld_mean']:.4g}" if row["kld_mean"] is not None else (
+        high = row["kld_mean_high"] if row["kld_mean_high"] is not None else math.inf
+        kl = f"  mean KL {row['kld_mean']:.4g} [{row['kld_mean_low']:.4g}, {high:.4g}]" \
+            if row["kld_mean"] is not None else (
             "  (not in the report: ranked after the measured ones; re-run eval)" if by.startswith("mean KL") else "")
+        if previous is not None and row["kld_mean"] is not None and row["kld_mean_low"] <= previous:
+            kl += "  (bracket overlaps the one above: the order of the two is not established)"
+        previous = high if row["kld_mean"] is not None else None
         need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
         click.echo(f"{rank + 1:>3}. {row['file']}  {row['type']}  {row['bpw']:.2f} bpw  needs {format_size(need)}{kl}")
     too_big = [r for r in rows if not r["fits"]]

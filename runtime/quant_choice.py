@@ -1,7 +1,10 @@
 """Pick a quant (text GGUF + mmproj) from an output folder's manifest, and check that a pair belongs together.
 
 Ranking: by measured quality (lowest mean KL divergence in a ``quant_eval`` report, rows matched by file
-name) when a report is given, else by bits per weight (more is better: closer to the source weights).
+name; the report is read as the typed :class:`medgemma_gguf.report_schema.EvalReport`, older schema
+versions upgraded) when a report is given, else by bits per weight (more is better: closer to the source
+weights). Each measured quant carries the KL's bracket, so a caller can say when two ranks are not
+established by the measurement.
 Bits per weight = 8 x tensor bytes / weights, read from the GGUF header.
 
 Fitting: with a GPU budget, a quant fits when ``plan_offload`` puts every layer on the GPU within it
@@ -11,16 +14,15 @@ CPU footprint (weights + KV cache + mmproj) is below the memory available now (`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.manifest import Manifest
+from medgemma_gguf.report_schema import EvalReport
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload
 from medgemma_gguf.sizes import format_size
 
@@ -86,6 +88,7 @@ class QuantCandidate:
     kld_mean: float | None
     fits: bool
     plan: OffloadPlan
+    kld_bracket: tuple[float, float] | None = None
 
     @property
     def footprint_bytes(self) -> int:
@@ -115,19 +118,11 @@ def folder_mmproj(folder: Path, manifest: Manifest, model_path: Path) -> Path | 
     return None
 
 
-def read_report(path: Path) -> dict[str, float]:
-    """``file name -> kld_mean`` of the successful rows of a quant_eval ``report.json``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise UserError(f"report {path} not found; run `medgemma-gguf eval` or drop {setting('report')}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"report {path} is not valid JSON; re-run the evaluation") from exc
-    rows: Any = data.get("rows") if isinstance(data, dict) else data
-    if not isinstance(rows, list):
-        raise UserError(f"report {path} has no list of rows; pass a report.json written by medgemma-gguf eval")
-    return {Path(str(r["file"])).name: float(r["kld_mean"]) for r in rows
-            if isinstance(r, dict) and r.get("file") and r.get("kld_mean") is not None and not r.get("error")}
+def read_report(path: Path) -> dict[str, tuple[float, tuple[float, float]]]:
+    """``file name -> (kld_mean, (kld_mean_low, kld_mean_high))`` of the successfully measured rows of a
+    quant_eval ``report.json`` (any schema version this package knows; a clear error otherwise)."""
+    report = EvalReport.load(Path(path))
+    return {Path(r.file).name: (r.kld.mean, r.kld.bracket) for r in report.rows if r.ok and r.kld is not None}
 
 
 def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu: bool | None = None,
@@ -161,8 +156,9 @@ def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu:
             fits = plan.cpu_bytes <= ram
         candidates.append(QuantCandidate(
             path=path, type=row.type, bytes=path.stat().st_size, bpw=bits_per_weight(path), mmproj=mmproj,
-            mmproj_bytes=mmproj.stat().st_size if mmproj else 0, kld_mean=quality.get(path.name), fits=fits,
-            plan=plan))
+            mmproj_bytes=mmproj.stat().st_size if mmproj else 0,
+            kld_mean=quality[path.name][0] if path.name in quality else None, fits=fits, plan=plan,
+            kld_bracket=quality[path.name][1] if path.name in quality else None))
     if not candidates:
         raise UserError(f"the manifest of {folder} lists no text GGUF that exists; re-run medgemma-gguf convert")
 

@@ -18,6 +18,7 @@ from medgemma_gguf.hashing import cached_file_sha256
 from medgemma_gguf.quant_eval import reference as reference_module
 from medgemma_gguf.quant_eval.evaluate import Candidate, candidates_from_paths, run_eval
 from medgemma_gguf.quant_eval.reference import (
+    CoverageSpec,
     GGUFReference,
     HFReference,
     ReferenceCache,
@@ -27,6 +28,7 @@ from medgemma_gguf.quant_eval.reference import (
 )
 from medgemma_gguf.quant_eval.report import GIB, recommendations, write_report
 from medgemma_gguf.quant_eval.slices import load_heldout_text, load_slice
+from medgemma_gguf.report_schema import EvalReport, KLStats, ReportRow
 
 SLICES = ["medqa-mini:5", "vqa-mini:3"]
 VARIANT = "mm-k256"
@@ -65,8 +67,8 @@ def quant_folder(tmp_path_factory, converted) -> Path:
     return folder
 
 
-def _rows_by_type(report: dict) -> dict[str, dict]:
-    return {row["type"]: row for row in report["rows"]}
+def _rows_by_type(report: EvalReport) -> dict[str, ReportRow]:
+    return {row.type: row for row in report.rows}
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
@@ -77,22 +79,22 @@ def test_f32_gguf_agrees_with_hf_reference(tiny_checkpoint, converted, cache_dir
     folder = tiny_checkpoint(VARIANT)
     report = run_eval([converted(VARIANT).text_path.parent], str(folder), tmp_path / "report", slices=SLICES,
                       reference_dtype="f32", cache_dir=cache_dir, progress=False)
-    (row,) = report["rows"]
-    assert row["error"] is None and row["type"] == "F32"
-    assert row["kld_mean"] <= 1e-5 and row["image_kld_mean"] <= 1e-5
-    assert row["image_kld_n"] > 0 and row["kld_n"] > row["image_kld_n"]
+    (row,) = report.rows
+    assert row.error is None and row.type == "F32"
+    assert row.kld.mean <= 1e-5 and row.image_kld.mean <= 1e-5
+    assert row.image_kld.n > 0 and row.kld.n > row.image_kld.n
     for spec in SLICES:
-        assert row["parts"][spec]["top1_agreement"] == 1.0
-        accuracy = row["accuracy"][spec]
-        assert accuracy["only_quant_right"] == accuracy["only_reference_right"] == 0
-        assert accuracy["accuracy"] == accuracy["reference_accuracy"]
-        assert accuracy["ci95_low"] <= accuracy["accuracy"] <= accuracy["ci95_high"]
+        assert row.parts[spec].top1_agreement == 1.0
+        accuracy = row.accuracy[spec]
+        assert accuracy.only_quant_right == accuracy.only_reference_right == 0
+        assert accuracy.accuracy == accuracy.reference_accuracy
+        assert accuracy.ci95_low <= accuracy.accuracy <= accuracy.ci95_high
     # near-ties (|Δ ln p| ~ 1e-4) in held-out prose may flip between float32 implementations
-    assert row["top1_agreement"] >= 0.999
-    assert abs(row["ppl_ratio"] - 1.0) <= 1e-3
-    assert row["rms_dp"] <= 1e-3
-    assert row["kld_upper_mean"] >= row["kld_mean"]
-    assert report["reference"]["kind"] == "hf" and report["reference"]["dtype"] == "f32"
+    assert row.top1_agreement >= 0.999
+    assert abs(row.ppl_ratio - 1.0) <= 1e-3
+    assert row.dp.rms <= 1e-3
+    assert row.kld.mean_high >= row.kld.mean == row.kld.mean_low
+    assert report.reference["kind"] == "hf" and report.reference["dtype"] == "f32"
 
 
 def test_quants_rank_by_precision_and_report_files_parse(tiny_checkpoint, quant_folder, cache_dir, tmp_path):
@@ -104,32 +106,45 @@ def test_quants_rank_by_precision_and_report_files_parse(tiny_checkpoint, quant_
                       cache_dir=cache_dir, progress=False)
     rows = _rows_by_type(report)
     assert set(rows) == {"F32", "Q8_0", "Q4_K_M", "Q2_K"}
-    assert all(row["error"] is None for row in rows.values())
-    for field in ("kld_mean", "image_kld_mean", "kld_p99"):
-        assert rows["F32"][field] < rows["Q8_0"][field] < rows["Q4_K_M"][field] < rows["Q2_K"][field], field
-    assert rows["F32"]["bpw"] > rows["Q8_0"]["bpw"] > rows["Q4_K_M"]["bpw"] > rows["Q2_K"]["bpw"]
-    assert abs(rows["Q8_0"]["ln_ppl_ratio"]) < abs(rows["Q2_K"]["ln_ppl_ratio"])
-    assert all(row["prompt_tps"] > 0 and row["gen_tps"] > 0 and row["image_encode_s"] > 0 for row in rows.values())
-    assert all(row["peak_rss_bytes"] is None or row["peak_rss_bytes"] > row["bytes"] for row in rows.values())
+    assert all(row.error is None for row in rows.values())
+    order = ("F32", "Q8_0", "Q4_K_M", "Q2_K")
+    for name, value in (("kld", lambda r: r.kld.mean), ("image_kld", lambda r: r.image_kld.mean),
+                        ("kld_p99", lambda r: r.kld.p99)):
+        values = [value(rows[t]) for t in order]
+        assert values == sorted(values) and len(set(values)) == 4, name
+    assert rows["F32"].bpw > rows["Q8_0"].bpw > rows["Q4_K_M"].bpw > rows["Q2_K"].bpw
+    assert abs(rows["Q8_0"].ln_ppl_ratio) < abs(rows["Q2_K"].ln_ppl_ratio)
+    assert all(row.prompt_tps > 0 and row.gen_tps > 0 and row.image_encode_s > 0 for row in rows.values())
+    assert all(row.peak_rss_bytes is None or row.peak_rss_bytes > row.bytes for row in rows.values())
+    for row in rows.values():
+        assert row.kld.mean_low == row.kld.mean <= row.kld.mean_high
+        assert row.kld.min <= row.kld.median <= row.kld.p90 <= row.kld.p99 <= row.kld.max
+        assert 0.0 <= row.top1_agreement_stderr < 0.1 and row.dp.rms_stderr >= 0.0
 
     data = json.loads((out / "report.json").read_text())
-    required = {"file", "type", "bytes", "bpw", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio",
-                "image_kld_mean", "accuracy", "prompt_tps", "gen_tps"}
+    assert data["schema_version"] == 2
+    assert data["coverage"]["epsilon"] == 1e-4 and data["coverage"]["mean_set_size"] >= 16
+    assert data["coverage"]["cache_bytes_per_position"] > 0
+    required = {"file", "type", "bytes", "bpw", "kld_mean", "kld_mean_low", "kld_mean_high", "kld_p99",
+                "top1_agreement", "ppl_ratio", "image_kld_mean", "rms_dp", "accuracy", "prompt_tps", "gen_tps"}
     assert all(required <= set(row) for row in data["rows"])
+    assert EvalReport.load(out / "report.json").to_json() == data  # the typed record round-trips
     assert set(data["rows"][0]["accuracy"]) == set(SLICES)
     assert data["recommendations"][0]["file"] == "tiny-F32.gguf"  # everything fits; F32 has the lowest KL
     with open(out / "report.csv", newline="") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert sorted(r["type"] for r in csv_rows) == sorted(rows)
     q2_line = next(r for r in csv_rows if r["type"] == "Q2_K")
-    assert float(q2_line["kld_mean"]) == pytest.approx(rows["Q2_K"]["kld_mean"])
-    assert float(q2_line["accuracy[medqa-mini:5]"]) == rows["Q2_K"]["accuracy"]["medqa-mini:5"]["accuracy"]
+    assert float(q2_line["kld_mean"]) == pytest.approx(rows["Q2_K"].kld.mean)
+    assert float(q2_line["kld_mean_high"]) == pytest.approx(rows["Q2_K"].kld.mean_high)
+    assert float(q2_line["accuracy[medqa-mini:5]"]) == rows["Q2_K"].accuracy["medqa-mini:5"].accuracy
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out / "pareto.png") as image:
         assert image.format == "PNG" and image.width > 100
     markdown = (out / "report.md").read_text()
     assert "best quant under" in markdown and "tiny-Q2_K.gguf" in markdown
+    assert "coverage 1 - ε with ε = 1.0e-04" in markdown and "round-off" in markdown
 
 
 def test_bf16_hf_reference_is_cached_apart_from_f32(tiny_checkpoint, converted, tmp_path):
@@ -143,27 +158,29 @@ def test_bf16_hf_reference_is_cached_apart_from_f32(tiny_checkpoint, converted, 
     for dtype in ("bf16", "f32"):
         reference = open_reference(folder, cache_dir=cache.cache_dir, dtype=dtype)
         assert reference.describe()["dtype"] == dtype
-        parts[dtype] = reference_parts(reference, cache, heldout=load_heldout_text()[:2], slices=[medqa], top_k=16)
+        parts[dtype] = reference_parts(reference, cache, heldout=load_heldout_text()[:2], slices=[medqa],
+                                       coverage=CoverageSpec.make(1e-3))
         reference.close()
     assert cache.misses == 4 and len(list(cache.cache_dir.rglob("*.npz"))) == 4
     bf16, f32 = parts["bf16"][0], parts["f32"][0]
     np.testing.assert_array_equal(bf16.seq_tokens, f32.seq_tokens)  # same positions, different precision
-    assert not np.array_equal(bf16.topk.logprobs, f32.topk.logprobs)
+    assert not np.array_equal(bf16.dist.logits, f32.dist.logits)
     row = evaluate_candidate(Candidate(converted(VARIANT).text_path), parts["bf16"], {medqa.spec: medqa},
                              reference.signature, image_size=0, measure_speed=False)
     # the F32 GGUF differs from a bf16 reference by bf16 rounding only: small, but not float32-small
-    assert 1e-7 < row["kld_mean"] < 1e-2 and row["top1_agreement"] >= 0.9
+    assert 1e-7 < row.kld.mean < 1e-2 and row.top1_agreement >= 0.9
 
 
 def test_gguf_reference_scores_itself_as_identical(converted, cache_dir, tmp_path):
     result = converted(VARIANT)
     report = run_eval([result.text_path], str(result.text_path), tmp_path / "r", slices=SLICES,
                       cache_dir=cache_dir, progress=False, measure_speed=False)
-    (row,) = report["rows"]
-    assert report["reference"]["kind"] == "gguf" and report["reference"]["mmproj"].endswith("F32.gguf")
-    assert row["kld_max"] <= 1e-6 and row["image_kld_mean"] <= 1e-6
-    assert row["top1_agreement"] == 1.0 and abs(row["ppl_ratio"] - 1.0) <= 1e-6
-    assert row["prompt_tps"] is None  # speed skipped
+    (row,) = report.rows
+    assert report.reference["kind"] == "gguf" and report.reference["mmproj"].endswith("F32.gguf")
+    assert row.kld.max == 0.0 and row.image_kld.max == 0.0  # identical logits: exactly 0, not -1e-10
+    assert row.kld.mean_high > 0.0  # the bracket still says what the cache cannot rule out
+    assert row.top1_agreement == 1.0 and row.ppl_ratio == 1.0 and row.dp.rms == 0.0
+    assert row.prompt_tps is None  # speed skipped
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -187,7 +204,7 @@ def _gguf_parts(path: Path, cache: ReferenceCache, slices: list[str]) -> list[Re
     reference = open_reference(str(path), cache_dir=cache.cache_dir)
     try:
         return reference_parts(reference, cache, heldout=load_heldout_text()[:3],
-                               slices=[load_slice(s) for s in slices], top_k=32)
+                               slices=[load_slice(s) for s in slices])
     finally:
         reference.close()
 
@@ -201,10 +218,11 @@ def test_reference_cache_is_reused_and_a_changed_slice_recomputes(converted, tmp
     assert compute_counter == ["heldout", *SLICES]  # nothing recomputed
     assert cache.hits == 3
     for a, b in zip(first, second, strict=True):
-        np.testing.assert_array_equal(a.topk.ids, b.topk.ids)
+        np.testing.assert_array_equal(a.dist.ids, b.dist.ids)
+        np.testing.assert_array_equal(a.dist.logits, b.dist.logits)
         np.testing.assert_array_equal(a.seq_tokens, b.seq_tokens)
         np.testing.assert_array_equal(a.option_logprobs, b.option_logprobs)
-        assert b.topk.k == 32
+        assert b.dist.epsilon == 1e-4
     _gguf_parts(text_path, cache, ["medqa-mini:4", "vqa-mini:3"])
     assert compute_counter == ["heldout", *SLICES, "medqa-mini:4"]  # only the changed slice
 
@@ -261,13 +279,13 @@ def test_bad_quants_get_error_rows_and_the_rest_is_evaluated(converted, cache_di
     candidates = [other_model, garbage, good, truncated]
     report = run_eval(candidates, str(good), tmp_path / "r", slices=SLICES, cache_dir=cache_dir,
                       reference_mmproj=converted(VARIANT).mmproj_path, progress=False, measure_speed=False)
-    rows = {row["file"]: row for row in report["rows"]}
-    assert [row["file"] for row in report["rows"]] == [p.name for p in candidates]
-    assert "another model than the reference" in rows[other_model.name]["error"]
-    assert "n_embd 64 vs reference 256" in rows[other_model.name]["error"]
-    assert "not a GGUF file" in rows[garbage.name]["error"]
-    assert rows[truncated.name]["error"]
-    assert rows[good.name]["error"] is None and rows[good.name]["kld_mean"] <= 1e-6
+    rows = {row.file: row for row in report.rows}
+    assert [row.file for row in report.rows] == [p.name for p in candidates]
+    assert "another model than the reference" in rows[other_model.name].error
+    assert "n_embd 64 vs reference 256" in rows[other_model.name].error
+    assert "not a GGUF file" in rows[garbage.name].error
+    assert rows[truncated.name].error
+    assert rows[good.name].error is None and rows[good.name].kld.mean == 0.0
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "## Failed" in markdown and garbage.name in markdown.split("## Failed")[1]
     data = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -294,6 +312,12 @@ def test_bad_reference_and_options_are_clear_errors(converted, quant_folder, tin
         HFReference(str(tiny_checkpoint(VARIANT)), cache, dtype="f16")
     with pytest.raises(UserError, match="max_items must be at least 1"):
         run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, max_items=0, progress=False)
+    with pytest.raises(UserError, match=r"coverage must be a probability in \(0, 0.5\)") as info:
+        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, coverage=0.7, progress=False)
+    assert "--coverage must be" in info.value.for_cli() and "--full-vocab" in info.value.for_cli()
+    with pytest.raises(UserError, match="full_vocab=True keeps every token; drop coverage"):
+        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, coverage=1e-4, full_vocab=True,
+                 progress=False)
     # a GGUF reference without an mmproj cannot answer image questions
     lone = tmp_path / "lone" / "tiny-F32.gguf"
     lone.parent.mkdir()
@@ -324,9 +348,10 @@ def test_candidates_from_a_folder_use_its_manifest_and_mmproj(converted):
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _row(file: str, size_gib: float, kld: float | None, error: str | None = None) -> dict:
-    return {"file": file, "type": file, "bytes": int(size_gib * GIB), "mmproj_bytes": 0, "kld_mean": kld,
-            "error": error}
+def _row(file: str, size_gib: float, kld: float | None, error: str | None = None, **fields) -> ReportRow:
+    values = {"file": file, "type": file, "bytes": int(size_gib * GIB), "mmproj_bytes": 0, "error": error,
+              "kld": KLStats(mean=kld, mean_low=kld, mean_high=kld * 1.01) if kld is not None else None}
+    return ReportRow(**(values | fields))
 
 
 def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
@@ -334,7 +359,7 @@ def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
             _row("BAD", 0.2, None, error="not a GGUF")]
     recs = recommendations(rows)
     assert [(r["budget_gib"], r["file"]) for r in recs] == [(2, "Q2"), (4, "Q4"), (8, "Q8")]
-    mmproj_row = dict(_row("Q4m", 3.5, 0.01), mmproj_bytes=int(0.6 * GIB))  # 4.1 GiB with its mmproj
+    mmproj_row = _row("Q4m", 3.5, 0.01, mmproj_bytes=int(0.6 * GIB))  # 4.1 GiB with its mmproj
     assert [r["file"] for r in recommendations([mmproj_row, *rows]) if r["budget_gib"] == 4] == ["Q4"]
     assert recommendations([rows[-1]]) == []
 
@@ -342,8 +367,8 @@ def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
 def test_report_writes_all_files_or_none(tmp_path, monkeypatch):
     from medgemma_gguf.quant_eval import report as report_module
 
-    report = {"reference": {"source": "x", "kind": "gguf", "dtype": "f32", "sha256": "0" * 64}, "top_k": 8,
-              "slices": [], "heldout": None, "rows": [_row("Q4", 1.0, 0.05) | {"accuracy": {}, "bpw": 4.5}]}
+    report = EvalReport(reference={"source": "x", "kind": "gguf", "dtype": "f32", "sha256": "0" * 64},
+                        rows=[_row("Q4", 1.0, 0.05, bpw=4.5)])
 
     def broken_plot(rows, path):
         raise RuntimeError("plot failed")
@@ -362,13 +387,78 @@ def test_cli_eval_command(converted, cache_dir, tmp_path):
     result = converted(VARIANT)
     out = tmp_path / "report"
     args = [str(result.text_path.parent), "--reference", str(result.text_path), "--slice", ",".join(SLICES),
-            "--out", str(out), "--cache-dir", str(cache_dir), "--top-k", "256", "--no-speed", "--quiet"]
+            "--out", str(out), "--cache-dir", str(cache_dir), "--coverage", "1e-4", "--no-speed", "--quiet"]
     run = CliRunner().invoke(eval_command, args)
     assert run.exit_code == 0, run.output
-    assert "mean KL" in run.output and (out / "report.md").is_file()
+    assert "mean KL" in run.output and "KiB a position" in run.output and (out / "report.md").is_file()
     again = CliRunner().invoke(eval_command, args)
     assert isinstance(again.exception, UserError) and "already exists" in str(again.exception)
     forced = CliRunner().invoke(eval_command, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     data = json.loads((out / "report.json").read_text())
-    assert data["cache"] == {"dir": str(cache_dir), "hits": 3, "misses": 0}  # the reference was not rerun
+    assert data["cache"] == {"dir": str(cache_dir), "hits": 3, "misses": 0, "stale_removed": 0}  # not rerun
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+
+
+def test_cache_kl_equals_full_vocabulary_kl_within_the_bracket(converted, quant_folder, tmp_path):
+    """On a tiny model, the KL from a coverage cache brackets the KL from every logit (llama.cpp's method)."""
+    from medgemma_gguf.quant_eval.evaluate import _score_part
+    from medgemma_gguf.runtime.engine import Engine
+
+    text = converted(VARIANT).text_path
+    cache = ReferenceCache(tmp_path / "cache")
+    reference = open_reference(str(text), cache_dir=cache.cache_dir, n_threads=1)
+    chunks = load_heldout_text()[:2]
+    try:
+        (covered,) = reference_parts(reference, cache, heldout=chunks, slices=[], coverage=CoverageSpec.make(0.05))
+        (full,) = reference_parts(reference, cache, heldout=chunks, slices=[], coverage=CoverageSpec.make(None, True))
+    finally:
+        reference.close()
+    assert full.dist.dense and not covered.dist.dense
+    assert np.all(covered.dist.tail_mass <= 0.05 + 1e-12) and covered.dist.tail_mass.max() > 0.01
+    assert covered.dist.set_sizes.mean() < full.dist.set_sizes.mean()  # the tiny model's flat rows need most
+    with Engine(quant_folder / "tiny-Q4_K_M.gguf", None, n_ctx=768, n_threads=1) as engine:
+        exact = _score_part(engine, full, None, 0, progress=False)
+        bracket = _score_part(engine, covered, None, 0, progress=False)
+    np.testing.assert_array_equal(exact.kl, exact.kl_upper)  # every logit: no bracket
+    slack = 1e-9 + 1e-12 * exact.kl
+    assert np.all(bracket.kl <= exact.kl + slack) and np.all(exact.kl <= bracket.kl_upper + slack)
+    assert bracket.kl.mean() <= exact.kl.mean() <= bracket.kl_upper.mean()
+    # the coarsened estimate misses only P_T (<= 0.05 here) times the KL between the two normalised tails
+    assert bracket.kl.mean() == pytest.approx(exact.kl.mean(), rel=0.1)
+
+
+def _write_format_1_part(path: Path, part: ReferencePart) -> None:
+    """A cache file as the first release wrote it: top-K log-probabilities and tail mass, cache_format 1."""
+    k = 8
+    ids = np.stack([part.dist.row(n)[0][:k] for n in range(part.dist.n_positions)]).astype(np.int32)
+    lps = np.stack([part.dist.row(n)[1][:k] for n in range(part.dist.n_positions)]).astype(np.float32)
+    arrays = {name: getattr(part, name) for name in reference_module._ARRAY_FIELDS}
+    arrays.update(topk_ids=ids, topk_logprobs=lps, topk_tail=1 - np.exp(lps.astype(np.float64)).sum(axis=1))
+    arrays["meta_json"] = np.array(json.dumps({"name": part.name, "kind": part.kind, "key": part.key, "top_k": k,
+                                               "cache_format": 1}))
+    np.savez_compressed(path, **arrays)
+
+
+def test_old_format_cache_is_refused_with_a_clear_message_and_recomputed(converted, tmp_path, compute_counter,
+                                                                          caplog):
+    text_path = converted(VARIANT).text_path
+    cache = ReferenceCache(tmp_path / "cache")
+    (part,) = _gguf_parts(text_path, cache, ["medqa-mini:2"])[1:]
+    current = next(p for p in cache.cache_dir.rglob("medqa-mini_2-*.npz"))
+    old = current.with_name("medqa-mini_2-0123456789abcdef.npz")  # a format-1 key: another file name
+    _write_format_1_part(old, part)
+    with pytest.raises(reference_module.StaleCacheError, match=r"cache format 1 .*top-K.*delete the file, or run"):
+        ReferencePart.load(old)
+    # the same key's file in the old format (e.g. written by a build that did not bump the version) is recomputed
+    _write_format_1_part(current, part)
+    calls_before = compute_counter.count("medqa-mini:2")
+    with caplog.at_level("WARNING"):
+        (again,) = _gguf_parts(text_path, cache, ["medqa-mini:2"])[1:]
+    assert compute_counter.count("medqa-mini:2") == calls_before + 1
+    assert not old.exists() and cache.stale_removed == 1
+    assert "cache format 1" in caplog.text and "recomput" in caplog.text
+    assert ReferencePart.load(current).dist.epsilon == 1e-4  # rewritten in the current format
+    np.testing.assert_array_equal(again.dist.logits, part.dist.logits)

@@ -1,4 +1,5 @@
-"""Tests for quant_eval.metrics: hand-computed cases, published values, the top-K KL bounds, bad input."""
+"""Tests for quant_eval.metrics: hand-computed cases, published values, the coverage cache and its exact KL
+bracket, llama.cpp's statistics, bad input."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import pytest
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.quant_eval.metrics import (
+    ROUNDOFF_KL,
+    CoveredLogProbs,
     MetricInputError,
-    TopKLogProbs,
     accuracy_with_ci,
+    brackets_overlap,
     choice_logprob_scores,
+    clamp_roundoff,
+    cover_from_logits,
     delta_p,
+    delta_p_statistics,
+    kl_divergence_covered,
     kl_divergence_full,
-    kl_divergence_topk,
-    kl_summary,
+    kld_statistics,
     ln_perplexity_ratio,
     log_softmax,
     paired_test,
@@ -24,9 +30,9 @@ from medgemma_gguf.quant_eval.metrics import (
     perplexity_ratio,
     rms_delta_p,
     rms_delta_p_top,
+    same_top_statistics,
     token_logprobs,
     top1_agreement,
-    topk_from_logits,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,37 +46,62 @@ def test_log_softmax_is_stable_and_normalised() -> None:
     assert lp[1, 0] == 0.0 and np.isneginf(lp[1, 1])
 
 
-def test_topk_from_logits_hand_case() -> None:
-    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]])) + 5.0  # shift must not matter
-    top = topk_from_logits(logits, 2)
-    assert top.ids.tolist() == [[3, 2]]
-    assert top.ids.dtype == np.int32 and top.logprobs.dtype == np.float32
-    assert np.allclose(top.logprobs, np.log([[0.4, 0.3]]), atol=1e-6)
-    assert top.tail_mass[0] == pytest.approx(0.3, rel=1e-12)
-    assert top.top1_ids.tolist() == [3]
+def test_coverage_keeps_the_smallest_set_over_one_minus_epsilon() -> None:
+    p = np.array([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = (np.log(p) + 3.0).astype(np.float32)[None]  # a shift must not matter
+    for epsilon, expected in ((0.25, [0, 1]), (0.06, [0, 1, 2]), (0.02, [0, 1, 2, 3]), (0.005, [0, 1, 2, 3, 4])):
+        cover = cover_from_logits(logits, epsilon, min_tokens=1)
+        assert cover.ids.tolist() == expected, epsilon
+        assert cover.tail_mass[0] == pytest.approx(p[len(expected):].sum(), rel=1e-6, abs=1e-12)
+        _, lp = cover.row(0)
+        assert np.allclose(lp, np.log(p[expected]), rtol=0, atol=1e-6)
+    floor = cover_from_logits(logits, 0.2, min_tokens=4)
+    assert floor.ids.tolist() == [0, 1, 2, 3]
+    capped = cover_from_logits(logits, 1e-9, min_tokens=1, max_tokens=2)
+    assert capped.ids.tolist() == [0, 1] and capped.tail_mass[0] == pytest.approx(0.2, rel=1e-6)
 
 
-def test_topk_ties_go_to_lowest_id() -> None:
-    top = topk_from_logits(np.array([[0.0, 1.0, 1.0, 1.0]]), 2)
-    assert top.ids.tolist() == [[1, 2]]
+def test_coverage_stores_exact_probabilities_and_tiny_tails() -> None:
+    logits = np.array([[0.0, -40.0, -41.0, 3.5, 3.5]], dtype=np.float32)
+    cover = cover_from_logits(logits, 1e-12, min_tokens=1)
+    assert cover.ids.tolist() == [3, 4, 0]  # equal probabilities: lower id first
+    lse = np.log(np.exp(logits[0].astype(np.float64)).sum())
+    assert cover.lse[0] == pytest.approx(lse, rel=1e-15)
+    assert cover.tail_mass[0] == pytest.approx((math.exp(-40.0) + math.exp(-41.0)) / math.exp(lse), rel=1e-12)
+    assert cover.top1_ids.tolist() == [3]
+    assert cover.logits.dtype == np.float32 and np.array_equal(cover.logits, logits[0, [3, 4, 0]])
 
 
-def test_topk_tail_mass_keeps_relative_precision_when_tiny() -> None:
-    top = topk_from_logits(np.array([[0.0, -40.0, -41.0]]), 1)
-    expected = (math.exp(-40.0) + math.exp(-41.0)) / (1.0 + math.exp(-40.0) + math.exp(-41.0))
-    assert top.tail_mass[0] == pytest.approx(expected, rel=1e-12)
+def test_full_vocab_is_dense_and_exact() -> None:
+    rng = np.random.default_rng(5)
+    ref = (rng.normal(size=(5, 40)) * 3).astype(np.float32)
+    cand = (rng.normal(size=(5, 40)) * 3).astype(np.float32)
+    dense = cover_from_logits(ref, 0.0)
+    assert dense.dense and dense.ids is None and np.all(dense.tail_mass == 0.0) and np.all(dense.set_sizes == 40)
+    bounds = kl_divergence_covered(dense, cand)
+    assert np.array_equal(bounds.lower, bounds.upper)
+    assert np.allclose(bounds.estimate, kl_divergence_full(ref, cand), rtol=1e-12, atol=1e-15)
+    assert dense.top1_ids.tolist() == np.argmax(ref, axis=1).tolist()
 
 
-def test_topk_with_k_equal_vocab_has_zero_tail() -> None:
-    top = topk_from_logits(np.random.default_rng(0).normal(size=(3, 7)), 7)
-    assert np.all(top.tail_mass == 0.0)
-    assert np.allclose(np.exp(top.logprobs.astype(np.float64)).sum(axis=1), 1.0, atol=1e-6)
+def test_take_and_concatenate_keep_rows_intact() -> None:
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(6, 50)) * rng.uniform(0.1, 8, size=(6, 1))).astype(np.float32)
+    whole = cover_from_logits(logits, 1e-3, min_tokens=2)
+    halves = CoveredLogProbs.concatenate([cover_from_logits(logits[:2], 1e-3, min_tokens=2),
+                                          cover_from_logits(logits[2:], 1e-3, min_tokens=2)])
+    assert np.array_equal(halves.offsets, whole.offsets) and np.array_equal(halves.ids, whole.ids)
+    picked = whole.take([4, 1])
+    for new, old in ((0, 4), (1, 1)):
+        assert np.array_equal(picked.row(new)[0], whole.row(old)[0])
+        assert np.array_equal(picked.row(new)[1], whole.row(old)[1])
+    assert picked.tail_mass.tolist() == [whole.tail_mass[4], whole.tail_mass[1]]
 
 
-@pytest.mark.parametrize("k", [0, 5, 2.0, True])
-def test_topk_rejects_bad_k(k: object) -> None:
-    with pytest.raises(MetricInputError, match="k must be"):
-        topk_from_logits(np.zeros((1, 4)), k)  # type: ignore[arg-type]
+@pytest.mark.parametrize("epsilon", [-0.1, 1.0, True, "1e-4"])
+def test_coverage_rejects_bad_epsilon(epsilon: object) -> None:
+    with pytest.raises(MetricInputError, match="epsilon"):
+        cover_from_logits(np.zeros((1, 4), dtype=np.float32), epsilon)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,109 +128,100 @@ def test_kl_full_zero_reference_probability_contributes_nothing() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# top-K KL and its bounds
+# KL from the coverage cache and its exact bracket
 
 
-def _random_case(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Reference/candidate logits of varied shape: flat, normal, peaked; close or far candidates."""
+def _shaped_logits(shape: str, rng: np.random.Generator, n: int, vocab: int) -> np.ndarray:
+    """Reference logits: peaked (one clear winner), flat (near uniform), heavy-tailed (Zipf-like ranks)."""
+    if shape == "peaked":
+        logits = rng.normal(size=(n, vocab)) * 2.0
+        logits[np.arange(n), rng.integers(0, vocab, size=n)] += 14.0
+    elif shape == "flat":
+        logits = rng.normal(size=(n, vocab)) * 0.1
+    else:  # heavy-tailed: ln p ~ -1.1 ln(rank), ranks shuffled per row, plus noise
+        ranks = np.argsort(rng.random(size=(n, vocab)), axis=1) + 1
+        logits = -1.1 * np.log(ranks) + rng.normal(size=(n, vocab)) * 0.3
+    return logits.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat", "heavy-tailed"])
+@pytest.mark.parametrize("noise", [0.05, 0.5])
+def test_bracket_contains_exact_kl_and_shrinks_as_epsilon_falls(shape: str, noise: float) -> None:
+    rng = np.random.default_rng(["peaked", "flat", "heavy-tailed"].index(shape) * 100 + int(noise * 100))
+    ref = _shaped_logits(shape, rng, 12, 3000)
+    cand = (ref + rng.normal(size=ref.shape) * noise).astype(np.float32)
+    exact = kl_divergence_full(ref, cand)
+    widths = []
+    for epsilon in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
+        bounds = kl_divergence_covered(cover_from_logits(ref, epsilon, min_tokens=1), cand)
+        # the stored probabilities are exact: only float64 summation error remains, and |KL| < 1e-9 reads as 0
+        slack = ROUNDOFF_KL + 1e-12 * exact
+        assert np.all(bounds.lower <= exact + slack) and np.all(exact <= bounds.upper + slack), epsilon
+        assert np.array_equal(bounds.estimate, bounds.lower) and np.all(bounds.lower >= 0)
+        widths.append(bounds.upper - bounds.lower)
+    for wider, narrower in zip(widths, widths[1:], strict=False):  # a larger stored set only narrows it
+        assert np.all(narrower <= wider + 1e-12)
+    assert widths[-1].mean() < widths[0].mean() / 10 or widths[0].mean() == 0.0
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_bracket_contains_exact_kl_on_varied_shapes(seed: int) -> None:
     rng = np.random.default_rng(seed)
     vocab = int(rng.integers(2, 300))
-    scale = (0.05, 1.0, 4.0, 12.0)[seed % 4]
-    ref = rng.normal(size=(4, vocab)) * scale
-    noise = (0.01, 0.3, 3.0)[seed % 3]
-    cand = ref + rng.normal(size=(4, vocab)) * noise
+    ref = (rng.normal(size=(4, vocab)) * (0.05, 1.0, 4.0, 12.0)[seed % 4]).astype(np.float32)
+    cand = (ref + rng.normal(size=ref.shape) * (0.01, 0.3, 3.0)[seed % 3]).astype(np.float32)
     if seed % 5 == 0:
-        cand = rng.normal(size=(4, vocab)) * scale  # unrelated candidate
-    k = int(rng.integers(1, vocab + 1))
-    return ref, cand, k
-
-
-@pytest.mark.parametrize("seed", range(120))
-def test_topk_kl_bounds_contain_exact_kl(seed: int) -> None:
-    ref, cand, k = _random_case(seed)
-    bounds = kl_divergence_topk(topk_from_logits(ref, k), cand)
+        cand = rng.permutation(ref, axis=1)  # an unrelated candidate
+    epsilon = float(10.0 ** -rng.uniform(0.5, 8))
+    bounds = kl_divergence_covered(cover_from_logits(ref, epsilon, min_tokens=int(rng.integers(1, 4))), cand)
     exact = kl_divergence_full(ref, cand)
-    slack = 1e-6 * (1 + exact)  # the cache stores log-probabilities as float32
-    assert np.all(bounds.lower <= exact + slack)
-    assert np.all(exact <= bounds.upper + slack)
-    assert np.all(bounds.lower >= -slack)  # coarse-grained KL is a KL too
-    assert np.array_equal(bounds.estimate, bounds.lower)
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_topk_kl_bounds_hold_at_float64_precision_for_a_matching_reference(seed: int) -> None:
-    """A full P that agrees with the cache exactly (no float32 loss), so any violation is a bug."""
-    rng = np.random.default_rng(1000 + seed)
-    k = int(rng.integers(1, 6))
-    p_top = np.sort(rng.dirichlet(np.full(k, 2.0)))[::-1] * rng.uniform(0.2, 0.95)
-    logprobs32 = np.log(p_top).astype(np.float32)  # what the cache stores
-    p_top = np.exp(logprobs32.astype(np.float64))
-    p_tail = 1.0 - p_top.sum()
-    cap = min(p_tail, p_top.min())
-    n_tail = int(max(rng.integers(1, 300), math.ceil(2 * p_tail / cap)))
-    w = rng.uniform(size=n_tail) ** (1 + seed % 6)
-    spread = (w - w.mean()) / max(np.abs(w - w.mean()).max(), 1e-300)
-    tail = p_tail / n_tail * (1 + rng.uniform(0, 1) * spread)  # in [0, 2 p_tail / n_tail] <= cap
-    vocab = k + n_tail
-    ids = rng.permutation(vocab)
-    full = np.empty(vocab)
-    full[ids[:k]] = p_top
-    full[ids[k:]] = tail
-    cache = TopKLogProbs(ids=ids[None, :k], logprobs=logprobs32[None], tail_mass=np.array([tail.sum()]))
-    cand = rng.normal(size=(1, vocab)) * (0.3, 3.0)[seed % 2]
-    with np.errstate(divide="ignore"):
-        exact = kl_divergence_full(np.log(full)[None], cand)[0]
-    bounds = kl_divergence_topk(cache, cand)
-    assert bounds.lower[0] <= exact + 1e-12 * (1 + exact)
-    assert exact <= bounds.upper[0] + 1e-12 * (1 + exact)
+    slack = ROUNDOFF_KL + 1e-12 * exact
+    assert np.all(bounds.lower <= exact + slack) and np.all(exact <= bounds.upper + slack)
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_topk_kl_upper_bound_is_attained(seed: int) -> None:
-    """The upper bound is the KL of the worst reference consistent with the cache: build it, compare."""
+def test_upper_bound_is_attained_by_a_reference_consistent_with_the_cache(seed: int) -> None:
+    """The upper end is the KL of the worst reference consistent with the cache: build it, compare."""
     rng = np.random.default_rng(2000 + seed)
-    vocab, k = int(rng.integers(6, 150)), int(rng.integers(1, 5))
-    ref_top = topk_from_logits(rng.normal(size=(1, vocab)) * (0.2, 1.5, 6.0)[seed % 3], k)
-    cand = rng.normal(size=(1, vocab)) * 2
-    p_top = np.exp(ref_top.logprobs[0].astype(np.float64))
-    p_tail = 1.0 - p_top.sum()
+    vocab = int(rng.integers(6, 150))
+    ref = (rng.normal(size=(1, vocab)) * (0.2, 1.5, 6.0)[seed % 3]).astype(np.float32)
+    cover = cover_from_logits(ref, float(rng.uniform(0.05, 0.6)), min_tokens=1)
+    cand = (rng.normal(size=(1, vocab)) * 2).astype(np.float32)
+    ids, lp = cover.row(0)
+    p_top, p_tail = np.exp(lp), float(cover.tail_mass[0])
     cap = min(p_tail, p_top.min())
-    lq = log_softmax(cand)[0]
-    tail_ids = np.setdiff1d(np.arange(vocab), ref_top.ids[0])
+    lq = log_softmax(cand.astype(np.float64))[0]
+    tail_ids = np.setdiff1d(np.arange(vocab), ids)
     by_q = tail_ids[np.argsort(lq[tail_ids], kind="stable")]  # least likely under Q first
     worst = np.zeros(vocab)
-    worst[ref_top.ids[0]] = p_top
+    worst[ids] = p_top
     n_full = int(p_tail // cap)
     worst[by_q[:n_full]] = cap
     if n_full < by_q.size:
         worst[by_q[n_full]] = p_tail - n_full * cap
-    cache = TopKLogProbs(ids=ref_top.ids, logprobs=ref_top.logprobs, tail_mass=np.array([p_tail]))
     with np.errstate(divide="ignore"):
         attained = kl_divergence_full(np.log(worst)[None], cand)[0]
-    assert kl_divergence_topk(cache, cand).upper[0] == pytest.approx(attained, rel=1e-9, abs=1e-12)
+    assert kl_divergence_covered(cover, cand).upper[0] == pytest.approx(attained, rel=1e-9, abs=1e-12)
 
 
-def test_topk_kl_with_k_equal_vocab_is_exact() -> None:
-    rng = np.random.default_rng(7)
-    ref, cand = rng.normal(size=(5, 40)) * 3, rng.normal(size=(5, 40)) * 3
-    bounds = kl_divergence_topk(topk_from_logits(ref, 40), cand)
-    exact = kl_divergence_full(ref, cand)
-    assert np.allclose(bounds.estimate, exact, rtol=1e-5, atol=1e-7)
-    assert np.array_equal(bounds.lower, bounds.upper)
+def test_self_comparison_is_exactly_zero() -> None:
+    logits = _shaped_logits("heavy-tailed", np.random.default_rng(8), 6, 500)
+    bounds = kl_divergence_covered(cover_from_logits(logits, 1e-3), logits)
+    assert np.all(bounds.estimate == 0.0) and np.all(bounds.lower == 0.0)
+    assert np.all(bounds.upper >= 0.0) and bounds.upper.max() > 0.0  # the tail could still hide a difference
+    assert np.all(kl_divergence_covered(cover_from_logits(logits, 0.0), logits).upper == 0.0)
 
 
-def test_topk_kl_identical_models_is_zero() -> None:
-    logits = np.random.default_rng(8).normal(size=(6, 100)) * 2
-    bounds = kl_divergence_topk(topk_from_logits(logits, 10), logits)
-    assert np.allclose(bounds.estimate, 0.0, atol=1e-6)
-    assert np.all(bounds.upper >= bounds.lower)
+def test_roundoff_clamp_is_only_for_values_below_1e_9() -> None:
+    values = np.array([-9.9e-10, 4e-10, 0.0, -2e-9, 1.1e-9, 0.3])
+    assert clamp_roundoff(values).tolist() == [0.0, 0.0, 0.0, -2e-9, 1.1e-9, 0.3]
 
 
-def test_topk_kl_lumped_estimate_hand_case() -> None:
-    # P = (0.5, 0.3, 0.1, 0.1), Q = (0.4, 0.4, 0.1, 0.1), K = 1 (token 0): tail P=0.5, Q=0.6.
-    ref = topk_from_logits(np.log([[0.5, 0.3, 0.1, 0.1]]), 1)
-    cand = np.log([[0.4, 0.4, 0.1, 0.1]])
-    bounds = kl_divergence_topk(ref, cand)
+def test_lumped_estimate_and_worst_case_hand_case() -> None:
+    # P = (0.5, 0.3, 0.1, 0.1), Q = (0.4, 0.4, 0.1, 0.1), only token 0 stored: tail P = 0.5, Q = 0.6.
+    cover = cover_from_logits(np.log([[0.5, 0.3, 0.1, 0.1]]).astype(np.float32), 0.55, min_tokens=1)
+    assert cover.ids.tolist() == [0]
+    bounds = kl_divergence_covered(cover, np.log([[0.4, 0.4, 0.1, 0.1]]))
     lumped = 0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)
     assert bounds.estimate[0] == pytest.approx(lumped, rel=1e-6)
     # worst case: 0.5 on token 1 (cap = min(0.5, 0.5)); the others 0 -> 0.5 ln(0.5/0.4) + 0.5 ln(0.5/0.1)
@@ -207,10 +229,15 @@ def test_topk_kl_lumped_estimate_hand_case() -> None:
     assert bounds.upper[0] == pytest.approx(worst, rel=1e-6)
 
 
-def test_topk_kl_candidate_zero_where_reference_may_have_mass_gives_infinite_upper() -> None:
-    ref = topk_from_logits(np.log([[0.6, 0.2, 0.2]]), 1)
-    bounds = kl_divergence_topk(ref, np.array([[0.0, 0.0, -np.inf]]))
+def test_candidate_zero_where_reference_may_have_mass_gives_infinite_upper() -> None:
+    cover = cover_from_logits(np.log([[0.6, 0.2, 0.2]]).astype(np.float32), 0.45, min_tokens=1)
+    bounds = kl_divergence_covered(cover, np.array([[0.0, 0.0, -np.inf]]))
     assert math.isfinite(bounds.lower[0]) and math.isinf(bounds.upper[0])
+
+
+def test_brackets_overlap() -> None:
+    assert brackets_overlap((0.01, 0.02), (0.015, 0.03)) and brackets_overlap((0.01, 0.02), (0.02, 0.03))
+    assert not brackets_overlap((0.01, 0.0199), (0.02, 0.03))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,10 +245,10 @@ def test_topk_kl_candidate_zero_where_reference_may_have_mass_gives_infinite_upp
 
 
 def test_identical_models_give_neutral_scores() -> None:
-    logits = np.random.default_rng(3).normal(size=(8, 30))
-    ref = topk_from_logits(logits, 5)
+    logits = np.random.default_rng(3).normal(size=(8, 30)).astype(np.float32)
+    ref = cover_from_logits(logits, 1e-2)
     assert top1_agreement(ref.top1_ids, logits) == 1.0
-    assert rms_delta_p_top(ref, logits) == pytest.approx(0.0, abs=1e-6)
+    assert rms_delta_p_top(ref, logits) == 0.0
     observed = np.arange(8) % 30
     lp = token_logprobs(logits, observed)
     assert rms_delta_p(lp, lp) == 0.0
@@ -244,7 +271,7 @@ def test_delta_p_and_rms_hand_case() -> None:
 
 
 def test_rms_delta_p_top_hand_case() -> None:
-    ref = topk_from_logits(np.log([[0.6, 0.4], [0.1, 0.9]]), 1)
+    ref = cover_from_logits(np.log([[0.6, 0.4], [0.1, 0.9]]).astype(np.float32), 0.5, min_tokens=1)
     cand = np.log([[0.5, 0.5], [0.3, 0.7]])  # top-1 tokens 0 and 1: Δp = -0.1, -0.2
     assert rms_delta_p_top(ref, cand) == pytest.approx(math.sqrt((0.01 + 0.04) / 2), rel=1e-6)
 
@@ -261,22 +288,41 @@ def test_perplexity_and_ratio() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# KL summary
+# llama.cpp's statistics
 
 
-def test_kl_summary_known_array() -> None:
-    s = kl_summary(np.array([4.0, 1.0, 3.0, 2.0]))
+def test_kld_statistics_known_array() -> None:
+    s = kld_statistics(np.array([4.0, 1.0, 3.0, 2.0]))
     assert s["n"] == 4
-    assert s["mean"] == 2.5 and s["median"] == 2.5 and s["max"] == 4.0
+    assert s["mean"] == 2.5 and s["median"] == 2.5 and s["max"] == 4.0 and s["min"] == 1.0
     # linear interpolation at rank q * (n - 1) of [1, 2, 3, 4]: rank 2.7 -> 3.7, 2.97 -> 3.97, 2.997
     assert s["p90"] == pytest.approx(3.7) and s["p99"] == pytest.approx(3.97)
     assert s["p999"] == pytest.approx(3.997) and s["p95"] == pytest.approx(3.85)
-    assert s["mean_stderr"] == pytest.approx(math.sqrt(1.25 / 3))
+    assert s["p10"] == pytest.approx(1.3) and s["p001"] == pytest.approx(1.003)
+    assert s["mean_stderr"] == 0.0  # llama.cpp prints no uncertainty for 10 values or fewer
 
 
-def test_kl_summary_single_value() -> None:
-    s = kl_summary([0.02])
-    assert s["n"] == 1 and s["mean_stderr"] == 0.0 and s["p999"] == 0.02
+def test_kld_statistics_uncertainty_follows_llama_cpp() -> None:
+    values = np.arange(1.0, 13.0)  # n = 12 > 10
+    variance = float(np.mean(values**2) - np.mean(values) ** 2)
+    assert kld_statistics(values)["mean_stderr"] == pytest.approx(math.sqrt(variance / 11), rel=1e-12)
+    assert kld_statistics([0.02])["p999"] == 0.02
+
+
+def test_delta_p_statistics_hand_case() -> None:
+    ref = np.log(np.full(12, 0.5))
+    cand = np.log(np.array([0.4, 0.6] * 6))  # Δp = ∓0.1
+    s = delta_p_statistics(ref, cand)
+    assert s["n"] == 12 and s["mean"] == pytest.approx(0.0, abs=1e-15) and s["rms"] == pytest.approx(0.1)
+    assert s["max"] == pytest.approx(0.1) and s["min"] == pytest.approx(-0.1) and s["median"] == pytest.approx(0.0)
+    assert s["mean_stderr"] == pytest.approx(math.sqrt(0.01 / 11), rel=1e-9)
+    assert s["rms_stderr"] == 0.0  # Δp² is constant
+    assert delta_p_statistics(ref, ref)["rms"] == 0.0
+
+
+def test_same_top_statistics() -> None:
+    share, stderr = same_top_statistics(np.array([0, 1, 2, 3]), np.array([0, 1, 0, 0]))
+    assert share == 0.5 and stderr == pytest.approx(math.sqrt(0.25 / 3))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,16 +385,24 @@ def test_choice_scores_argmax_ties_and_length_normalisation() -> None:
         (lambda: kl_divergence_full(np.zeros((0, 3)), np.zeros((0, 3))), "empty"),
         (lambda: kl_divergence_full(np.array([[0.0, np.nan]]), np.zeros((1, 2))), "NaN"),
         (lambda: kl_divergence_full(np.array([[-np.inf, -np.inf]]), np.zeros((1, 2))), "entirely -inf"),
-        (lambda: kl_divergence_topk(topk_from_logits(np.zeros((2, 4)), 2), np.zeros((3, 4))), "positions"),
-        (lambda: kl_divergence_topk(topk_from_logits([[0, 0, 0, 1.0]], 2), np.zeros((1, 3))), "vocabulary"),
-        (lambda: kl_divergence_topk(topk_from_logits(np.zeros((1, 4)), 2), [[0, 0, np.nan, 0]]), "NaN"),
-        (lambda: kl_divergence_topk(np.zeros((1, 4)), np.zeros((1, 4))), "TopKLogProbs"),
-        (lambda: TopKLogProbs(np.array([[0, 0]]), np.log([[0.5, 0.5]]), np.array([0.0])), "repeats"),
-        (lambda: TopKLogProbs(np.array([[0, 1]]), np.log([[0.5, 0.2]]), np.array([0.0])), "sum to"),
-        (lambda: TopKLogProbs(np.array([[0, 1]]), np.log([[0.5, 0.5]]), np.array([0.0, 0.0])), "positions"),
-        (lambda: TopKLogProbs(np.array([[0.0, 1.0]]), np.log([[0.5, 0.5]]), np.array([0.0])), "integer"),
-        (lambda: TopKLogProbs(np.array([[0, 1]]), np.array([[0.5, -1.0]]), np.array([0.0])), "> 0"),
-        (lambda: TopKLogProbs(np.array([[0, 1]]), np.log([[0.5, 0.5]]), np.array([1.5])), r"\[0, 1\]"),
+        (lambda: kl_divergence_covered(cover_from_logits(np.zeros((2, 4)), 0.1), np.zeros((3, 4))), "positions"),
+        (lambda: kl_divergence_covered(cover_from_logits([[0, 0, 0, 1.0]], 0.1), np.zeros((1, 3))), "vocabulary"),
+        (lambda: kl_divergence_covered(cover_from_logits(np.zeros((1, 4)), 0.1), [[0, 0, np.nan, 0]]), "NaN"),
+        (lambda: kl_divergence_covered(np.zeros((1, 4)), np.zeros((1, 4))), "CoveredLogProbs"),
+        (lambda: cover_from_logits(np.zeros((1, 4)), 0.1, min_tokens=3, max_tokens=2), "swap"),
+        (lambda: cover_from_logits(np.zeros((1, 4)), 0.1, min_tokens=0), "positive"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), np.array([0, 1]), np.log([0.5, 0.2]), np.zeros(1), np.zeros(1),
+                                 4, 0.1), "sum to"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), np.array([0, 1]), np.log([0.5, 0.5]), np.zeros(2), np.zeros(2),
+                                 4, 0.1), "rows"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), np.array([0, 9]), np.log([0.5, 0.5]), np.zeros(1), np.zeros(1),
+                                 4, 0.1), "vocabulary size"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), np.array([0.0, 1.0]), np.log([0.5, 0.5]), np.zeros(1),
+                                 np.zeros(1), 4, 0.1), "integer"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), np.array([0, 1]), np.log([0.5, 0.5]), np.zeros(1), np.array([1.5]),
+                                 4, 0.1), r"\[0, 1\]"),
+        (lambda: CoveredLogProbs(np.array([0, 3]), np.array([0, 1]), np.log([0.5, 0.5]), np.zeros(1), np.zeros(1),
+                                 4, 0.1), "offsets"),
         (lambda: token_logprobs(np.zeros((2, 3)), np.array([0, 3])), "vocabulary size"),
         (lambda: token_logprobs(np.zeros((2, 3)), np.array([0, -1])), "negative"),
         (lambda: top1_agreement(np.array([0, 1]), np.array([0])), "positions"),
@@ -358,9 +412,10 @@ def test_choice_scores_argmax_ties_and_length_normalisation() -> None:
         (lambda: perplexity(np.array([-1.0, np.nan])), "NaN"),
         (lambda: perplexity(np.array([0.5])), "> 0"),
         (lambda: ln_perplexity_ratio(np.log([0.5]), np.log([0.5, 0.5])), "positions"),
-        (lambda: kl_summary(np.array([])), "empty"),
-        (lambda: kl_summary(np.array([[0.1]])), "1-D"),
-        (lambda: kl_summary(np.array([0.1, np.nan])), "NaN"),
+        (lambda: kld_statistics(np.array([])), "empty"),
+        (lambda: kld_statistics(np.array([[0.1]])), "1-D"),
+        (lambda: kld_statistics(np.array([0.1, np.nan])), "NaN"),
+        (lambda: delta_p_statistics(np.log([0.5]), np.log([0.5, 0.5])), "positions"),
         (lambda: accuracy_with_ci(np.array([], dtype=bool)), "empty"),
         (lambda: accuracy_with_ci(np.array([True]), confidence=1.5), "confidence"),
         (lambda: accuracy_with_ci(np.array([0, 2])), "booleans"),
@@ -387,8 +442,12 @@ def test_chunked_processing_matches_whole_array(monkeypatch: pytest.MonkeyPatch)
     ids = rng.integers(0, 20, size=7)
     whole_kl = kl_divergence_full(ref, cand)
     whole_lp = token_logprobs(cand, ids)
+    cover = cover_from_logits(ref, 1e-2, min_tokens=1)
+    whole_bounds = kl_divergence_covered(cover, cand)
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 45)  # 2 rows per chunk, last chunk of 1
     assert np.array_equal(kl_divergence_full(ref, cand), whole_kl)
     assert np.array_equal(token_logprobs(cand, ids), whole_lp)
+    bounds = kl_divergence_covered(cover_from_logits(ref, 1e-2, min_tokens=1), cand)
+    assert np.array_equal(bounds.lower, whole_bounds.lower) and np.array_equal(bounds.upper, whole_bounds.upper)
     direct = log_softmax(cand.astype(np.float64))[np.arange(7), ids]
     assert np.allclose(whole_lp, direct, rtol=0, atol=1e-12)

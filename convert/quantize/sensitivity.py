@@ -194,11 +194,17 @@ class Cost:
 
 @dataclass(frozen=True)
 class Measurement:
-    """KL of one quantized variant of the model against the reference (nats per position)."""
+    """KL of one quantized variant of the model against the reference (nats per position).
+
+    ``kl_mean`` is the report's ``kld_mean`` (``quant_eval.metrics``: the coarsened KL, the low end of the
+    exact bracket, off the true value by the reference's tail mass times the tail's own KL); ``kl_high`` is
+    the bracket's worst-case upper end, kept for the record.
+    """
 
     kl_mean: float
     text_kl_mean: float | None
     image_kl_mean: float | None
+    kl_high: float | None = None
 
 
 class Measurer:
@@ -282,9 +288,11 @@ class Measurer:
                                  n_threads=self.n_threads, measure_speed=False)
         self.cost.evaluations += 1
         self.cost.seconds += time.perf_counter() - start
-        text = row["parts"].get("heldout", {}).get("kld_mean")
-        return Measurement(kl_mean=float(row["kld_mean"]), text_kl_mean=text,
-                           image_kl_mean=row.get("image_kld_mean"))
+        if row.kld is None:
+            raise UserError(f"{path.name} gave no KL measurement; check the calibration set")
+        heldout = row.parts.get("heldout")
+        return Measurement(kl_mean=row.kld.mean, text_kl_mean=heldout.kld_mean if heldout else None,
+                           image_kl_mean=row.image_kld.mean if row.image_kld else None, kl_high=row.kld.mean_high)
 
     def measure(self, tensors: Iterable[str], qtype: GGMLQuantizationType, label: str) -> Measurement:
         """KL with only ``tensors`` stored as ``qtype`` (the rest at the source type); the file is deleted."""
