@@ -394,13 +394,17 @@ def _parse_types(names: Sequence[str | GGMLQuantizationType], what: str) -> tupl
 def cache_key(*, model_sha: str, mmproj_sha: str | None, imatrix_sha: str | None, calibration_sha: str,
               max_text: int | None, max_images: int | None, candidates: Sequence[GGMLQuantizationType],
               probes: Sequence[GGMLQuantizationType], method: str) -> str:
-    """The cache key of a sensitivity measurement (every input that changes the table)."""
+    """The cache key of a sensitivity measurement (every input that changes the table, including how the KL
+    is measured: the reference cache format and its default coverage)."""
     import llama_cpp
+
+    from medgemma_gguf.quant_eval.reference import CACHE_FORMAT_VERSION, CoverageSpec
 
     material = {"version": CACHE_VERSION, "model": model_sha, "mmproj": mmproj_sha, "imatrix": imatrix_sha,
                 "calibration": calibration_sha, "max_text": max_text, "max_images": max_images,
                 "candidates": [t.name for t in candidates], "probes": [t.name for t in probes] if method == "proxy"
-                else [], "method": method, "llama_cpp": llama_cpp.__version__}
+                else [], "method": method, "llama_cpp": llama_cpp.__version__,
+                "kl": {"reference_cache": CACHE_FORMAT_VERSION, **CoverageSpec().key()}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
