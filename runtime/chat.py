@@ -46,7 +46,7 @@ from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
-from medgemma_gguf.runtime.reply import CONTENT, Delta, ReplyText
+from medgemma_gguf.runtime.reply import CONTENT, Delta, ReasoningMarkers, ReplyText
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings, model_sampling, sampling_settings
 from medgemma_gguf.sizes import parse_size
 
@@ -81,10 +81,26 @@ class ChatResult:
     timings: dict[str, float] = field(default_factory=dict)
     finish_reason: str = "stop"
     token_ids: list[int] = field(default_factory=list)
+    reasoning: str = ""  # the reasoning block's text ("" when the model wrote none): never part of ``text``
+    reasoning_tokens: int = 0  # tokens of the reasoning block, markers included (counted in completion_tokens)
 
     def to_json(self) -> dict[str, Any]:
-        return {"text": self.text, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+        return {"text": self.text, "reasoning": self.reasoning, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "reasoning_tokens": self.reasoning_tokens,
                 "finish_reason": self.finish_reason, "timings": self.timings}
+
+    def openai_message(self) -> dict[str, Any]:
+        """The reply as an OpenAI chat message; the reasoning as ``reasoning_content`` (llama-server's key)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+    def openai_usage(self) -> dict[str, Any]:
+        """OpenAI's ``usage`` object for this reply."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
 
 class ChatStream(Iterator[str]):
@@ -155,6 +171,7 @@ class ChatModel:
         if not isinstance(self.template, str) or not self.template:
             raise UserError(f"{engine.model_path} has no tokenizer.chat_template; re-convert it with medgemma-gguf")
         self.sampling_defaults = model_sampling(info.metadata)
+        self.reasoning_markers = ReasoningMarkers.from_engine(engine)
         self.bos_text = engine.token_piece(engine.bos_token, special=True).decode("utf-8")
         self.image_size: int | None = None
         self.image_tokens = 0
@@ -202,13 +219,13 @@ class ChatModel:
 
     # prompts ---------------------------------------------------------------------------------------
     def prompt(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None, preset: str | None = None,
-               images: ImageOptions | None = None) -> Prompt:
+               images: ImageOptions | None = None, think: bool = False) -> Prompt:
         """The exact prompt (token runs and images) for ``messages``; see ``runtime.prompt``."""
         self._check_open()
         return build_prompt(messages, template=self.template, tokenize=self.engine.tokenize, bos_token=self.bos_text,
                             bos_id=self.engine.bos_token, image_tokens=self.image_tokens,
                             images=images if images is not None else self.image_options(),
-                            system=resolve_system(system, preset))
+                            system=resolve_system(system, preset), think=think)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -222,9 +239,10 @@ class ChatModel:
 
     # chat ------------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, system: str | None = None,
-             preset: str | None = None, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-             repeat_last_n: int | None = None, presence_penalty: float | None = None,
+             preset: str | None = None, think: bool = False, max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repeat_penalty: float | None = None, repeat_last_n: int | None = None,
+             presence_penalty: float | None = None,
              frequency_penalty: float | None = None, seed: int | None = None,
              logit_bias: Mapping[int, float] | None = None, stop: str | Sequence[str] | None = None,
              json_schema: Mapping[str, Any] | None = None, grammar: str | None = None) -> ChatResult | ChatStream:
@@ -233,15 +251,18 @@ class ChatModel:
         Returns a ``ChatResult``, or with ``stream=True`` a ``ChatStream`` of text pieces. The sampling
         settings (ranges and defaults: ``runtime.sampling``) default to greedy decoding; ``None`` means the
         model's value when ``temperature`` > 0. ``json_schema`` (a JSON Schema dict) or ``grammar`` (GBNF
-        text) constrain the reply (``runtime.structured``). Bad messages, images, settings, schemas and
-        grammars, and prompts too long for the context, raise ``UserError`` before evaluation.
+        text) constrain the reply (``runtime.structured``). ``think``: start the system prompt with
+        ``runtime.prompt.THINK_SYSTEM_PREFIX`` so MedGemma 27B reasons first; whatever reasoning block the
+        model writes comes back apart, in ``ChatResult.reasoning`` (and ``ChatStream.deltas()``), never in
+        the text. Bad messages, images, settings, schemas and grammars, and prompts too long for the
+        context, raise ``UserError`` before evaluation.
         """
         settings = sampling_settings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      seed=seed, logit_bias=logit_bias, stop=stop, json_schema=json_schema,
                                      grammar=grammar)
-        prompt = self.prompt(messages, system=system, preset=preset)
+        prompt = self.prompt(messages, system=system, preset=preset, think=think)
         replies = self.generate(prompt, settings)
         return replies if stream else replies.collect()
 
@@ -261,7 +282,7 @@ class ChatModel:
             raise TypeError("pass either settings or sampling keywords, not both")
         self.check_fits(prompt)
         sampler = Sampler(self.engine.llama_context, self.engine.llama_vocab, settings.resolve(self.sampling_defaults),
-                          n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx)
+                          n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx, reasoning=self.reasoning_markers)
         try:
             self._generation += 1
             started = time.perf_counter()
@@ -272,7 +293,7 @@ class ChatModel:
         prompt_seconds = time.perf_counter() - started
         timings = {"prompt_ms": prompt_seconds * 1e3, "prompt_positions_evaluated": prompt.n_positions - reused,
                    "prompt_positions_reused": reused}
-        reply = ReplyText(self.engine.piece, stop=settings.stop)
+        reply = ReplyText(self.engine.piece, stop=settings.stop, markers=self.reasoning_markers)
         return ChatStream(self._decode(sampler, reply, prompt, settings.max_tokens, timings, started, ignore_eos,
                                        should_stop, self._generation))
 
@@ -412,7 +433,8 @@ class ChatModel:
         timings["decode_ms"] = decode_seconds * 1e3
         timings["decode_tokens_per_s"] = (n_tokens - 1) / decode_seconds if n_tokens > 1 and decode_seconds else 0.0
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        return ChatResult(reply.text, prompt.n_positions, n_tokens, timings, finish, token_ids)
+        return ChatResult(reply.text, prompt.n_positions, n_tokens, timings, finish, token_ids, reply.reasoning,
+                          reply.reasoning_tokens)
 
 
 # --- loading ------------------------------------------------------------------------------------------

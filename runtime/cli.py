@@ -128,8 +128,11 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
               callback=_read_json_schema, help="Constrain the reply to JSON valid under this JSON Schema file.")
 @click.option("--grammar", type=click.Path(exists=True, dir_okay=False, path_type=Path), callback=_read_text,
               help="Constrain the reply to this GBNF grammar file (llama.cpp's format, rule 'root').")
+@click.option("--think", is_flag=True,
+              help="Start the system prompt with MedGemma's 'think silently if needed' instruction.")
+@click.option("--show-thinking", is_flag=True, help="Print the model's reasoning block (on stderr); hidden otherwise.")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt); 'reasoning' apart.")
 @study_options
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                  vram: str | None, threads: int | None, lora: tuple[Path, ...],
@@ -140,6 +143,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     from medgemma_gguf.runtime.sampling import sampling_settings
 
     study = {name: options.pop(name) for name in STUDY_OPTION_NAMES}
+    think, show_thinking = options.pop("think"), options.pop("show_thinking")
     sampling_options = options
     task = load_presets()[preset] if preset is not None and load_presets()[preset].input else None
     if as_json and prompt is None and task is None:
@@ -154,7 +158,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     preset = None if task is not None else preset
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
                        window=window)
-    sampling = dict(sampling_options)
+    sampling = dict(sampling_options, think=think)
     with chat_model:
         turn = build_study_turn(chat_model, prompt=prompt, images=images, preset=task, study=study) if is_study(
             study) else None
@@ -162,39 +166,50 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
             content = turn.items + ([{"type": "text", "text": turn.after}] if turn.after else [])
             result = chat_model.chat([{"role": "user", "content": content}], stream=not as_json, system=system,
                                      **sampling)
-            _print_reply(result, as_json)
+            _print_reply(result, as_json, show_thinking)
             return
         if turn is not None:
-            _repl(chat_model, [], system=system, preset=preset, sampling=sampling, first=turn.items)
+            _repl(chat_model, [], system=system, preset=preset, sampling=sampling, first=turn.items,
+                  show_thinking=show_thinking)
             return
         if prompt is not None:
             content = [{"type": "text", "text": prompt}] + [{"type": "image", "path": str(p)} for p in images]
             messages = [{"role": "user", "content": content}]
-            if as_json:
-                result = chat_model.chat(messages, system=system, preset=preset, **sampling)
-                click.echo(json.dumps(result.to_json(), ensure_ascii=False))
-                return
-            stream = chat_model.chat(messages, stream=True, system=system, preset=preset, **sampling)
-            for piece in stream:
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-            click.echo()
+            result = chat_model.chat(messages, stream=not as_json, system=system, preset=preset, **sampling)
+            _print_reply(result, as_json, show_thinking)
             return
-        _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling)
+        _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling, show_thinking=show_thinking)
 
 
-def _print_reply(result, as_json: bool) -> None:
+def _print_reply(result, as_json: bool, show_thinking: bool = False) -> None:
+    """Print a reply: its text on stdout as it comes; the reasoning block on stderr with ``show_thinking``,
+    else one note that the model is thinking. ``as_json``: the finished result as one JSON object."""
+    from medgemma_gguf.runtime.reply import CONTENT
+
     if as_json:
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
         return
-    for piece in result:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
+    thinking = False
+    for channel, text in result.deltas():
+        if channel == CONTENT:
+            if thinking and show_thinking:
+                click.echo(err=True)
+            thinking = False
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        elif show_thinking:
+            click.echo(text, nl=False, err=True)
+            thinking = True
+        elif not thinking:
+            click.echo("(thinking; --show-thinking prints it)", err=True)
+            thinking = True
+    if thinking and show_thinking:
+        click.echo(err=True)
     click.echo()
 
 
 def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | None, sampling: dict,
-          first: list[dict[str, Any]] | None = None) -> None:
+          first: list[dict[str, Any]] | None = None, show_thinking: bool = False) -> None:
     """Multi-turn chat over stdin: each line is a user message; /image, /reset, /quit. ``first``: items (a
     volume's slices, a slide's patches) that go before the first line typed."""
     from medgemma_gguf.runtime.prompt import load_prompt_image
@@ -243,10 +258,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
         except UserError as exc:
             click.echo(f"error: {exc.for_cli()}", err=True)
             continue
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        click.echo()
+        _print_reply(stream, False, show_thinking)
         conversation += [message, {"role": "assistant", "content": stream.result.text}]
         pending.clear()
         first = None

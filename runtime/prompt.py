@@ -53,6 +53,9 @@ from medgemma_gguf.runtime.studies import STUDY_ITEM_TYPES, expand_item
 IMAGE_START = "<start_of_image>"
 IMAGE_END = "<end_of_image>"
 PRESETS_PATH = Path(__file__).with_name("presets.toml")
+# Google's MedGemma 27B model card: a system prompt starting with this makes the model reason first, in a
+# <unused94>thought ... <unused95> block (runtime.reply separates it)
+THINK_SYSTEM_PREFIX = "SYSTEM INSTRUCTION: think silently if needed."
 ROLES = ("system", "user", "assistant")
 _URL_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
 
@@ -422,11 +425,33 @@ def tokenize_rendered(text: str, images: Sequence[PromptImage], *, tokenize: Tok
     return Prompt(parts, text, image_tokens)
 
 
+def with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalized messages whose system prompt starts with ``THINK_SYSTEM_PREFIX`` (added when absent)."""
+    if messages[0]["role"] != "system":
+        return [{"role": "system", "content": THINK_SYSTEM_PREFIX}, *messages]
+    content = messages[0]["content"]
+    if isinstance(content, str):
+        content = content if content.startswith(THINK_SYSTEM_PREFIX) else f"{THINK_SYSTEM_PREFIX} {content}"
+    else:
+        first = next((i for i, item in enumerate(content) if item["type"] == "text"), None)
+        if first is None:
+            content = [{"type": "text", "text": THINK_SYSTEM_PREFIX}, *content]
+        elif not content[first]["text"].startswith(THINK_SYSTEM_PREFIX):
+            content = list(content)
+            content[first] = {"type": "text", "text": f"{THINK_SYSTEM_PREFIX} {content[first]['text']}"}
+    return [{"role": "system", "content": content}, *messages[1:]]
+
+
 def build_prompt(messages: Sequence[Mapping[str, Any]], *, template: str, tokenize: Tokenize, bos_token: str,
                  bos_id: int, image_tokens: int, images: ImageOptions | None,
-                 system: str | None = None, add_generation_prompt: bool = True) -> Prompt:
-    """Messages (HF/OpenAI shape) to a ``Prompt``: validate, load images, render the template, tokenize."""
+                 system: str | None = None, add_generation_prompt: bool = True, think: bool = False) -> Prompt:
+    """Messages (HF/OpenAI shape) to a ``Prompt``: validate, load images, render the template, tokenize.
+
+    ``think``: start the system prompt with ``THINK_SYSTEM_PREFIX`` (MedGemma 27B then reasons first).
+    """
     normalized = normalize_messages(messages, system=system, images=images)
+    if think:
+        normalized = with_thinking(normalized)
     text = render_template(template, normalized, bos_token=bos_token, add_generation_prompt=add_generation_prompt)
     return tokenize_rendered(text, prompt_images(normalized), tokenize=tokenize, bos_token=bos_token,
                              bos_id=bos_id, image_tokens=image_tokens)

@@ -55,8 +55,15 @@ import gguf
 import llama_cpp
 
 from medgemma_gguf.errors import InputError, setting
-from medgemma_gguf.runtime.reply import MAX_STOP
-from medgemma_gguf.runtime.structured import check_grammar, grammar_sampler, response_format_schema, schema_grammar
+from medgemma_gguf.runtime.reply import MAX_STOP, THINK_END, THINK_START, ReasoningMarkers
+from medgemma_gguf.runtime.structured import (
+    ROOT,
+    check_grammar,
+    grammar_sampler,
+    response_format_schema,
+    schema_grammar,
+    with_reasoning_block,
+)
 
 INT32_MAX = 2**31 - 1
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a seed itself
@@ -291,6 +298,20 @@ def settings_from_request(body: Mapping[str, Any], *, default_max_tokens: int) -
                              grammar=body.get("grammar"), **fields)
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # OpenAI's values
+
+
+def think_from_request(body: Mapping[str, Any]) -> bool:
+    """Whether an OpenAI request asks the model to reason: ``reasoning_effort`` set to anything but "none"
+    adds ``runtime.prompt.THINK_SYSTEM_PREFIX`` (MedGemma has no effort levels); absent or "none" does not."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return False
+    if effort not in REASONING_EFFORTS:
+        raise InputError(f"{setting('think')} must be one of {', '.join(REASONING_EFFORTS)}, got {_show(effort)}")
+    return effort != "none"
+
+
 # --- the chain ------------------------------------------------------------------------------------------
 
 
@@ -300,14 +321,17 @@ class Sampler:
     ``settings`` must be resolved (``SamplingSettings.resolve``). ``n_vocab`` bounds the logit-bias ids;
     ``n_ctx`` is the window of ``repeat_last_n=-1``.
 
-    With a grammar, tokens are chosen as llama.cpp's common sampler chooses them: the chain picks a token
+    ``reasoning``: the model's reasoning markers; a grammar then admits one reasoning block before what it
+    constrains (``runtime.structured.with_reasoning_block``). With a grammar, tokens are chosen as llama.cpp's
+    common sampler chooses them: the chain picks a token
     from the raw logits, the grammar checks that one token, and only when it is rejected are the logits
     filtered by the grammar over the whole vocabulary and the chain run again. Only grammar-valid tokens
     are ever accepted (llama.cpp aborts the process on any other); when the grammar allows no token at all
     ``sample()`` returns -1 and the reply ends.
     """
 
-    def __init__(self, context: Any, vocab: Any, settings: SamplingSettings, *, n_vocab: int, n_ctx: int):
+    def __init__(self, context: Any, vocab: Any, settings: SamplingSettings, *, n_vocab: int, n_ctx: int,
+                 reasoning: ReasoningMarkers | None = None):
         self._ctx = context
         self._chain = self._grammar = None
         self._wrappers: list[Any] = []
@@ -317,7 +341,10 @@ class Sampler:
                              f"tokens (ids 0 to {n_vocab - 1})")
         if settings.grammar is not None:
             name = "json_schema" if settings.json_schema is not None else "grammar"
-            self._grammar = grammar_sampler(settings.grammar, vocab, name=name)
+            grammar, root = settings.grammar, ROOT
+            if reasoning is not None:
+                grammar, root = with_reasoning_block(grammar, reasoning.start, reasoning.end, (THINK_START, THINK_END))
+            self._grammar = grammar_sampler(grammar, vocab, root=root, name=name)
         self._chain = self._new_chain()
         add = self._add
         if settings.logit_bias:

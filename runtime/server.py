@@ -28,7 +28,11 @@ Sampling fields (checked by ``runtime.sampling.settings_from_request``, the vali
 Python API use): ``temperature``, ``top_p``, ``seed``, ``presence_penalty``, ``frequency_penalty``,
 ``logit_bias``, ``stop`` (up to 4 strings, never part of the reply, also when streaming), and
 llama-server's ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``. A sampled request takes the
-model's top-k/top-p for what it leaves unset.
+model's top-k/top-p for what it leaves unset. Structured output: ``response_format`` in OpenAI's shapes
+(``json_object``, ``json_schema``) and llama-server's ``grammar``/``json_schema`` (``runtime.structured``).
+Reasoning: a reasoning block the model writes comes back as the message's ``reasoning_content`` and as
+``reasoning_content`` stream deltas, never in ``content`` (``runtime.reply``); ``reasoning_effort`` other
+than "none" adds MedGemma's think instruction to the system prompt.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream
-from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request
+from medgemma_gguf.runtime.reply import OPENAI_DELTA_KEYS
+from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request, think_from_request
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
 from medgemma_gguf.runtime.studies import requested_images
 
@@ -94,6 +99,7 @@ class CompletionRequest:
     include_usage: bool
     sampling: SamplingSettings
     model: str | None = None
+    think: bool = False
 
 
 def _count_images(messages: Any) -> int:
@@ -131,7 +137,11 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string (GET /v1/models lists them)")
-    return CompletionRequest(messages, stream, include_usage, sampling, model)
+    try:
+        think = think_from_request(body)
+    except UserError as exc:
+        raise ApiError(exc.http_status, exc.for_http()) from exc
+    return CompletionRequest(messages, stream, include_usage, sampling, model, think)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -198,7 +208,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         """Build the prompt and evaluate it (the caller holds the lock); ApiError(400) for bad input."""
         try:
             model.use_adapters(model.model_ids.resolve(req.model))  # a change clears the cached prefix
-            prompt = model.prompt(req.messages, images=image_options)
+            prompt = model.prompt(req.messages, images=image_options, think=req.think)
             return model.generate(prompt, req.sampling,
                                   should_stop=cancelled.is_set if cancelled is not None else None)
         except UserError as exc:
@@ -234,8 +244,8 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
                     return
                 put("ready")
                 try:
-                    for piece in replies:  # ends early once the client has gone (cancelled is set)
-                        put("piece", piece)
+                    for delta in replies.deltas():  # ends early once the client has gone (cancelled is set)
+                        put("piece", delta)
                     put("done", replies.result)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("generation failed")
@@ -254,12 +264,12 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
                 while True:
                     kind, value = await queue.get()
                     if kind == "piece":
-                        yield chunk(completion_id, model_id, {"content": value})
+                        channel, text = value
+                        yield chunk(completion_id, model_id, {OPENAI_DELTA_KEYS[channel]: text})
                     elif kind == "done":
                         yield chunk(completion_id, model_id, {}, value.finish_reason)
                         if req.include_usage:
-                            usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
-                                     "total_tokens": value.prompt_tokens + value.completion_tokens}
+                            usage = value.openai_usage()
                             payload = {"id": completion_id, "object": "chat.completion.chunk",
                                        "created": int(time.time()),
                                        "model": model_id, "choices": [],
@@ -291,10 +301,9 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+            "choices": [{"index": 0, "message": result.openai_message(), "logprobs": None,
                          "finish_reason": result.finish_reason}],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "usage": result.openai_usage(),
             "timings": result.timings,
         }
 

@@ -21,6 +21,10 @@ then incomplete). Huge bounds (``maxLength`` in the thousands) make llama.cpp re
 Grammars are checked when the settings are (no model needed) and again when the sampler is built on the
 model's vocabulary (token references such as ``<think>`` need it): every problem is an ``InputError``
 naming the setting, before anything is evaluated.
+
+Thinking: on a model with reasoning markers the grammar admits one reasoning block
+(``<unused94>`` … ``<unused95>``, free text) before what it constrains (``with_reasoning_block``); stop
+strings do not apply inside that block (``runtime.reply``).
 """
 
 from __future__ import annotations
@@ -129,6 +133,25 @@ def grammar_sampler(grammar: str, vocab: Any, *, root: str = ROOT, name: str = "
                              "maxLength/maxItems bounds")
         raise InputError(f"{setting(name)} is not a grammar llama.cpp accepts: {_reason(lines)}")
     return sampler
+
+
+REPLY_ROOT = "medgemma-gguf-reply"
+
+
+def with_reasoning_block(grammar: str, start: int, end: int, marker_texts: tuple[str, str] = ()) -> tuple[str, str]:
+    """``grammar`` behind an optional reasoning block ``<start> (any token but <end>)* <end>``; the new root.
+
+    MedGemma may reason before it answers (1.5 4B does unasked): the block is free text and the grammar
+    constrains what follows it, or the whole reply when the model writes no block — unlike a lazy grammar
+    triggered by the end marker, which would leave a reply without a block unconstrained. A grammar that
+    names a marker itself (``<unused94>`` or ``<[id]>``) handles the block its own way and is kept as it is.
+    """
+    names = (f"<[{start}]>", f"<[{end}]>", *(f"<{text.strip('<>')}>" for text in marker_texts))
+    if any(name in grammar for name in names):
+        return grammar, ROOT
+    wrapped = (f"{grammar}\n{REPLY_ROOT} ::= ( <[{start}]> {REPLY_ROOT}-thinking <[{end}]> )? {ROOT}\n"
+               f"{REPLY_ROOT}-thinking ::= !<[{end}]>*\n")
+    return wrapped, REPLY_ROOT
 
 
 def check_grammar(grammar: str, *, name: str = "grammar") -> None:

@@ -219,3 +219,25 @@ def test_seeds_reproduce_and_differ(model):
     assert model.chat(QUESTION, **sampled, seed=2).token_ids != first
     unseeded = {tuple(model.chat(QUESTION, **sampled).token_ids) for _ in range(3)}
     assert len(unseeded) > 1  # no seed: a fresh one each time
+
+
+def test_the_readme_decoding_commands_use_real_chat_options():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from medgemma_gguf.runtime.cli import chat_command
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Decoding"):readme.index("## Imaging studies")]
+    commands = [shlex.split(line) for line in re.findall(r"^medgemma-gguf chat [^\n]*", section, flags=re.MULTILINE)]
+    assert len(commands) == 5
+    known = {opt for param in chat_command.params for opt in param.opts}
+    for words in commands:
+        flags = {w for w in words if w.startswith("--")}
+        assert flags <= known, flags - known
+        chat_command.make_context("chat", words[2:], resilient_parsing=True)
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
+        compile(block, "README.md", "exec")
+    for name, flag in CLI_FLAGS.items():  # every setting is documented with its flag
+        assert f"`{name}" in section and f"`{flag}" in section, name
