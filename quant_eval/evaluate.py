@@ -109,7 +109,7 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
             if not rows:
                 raise UserError(f"{path / MANIFEST_NAME} lists no text model; run medgemma-gguf convert first")
             for row in rows:
-                own = row.extra.get("mmproj")
+                own = row.mmproj
                 chosen = mmproj or (path / own if own else default_mmproj)
                 found.append(Candidate(path / row.path, chosen, row.type))
         else:

@@ -83,6 +83,59 @@ def test_manifest_errors(tmp_path):
         Manifest.load(tmp_path)
 
 
+GOOD_ROW = {"path": "m-Q4_K_M.gguf", "role": "text", "type": "Q4_K_M", "bytes": 8, "sha256": "a" * 64}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ([], "the top level must be an object, got list"),
+    ({"files": []}, "model is missing"),
+    ({"model": "", "files": []}, "model must be a non-empty string"),
+    ({"model": "m", "files": "m.gguf"}, "files must be a list, got str"),
+    ({"model": "m", "source": ["x"]}, "source must be an object"),
+    ({"model": "m", "files": [{k: v for k, v in GOOD_ROW.items() if k != "sha256"}]}, r"files\[0\]\.sha256 is missing"),
+    ({"model": "m", "files": [{**GOOD_ROW, "sha256": "12"}]}, r"files\[0\]\.sha256 must be a sha256"),
+    ({"model": "m", "files": [{**GOOD_ROW, "bytes": -1}]}, r"files\[0\]\.bytes must be a whole number"),
+    ({"model": "m", "files": [{**GOOD_ROW, "bits_per_weight": "4.5"}]},
+     r"files\[0\]\.bits_per_weight must be a number"),
+    ({"model": "m", "files": [{**GOOD_ROW, "role": "weights"}]}, r"files\[0\]\.role must be one of text, mmproj"),
+    ({"model": "m", "files": [{**GOOD_ROW, "path": "../../../../etc/passwd"}]},
+     r"files\[0\]\.path must be a path inside"),
+    ({"model": "m", "files": [{**GOOD_ROW, "path": "/etc/passwd"}]}, r"files\[0\]\.path must be a path inside"),
+    ({"model": "m", "files": [{**GOOD_ROW, "mmproj": "../other/mmproj.gguf"}]}, r"files\[0\]\.mmproj must be a path"),
+    ({"model": "m", "files": [GOOD_ROW, GOOD_ROW]}, "lists 'm-Q4_K_M.gguf' twice"),
+    ({"model": "m", "files": [], "schema_version": 99}, "schema version 99, newer than .* upgrade medgemma-gguf"),
+    ({"model": "m", "files": [], "schema_version": "2"}, "schema_version must be a whole number"),
+])
+def test_a_malformed_manifest_names_the_field(tmp_path, data, message):
+    from medgemma_gguf.errors import IntegrityError
+
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=message) as caught:
+        Manifest.load(tmp_path)
+    assert "\n" not in str(caught.value) and "manifest.json" in str(caught.value)
+
+
+def test_non_utf8_and_deeply_nested_manifests_are_refused(tmp_path):
+    from medgemma_gguf.errors import IntegrityError
+
+    (tmp_path / "manifest.json").write_bytes(b'{"model": "\xff"}')
+    with pytest.raises(IntegrityError, match="not UTF-8"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+
+
+def test_schema_version_is_written_and_a_version_1_manifest_reads(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"model": "m", "source": {}, "files": [GOOD_ROW],
+                                                        "note": "kept"}))
+    manifest = Manifest.load(tmp_path)
+    assert manifest.files[0].type == "Q4_K_M" and manifest.extra == {"note": "kept"}
+    manifest.save(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["schema_version"] == 2 and data["note"] == "kept" and data["files"] == [GOOD_ROW]
+
+
 def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
     from medgemma_gguf.cache import cache_root
     from medgemma_gguf.quant_eval.reference import default_cache_dir

@@ -149,9 +149,9 @@ def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp
     assert {n: t.name for n, t in planned.items()} == {n: t for n, t in result.actual_types.items() if n in planned}
     assert len(set(planned.values())) > 1 and not result.fallbacks
     row = next(r for r in Manifest.load(folder).find("text") if r.path == result.path.name)
-    assert row.extra["auto"]["budget"].startswith("file size") and row.extra["auto"]["recipe_file"] == \
+    assert row.auto["budget"].startswith("file size") and row.auto["recipe_file"] == \
         made.recipe_path.name
-    assert row.extra["auto"]["predicted_delta_kl"] == pytest.approx(made.mix.predicted_delta_kl)
+    assert row.auto["predicted_delta_kl"] == pytest.approx(made.mix.predicted_delta_kl)
     # the recipe file alone reproduces the same per-tensor types in another folder
     other = Path(shutil.copytree(folder, tmp_path / "again", ignore=shutil.ignore_patterns("*AUTO*")))
     [again] = quantize_folder(other, [], recipe_files=[made.recipe_path], progress=False, n_threads=THREADS)

@@ -80,8 +80,8 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
     path = folder / f"imatrix-{manifest.model}.gguf"
     described = calibration_description(calibration)
     for row in manifest.find("imatrix"):
-        if (row.path == path.name and path.is_file() and row.extra.get("source_sha256") == source.sha256
-                and row.extra.get("calibration_sha256") == described["sha256"] and not force
+        if (row.path == path.name and path.is_file() and row.source_sha256 == source.sha256
+                and row.calibration_sha256 == described["sha256"] and not force
                 and sha256_of(path) == row.sha256):
             log.info("reusing %s", path.name)
             return read_imatrix(path), path
@@ -171,11 +171,11 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
         inputs = _inputs(source, spec, imatrix_path)
         row = pending_inputs.get(spec.name)
         if row is not None:
-            if row.extra.get("inputs") != inputs or sha256_of(path) != row.sha256:
+            if row.inputs != inputs or sha256_of(path) != row.sha256:
                 raise UserError(f"{path.name} was built from other inputs (source, recipe or imatrix) or changed "
                                 f"since; pass {setting('force')} to rebuild it")
             result = read_back(path, spec.name, plans.get(spec.name))
-            result.fallbacks = [Fallback(**f) for f in row.extra.get("fallbacks", [])] or result.fallbacks
+            result.fallbacks = [Fallback(**f) for f in row.fallbacks] or result.fallbacks
             result.skipped = True
             results[spec.name] = result
             if progress:

@@ -63,15 +63,15 @@ def render_model_card(folder: Path, manifest: Manifest) -> str:
              "are separate files; image input needs both.", "", *_adapter_lines(manifest.source.get("adapter")),
              "## License", "", *_license_lines(metadata), "",
              "## Files", "", "| File | Role | Type | Size | Bits per weight | Notes |", "|---|---|---|---|---|---|"]
-    for row in sorted(texts, key=lambda r: -float(r.extra.get("bits_per_weight") or _bpw(folder / r.path))):
+    for row in sorted(texts, key=lambda r: -float(r.bits_per_weight or _bpw(folder / r.path))):
         notes = []
-        if row.extra.get("recipe"):
-            notes.append(f"recipe {row.extra['recipe']}")
-        if row.extra.get("imatrix"):
-            notes.append(f"imatrix {row.extra['imatrix']}")
-        if row.extra.get("fallbacks"):
-            notes.append(f"{len(row.extra['fallbacks'])} tensor(s) fell back to another type")
-        bpw = row.extra.get("bits_per_weight") or _bpw(folder / row.path)
+        if row.recipe:
+            notes.append(f"recipe {row.recipe}")
+        if row.imatrix:
+            notes.append(f"imatrix {row.imatrix}")
+        if row.fallbacks:
+            notes.append(f"{len(row.fallbacks)} tensor(s) fell back to another type")
+        bpw = row.bits_per_weight or _bpw(folder / row.path)
         lines.append(f"| `{row.path}` | text | {row.type} | {_size(row.bytes)} | {float(bpw):.2f} | "
                      f"{'; '.join(notes)} |")
     for row in mmprojs:
@@ -79,7 +79,7 @@ def render_model_card(folder: Path, manifest: Manifest) -> str:
     for row in imatrices:
         lines.append(f"| `{row.path}` | imatrix | {row.type} | {_size(row.bytes)} | | importance matrix |")
     lines += ["", BPW_NOTE, ""]
-    example = min(texts, key=lambda r: abs(float(r.extra.get("bits_per_weight") or 16) - 4.8), default=None)
+    example = min(texts, key=lambda r: abs(float(r.bits_per_weight or 16) - 4.8), default=None)
     model = example.path if example else f"{manifest.model}-Q4_K_M.gguf"
     mmproj = mmprojs[0].path if mmprojs else None
     lines += ["## Run", "", "With medgemma-gguf (picks the best quant that fits when given the folder):", "",
