@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class TensorInfo:
     name: str
     ggml_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]
+    offset: int = field(default=0, compare=False)  # where the tensor's data starts in the file (bytes)
 
     @property
     def n_elements(self) -> int:
@@ -179,6 +180,7 @@ def _parse_header(path: Path, buffer: mmap.mmap) -> GgufInfo:
         key = cursor.string()
         metadata[key] = cursor.value(cursor.unpack("I"))
     tensors = []
+    offsets: list[int] = []
     for _ in range(n_tensors):
         name = cursor.string()
         n_dims = cursor.unpack("I")
@@ -186,8 +188,12 @@ def _parse_header(path: Path, buffer: mmap.mmap) -> GgufInfo:
             raise ValueError(f"tensor {name} has {n_dims} dimensions")
         shape = cursor.unpack(f"{n_dims}Q") if n_dims > 1 else (cursor.unpack("Q"),)
         ggml_type = gguf.GGMLQuantizationType(cursor.unpack("I"))
-        cursor.unpack("Q")  # data offset: not needed, sizes come from the type and shape
+        offsets.append(cursor.unpack("Q"))  # relative to the aligned start of the data section
         tensors.append(TensorInfo(name=name, ggml_type=ggml_type, shape=tuple(int(dim) for dim in shape)))
+    alignment = int(metadata.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
+    data_start = -(-cursor.offset // alignment) * alignment
+    tensors = [TensorInfo(t.name, t.ggml_type, t.shape, data_start + offset) for t, offset in zip(tensors, offsets,
+                                                                                                    strict=True)]
     return GgufInfo(path=path, version=version, metadata=metadata, tensors=tuple(tensors))
 
 

@@ -119,7 +119,7 @@ def folder(converted, tmp_path) -> Path:
 @pytest.fixture
 def synthetic(monkeypatch, folder):
     source = _source(folder)
-    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: _synthetic_result(source))
+    monkeypatch.setattr(sensitivity.SensitivityJob, "run", lambda *a, **k: _synthetic_result(source))
     return folder
 
 
@@ -139,7 +139,7 @@ def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp
     folder = synthetic
     source = _source(folder)
     budget = source.stat().st_size // 5
-    made = auto_quantize_folder(folder, target_size=f"{budget}B", progress=False, n_threads=THREADS)
+    made = auto_quantize_folder(folder, target_size=f"{budget}B", imatrix="none", progress=False, n_threads=THREADS)
     result = made.result
     assert result.path.name.startswith(f"{Manifest.load(folder).model}-{AUTO_PREFIX}-")
     assert result.path.stat().st_size == result.bytes <= budget
@@ -157,7 +157,7 @@ def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp
     [again] = quantize_folder(other, [], recipe_files=[made.recipe_path], progress=False, n_threads=THREADS)
     assert again.actual_types == result.actual_types and again.path.name == result.path.name
     # running AUTO again finds the file up to date
-    assert auto_quantize_folder(folder, target_size=f"{budget}B", progress=False).result.skipped
+    assert auto_quantize_folder(folder, target_size=f"{budget}B", imatrix="none", progress=False).result.skipped
 
 
 def test_auto_bad_budgets_say_the_feasible_range(synthetic):
@@ -167,9 +167,9 @@ def test_auto_bad_budgets_say_the_feasible_range(synthetic):
     before = _listing(folder)
     with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.6\d+ bpw .* \.\. "
                                         r"32\.000 bpw \(unquantized F32\)"):
-        auto_quantize_folder(folder, target_bpw=2.0, progress=False)
+        auto_quantize_folder(folder, target_bpw=2.0, imatrix="none", progress=False)
     with pytest.raises(UserError, match=r"above the unquantized size; feasible range \d+ MiB \.\. \d+ MiB"):
-        auto_quantize_folder(folder, target_size="10GB", progress=False)
+        auto_quantize_folder(folder, target_size="10GB", imatrix="none", progress=False)
     with pytest.raises(UserError, match="exactly one of"):
         auto_quantize_folder(folder, target_bpw=4.0, target_size="1GB", progress=False)
     with pytest.raises(UserError, match="vram needs ctx"):
@@ -183,7 +183,7 @@ def test_cli_auto_and_its_errors(synthetic):
     from medgemma_gguf.convert.quantize.cli import quantize_command
 
     folder = synthetic
-    result = CliRunner().invoke(quantize_command, [str(folder), "--target-bpw", "4.25", "--quiet",
+    result = CliRunner().invoke(quantize_command, [str(folder), "--target-bpw", "4.25", "--quiet", "--imatrix", "none",
                                                    "--threads", str(THREADS)])
     assert result.exit_code == 0, result.output
     assert re.search(r"AUTO-4\.\d\d\.gguf", result.output)
@@ -209,8 +209,8 @@ def measured_setup(converted, calibration_subset, tmp_path_factory):
     source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
     imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
                                                  n_threads=THREADS), folder / "imatrix.gguf")
-    kwargs = dict(candidates=CANDIDATES, probes=PROBES, calibration=calibration, cache_dir=root / "cache",
-                  n_threads=THREADS, progress=False)
+    kwargs = dict(method="proxy", candidates=CANDIDATES, probes=PROBES, calibration=calibration,
+                  cache_dir=root / "cache", n_threads=THREADS, progress=False)
     table = measure_sensitivity(source, mmproj, imatrix, **kwargs)
     return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "table": table,
             "kwargs": kwargs, "cache": root / "cache", "calibration": calibration}
@@ -289,7 +289,7 @@ def test_auto_vram_budget_counts_what_the_planner_puts_on_the_gpu(synthetic):
     overhead = sum(VramBudget(1, 1024, mmproj).breakdown(model_facts(source, table)).values())
     f32 = sum(g.n_bytes(T.F32) for g in table.groups)
     vram = overhead + f32 // 6
-    made = auto_quantize_folder(folder, vram=f"{vram}B", ctx=1024, progress=False, n_threads=THREADS)
+    made = auto_quantize_folder(folder, vram=f"{vram}B", ctx=1024, imatrix="none", progress=False, n_threads=THREADS)
     assert made.how["budget"].startswith("VRAM")
     plan = plan_offload(made.result.path, n_ctx=1024, vram_bytes=vram, mmproj_path=mmproj, gpu_available=True)
     assert plan.fits_fully
@@ -304,7 +304,7 @@ def test_measured_method_agrees_with_the_proxy_probes(measured_setup, monkeypatc
     real_groups = sensitivity.model_groups
     monkeypatch.setattr(sensitivity, "model_groups", lambda info: real_groups(info)[:3])
     measured = measure_sensitivity(setup["source"], setup["mmproj"], setup["imatrix"],
-                                   **{**setup["kwargs"], "probes": ()}, method="measured")
+                                   **{**setup["kwargs"], "probes": (), "method": "measured"})
     assert measured.meta["method"] == "measured" and measured.cost["evaluations"] == 3 * len(CANDIDATES)
     for group in measured.table.groups:
         # the same deterministic measurement as the proxy's probe, and more bits never cost more KL

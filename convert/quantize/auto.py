@@ -96,8 +96,8 @@ def ggml_type(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
 
 
 @dataclass(frozen=True)
-class TensorGroup:
-    """Tensors that always share one type, with the measured ΔKL of each candidate type.
+class GroupShape:
+    """Tensors that always share one type.
 
     ``name`` is ``blk.N.KIND`` or ``KIND`` (``token_embd``, ``output``); ``tensors`` holds (GGUF tensor
     name, ggml shape) pairs, ``shape[0]`` being the row length.
@@ -105,7 +105,6 @@ class TensorGroup:
 
     name: str
     tensors: tuple[tuple[str, tuple[int, ...]], ...]
-    delta_kl: Mapping[GGMLQuantizationType, float]
 
     @property
     def layer(self) -> int | None:
@@ -129,11 +128,28 @@ class TensorGroup:
     def n_bytes(self, qtype: GGMLQuantizationType) -> int:
         return sum(tensor_nbytes(qtype, shape) for _, shape in self.tensors)
 
+
+@dataclass(frozen=True)
+class TensorGroup(GroupShape):
+    """A group with the measured ΔKL of each candidate type."""
+
+    delta_kl: Mapping[GGMLQuantizationType, float]
+
     @property
     def candidates(self) -> tuple[GGMLQuantizationType, ...]:
         """The measured types whose block size fits, smallest first."""
         usable = [t for t in self.delta_kl if self.fits(t)]
         return tuple(sorted(usable, key=lambda t: (self.n_bytes(t), self.delta_kl[t], t.name)))
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model's groups and each group's candidate types, before any sensitivity is measured: enough for the
+    budgets and their feasible range (``check_budget``)."""
+
+    reference_type: GGMLQuantizationType
+    groups: tuple[GroupShape, ...]
+    candidates: Mapping[str, tuple[GGMLQuantizationType, ...]]
 
 
 @dataclass(frozen=True)
@@ -602,27 +618,44 @@ def allocate(table: SensitivityTable, budget: Capacity, method: str = "auto",
     candidates = [g.candidates for g in groups]
     options = [[(g.n_bytes(t) if g.name in budget.counted else 0, g.delta_kl[t]) for t in cands]
                for g, cands in zip(groups, candidates, strict=True)]
-    unquantized = sum(g.n_bytes(table.reference_type) for g in groups if g.name in budget.counted)
-    if budget.capacity > unquantized:
-        minimum = sum(min(o[0] for o in opts) for opts in options)
-        raise UserError(
-            f"the budget ({budget.label}) is above the unquantized size; feasible range "
-            f"{budget.user_value(minimum)} .. {budget.user_value(unquantized)} (unquantized "
-            f"{table.reference_type.name}); lower the budget or use the unquantized file"
-        )
-    try:
-        solution = solve_knapsack(options, budget.capacity, method, max_cells)
-    except Infeasible as exc:
-        raise UserError(
-            f"the budget ({budget.label}) is below the smallest possible mix; feasible range "
-            f"{budget.user_value(exc.minimum)} (every tensor at its smallest candidate) .. "
-            f"{budget.user_value(unquantized)} (unquantized {table.reference_type.name}); raise the budget"
-        ) from None
+    check_budget(ModelLayout(table.reference_type, groups, {g.name: c for g, c in zip(groups, candidates,
+                                                                                       strict=True)}), budget)
+    solution = solve_knapsack(options, budget.capacity, method, max_cells)
     types = {g.name: candidates[k][i] for k, (g, i) in enumerate(zip(groups, solution.choice, strict=True))}
     tensor_types = {name: types[g.name] for g in groups for name, _ in g.tensors}
     return QuantMix(types=types, tensor_types=tensor_types, predicted_delta_kl=solution.total_cost,
                     counted_bytes=solution.total_bytes, budget=budget, method=solution.method,
                     group_bytes={g.name: g.n_bytes(types[g.name]) for g in groups})
+
+
+def feasible_range(layout: ModelLayout, budget: Capacity) -> tuple[int, int]:
+    """(smallest, unquantized) counted bytes: every counted group at its smallest candidate, or at the
+    reference type."""
+    smallest = sum(min(g.n_bytes(t) for t in layout.candidates[g.name]) for g in layout.groups
+                   if g.name in budget.counted)
+    unquantized = sum(g.n_bytes(layout.reference_type) for g in layout.groups if g.name in budget.counted)
+    return smallest, unquantized
+
+
+def check_budget(layout: ModelLayout, budget: Capacity) -> None:
+    """UserError with the feasible range for a budget no mix of the candidates can meet (before any work)."""
+    for group in layout.groups:
+        if not layout.candidates.get(group.name):
+            raise UserError(f"group {group.name} has no candidate type whose block size divides its row length "
+                            f"{group.tensors[0][1][0]}; add a type such as Q8_0, F16 or BF16 to the candidates")
+    smallest, unquantized = feasible_range(layout, budget)
+    if budget.capacity > unquantized:
+        raise UserError(
+            f"the budget ({budget.label}) is above the unquantized size; feasible range "
+            f"{budget.user_value(smallest)} .. {budget.user_value(unquantized)} (unquantized "
+            f"{layout.reference_type.name}); lower the budget or use the unquantized file"
+        )
+    if budget.capacity < smallest:
+        raise UserError(
+            f"the budget ({budget.label}) is below the smallest possible mix; feasible range "
+            f"{budget.user_value(smallest)} (every tensor at its smallest candidate) .. "
+            f"{budget.user_value(unquantized)} (unquantized {layout.reference_type.name}); raise the budget"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

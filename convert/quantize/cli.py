@@ -24,7 +24,9 @@ def echo_results(results: list, echo=click.echo) -> None:
 @click.argument("outdir", type=click.Path(path_type=Path))
 @click.option("--quants", "-q", multiple=True,
               help="Comma-separated types: llama.cpp's (Q8_0, Q4_K_M, IQ2_XXS, ...) or recipes (UD-Q4_K_XL, ...).")
-@click.option("--imatrix", help="Importance matrix file, or 'auto' to compute one on the bundled calibration set.")
+@click.option("--imatrix",
+              help="Importance matrix file, or 'auto' to compute one on the bundled calibration set. AUTO uses the "
+                   "folder's matrix by default and computes one when there is none; 'none' for no matrix.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=Path),
               help="Your own recipe TOML (built in addition to --quants). May be repeated.")
 @click.option("--force", is_flag=True, help="Rebuild outputs that are up to date or were made from other inputs.")
@@ -36,24 +38,33 @@ def echo_results(results: list, echo=click.echo) -> None:
 @click.option("--target-size", help="AUTO: the best mix whose text GGUF fits this file size (e.g. 2.6GB, 2.5GiB).")
 @click.option("--vram", help="AUTO: the best mix that runs fully on a GPU with this much memory (needs --ctx).")
 @click.option("--ctx", type=int, help="AUTO with --vram: the context length that must fit.")
-@click.option("--sensitivity", "sensitivity_method", type=click.Choice(["proxy", "measured"]), default="proxy",
-              show_default=True, help="AUTO: calibrated proxy, or KL measured for every tensor group and type.")
+@click.option("--sensitivity", "sensitivity_method", type=click.Choice(["fast", "proxy", "measured"]), default="fast",
+              show_default=True,
+              help="AUTO: fast (ggml's per-tensor quantization error, calibrated per tensor kind by a few KL "
+                   "measurements), proxy (calibrated per tensor group: two measurements each), or measured (KL "
+                   "for every tensor group and type).")
+@click.option("--dry-run", is_flag=True,
+              help="AUTO: print the plan (what will be measured, estimated time), then exit.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="AUTO: cache folder for sensitivity tables and reference outputs "
                    "(default $MEDGEMMA_GGUF_CACHE or ~/.cache/medgemma-gguf).")
 @click.option("--sensitivity-sample", type=click.IntRange(min=1),
-              help="AUTO: measure on the first N text and N image conversations of the calibration set "
-                   "(default: all; fewer is faster and coarser).")
+              help="AUTO: measure KL on the first N text and N image conversations of the calibration set "
+                   "(default: 4 for fast, all for proxy and measured; fewer is faster and coarser).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="AUTO fast: threads quantizing tensors in parallel, one tensor each (default: --threads, "
+                   "else all cores).")
 def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None, recipes: tuple[Path, ...],
                      force: bool, threads: int | None, list_types: bool, quiet: bool, target_bpw: float | None,
                      target_size: str | None, vram: str | None, ctx: int | None, sensitivity_method: str,
-                     cache_dir: Path | None, sensitivity_sample: int | None) -> None:
+                     dry_run: bool, cache_dir: Path | None, sensitivity_sample: int | None,
+                     workers: int | None) -> None:
     """Quantize the unquantized text GGUF in OUTDIR (written by convert) with llama.cpp's quantizer.
 
     With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
     sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
     """
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, plan_auto, quantize_folder
     from medgemma_gguf.convert.quantize.llama_quantize import valid_quant_names
     from medgemma_gguf.errors import UserError
 
@@ -65,23 +76,30 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
         if quants or recipes:
             raise UserError("AUTO (--target-bpw/--target-size/--vram) runs alone; drop --quants/--recipe or run "
                             "them separately")
-        made = auto_quantize_folder(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
-                                    imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
-                                    max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
-                                    progress=not quiet, n_threads=threads)
+        options = dict(target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
+                       sensitivity_method=sensitivity_method, cache_dir=cache_dir, max_text=sensitivity_sample,
+                       max_images=sensitivity_sample, force=force, n_threads=threads, workers=workers)
+        if dry_run:
+            for line in plan_auto(outdir, **options).lines():
+                click.echo(line)
+            click.echo("dry run: nothing measured or written")
+            return
+        made = auto_quantize_folder(outdir, progress=not quiet, report=click.echo, **options)
         echo_results([made.result])
         cost = made.sensitivity.cost
         origin = "cached" if made.sensitivity.from_cache else "measured"
+        errors = f"{cost['error_items']} tensor errors, " if cost.get("error_items") else ""
         click.echo(f"  {made.how['budget']}: {made.how['budget_used']} used, predicted KL increase "
                    f"{made.how['predicted_delta_kl']:.4g} (additive), sensitivity {origin} "
-                   f"({made.how['sensitivity_method']}: {cost['quantizations']} quantizations, "
+                   f"({made.how['sensitivity_method']}: {errors}{cost['quantizations']} quantizations, "
                    f"{cost['evaluations']} evaluations, {cost['seconds']:.0f} s)")
         click.echo(f"  recipe: {made.recipe_path} (rebuild with --recipe {made.recipe_path})")
         click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
         return
-    if sensitivity_method != "proxy" or cache_dir is not None or sensitivity_sample is not None:
-        raise UserError("--sensitivity, --sensitivity-sample and --cache-dir apply to AUTO; add --target-bpw, "
-                        "--target-size or --vram")
+    if (sensitivity_method != "fast" or cache_dir is not None or sensitivity_sample is not None or dry_run
+            or workers is not None):
+        raise UserError("--sensitivity, --sensitivity-sample, --cache-dir, --workers and --dry-run apply to AUTO; "
+                        "add --target-bpw, --target-size or --vram")
     results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
                               progress=not quiet, n_threads=threads)
     echo_results(results)

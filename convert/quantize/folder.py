@@ -203,8 +203,46 @@ def _quantizer_version() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}"
 
 
+# --- the folder's importance matrix -----------------------------------------------------------------------
+IMATRIX_NONE = "none"
+
+
+def folder_default_imatrix(folder: Path, manifest: Any, source: Any) -> Path | None:
+    """THE policy for using a folder's importance matrix by default: the imatrix the manifest records for
+    ``source`` (same sha256) whose file is still there, the latest such row; None when there is none.
+
+    One function for every command that defaults to the folder's matrix (AUTO today), so the rule changes in
+    one place.
+    """
+    rows = [row for row in manifest.present(folder, "imatrix") if row.extra.get("source_sha256") == source.sha256]
+    return Path(folder) / rows[-1].path if rows else None
+
+
 # --- AUTO: a recipe chosen from measured sensitivity ----------------------------------------------------
 AUTO_PREFIX = "AUTO"
+
+
+@dataclass
+class AutoPlan:
+    """What ``quantize --target-…`` will do, known before any work: the budget (checked against the feasible
+    range), where the importance matrix comes from, and the sensitivity job with its plan and estimate."""
+
+    folder: Path
+    manifest: Any
+    source: Any
+    mmproj: Any | None
+    budget: Any
+    capacity: Any
+    imatrix: str | Path | None  # a file, IMATRIX_AUTO (compute it first) or None
+    imatrix_note: str
+    job: Any  # convert.quantize.sensitivity.SensitivityJob
+    feasible: tuple[str, str]
+
+    def lines(self) -> list[str]:
+        """The plan as printed before any work."""
+        low, high = self.feasible
+        return [f"AUTO: {self.capacity.label} (feasible {low} .. {high})", f"  importance matrix: {self.imatrix_note}",
+                *self.job.plan.lines()]
 
 
 @dataclass
@@ -216,22 +254,25 @@ class AutoResult:
     mix: Any  # convert.auto_quant.QuantMix
     sensitivity: Any  # convert.sensitivity.SensitivityResult
     how: dict[str, Any]
+    plan: AutoPlan | None = None
 
 
-def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
-                         vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
-                         sensitivity_method: str = "proxy", cache_dir: Path | str | None = None,
-                         candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
-                         max_text: int | None = None,
-                         max_images: int | None = None, calibration: Any | None = None, force: bool = False,
-                         progress: bool = True, n_threads: int | None = None) -> AutoResult:
-    """``quantize OUTDIR --target-bpw/--target-size/--vram``: measure (or reuse) the sensitivity table, choose
-    the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
-    engine to ``<model>-AUTO-<bpw>.gguf`` (``<bpw>``: the mix's bits per weight, 2 decimals)."""
-    from medgemma_gguf.atomic import write_text_atomic
-    from medgemma_gguf.convert.quantize.auto import allocate, mix_to_recipe_toml, model_facts, parse_budget
-    from medgemma_gguf.convert.quantize.recipe import parse_recipe
-    from medgemma_gguf.convert.quantize.sensitivity import DEFAULT_PROBES, measure_sensitivity
+def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
+              vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
+              sensitivity_method: str = "fast", cache_dir: Path | str | None = None,
+              candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
+              max_text: int | None = None, max_images: int | None = None, calibration: Any | None = None,
+              force: bool = False, n_threads: int | None = None, workers: int | None = None,
+              sampling: Any | None = None, timing: Any = True) -> AutoPlan:
+    """Check an AUTO request and plan it without doing the work: bad options and a budget outside the
+    feasible range fail here, before anything is computed or written.
+
+    ``imatrix``: a file, ``"auto"`` (compute one into the folder, or reuse the one computed before),
+    ``"none"`` (no importance matrix: the types that need one are not candidates), or None: the folder's
+    matrix (``folder_default_imatrix``), else one is computed.
+    """
+    from medgemma_gguf.convert.quantize.auto import check_budget, feasible_range, model_facts, parse_budget
+    from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
     from medgemma_gguf.manifest import Manifest
 
     folder = Path(outdir)
@@ -241,17 +282,83 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
     mmproj = _mmproj_entry(folder, manifest)
     mmproj_path = folder / mmproj.path if mmproj else None
     budget = parse_budget(target_size, target_bpw, vram, ctx, mmproj_path)  # bad options fail before any work
-    _, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force, progress,
+    if imatrix is None:
+        found = folder_default_imatrix(folder, manifest, source)
+        if found is not None:
+            imatrix, note = found, f"the folder's {found.name}"
+        else:
+            imatrix = IMATRIX_AUTO
+            note = (f"none in {folder} for {source.path}: computing imatrix-{manifest.model}.gguf on the bundled "
+                    "calibration set first")
+    elif str(imatrix) == IMATRIX_NONE:
+        imatrix, note = None, "none (types that need one are not candidates)"
+    elif str(imatrix) == IMATRIX_AUTO:
+        note = f"imatrix-{manifest.model}.gguf, computed on the bundled calibration set (reused when up to date)"
+    else:
+        note = str(imatrix)
+    pending = str(imatrix) == IMATRIX_AUTO
+    existing = folder / f"imatrix-{manifest.model}.gguf"
+    if pending and not force and any(row.path == existing.name and row.extra.get("source_sha256") == source.sha256
+                                     for row in manifest.present(folder, "imatrix")):
+        imatrix, pending = existing, False  # "auto" with a matrix computed before: reuse it (as quantize does)
+    job = plan_sensitivity(
+        source_path, mmproj_path, None if pending else imatrix, method=sensitivity_method,
+        candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES, probes=tuple(probes) if probes else None,
+        calibration=calibration, max_text=max_text, max_images=max_images, cache_dir=cache_dir, force=force,
+        n_threads=n_threads, workers=workers, sampling=sampling, imatrix_pending=pending, timing=timing)
+    layout = job.layout()
+    facts = model_facts(source_path, layout)
+    capacity = budget.capacity(layout, facts)
+    check_budget(layout, capacity)
+    low, high = feasible_range(layout, capacity)
+    return AutoPlan(folder=folder, manifest=manifest, source=source, mmproj=mmproj, budget=budget, capacity=capacity,
+                    imatrix=imatrix, imatrix_note=note, job=job,
+                    feasible=(capacity.user_value(low), capacity.user_value(high)))
+
+
+def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
+                         vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
+                         sensitivity_method: str = "fast", cache_dir: Path | str | None = None,
+                         candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
+                         max_text: int | None = None,
+                         max_images: int | None = None, calibration: Any | None = None, force: bool = False,
+                         progress: bool = True, n_threads: int | None = None, workers: int | None = None,
+                         sampling: Any | None = None, report: Any | None = None) -> AutoResult:
+    """``quantize OUTDIR --target-bpw/--target-size/--vram``: plan (``plan_auto``; ``report`` gets its lines
+    before any work), make the importance matrix if needed, measure (or reuse) the sensitivity table, choose
+    the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
+    engine to ``<model>-AUTO-<bpw>.gguf`` (``<bpw>``: the mix's bits per weight, 2 decimals)."""
+    from medgemma_gguf.atomic import write_text_atomic
+    from medgemma_gguf.convert.quantize.auto import allocate, mix_to_recipe_toml, model_facts
+    from medgemma_gguf.convert.quantize.recipe import parse_recipe
+    from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
+
+    options = dict(sensitivity_method=sensitivity_method, cache_dir=cache_dir, candidates=candidates, probes=probes,
+                   max_text=max_text, max_images=max_images, calibration=calibration, force=force,
+                   n_threads=n_threads, workers=workers, sampling=sampling)
+    plan = plan_auto(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
+                     timing=report is not None, **options)
+    for line in plan.lines() if report is not None else ():
+        report(line)
+    folder, manifest, source, mmproj = plan.folder, plan.manifest, plan.source, plan.mmproj
+    source_path = folder / source.path
+    mmproj_path = folder / mmproj.path if mmproj else None
+    _, imatrix_path = _resolve_imatrix(folder, manifest, plan.imatrix, source, mmproj, calibration, force, progress,
                                        n_threads)
-    sensitivity = measure_sensitivity(
-        source_path, mmproj_path, imatrix_path, method=sensitivity_method,
-        candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES,
-        probes=tuple(probes) if probes else DEFAULT_PROBES,
-        calibration=calibration, max_text=max_text,
-        max_images=max_images, cache_dir=cache_dir, n_threads=n_threads, progress=progress)
+    job = plan.job
+    if job.imatrix_pending:  # plan again with the matrix that now exists: its hash keys the caches
+        job = plan_sensitivity(
+            source_path, mmproj_path, imatrix_path, method=sensitivity_method,
+            candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES,
+            probes=tuple(probes) if probes else None, calibration=calibration, max_text=max_text,
+            max_images=max_images, cache_dir=cache_dir, force=force, n_threads=n_threads, workers=workers,
+            sampling=sampling, timing=job.timing or False)
+        if report is not None:
+            report(f"  importance matrix ready: {imatrix_path.name if imatrix_path else 'none'}")
+    sensitivity = job.run(progress)
     table = sensitivity.table
     facts = model_facts(source_path, table)
-    capacity = budget.capacity(table, facts)
+    capacity = plan.budget.capacity(table, facts)
     mix = allocate(table, capacity)
     bpw = 8 * mix.total_bytes / sum(g.n_elements for g in table.groups)
     name = f"{AUTO_PREFIX}-{bpw:.2f}"
@@ -273,7 +380,8 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
            "sensitivity_method": sensitivity.meta["method"], "sensitivity_candidates": sensitivity.meta["candidates"],
            "sensitivity_probes": sensitivity.meta["probes"],
            "sensitivity_cache": str(sensitivity.cache_path) if sensitivity.cache_path else None,
-           "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name}
+           "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name,
+           "imatrix": imatrix_path.name if imatrix_path else None}
     try:
         [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
                                    recipe_files=[recipe_path], force=force, progress=progress, n_threads=n_threads,
@@ -282,8 +390,8 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
         if created:
             recipe_path.unlink(missing_ok=True)
         raise
-    limit = getattr(budget, "total_bytes", None)
+    limit = getattr(plan.budget, "total_bytes", None)
     if limit is not None and result.bytes > limit:
         log.warning("%s is %d bytes, %d over the budget: the header estimate was short", result.path.name,
                     result.bytes, result.bytes - limit)
-    return AutoResult(result=result, recipe_path=recipe_path, mix=mix, sensitivity=sensitivity, how=how)
+    return AutoResult(result=result, recipe_path=recipe_path, mix=mix, sensitivity=sensitivity, how=how, plan=plan)

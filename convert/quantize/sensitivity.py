@@ -1,7 +1,7 @@
 """Per-tensor-group sensitivity: the KL divergence each group adds at each candidate ggml type.
 
 A *group* is one quantizable tensor kind of one layer (``blk.3.attn_v``, ``blk.3.ffn_down``, …) or a global
-matrix (``token_embd``, ``output``), named by ``medgemma_gguf.quant_types.tensor_kind``. For a group ``g`` and a
+matrix (``token_embd``, ``output``), named by ``quant_types.tensor_kind``. For a group ``g`` and a
 candidate type ``t``, ΔKL(g, t) is the mean KL divergence (nats per position, ``quant_eval.metrics``)
 between the unquantized model — the reference — and the same model with only ``g`` stored as ``t``,
 over the *calibration parts*: text and image-conditioned prompts built from the project's calibration
@@ -12,14 +12,23 @@ set (``convert.calibration``, the set the imatrix is computed on; the evaluation
   answer and the next image conversation's answer — so the positions after the image hold the request
   and two image reports.
 
-Every model is quantized by llama.cpp through the recipe engine (``convert.quantize.quantize_file`` with
-a recipe whose base is the source type and whose rules name the group's tensors), with the imatrix, and
-scored by ``quant_eval.evaluate.evaluate_candidate`` against the cached reference
-(``quant_eval.reference``). Two methods:
+Whole-model measurements quantize the model with llama.cpp through the recipe engine
+(``convert.quantize.quantize_file`` with a recipe whose base is the source type and whose rules name the
+measured tensors), with the imatrix, and scored by ``quant_eval.evaluate.evaluate_candidate`` against the
+cached reference (``quant_eval.reference``). Three methods:
 
+* ``fast`` (default): no model run per (group, type). Every tensor is quantized and dequantized alone by
+  ggml's own routines through ctypes and its imatrix-weighted error ``e = Σ_j a_j Σ_i (w_ij − ŵ_ij)²`` is
+  measured on a sample of its rows (``tensor_errors``: one tensor per worker thread, cached per model,
+  imatrix and type, resumable). The errors become ΔKL through a per-kind calibration
+  (``fast_sensitivity``): for each tensor kind, one whole-model KL measurement with all tensors of that
+  kind at the probe type (default Q3_K; 8 for Gemma 3), each cached as soon as it is measured, and
+  ``ΔKL(g, t) = c_kind · e(g, t)`` through it (a power law with more probe types). The calibration
+  conversations default to the first ``FAST_SAMPLE`` text and image ones. Cost: groups × types ggml
+  round trips on sampled rows, plus kinds × probes quantizations and evaluations.
 * ``measured``: that measurement for every (group, type): ``groups × types`` quantizations and model
   evaluations.
-* ``proxy`` (default): a calibrated proxy. One whole-model llama.cpp quantization per candidate type;
+* ``proxy``: a calibrated proxy. One whole-model llama.cpp quantization per candidate type;
   each tensor is dequantized with gguf-py and its imatrix-weighted squared error
   ``e(g, t) = Σ_rows Σ_j a_j (w_ij − ŵ_ij)²`` is summed over the group (``a_j``: the imatrix mean square of
   input column j; 1 without an imatrix or for tensors it does not cover, such as the token embedding).
@@ -38,9 +47,13 @@ so on MedGemma 4B (239 groups) the proxy needs 478 whole-model writes and evalua
 the real model); ``--sensitivity-sample`` (``max_text`` / ``max_images``) trades positions for time.
 
 Results are cached in ``<cache_dir>/sensitivity/<key>.json``; the key hashes the model file, the mmproj,
-the imatrix, the candidate types, the probes, the method and the calibration selection, so a changed
-input is re-measured. The reference outputs go to the evaluation's reference cache. The file records
-the cost: wall seconds, quantizations and model evaluations.
+the imatrix, the candidate types, the probes, the method and the calibration selection (for ``fast`` also
+the row sampling and ggml's version), so a changed input is re-measured. The reference outputs go to the
+evaluation's reference cache. The file records the cost (wall seconds, quantizations, model evaluations,
+tensor errors) and the plan.
+
+``plan_sensitivity`` resolves the inputs, looks up every cache and estimates the time (``Plan``) without
+measuring anything; ``SensitivityJob.run`` measures; ``measure_sensitivity`` does both.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -65,9 +79,30 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.cache import cache_root
-from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, ggml_type, parse_sensitivity_table
-from medgemma_gguf.convert.quantize.recipe import is_quantizable, parse_recipe
+from medgemma_gguf.convert.quantize import ggml_quants
+from medgemma_gguf.convert.quantize.auto import (
+    GroupShape,
+    ModelLayout,
+    SensitivityTable,
+    TensorGroup,
+    ggml_type,
+    parse_sensitivity_table,
+)
+from medgemma_gguf.convert.quantize.fast_sensitivity import (
+    DEFAULT_FAST_PROBES,
+    DISK_BYTES_PER_SECOND,
+    CalibrationPoint,
+    ModelTiming,
+    Plan,
+    PointCache,
+    fit_kind,
+    plan_points,
+    time_model,
+)
+from medgemma_gguf.convert.quantize.recipe import parse_recipe
+from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors
 from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
 from medgemma_gguf.quant_types import (
     DEFAULT_CANDIDATES,
     GGML_IMATRIX_TYPES,
@@ -80,7 +115,14 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 
 CACHE_VERSION = 1
-METHODS = ("proxy", "measured")
+METHODS = ("fast", "proxy", "measured")
+DEFAULT_METHOD = "fast"
+FAST_VERSION = 1  # of the fast method's table assembly (part of its cache key)
+# the fast method's calibration points score the first N text and N image conversations unless told otherwise:
+# eight whole-model evaluations, each about a sixth of the whole set's positions
+FAST_SAMPLE = 4
+# an importance-matrix pass costs about this many evaluations of the calibration selection (plan estimate)
+IMATRIX_EVALUATION_FACTOR = 3.0
 DEFAULT_PROBES = ("Q2_K", "Q5_K")
 EXPONENT_RANGE = (0.5, 2.0)
 MIN_DELTA_KL = 1e-12  # a measured ΔKL of 0 (no change at all) is floored to this for the log-log fit
@@ -186,10 +228,15 @@ class Cost:
     quantizations: int = 0
     evaluations: int = 0
     reference_parts_computed: int = 0
+    error_items: int = 0  # fast: (tensor, type) errors measured (not from the cache)
+    errors_seconds: float = 0.0
+    points_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "quantizations": self.quantizations,
-                "evaluations": self.evaluations, "reference_parts_computed": self.reference_parts_computed}
+                "evaluations": self.evaluations, "reference_parts_computed": self.reference_parts_computed,
+                "error_items": self.error_items, "errors_seconds": round(self.errors_seconds, 3),
+                "points_seconds": round(self.points_seconds, 3)}
 
 
 @dataclass(frozen=True)
@@ -216,7 +263,6 @@ class Measurer:
     def __init__(self, source: Path, mmproj: Path | None, imatrix: Any | None, *, cache_dir: Path,
                  calibration: Any | None = None, max_text: int | None = None, max_images: int | None = None,
                  n_threads: int | None = None, progress: bool = False):
-        from medgemma_gguf.gguf_info import read_gguf_info
         from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
         from medgemma_gguf.quant_eval.slices import Slice
 
@@ -391,33 +437,242 @@ def _parse_types(names: Sequence[str | GGMLQuantizationType], what: str) -> tupl
     return tuple(sorted(types, key=lambda t: GGML_QUANT_SIZES[t][1] / GGML_QUANT_SIZES[t][0]))
 
 
+def kl_measurement_key() -> dict[str, Any]:
+    """How whole-model KL is measured (the reference cache format and its default coverage): part of every
+    cache key of a measured value."""
+    from medgemma_gguf.quant_eval.reference import CACHE_FORMAT_VERSION, CoverageSpec
+
+    return {"reference_cache": CACHE_FORMAT_VERSION, **CoverageSpec().key()}
+
+
 def cache_key(*, model_sha: str, mmproj_sha: str | None, imatrix_sha: str | None, calibration_sha: str,
               max_text: int | None, max_images: int | None, candidates: Sequence[GGMLQuantizationType],
-              probes: Sequence[GGMLQuantizationType], method: str) -> str:
+              probes: Sequence[GGMLQuantizationType], method: str, extra: dict[str, Any] | None = None) -> str:
     """The cache key of a sensitivity measurement (every input that changes the table, including how the KL
     is measured: the reference cache format and its default coverage)."""
     import llama_cpp
 
-    from medgemma_gguf.quant_eval.reference import CACHE_FORMAT_VERSION, CoverageSpec
-
     material = {"version": CACHE_VERSION, "model": model_sha, "mmproj": mmproj_sha, "imatrix": imatrix_sha,
                 "calibration": calibration_sha, "max_text": max_text, "max_images": max_images,
-                "candidates": [t.name for t in candidates], "probes": [t.name for t in probes] if method == "proxy"
-                else [], "method": method, "llama_cpp": llama_cpp.__version__,
-                "kl": {"reference_cache": CACHE_FORMAT_VERSION, **CoverageSpec().key()}}
+                "candidates": [t.name for t in candidates],
+                "probes": [t.name for t in probes] if method != "measured" else [], "method": method,
+                "llama_cpp": llama_cpp.__version__, "kl": kl_measurement_key(), **({"extra": extra} if extra else {})}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None, *,
-                        method: str = "proxy", candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES,
-                        probes: Sequence[str | GGMLQuantizationType] = DEFAULT_PROBES,
-                        calibration: Path | str | Any | None = None, max_text: int | None = None,
-                        max_images: int | None = None, cache_dir: Path | str | None = None, force: bool = False,
-                        n_threads: int | None = None, progress: bool = True) -> SensitivityResult:
-    """The sensitivity table of the unquantized text GGUF ``source`` (cached; see the module docstring).
+@dataclass
+class SensitivityJob:
+    """A planned sensitivity measurement (``plan_sensitivity``): its inputs resolved, its cache looked up, its
+    plan printed before ``run`` does the work."""
 
-    ``imatrix``: the file the final quant will use (its weights enter the proxy and llama.cpp's quantizer);
-    without one, types that llama.cpp refuses without an imatrix are dropped from the candidates.
+    source: Path
+    mmproj: Path | None
+    imatrix: Path | None
+    imatrix_data: Any | None
+    method: str
+    types: tuple[GGMLQuantizationType, ...]
+    probes: tuple[GGMLQuantizationType, ...]
+    calibration: Any
+    max_text: int | None
+    max_images: int | None
+    root: Path
+    n_threads: int | None
+    workers: int
+    key: str
+    path: Path
+    groups: list[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]]
+    hashes: dict[str, str | None]
+    plan: Plan
+    cached: SensitivityResult | None = None
+    errors: TensorErrors | None = None
+    points: list[CalibrationPoint] = field(default_factory=list)
+    point_cache: PointCache | None = None
+    timing: ModelTiming | None = None
+    imatrix_pending: bool = False
+    force: bool = False
+    covered: frozenset[str] = frozenset()
+    source_type: GGMLQuantizationType = T.F32
+
+    def layout(self) -> ModelLayout:
+        """The groups and their candidate types (what the table will offer the allocator), before measuring."""
+        shapes = tuple(GroupShape(name, tensors) for name, tensors in self.groups)
+        candidates = {name: (*(t for t in self.types if _fits(t, tensors, self.covered)), self.source_type)
+                      for name, tensors in self.groups}
+        return ModelLayout(self.source_type, shapes, candidates)
+
+    def pending_points(self) -> list[CalibrationPoint]:
+        """The calibration points the cache does not hold (all of them with ``force``)."""
+        if self.point_cache is None:
+            return []
+        return [p for p in self.points if self.force or self.point_cache.get(p) is None]
+
+    def run(self, progress: bool = True) -> SensitivityResult:
+        """Measure what the plan says (reusing every cached part) and return the table."""
+        if self.imatrix_pending:
+            raise RuntimeError("plan again once the importance matrix exists")
+        if self.cached is not None:
+            return self.cached
+        started = time.perf_counter()
+        if self.method == "fast":
+            table, meta_extra, cost = self._run_fast(progress)
+            probe_values, errors = meta_extra.pop("probe_values"), meta_extra.pop("errors")
+            calibration_meta = meta_extra.pop("calibration")
+        else:
+            with Measurer(self.source, self.mmproj, self.imatrix_data, cache_dir=self.root,
+                          calibration=self.calibration, max_text=self.max_text, max_images=self.max_images,
+                          n_threads=self.n_threads, progress=progress) as measurer:
+                if self.method == "measured":
+                    table, probe_values, errors = _measure_all(measurer, self.groups, self.types, progress), {}, {}
+                else:
+                    table, probe_values, errors = _measure_proxy(measurer, self.groups, self.types, self.probes,
+                                                                 progress)
+                calibration_meta = _calibration_meta(measurer, self.calibration, self.max_text, self.max_images)
+                cost = measurer.cost
+            meta_extra = {}
+        cost.seconds = time.perf_counter() - started
+        meta = {
+            "method": self.method, "candidates": [t.name for t in self.types], "probes": [t.name for t in self.probes],
+            "source": str(self.source), "source_sha256": self.hashes["model"], "mmproj_sha256": self.hashes["mmproj"],
+            "imatrix": str(self.imatrix) if self.imatrix else None, "imatrix_sha256": self.hashes["imatrix"],
+            "calibration": calibration_meta, "groups": len(self.groups), "cost": cost.to_json(),
+            "plan": self.plan.to_json(), **meta_extra,
+        }
+        data = {"key": self.key, "table": json.loads(table.to_json()), "meta": meta, "probes": probe_values,
+                "errors": errors}
+        path: Path | None = self.path
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(data, indent=1) + "\n")
+        except (OSError, UserError) as exc:
+            log.warning("cannot write the sensitivity cache %s (%s); continuing without it", self.path, exc)
+            path = None
+        return SensitivityResult(table=table, meta=meta, cache_path=path, probes=probe_values, errors=errors)
+
+    def _run_fast(self, progress: bool) -> tuple[SensitivityTable, dict[str, Any], Cost]:
+        """Per-tensor errors (parallel, cached per type), calibration points (cached each), the per-kind fit."""
+        assert self.errors is not None and self.point_cache is not None
+        cost = Cost()
+        started = time.perf_counter()
+        work = self.errors.work()
+        with _bar(work.n_items, "sensitivity (tensor errors)", progress) as bar:
+            cost.error_items = self.errors.measure(self.workers, on_tensor=lambda _name, n: bar.update(n))
+        cost.errors_seconds = time.perf_counter() - started
+        tensor_errors = self.errors.errors()
+        pending = self.pending_points()
+        measured: dict[str, dict[str, Any]] = {p.label: self.point_cache.get(p) or {} for p in self.points
+                                               if p not in pending}
+        calibration_meta: dict[str, Any] = {"name": self.calibration.name, "sha256": self.calibration.sha256,
+                                            "max_text": self.max_text, "max_images": self.max_images}
+        if pending:
+            started = time.perf_counter()
+            with Measurer(self.source, self.mmproj, self.imatrix_data, cache_dir=self.root,
+                          calibration=self.calibration, max_text=self.max_text, max_images=self.max_images,
+                          n_threads=self.n_threads, progress=progress) as measurer, \
+                    _bar(len(pending), "sensitivity (calibration points)", progress) as bar:
+                for point in pending:
+                    point_started = time.perf_counter()
+                    value = measurer.measure(point.tensors, point.qtype, point.label)
+                    entry = {"kl_mean": value.kl_mean, "text_kl_mean": value.text_kl_mean,
+                             "image_kl_mean": value.image_kl_mean,
+                             "seconds": round(time.perf_counter() - point_started, 3)}
+                    self.point_cache.put(point, entry)  # at once: an interrupted run keeps every finished point
+                    measured[point.label] = entry
+                    bar.update(1)
+                calibration_meta = _calibration_meta(measurer, self.calibration, self.max_text, self.max_images)
+                cost.quantizations += measurer.cost.quantizations
+                cost.evaluations += measurer.cost.evaluations
+                cost.reference_parts_computed = measurer.cost.reference_parts_computed
+            cost.points_seconds = time.perf_counter() - started
+        fits = {}
+        for kind in dict.fromkeys(p.kind for p in self.points):
+            kind_points = [(p.qtype.name, [tensor_errors[t][p.qtype] for t in p.tensors], measured[p.label]["kl_mean"])
+                           for p in self.points if p.kind == kind]
+            fits[kind] = fit_kind(kind, kind_points)
+        deltas: dict[str, dict[GGMLQuantizationType, float]] = {}
+        group_errors: dict[str, dict[str, float]] = {}
+        for name, tensors in self.groups:
+            kind = tensor_kind(tensors[0][0])[0]
+            common = set(self.types)
+            for tensor, _ in tensors:
+                common &= set(tensor_errors[tensor])
+            fit = fits[kind]
+            deltas[name] = {t: fit.predict([tensor_errors[tensor][t] for tensor, _ in tensors])
+                            for t in self.types if t in common}
+            group_errors[name] = {t.name: sum(tensor_errors[tensor][t] for tensor, _ in tensors)
+                                  for t in self.types if t in common}
+        source_type = self.source_type
+        groups = []
+        for name, tensors in self.groups:
+            delta = dict(deltas[name])
+            delta[source_type] = 0.0
+            groups.append(TensorGroup(name=name, tensors=tensors, delta_kl=delta))
+        notes = (f"fast: ggml's imatrix-weighted quantization error per tensor, calibrated per tensor kind by KL "
+                 f"measured with each kind at {', '.join(p.name for p in self.probes)}")
+        table = SensitivityTable(reference_type=source_type, groups=tuple(groups), notes=notes)
+        probe_values = {label: value for label, value in measured.items()}
+        extra = {"fast": {"sampling": self.errors.sampling.to_json(), "ggml": ggml_quants.version(),
+                          "workers": self.workers, "kinds": {k: f.to_json() for k, f in fits.items()}},
+                 "probe_values": probe_values, "errors": group_errors, "calibration": calibration_meta}
+        return table, extra, cost
+
+
+def _calibration_meta(measurer: Measurer, calibration: Any, max_text: int | None,
+                      max_images: int | None) -> dict[str, Any]:
+    return {"name": calibration.name, "sha256": calibration.sha256, "max_text": max_text, "max_images": max_images,
+            "text_sequences": sum(p.n_sequences for p in measurer.parts if p.kind == "text"),
+            "image_sequences": sum(len(s) for s in measurer.slices), "positions": measurer.n_positions,
+            "image_positions": measurer.n_image_positions}
+
+
+def _reference_cached(source: Path, mmproj: Path | None, root: Path, chunks: Sequence[Any],
+                      items: Sequence[Any]) -> bool:
+    """Whether the reference outputs on these calibration parts are in the cache already."""
+    from medgemma_gguf.quant_eval.reference import (
+        HELDOUT_PART,
+        CoverageSpec,
+        GGUFReference,
+        ReferenceCache,
+        heldout_hash,
+    )
+    from medgemma_gguf.quant_eval.slices import Slice, slice_hash
+
+    cache = ReferenceCache(root / "reference")
+    reference = GGUFReference(str(source), cache.cache_dir, mmproj=mmproj)
+    wanted = []
+    if chunks:
+        wanted.append((HELDOUT_PART, heldout_hash(chunks)))
+    if items and mmproj is not None:
+        slice_ = Slice(spec="calibration-images", items=tuple(items))
+        wanted.append((slice_.spec, slice_hash(slice_)))
+    return all(cache.path_for(reference, name, cache.part_key(reference, content, CoverageSpec())).is_file()
+               for name, content in wanted)
+
+
+def assumed_imatrix_coverage(name: str) -> bool:
+    """Which tensors an importance matrix computed here will cover, for a plan made before it exists: the
+    layers' matrices (``blk.*``); llama.cpp's collector skips the token embedding (a row lookup) and the
+    output projection."""
+    return name.startswith("blk.")
+
+
+def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None, *,
+                     method: str = DEFAULT_METHOD,
+                     candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES,
+                     probes: Sequence[str | GGMLQuantizationType] | None = None,
+                     calibration: Path | str | Any | None = None, max_text: int | None = None,
+                     max_images: int | None = None, cache_dir: Path | str | None = None, force: bool = False,
+                     n_threads: int | None = None, workers: int | None = None, sampling: Sampling | None = None,
+                     imatrix_pending: bool = False, timing: ModelTiming | bool = True) -> SensitivityJob:
+    """Resolve a sensitivity measurement's inputs, look up its caches and estimate its cost (nothing measured).
+
+    ``imatrix``: the file the final quant will use; without one (and not ``imatrix_pending``), types that
+    llama.cpp refuses without an imatrix are dropped from the candidates. ``imatrix_pending``: one will be
+    computed before the run (AUTO), so the plan assumes its coverage and the job must be planned again.
+    ``probes``: the probe types (default Q2_K, Q5_K for ``proxy``; Q3_K per kind for ``fast``).
+    ``max_text`` / ``max_images``: the calibration conversations KL is measured on (``fast``: FAST_SAMPLE
+    each when neither is given; otherwise all). ``workers``: threads for the per-tensor errors (default
+    ``n_threads`` or the CPU count). ``timing``:
+    time the model for the estimate (True), reuse a timing, or skip it (False).
     """
     from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration
     from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
@@ -426,19 +681,24 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
     if method not in METHODS:
         raise UserError(f"unknown sensitivity method {method!r}; choose one of {', '.join(METHODS)}")
     source = Path(source)
+    mmproj_path = Path(mmproj) if mmproj else None
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     imatrix_data = read_imatrix(imatrix) if imatrix is not None else None
     if imatrix_data is not None:
         check_imatrix_matches(imatrix_data, source)
     types = _parse_types(candidates, "candidate")
-    if imatrix_data is None:
+    if imatrix_data is None and not imatrix_pending:
         dropped = [t.name for t in types if t in LLAMA_IMATRIX_TYPES]
         types = tuple(t for t in types if t not in LLAMA_IMATRIX_TYPES)
         if dropped:
             log.info("no imatrix: dropping %s from the candidates (llama.cpp needs one for them)", ", ".join(dropped))
         if not types:
             raise UserError(f"every candidate type needs an imatrix; pass {setting('imatrix')}")
-    probe_types = _parse_types(probes, "probe") if method == "proxy" else ()
+    if probes is None:
+        probes = DEFAULT_FAST_PROBES if method == "fast" else DEFAULT_PROBES
+    if method == "fast" and max_text is None and max_images is None:
+        max_text = max_images = FAST_SAMPLE
+    probe_types = _parse_types(probes, "probe") if method != "measured" else ()
     missing = [t.name for t in probe_types if t not in types]
     if missing:
         raise UserError(f"probe type(s) {', '.join(missing)} are not among the candidates; add them or change "
@@ -450,54 +710,166 @@ def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, im
     except OSError as exc:
         raise UserError(f"cannot create the cache folder {hash_dir}: {exc.strerror}; pass a writable cache "
                         "folder") from exc
-    model_sha = cached_file_sha256(source, hash_dir)
-    mmproj_sha = cached_file_sha256(Path(mmproj), hash_dir) if mmproj else None
-    imatrix_sha = cached_file_sha256(Path(imatrix), hash_dir) if imatrix else None
-    key = cache_key(model_sha=model_sha, mmproj_sha=mmproj_sha, imatrix_sha=imatrix_sha,
+    info = read_gguf_info(source)
+    if info.architecture == "clip":
+        raise UserError(f"{source} is an mmproj; measure sensitivity on the unquantized text GGUF")
+    hashes = {"model": cached_file_sha256(source, hash_dir),
+              "mmproj": cached_file_sha256(mmproj_path, hash_dir) if mmproj_path else None,
+              "imatrix": cached_file_sha256(Path(imatrix), hash_dir) if imatrix else None}
+    sampling = sampling or Sampling()
+    workers = max(1, workers or n_threads or os.cpu_count() or 1)
+    extra = ({"sampling": sampling.to_json(), "ggml": ggml_quants.version(), "fast_version": FAST_VERSION}
+             if method == "fast" else None)
+    key = cache_key(model_sha=hashes["model"], mmproj_sha=hashes["mmproj"], imatrix_sha=hashes["imatrix"],
                     calibration_sha=calibration_set.sha256, max_text=max_text, max_images=max_images,
-                    candidates=types, probes=probe_types, method=method)
+                    candidates=types, probes=probe_types, method=method, extra=extra)
     path = root / "sensitivity" / f"{key[:32]}.json"
-    if path.is_file() and not force:
+    groups = model_groups(info)
+    source_types = {t.ggml_type for t in info.tensors if is_quantizable(t.name, t.shape)}
+    if len(source_types) != 1 or next(iter(source_types)) not in (T.F32, T.BF16, T.F16):
+        names = ", ".join(sorted(t.name for t in source_types))
+        raise UserError(f"{source.name} holds {names} matrices; measure sensitivity on the unquantized "
+                        "(F32/BF16/F16) text GGUF that convert wrote")
+    n_tensors = sum(len(tensors) for _, tensors in groups)
+    plan = Plan(method=method, groups=len(groups), tensors=n_tensors, types=tuple(t.name for t in types),
+                workers=workers if method == "fast" else 1,
+                imatrix=("computed first, on the bundled calibration set" if imatrix_pending else
+                         (str(imatrix) if imatrix else "none")))
+    job = SensitivityJob(source=source, mmproj=mmproj_path, imatrix=Path(imatrix) if imatrix else None,
+                         imatrix_data=imatrix_data, method=method, types=types, probes=probe_types,
+                         calibration=calibration_set, max_text=max_text, max_images=max_images, root=root,
+                         n_threads=n_threads, workers=workers, key=key, path=path, groups=groups, hashes=hashes,
+                         plan=plan, imatrix_pending=imatrix_pending, force=force,
+                         source_type=next(iter(source_types)))
+    if path.is_file() and not force and not imatrix_pending:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
             if cached.get("key") == key:
-                result = SensitivityResult(table=parse_sensitivity_table(cached["table"], str(path)),
-                                           meta=cached["meta"], cache_path=path, from_cache=True,
-                                           probes=cached.get("probes", {}), errors=cached.get("errors", {}))
+                job.cached = SensitivityResult(table=parse_sensitivity_table(cached["table"], str(path)),
+                                               meta=cached["meta"], cache_path=path, from_cache=True,
+                                               probes=cached.get("probes", {}), errors=cached.get("errors", {}))
+                plan.table_cached = True
                 log.info("sensitivity table from the cache: %s", path)
-                return result
+                return job
         except (OSError, ValueError, KeyError, UserError) as exc:
             log.warning("sensitivity cache %s is unreadable (%s); re-measuring", path, exc)
 
+    if imatrix_data is not None:
+        covered = frozenset(imatrix_data.tensor_names)
+    elif imatrix_pending:
+        covered = frozenset(t for _, tensors in groups for t, _ in tensors if assumed_imatrix_coverage(t))
+    else:
+        covered = frozenset()
+    job.covered = covered
+    chunks, items = calibration_parts(calibration_set, max_text=max_text, max_images=max_images)
+    if mmproj_path is None:
+        items = []
+    plan.reference_cached = not imatrix_pending and _reference_cached(source, mmproj_path, root, chunks, items)
+    if method == "fast":
+        _plan_fast(job, info, covered, sampling, force)
+    elif method == "proxy":
+        plan.quantizations = len(types) + sum(1 for _, tensors in groups for p in probe_types
+                                              if _fits(p, tensors, covered))
+        plan.evaluations = plan.quantizations - len(types)
+    else:
+        plan.quantizations = plan.evaluations = sum(1 for _, tensors in groups for t in types
+                                                    if _fits(t, tensors, covered))
+    if timing is not False:
+        job.timing = timing if isinstance(timing, ModelTiming) else None
+        _estimate(job, info, chunks, items, covered)
+    return job
+
+
+def _plan_fast(job: SensitivityJob, info: Any, covered: frozenset[str], sampling: Sampling, force: bool) -> None:
+    """The fast method's work: per-tensor errors (cache per type) and per-kind calibration points (cache each)."""
+    tensors = {t.name: t for t in info.tensors}
+    allowed = {tensor: tuple(t for t in job.types if _fits(t, [(tensor, shape)], covered))
+               for _, group in job.groups for tensor, shape in group}
+    if not all(allowed.values()):
+        bare = next(name for name, types in allowed.items() if not types)
+        raise UserError(f"no candidate type fits the rows of {bare} ({tensors[bare].shape[0]} wide); add a type "
+                        "with a smaller block, such as Q8_0")
+    errors_root = None if job.imatrix_pending else job.root / "sensitivity" / "errors"
+    job.errors = TensorErrors(job.source, [tensors[name] for name in allowed], allowed, imatrix=job.imatrix_data,
+                              model_sha=job.hashes["model"] or "", imatrix_sha=job.hashes["imatrix"],
+                              cache_root=errors_root, sampling=sampling)
+    if force:
+        for cache in job.errors.caches.values():
+            cache.errors.clear()
+    work = job.errors.work()
+    plan = job.plan
+    plan.error_items = sum(len(types) for types in allowed.values())
+    plan.error_items_cached = plan.error_items - work.n_items
+    plan.sampled_weights = sum(work.elements_by_type().values())
+    kinds: dict[str, list[str]] = {}
+    for _, group in job.groups:
+        for tensor, _ in group:
+            kinds.setdefault(tensor_kind(tensor)[0], []).append(tensor)
+    job.points = plan_points(kinds, allowed, job.probes)
+    job.point_cache = PointCache(None if job.imatrix_pending else job.root / "sensitivity" / "points", {
+        "model": job.hashes["model"], "mmproj": job.hashes["mmproj"], "imatrix": job.hashes["imatrix"],
+        "calibration": job.calibration.sha256, "max_text": job.max_text, "max_images": job.max_images,
+        "llama_cpp": _llama_cpp_version(), "kl": kl_measurement_key()})
+    cached = 0 if force else sum(1 for point in job.points if job.point_cache.get(point) is not None)
+    plan.quantizations = plan.evaluations = len(job.points)
+    plan.quantizations_cached = plan.evaluations_cached = cached
+
+
+def _estimate(job: SensitivityJob, info: Any, chunks: Sequence[Any], items: Sequence[Any],
+              covered: frozenset[str]) -> None:
+    """Fill ``job.plan.seconds`` from quick timings (module docstring of ``fast_sensitivity``)."""
+    plan = job.plan
     started = time.perf_counter()
-    with Measurer(source, Path(mmproj) if mmproj else None, imatrix_data, cache_dir=root,
-                  calibration=calibration_set, max_text=max_text, max_images=max_images, n_threads=n_threads,
-                  progress=progress) as measurer:
-        groups = model_groups(measurer.info)
-        if method == "measured":
-            table, probe_values, errors = _measure_all(measurer, groups, types, progress), {}, {}
-        else:
-            table, probe_values, errors = _measure_proxy(measurer, groups, types, probe_types, progress)
-        measurer.cost.seconds = time.perf_counter() - started
-        meta = {
-            "method": method, "candidates": [t.name for t in types], "probes": [t.name for t in probe_types],
-            "source": str(source), "source_sha256": model_sha, "mmproj_sha256": mmproj_sha,
-            "imatrix": str(imatrix) if imatrix else None, "imatrix_sha256": imatrix_sha,
-            "calibration": {"name": calibration_set.name, "sha256": calibration_set.sha256, "max_text": max_text,
-                            "max_images": max_images, "text_sequences": sum(p.n_sequences for p in measurer.parts
-                                                                            if p.kind == "text"),
-                            "image_sequences": sum(len(s) for s in measurer.slices),
-                            "positions": measurer.n_positions, "image_positions": measurer.n_image_positions},
-            "groups": len(groups), "cost": measurer.cost.to_json(),
-        }
-    data = {"key": key, "table": json.loads(table.to_json()), "meta": meta, "probes": probe_values, "errors": errors}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-    except (OSError, UserError) as exc:
-        log.warning("cannot write the sensitivity cache %s (%s); continuing without it", path, exc)
-        path = None
-    return SensitivityResult(table=table, meta=meta, cache_path=path, probes=probe_values, errors=errors)
+    s_per_weight: dict[GGMLQuantizationType, float] = {}
+    if job.errors is not None:
+        work = job.errors.work()
+        s_per_weight = job.errors.time_types(work.elements_by_type())
+        plan.seconds["tensor errors"] = sum(n * s_per_weight[t] for t, n in work.elements_by_type().items()) / \
+            job.workers
+    pending_evaluations = plan.evaluations - plan.evaluations_cached
+    needs_model = pending_evaluations > 0 or job.imatrix_pending
+    if needs_model and job.timing is None:
+        texts = [chunk.text for chunk in chunks]
+        job.timing = time_model(job.source, job.mmproj, texts, items, job.n_threads)
+    plan.seconds["timing"] = time.perf_counter() - started
+    if not needs_model or job.timing is None:
+        return
+    timing = job.timing
+    threads = max(1, job.n_threads or os.cpu_count() or 1)
+    model_bytes = job.source.stat().st_size
+    if not plan.reference_cached:
+        plan.seconds["reference"] = timing.evaluation_seconds
+    quantize = pending_evaluations * model_bytes / DISK_BYTES_PER_SECOND
+    if job.method == "fast" and job.errors is not None:
+        for point in job.pending_points():
+            rate = s_per_weight.get(point.qtype) or job.errors.time_types([point.qtype])[point.qtype]
+            quantize += sum(info.tensor(t).n_elements for t in point.tensors) * rate / threads
+    plan.seconds["calibration points" if job.method == "fast" else "quantizations"] = quantize
+    plan.seconds["evaluations"] = pending_evaluations * timing.evaluation_seconds
+    if job.imatrix_pending:
+        plan.seconds["importance matrix"] = timing.evaluation_seconds * IMATRIX_EVALUATION_FACTOR
+
+
+def _llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None, *,
+                        method: str = DEFAULT_METHOD,
+                        candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES,
+                        probes: Sequence[str | GGMLQuantizationType] | None = None,
+                        calibration: Path | str | Any | None = None, max_text: int | None = None,
+                        max_images: int | None = None, cache_dir: Path | str | None = None, force: bool = False,
+                        n_threads: int | None = None, workers: int | None = None, sampling: Sampling | None = None,
+                        progress: bool = True) -> SensitivityResult:
+    """The sensitivity table of the unquantized text GGUF ``source`` (cached; see the module docstring):
+    ``plan_sensitivity`` then ``SensitivityJob.run``, without the time estimate."""
+    job = plan_sensitivity(source, mmproj, imatrix, method=method, candidates=candidates, probes=probes,
+                           calibration=calibration, max_text=max_text, max_images=max_images, cache_dir=cache_dir,
+                           force=force, n_threads=n_threads, workers=workers, sampling=sampling, timing=False)
+    return job.run(progress)
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:

@@ -1,0 +1,300 @@
+"""The fast sensitivity method: ggml's per-tensor errors through ctypes (equal to quantizing with llama.cpp and
+dequantizing with gguf-py), row sampling, the per-kind calibration fit, the plan and its cost said up front
+(``--dry-run`` matches the run), resuming an interrupted run from the cache, and AUTO's importance matrix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from medgemma_gguf.convert.quantize import ggml_quants, sensitivity
+from medgemma_gguf.convert.quantize.fast_sensitivity import KindFit, fit_kind
+from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors, read_rows, weighted_error
+from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
+from medgemma_gguf.manifest import Manifest
+
+T = GGMLQuantizationType
+THREADS = 1
+CALIBRATION_ITEMS = ("med-dka", "gen-json", "img-cxr-rll", "img-skin-short")
+
+
+# --- unit: the fit and the binding ---------------------------------------------------------------------------
+@pytest.mark.unit
+def test_calibration_recovers_a_known_linear_relation():
+    rng = np.random.default_rng(0)
+    c = 3.7e-4
+    points = []
+    for qtype in ("Q2_K", "Q3_K", "Q4_K"):
+        errors = rng.uniform(0.5, 20.0, size=34) * {"Q2_K": 8, "Q3_K": 3, "Q4_K": 1}[qtype]
+        points.append((qtype, errors, c * float(errors.sum())))
+    fit = fit_kind("ffn_down", points)
+    assert fit.beta == pytest.approx(1.0, abs=0.01) and math.exp(fit.log_c) == pytest.approx(c, rel=0.02)
+    new = rng.uniform(0.1, 5.0, size=34)
+    assert fit.predict(new) == pytest.approx(c * new.sum(), rel=0.05)
+    one = fit_kind("attn_v", points[:1])  # one point: linear through it
+    assert one.beta == 1.0 and one.predict(points[0][1]) == pytest.approx(points[0][2])
+    assert one.predict([0.0, 0.0]) == 0.0
+
+
+@pytest.mark.unit
+def test_calibration_recovers_a_power_law_and_clamps_the_exponent():
+    rng = np.random.default_rng(1)
+    errors = [rng.uniform(1, 2, size=8) * scale for scale in (1.0, 4.0, 16.0)]
+    fit = fit_kind("attn_q", [(str(i), e, 2e-5 * float(np.sum(e ** 1.4))) for i, e in enumerate(errors)])
+    assert fit.beta == pytest.approx(1.4, abs=0.02)
+    steep = fit_kind("attn_q", [(str(i), e, 1e-9 * float(np.sum(e)) ** 6) for i, e in enumerate(errors)])
+    assert steep.beta == 2.0  # clamped to EXPONENT_RANGE
+    assert isinstance(steep, KindFit) and json.loads(json.dumps(steep.to_json()))["beta"] == 2.0
+
+
+@pytest.mark.unit
+def test_row_sampling_is_deterministic_strided_and_bounded():
+    sampling = Sampling(sample_elements=4096, min_rows=8)
+    rows = sampling.rows("blk.0.ffn_up.weight", 10_000, 256)
+    assert len(rows) == 16 and np.all(np.diff(rows) > 0) and rows.max() < 10_000
+    assert np.array_equal(rows, sampling.rows("blk.0.ffn_up.weight", 10_000, 256))
+    assert not np.array_equal(rows, sampling.rows("blk.1.ffn_up.weight", 10_000, 256))  # per-tensor offset
+    assert len(sampling.rows("x", 20, 256)) == 20  # few rows: all of them
+    assert len(Sampling(None).rows("x", 10_000, 256)) == 10_000
+
+
+@pytest.mark.unit
+def test_ggml_binding_refuses_what_ggml_would_abort_on():
+    rows = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    with pytest.raises(ValueError, match="only with importance weights"):
+        ggml_quants.roundtrip(rows, T.IQ2_XXS)
+    with pytest.raises(ValueError, match="not a multiple of Q4_K's block of 256"):
+        ggml_quants.roundtrip(rows[:, :96], T.Q4_K)
+    out = ggml_quants.roundtrip(rows, T.IQ2_XXS, np.ones(256, dtype=np.float32))
+    assert out.shape == rows.shape and 0 < float(np.mean((out - rows) ** 2)) < 1
+    assert re.match(r"\d+\.\d+\.\d+\+", ggml_quants.version())
+
+
+# --- integration: errors against llama.cpp's own quantization -------------------------------------------------
+@pytest.fixture(scope="module")
+def model(converted, calibration_subset, tmp_path_factory):
+    """The converted mm-k256 fixture with an importance matrix on a small calibration subset."""
+    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
+
+    result = converted("mm-k256")
+    root = tmp_path_factory.mktemp("fast")
+    folder = Path(shutil.copytree(result.manifest_path.parent, root / "out"))
+    calibration = calibration_subset(CALIBRATION_ITEMS)
+    source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
+    imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
+                                                 n_threads=THREADS), folder / "imatrix.gguf")
+    return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "calibration": calibration,
+            "root": root}
+
+
+def test_per_tensor_errors_equal_quantizing_with_llama_cpp(model, tmp_path):
+    """ggml through ctypes = llama.cpp's quantizer + gguf-py's dequantize, for k-, i-quants and Q8_0."""
+    from medgemma_gguf.convert.quantize.imatrix import read_imatrix
+    from medgemma_gguf.convert.quantize.llama_quantize import QuantSpec, quantize_file
+    from medgemma_gguf.convert.quantize.recipe import parse_recipe
+
+    imatrix = read_imatrix(model["imatrix"])
+    info = read_gguf_info(model["source"])
+    layers = [t for t in info.tensors if is_quantizable(t.name, t.shape) and t.name.startswith("blk.")]
+    types = (T.Q4_K, T.Q3_K, T.IQ4_XS, T.IQ2_XXS, T.Q8_0)
+    errors = TensorErrors(model["source"], layers, {t.name: types for t in layers}, imatrix=imatrix, model_sha="m",
+                          imatrix_sha="i", cache_root=None, sampling=Sampling(None))
+    assert errors.measure(workers=2) == len(layers) * len(types)
+    ours = errors.errors()
+    source = {t.name: t for t in GGUFReader(model["source"]).tensors}
+    for qtype in types:
+        recipe = parse_recipe(f'name = "ALL-{qtype.name}"\nbase = "F32"\n[[rules]]\npattern = "^blk\\\\."\n'
+                              f'type = "{qtype.name}"\n')
+        path = tmp_path / f"{qtype.name}.gguf"
+        quantize_file(model["source"], path, QuantSpec(recipe.name, recipe=recipe), imatrix=imatrix,
+                      n_threads=THREADS, progress=False)
+        written = {t.name: t for t in GGUFReader(path).tensors}
+        for tensor in layers:
+            assert written[tensor.name].tensor_type == qtype
+            row = tensor.shape[0]
+            w = dequantize(source[tensor.name].data, source[tensor.name].tensor_type).reshape(-1, row)
+            q = dequantize(written[tensor.name].data, qtype).reshape(-1, row)
+            direct = weighted_error(w, q, imatrix.mean_squares(tensor.name).astype(np.float64))
+            assert ours[tensor.name][qtype] == pytest.approx(direct, rel=1e-9), (tensor.name, qtype.name)
+
+
+def test_sampled_rows_are_the_direct_error_of_those_rows_scaled(model):
+    info = read_gguf_info(model["source"])
+    embedding = info.tensor("token_embd.weight")
+    sampling = Sampling(sample_elements=16 * embedding.shape[0], min_rows=4)
+    n_rows = embedding.shape[1]
+    rows = sampling.rows(embedding.name, n_rows, embedding.shape[0])
+    assert 4 <= len(rows) < n_rows
+    errors = TensorErrors(model["source"], [embedding], {embedding.name: (T.Q4_K,)}, imatrix=None, model_sha="m",
+                          imatrix_sha=None, cache_root=None, sampling=sampling)
+    errors.measure()
+    picked = read_rows(model["source"], embedding, rows)
+    direct = weighted_error(picked, ggml_quants.roundtrip(picked, T.Q4_K), np.ones(embedding.shape[0]))
+    assert errors.errors()[embedding.name][T.Q4_K] == pytest.approx(direct * n_rows / len(rows), rel=1e-12)
+    # the header's data offsets read the same weights gguf-py's reader does, for every tensor
+    for tensor in GGUFReader(model["source"]).tensors:
+        ours = read_gguf_info(model["source"]).tensor(tensor.name)
+        rows = int(np.prod(ours.shape[1:]))
+        got = read_rows(model["source"], ours, np.arange(rows)) if ours.ggml_type in (T.F32, T.BF16, T.F16) else None
+        assert got is None or np.array_equal(got, np.asarray(tensor.data, dtype=np.float32).reshape(rows, -1))
+
+
+def test_interrupted_error_measurement_resumes_from_the_cache(model, tmp_path):
+    info = read_gguf_info(model["source"])
+    tensors = [t for t in info.tensors if is_quantizable(t.name, t.shape)]
+    types = (T.Q2_K, T.Q4_K, T.Q6_K)
+    allowed = {t.name: types for t in tensors}
+
+    def make() -> TensorErrors:
+        return TensorErrors(model["source"], tensors, allowed, imatrix=None, model_sha="m" * 64, imatrix_sha=None,
+                            cache_root=tmp_path / "errors", sampling=Sampling(None))
+
+    seen = []
+
+    def stop_after_five(name: str, n_types: int) -> None:
+        seen.append(name)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    first = make()
+    with pytest.raises(KeyboardInterrupt):
+        first.measure(workers=1, on_tensor=stop_after_five)
+    assert len(list((tmp_path / "errors").glob("*.json"))) == len(types)  # written on the interruption
+    again = make()
+    assert again.work().n_items == (len(tensors) - 5) * len(types)
+    assert again.measure(workers=2) == (len(tensors) - 5) * len(types)
+    fresh = TensorErrors(model["source"], tensors, allowed, imatrix=None, model_sha="m" * 64, imatrix_sha=None,
+                         cache_root=None, sampling=Sampling(None))
+    fresh.measure(workers=1)
+    assert again.errors() == fresh.errors()
+    assert make().work().n_items == 0  # a third run finds everything cached
+
+
+# --- e2e: the plan, the run, the resume of calibration points -------------------------------------------------
+def _plan_numbers(text: str) -> dict[str, int]:
+    errors = re.search(r"(\d+) \(tensor, type\) pairs, (\d+) cached, (\d+) to measure", text)
+    whole = re.search(r"(\d+) quantizations \((\d+) cached\) and (\d+) evaluations \((\d+) cached\)", text)
+    assert errors and whole, text
+    return {"errors": int(errors.group(1)), "errors_cached": int(errors.group(2)), "errors_todo": int(errors.group(3)),
+            "quantizations": int(whole.group(1)), "evaluations": int(whole.group(3)),
+            "evaluations_cached": int(whole.group(4))}
+
+
+@pytest.mark.e2e
+def test_dry_run_plan_matches_the_run_and_a_rerun_is_cached(model, tmp_path):
+    from click.testing import CliRunner
+
+    from medgemma_gguf.convert.quantize.cli import quantize_command
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out"))
+    cache = tmp_path / "cache"
+    args = [str(folder), "--target-bpw", "4.5", "--imatrix", str(folder / "imatrix.gguf"), "--threads", str(THREADS),
+            "--cache-dir", str(cache), "--sensitivity-sample", "2", "--quiet"]
+    before = sorted(p.name for p in folder.iterdir())
+    dry = CliRunner().invoke(quantize_command, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "estimated time:" in dry.output and "dry run: nothing measured or written" in dry.output
+    assert sorted(p.name for p in folder.iterdir()) == before and not (cache / "sensitivity").exists()
+    planned = _plan_numbers(dry.output)
+    assert planned["errors_cached"] == 0 and planned["errors"] == planned["errors_todo"]
+    assert planned["evaluations"] == 8  # one point per tensor kind (Gemma 3 ties the output to token_embd)
+
+    run = CliRunner().invoke(quantize_command, args)
+    assert run.exit_code == 0, run.output
+    assert _plan_numbers(run.output) == planned  # the run prints the same plan first ...
+    row = next(r for r in Manifest.load(folder).find("text") if "AUTO" in r.path)
+    cost = row.extra["auto"]["sensitivity_cost"]
+    # ... and does what it said
+    assert cost["error_items"] == planned["errors_todo"]
+    assert cost["evaluations"] == planned["evaluations"] and cost["quantizations"] == planned["quantizations"]
+    assert row.extra["auto"]["sensitivity_method"] == "fast"
+    assert read_gguf_info(folder / row.path).bits_per_weight <= 4.5
+
+    again = CliRunner().invoke(quantize_command, [*args, "--dry-run"])
+    assert "nothing to measure" in again.output  # the table is cached
+
+
+@pytest.mark.e2e
+def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, monkeypatch):
+    kwargs = dict(method="fast", calibration=model["calibration"], max_text=2, max_images=2, cache_dir=tmp_path,
+                  n_threads=THREADS, timing=False, candidates=("Q2_K", "Q3_K", "Q4_K", "Q8_0"))
+    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    assert job.plan.evaluations == 8 and job.plan.evaluations_cached == 0
+    real = sensitivity.Measurer.measure
+    calls = []
+
+    def measure_then_stop(self, tensors, qtype, label):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(label)
+        return real(self, tensors, qtype, label)
+
+    monkeypatch.setattr(sensitivity.Measurer, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(progress=False)
+    monkeypatch.setattr(sensitivity.Measurer, "measure", real)
+    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    assert job.plan.evaluations_cached == 3 and job.plan.error_items_cached == job.plan.error_items
+    result = job.run(progress=False)
+    assert result.cost["evaluations"] == 5 and result.cost["error_items"] == 0
+    kinds = result.meta["fast"]["kinds"]
+    assert set(kinds) == {"token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    for group in result.table.groups:
+        deltas = [group.delta_kl[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q8_0)]
+        assert deltas == sorted(deltas, reverse=True) and deltas[-1] >= 0, group.name
+    again = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    assert again.cached is not None and again.run() is again.cached
+
+
+# --- AUTO: the folder's importance matrix, and budgets refused before any work -------------------------------
+def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
+    from medgemma_gguf.convert.quantize.folder import IMATRIX_AUTO, folder_default_imatrix, plan_auto
+    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
+    from medgemma_gguf.manifest import entry_for
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out", ignore=shutil.ignore_patterns("imatrix*")))
+    manifest = Manifest.load(folder)
+    source = next(r for r in manifest.find("text"))
+    assert folder_default_imatrix(folder, manifest, source) is None
+    plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
+    assert plan.imatrix == IMATRIX_AUTO and plan.job.imatrix_pending
+    assert "computing imatrix-" in "\n".join(plan.lines())
+    assert "IQ2_XXS" in plan.job.plan.types  # planned with the matrix it is about to compute
+    # a matrix recorded for this source is the folder's default
+    path = write_imatrix_gguf(compute_imatrix(folder / source.path, calibration=model["calibration"], max_chunks=1,
+                                              progress=False, n_threads=THREADS), folder / "imatrix-x.gguf")
+    manifest.upsert(entry_for(folder, path, "imatrix", "F32", source=source.path, source_sha256=source.sha256))
+    manifest.save(folder)
+    assert folder_default_imatrix(folder, Manifest.load(folder), source) == path
+    plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
+    assert plan.imatrix == path and not plan.job.imatrix_pending and "the folder's imatrix-x.gguf" in plan.lines()[1]
+    none = plan_auto(folder, target_bpw=4.0, imatrix="none", timing=False, cache_dir=tmp_path / "cache")
+    assert none.imatrix is None and "IQ2_XXS" not in none.job.plan.types
+
+
+def test_infeasible_budgets_are_refused_before_any_work(model, tmp_path, monkeypatch):
+    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out"))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    monkeypatch.setattr(sensitivity.SensitivityJob, "run", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(sensitivity, "time_model", lambda *a, **k: pytest.fail("timed"))
+    with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.0\d+ bpw .*"
+                                        r"\.\. 32\.000 bpw \(unquantized F32\)"):
+        auto_quantize_folder(folder, target_bpw=1.5, imatrix=folder / "imatrix.gguf", cache_dir=tmp_path / "c",
+                             progress=False)
+    with pytest.raises(UserError, match=r"above the unquantized size; feasible range"):
+        auto_quantize_folder(folder, target_size="10GB", cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.6\d+ bpw"):
+        auto_quantize_folder(folder, target_bpw=2.2, imatrix="none", cache_dir=tmp_path / "c", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert not (tmp_path / "c" / "sensitivity").exists()
