@@ -125,7 +125,7 @@ def write_slide(path: Path, width: int = 3584, height: int = 2688, *, mpp: float
     """
     import tifffile
 
-    y, x = np.mgrid[0:height, 0:width]
+    y, x = np.ogrid[0:height, 0:width]
     mask = ((x - width * 0.35) / (width * 0.3)) ** 2 + ((y - height * 0.5) / (height * 0.38)) ** 2 <= 1.0
     if not tissue:
         mask[:] = False

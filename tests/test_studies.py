@@ -306,3 +306,20 @@ def test_server_takes_volumes_slides_and_pairs_within_its_limits(folder, chat_mo
             answer = ask(content)
             assert answer.status_code == status and message in answer.json()["error"]["message"], answer.text
         assert ask([volume, question]).status_code == 200  # still serving
+
+
+def test_serve_command_passes_allowed_folders_and_study_sized_defaults(files, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from medgemma_gguf.runtime import server as server_module
+    from medgemma_gguf.runtime.cli import serve_command
+
+    calls = []
+    monkeypatch.setattr(server_module, "serve", lambda model, **kwargs: calls.append(kwargs))
+    base = [str(files.text_path), "--mmproj", str(files.mmproj_path), "--threads", "1", "--ctx", "256"]
+    result = CliRunner().invoke(serve_command, [*base, "--allow-dir", str(tmp_path), "--allow-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["allowed_roots"] == (tmp_path, tmp_path)
+    assert calls[0]["limits"].max_images == 128 and calls[0]["limits"].max_body_bytes == 80 * 1024**2
+    missing = CliRunner().invoke(serve_command, [*base, "--allow-dir", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
