@@ -42,6 +42,7 @@ SETTINGS: dict[str, Spelling] = {
     "allow_local_files": Spelling("--allow-local-files", "allow_local_files",
                                   "local files (start serve with --allow-local-files)"),
     "max_tokens": Spelling("--max-tokens", "max_tokens", "'max_tokens'"),
+    "max_completion_tokens": Spelling("--max-tokens", "max_tokens", "'max_completion_tokens'"),
     "temperature": Spelling("--temperature", "temperature", "'temperature'"),
     "top_p": Spelling("--top-p", "top_p", "'top_p'"),
     "top_k": Spelling("--top-k", "top_k", "'top_k'"),
@@ -97,6 +98,11 @@ SETTINGS: dict[str, Spelling] = {
     "adapter_outtype": Spelling("--outtype", "outtype", "'outtype'"),
     "lora": Spelling("--lora", "lora", "the server's adapters (serve --lora)"),
     "model_id": Spelling("--lora", "adapters", "'model'"),
+    "api_key": Spelling("--api-key", "api_key", "the server's API key (serve --api-key)"),
+    "insecure_no_auth": Spelling("--insecure-no-auth", "insecure_no_auth=True",
+                                 "the server's --insecure-no-auth"),
+    "header_timeout": Spelling("--header-timeout", "header_timeout_s", "the server's header timeout"),
+    "body_timeout": Spelling("--body-timeout", "body_timeout_s", "the server's body timeout"),
 }
 
 _OPEN, _CLOSE = "\ue000", "\ue001"

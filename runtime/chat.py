@@ -206,7 +206,7 @@ class ChatModel:
 
     def image_options(self, *, window: tuple[float, float] | None = None, max_pixels: int | None = None,
                       allow_local_files: bool | None = None, allowed_roots: tuple[Path, ...] = (),
-                      max_images: int | None = None) -> ImageOptions | None:
+                      max_images: int | None = None, max_file_bytes: int | None = None) -> ImageOptions | None:
         """How this model loads images (None without an mmproj)."""
         if self.image_size is None:
             return None
@@ -215,7 +215,8 @@ class ChatModel:
         return ImageOptions(self.image_size, window=window if window is not None else self.window,
                             max_pixels=max_pixels or self.max_image_pixels, allow_local_files=allow_local_files,
                             allowed_roots=tuple(allowed_roots), max_images=max_images, n_ctx=self.n_ctx,
-                            image_tokens=self.image_tokens)
+                            image_tokens=self.image_tokens,
+                            **({} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}))
 
     # prompts ---------------------------------------------------------------------------------------
     def prompt(self, messages: Sequence[Mapping[str, Any]], *, system: str | None = None, preset: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import click
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from medgemma_gguf.runtime.prompt import load_presets
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
 from medgemma_gguf.runtime.study_cli import STUDY_OPTION_NAMES, build_study_turn, is_study, study_options
@@ -273,39 +275,55 @@ def _image_options(chat_model):
 
 @click.command("serve")
 @_model_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; beyond loopback (e.g. 0.0.0.0) needs --api-key or --insecure-no-auth.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="MEDGEMMA_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY).")
-@click.option("--allow-local-files", is_flag=True, help="Accept local image paths in requests (trusted clients only).")
+              help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY); must not be empty.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Serve beyond loopback without an API key: anyone who can reach the port can use the model.")
+@click.option("--allow-local-files", is_flag=True,
+              help="Accept local paths in requests, under the --allow-dir folders (default: the working directory).")
 @click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
-              help="Accept local paths (series folders, slides, images) under this folder; repeat for several.")
+              help="Accept local paths (images, series folders, slides) under this folder; repeat for several.")
 @click.option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1024),
               help="Request size limit (the default fits an 85-slice 512x512 CT series zipped as base64).")
 @click.option("--max-image-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-images", default=DEFAULT_MAX_IMAGES, show_default=True, type=click.IntRange(min=0),
               help="Images per request; a volume counts its slices, a slide its patches.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0.1, max=3600), help="Seconds a client has to send a request's headers.")
+@click.option("--body-timeout", default=DEFAULT_BODY_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0.1, max=86400),
+              help="Seconds a client has to send a whole request body (pauses of at most 30 s).")
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                   vram: str | None, threads: int | None, lora: tuple[Path, ...],
                   lora_scaled: tuple[tuple[Path, float], ...], host: str, port: int, api_key: str | None,
-                  allow_local_files: bool, allow_dirs: tuple[Path, ...], max_body_bytes: int, max_image_pixels: int,
-                  max_images: int, max_tokens_limit: int) -> None:
+                  insecure_no_auth: bool, allow_local_files: bool, allow_dirs: tuple[Path, ...], max_body_bytes: int,
+                  max_image_pixels: int, max_images: int, max_tokens_limit: int, header_timeout: float,
+                  body_timeout: float) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions).
 
     With --lora adapters, GET /v1/models lists MODEL (all adapters), MODEL+base and MODEL+ADAPTER; a
     request's "model" picks one of them.
     """
+    from medgemma_gguf.runtime.http_limits import check_binding
     from medgemma_gguf.runtime.server import ServerLimits, serve
 
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    if api_key is None and os.environ.get("MEDGEMMA_API_KEY") is not None:
+        api_key = os.environ["MEDGEMMA_API_KEY"]  # click reads an empty variable as unset; it is refused below
+    check_binding(host, api_key, insecure_no_auth=insecure_no_auth)  # before the model loads
+    if insecure_no_auth and api_key is None:
+        click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth): anyone who can reach the "
+                   "port can use the model", err=True)
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
                        max_image_pixels=max_image_pixels)
     with chat_model:
         serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
-              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit),
-              allowed_roots=allow_dirs)
+              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit,
+                                  header_timeout_s=header_timeout, body_timeout_s=body_timeout),
+              allowed_roots=allow_dirs, insecure_no_auth=insecure_no_auth)
 
 
 @click.command("fit")

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.dicom_image import DicomFrame, has_dicom_magic, read_dicom_frame
+from medgemma_gguf.runtime.sources import DEFAULT_MAX_FILE_BYTES, read_regular_file
 
 DEFAULT_MAX_PIXELS = 50_000_000
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
@@ -86,9 +88,14 @@ def load_image(
     window: tuple[float, float] | None = None,
     frame: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    allowed_roots: Sequence[Path] = (),
 ) -> Image.Image:
     """Load a path or raw bytes as an 8-bit RGB ``PIL.Image`` (resized with ``prepare_for_model`` if
     ``image_size`` is given).
+
+    A path is read with ``runtime.sources.read_regular_file``: a regular file of at most ``max_file_bytes``
+    (devices and FIFOs refused without opening them), under ``allowed_roots`` when given.
 
     Detection is by content: bytes 128..131 == b"DICM" means DICOM; a path ending in .dcm/.dicom without
     that marker is read with pydicom's ``force`` unless Pillow recognises the content; everything else
@@ -119,7 +126,7 @@ def load_image(
             max_pixels=max_pixels,
         )
     path = Path(os.fspath(source))
-    data = _read_file(path)
+    data = read_regular_file(path, what="image", max_bytes=max_file_bytes, allowed_roots=allowed_roots)
     return _load_bytes(
         data,
         str(path),
@@ -232,19 +239,6 @@ def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
         return np.where(x <= low, 0.0, 255.0)
     y = ((x - center + 0.5) * 255.0 + 127.5 * (width - 1.0)) / (width - 1.0)
     return np.where(x <= low, 0.0, np.where(x > high, 255.0, y))
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise UserError(f"image file {path} does not exist; check the path") from exc
-    except IsADirectoryError as exc:
-        raise UserError(f"image path {path} is a directory; pass an image file") from exc
-    except PermissionError as exc:
-        raise UserError(f"image file {path} is not readable (permission denied); fix its permissions") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read image file {path}: {exc.strerror or exc}; check the path") from exc
 
 
 def _check_options(window: tuple[float, float] | None, frame: int, max_pixels: int) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medgemma_gguf.errors import ResourceError, UserError, setting
+from medgemma_gguf.errors import AccessError, ResourceError, UserError, setting
 from medgemma_gguf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
@@ -47,7 +47,7 @@ from medgemma_gguf.runtime.images import (
     load_image_from_data_uri,
     prepare_for_model,
 )
-from medgemma_gguf.runtime.sources import within
+from medgemma_gguf.runtime.sources import DEFAULT_MAX_FILE_BYTES
 from medgemma_gguf.runtime.studies import STUDY_ITEM_TYPES, expand_item
 
 IMAGE_START = "<start_of_image>"
@@ -129,6 +129,7 @@ class ImageOptions:
     max_images: int | None = None
     n_ctx: int | None = None
     image_tokens: int = 0
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def room(self, used: int) -> int | None:
         """How many more images the context could hold after ``used`` (text not counted), or None."""
@@ -182,12 +183,20 @@ def _load_reference(reference: str, options: ImageOptions) -> Image.Image:
             "send the image inline as a data: URI (data:image/png;base64,...)"
         )
     path = text[len("file://"):] if match is not None else text
-    if not options.allow_local_files and not (options.allowed_roots and within(Path(path), options.allowed_roots)):
-        raise UserError(
+    return _load_local(Path(path), options)
+
+
+def _load_local(path: Path, options: ImageOptions) -> Image.Image:
+    """An image file from a local path, where allowed: anywhere with ``allow_local_files``, else only under
+    ``allowed_roots``; regular files only, size-limited before reading (``runtime.sources.read_regular_file``)."""
+    roots = () if options.allow_local_files else options.allowed_roots
+    if not options.allow_local_files and not roots:
+        raise AccessError(
             "local image paths are not allowed here; send the image inline as a data: URI "
-            f"(paths are accepted only with {setting('allow_local_files')})"
+            f"(paths are accepted only with {setting('allow_local_files')} or under {setting('allow_dir')})"
         )
-    return load_image(Path(path), window=options.window, max_pixels=options.max_pixels)
+    return load_image(path, window=options.window, max_pixels=options.max_pixels,
+                      max_file_bytes=options.max_file_bytes, allowed_roots=roots)
 
 
 def load_prompt_image(source: Any, options: ImageOptions) -> PromptImage:
@@ -202,10 +211,7 @@ def load_prompt_image(source: Any, options: ImageOptions) -> PromptImage:
     elif isinstance(source, bytes | bytearray | memoryview):
         img = load_image(bytes(source), window=options.window, max_pixels=options.max_pixels)
     elif isinstance(source, os.PathLike):
-        if not options.allow_local_files and not (options.allowed_roots and within(Path(source),
-                                                                                   options.allowed_roots)):
-            raise UserError("local image paths are not allowed here; send the image inline as a data: URI")
-        img = load_image(source, window=options.window, max_pixels=options.max_pixels)
+        img = _load_local(Path(source), options)
     elif isinstance(source, str):
         img = _load_reference(source, options)
     else:

@@ -282,9 +282,12 @@ REQUEST_FIELDS = {
 def settings_from_request(body: Mapping[str, Any], *, default_max_tokens: int) -> SamplingSettings:
     """The sampling settings of an OpenAI chat completion request (llama-server's extensions included).
 
-    ``max_completion_tokens`` wins over ``max_tokens``; ``null`` counts as absent; InputError (HTTP 400)
-    naming the request field for any bad value.
+    ``max_completion_tokens`` wins over ``max_tokens``, and each one given is checked; ``null`` counts as
+    absent; InputError (HTTP 400) naming the request field for any bad value.
     """
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            _integer(name, body[name], 1, INT32_MAX, f"between 1 and {INT32_MAX}")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")

@@ -3,17 +3,20 @@
 Endpoints: ``POST /v1/chat/completions`` (plain JSON or server-sent events in OpenAI's chunk format,
 ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
 
-Safety: images come as base64 ``data:`` URIs; a local file path (or ``file://`` URL) only when the server
-was started with ``allow_local_files``; http(s) and every other remote URL are refused with 400 and never
-fetched (server-side request forgery). Studies (``runtime.studies``): ``{"type": "volume", "data": <base64 of a
-zipped DICOM series or a NIfTI file>}``, ``{"type": "slide", "data": ...}`` and ``{"type": "longitudinal",
-"prior", "current"}``; a ``path`` for a volume or slide only under a folder the server was started with
-(``allowed_roots``, ``serve --allow-dir``) or with ``allow_local_files``. Limits: request body bytes (413;
-the default fits an 85-slice CT series zipped as base64), pixels per image, images per request (a volume
-counts its slices, a slide its patches; the default takes a CT study), ``max_tokens``.
-An API key, when set, must come as ``Authorization: Bearer KEY`` (401 otherwise;
-``/health`` stays open). Every bad request is answered ``{"error": {"message", "type"}}`` with a 4xx
-status and the server keeps serving.
+Safety: images come as base64 ``data:`` URIs; a local path (or ``file://`` URL) for an image, volume or
+slide only under the folders the server allows (``allowed_roots``, ``serve --allow-dir``; with
+``allow_local_files`` and no folder given, the working directory): symlinks are resolved before the test,
+only regular files are read and their size is checked first (``runtime.sources``). http(s) and every other
+remote URL are refused with 400 and never fetched (server-side request forgery). Studies
+(``runtime.studies``): ``{"type": "volume", "data": <base64 of a zipped DICOM series or a NIfTI file>}``,
+``{"type": "slide", "data": ...}`` and ``{"type": "longitudinal", "prior", "current"}``. Limits: request
+body bytes (413; the default fits an 85-slice CT series zipped as base64), JSON nesting, header and body
+read timeouts (``runtime.http_limits``), pixels per image, images per request (a volume counts its
+slices, a slide its patches; the default takes a CT study), ``max_tokens``/``max_completion_tokens``.
+An API key, when set, must be non-empty and come as ``Authorization: Bearer KEY`` (401 otherwise;
+``/health`` stays open); binding beyond loopback needs a key or ``insecure_no_auth``. Every bad request is
+answered ``{"error": {"message", "type"}}`` with a 4xx status and the server keeps serving; an unexpected
+failure is a 500 with a request id and a generic message (the details only in the server's log).
 
 LoRA adapters (``serve --lora``): ``GET /v1/models`` lists the ids and a request's ``model`` chooses the
 adapters it runs with (``runtime.lora``: ``M`` = the default set, ``M+base``, ``M+<adapter>``); the reply's
@@ -50,12 +53,23 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.chat import ChatModel, ChatResult, ChatStream
+from medgemma_gguf.runtime.http_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_JSON_DEPTH,
+    ApiError,
+    HttpLimits,
+    check_binding,
+    install,
+    internal_error_message,
+    parse_json,
+    read_body,
+    request_id,
+)
 from medgemma_gguf.runtime.reply import OPENAI_DELTA_KEYS
 from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request, think_from_request
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
@@ -64,30 +78,25 @@ from medgemma_gguf.runtime.studies import requested_images
 log = logging.getLogger(__name__)
 
 MiB = 1024**2
+DEFAULT_MAX_LOCAL_FILE_BYTES = 256 * MiB  # one image file read from an allowed folder
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Per-request limits."""
+    """Per-request limits; the body, nesting and timeout ones are enforced by ``runtime.http_limits``."""
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_pixels: int = 25_000_000
     max_images: int = DEFAULT_MAX_IMAGES
     max_tokens_limit: int = 2048
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_file_bytes: int = DEFAULT_MAX_LOCAL_FILE_BYTES
 
-
-class ApiError(Exception):
-    """A request error answered as ``{"error": {"message", "type"}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-
-def _error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    @property
+    def http(self) -> HttpLimits:
+        return HttpLimits(self.max_body_bytes, self.max_json_depth, self.header_timeout_s, self.body_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -120,20 +129,22 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
     if n_images > limits.max_images:
         raise ApiError(400, f"the request has {n_images} images (a volume counts its 'slices', a slide its 'patches'); "
                             f"this server accepts at most {limits.max_images}")
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and (type(body["n"]) is not int or body["n"] != 1):
         raise ApiError(400, "'n' must be 1: one model, one reply per request")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false")
     options = body.get("stream_options") or {}
-    include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool | None):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}")
+    include_usage = bool(options.get("include_usage"))
     try:
         sampling = settings_from_request(body, default_max_tokens=limits.max_tokens_limit)
     except UserError as exc:
         raise ApiError(exc.http_status, exc.for_http()) from exc
-    if sampling.max_tokens > limits.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' {sampling.max_tokens} is above this server's limit of "
-                            f"{limits.max_tokens_limit}")
+    for name in ("max_completion_tokens", "max_tokens"):  # each one given, whichever wins
+        if body.get(name) is not None and body[name] > limits.max_tokens_limit:
+            raise ApiError(400, f"'{name}' {body[name]} is above this server's limit of {limits.max_tokens_limit}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string (GET /v1/models lists them)")
@@ -144,44 +155,20 @@ def parse_request(body: Any, limits: ServerLimits) -> CompletionRequest:
     return CompletionRequest(messages, stream, include_usage, sampling, model, think)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes; this server accepts at most {limit}")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes, this server's limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_files: bool = False,
                limits: ServerLimits | None = None, allowed_roots: Sequence[Path] = ()) -> FastAPI:
-    """The FastAPI app serving ``model``; local paths are read only with ``allow_local_files`` or under
-    ``allowed_roots``."""
+    """The FastAPI app serving ``model``. Local paths (images, volumes, slides) are read only under
+    ``allowed_roots``; ``allow_local_files`` without roots allows the working directory."""
     limits = limits or ServerLimits()
+    roots = tuple(Path(r) for r in allowed_roots) or ((Path.cwd(),) if allow_local_files else ())
+    check_binding("127.0.0.1", api_key)  # an empty key is refused, never read as "no key"
     app = FastAPI(title="medgemma-gguf", docs_url=None, redoc_url=None, openapi_url=None)
+    install(app)  # request ids, one log line per failure, generic 500s (runtime.http_limits)
     lock = threading.Lock()
     created = int(time.time())
-    image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=allow_local_files,
-                                        allowed_roots=tuple(Path(r) for r in allowed_roots),
-                                        max_images=limits.max_images)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.message, exc.kind)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=False,
+                                        allowed_roots=roots, max_images=limits.max_images,
+                                        max_file_bytes=limits.max_file_bytes)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -225,7 +212,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
                                                    "finish_reason": finish}], **extra}
         return {"data": json.dumps(payload, ensure_ascii=False)}
 
-    async def stream_completion(req: CompletionRequest, completion_id: str):
+    async def stream_completion(req: CompletionRequest, completion_id: str, rid: str):
         from sse_starlette.sse import EventSourceResponse
 
         loop = asyncio.get_running_loop()
@@ -248,7 +235,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
                         put("piece", delta)
                     put("done", replies.result)
                 except Exception as exc:  # noqa: BLE001
-                    log.exception("generation failed")
+                    log.error("request %s: generation failed", rid, exc_info=exc)
                     put("failed", exc)
 
         threading.Thread(target=worker, name="medgemma-generate", daemon=True).start()
@@ -277,7 +264,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
                             yield {"data": json.dumps(payload)}
                         break
                     else:
-                        error = {"error": {"message": f"generation failed: {value}", "type": "server_error"}}
+                        error = {"error": {"message": internal_error_message(rid), "type": "server_error"}}
                         yield {"data": json.dumps(error)}
                         break
                 yield {"data": "[DONE]"}
@@ -289,14 +276,10 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        raw = await _read_body(request, limits.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from exc
+        body = parse_json(await read_body(request, limits.http), limits.http)
         req = parse_request(body, limits)
         if req.stream:
-            return await stream_completion(req, f"chatcmpl-{uuid.uuid4().hex}")
+            return await stream_completion(req, f"chatcmpl-{uuid.uuid4().hex}", request_id(request))
         result, model_id = await run_in_threadpool(complete, req)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -312,10 +295,15 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
 
 def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           allow_local_files: bool = False, limits: ServerLimits | None = None,
-          allowed_roots: Sequence[Path] = ()) -> None:
-    """Serve ``model`` with uvicorn until interrupted."""
+          allowed_roots: Sequence[Path] = (), insecure_no_auth: bool = False) -> None:
+    """Serve ``model`` with uvicorn until interrupted (``runtime.http_limits``: binding rules, header timeout)."""
     import uvicorn
 
+    from medgemma_gguf.runtime.http_limits import log_config, protocol_class
+
+    check_binding(host, api_key, insecure_no_auth=insecure_no_auth)
+    limits = limits or ServerLimits()
     app = create_app(model, api_key=api_key, allow_local_files=allow_local_files, limits=limits,
                      allowed_roots=allowed_roots)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config(),
+                http=protocol_class(limits.header_timeout_s))

@@ -3,7 +3,9 @@
 * Local paths. ``check_local_path`` accepts a path when local files are allowed (the CLI and the Python API
   by default) or when it lies inside one of the allowed roots (``serve --allow-dir``): the path is resolved
   (symlinks followed, ``..`` removed) before the containment test, so a link inside a root that points out of
-  it is refused. Walking a series folder applies the same test to every file (``walk_files``).
+  it is refused. Walking a series folder applies the same test to every file (``walk_files``). A single
+  file is read with ``read_regular_file``: regular files only (no device, FIFO or socket is opened), size
+  checked before reading, containment checked again on the opened descriptor.
 * Inline bytes. ``decode_payload`` takes raw base64 or a ``data:...;base64,`` URI.
 * Zip archives (a DICOM series sent as one file). Members are read into memory one at a time and never
   extracted, so a member name cannot write anywhere (zip-slip); names that are absolute or climb out with
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import os
 import re
+import stat
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ DEFAULT_ARCHIVE_LIMITS = ArchiveLimits()
 DEFAULT_MAX_IMAGES = 128
 DEFAULT_MAX_BODY_BYTES = 80 * MiB
 MAX_FOLDER_FILES = 20_000
+DEFAULT_MAX_FILE_BYTES = 1 * GiB  # one image file read from a path (the CLI and the Python API)
 
 
 def within(path: Path, roots: Sequence[Path]) -> bool:
@@ -77,7 +82,74 @@ def check_local_path(path: str | os.PathLike[str], *, what: str, allow_local_fil
                           f"accepted only with {setting('allow_local_files')} or under {setting('allow_dir')})")
     if not candidate.exists():
         raise NotFoundError(f"{what} {candidate} does not exist; check the path")
+    if not (candidate.is_file() or candidate.is_dir()):
+        raise InputError(f"{what} {candidate} is not a regular file or folder (a device, FIFO or socket); pass a "
+                         "file or folder")
     return candidate
+
+
+def read_regular_file(path: str | os.PathLike[str], *, what: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                      allowed_roots: Sequence[Path] = ()) -> bytes:
+    """The bytes of a regular file, checked before anything is read.
+
+    Symlinks are resolved first; with ``allowed_roots`` the real path must lie under one of them, checked
+    again on the opened descriptor (a link swapped in between is caught). Devices, FIFOs and sockets are
+    refused from ``stat`` without being opened (``/dev/zero`` never streams, a FIFO never blocks), and a
+    file over ``max_bytes`` is refused from its size. Errors: NotFoundError, AccessError, InputError,
+    ResourceError, each naming the path and the fix.
+    """
+    shown = os.fspath(path)
+    real = os.path.realpath(shown)
+    if allowed_roots and not within(Path(real), allowed_roots):
+        raise AccessError(f"{what} path {shown} is outside the allowed folders; put it under one of "
+                          f"{setting('allow_dir')} or send it inline")
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} file {shown} does not exist; check the path") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} file {shown}: {exc.strerror}; check the path") from None
+    _check_regular(info, shown, what, max_bytes)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} file {shown} does not exist; check the path") from None
+    except PermissionError:
+        raise AccessError(f"{what} file {shown} is not readable (permission denied); fix its permissions") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AccessError(f"{what} file {shown} was replaced by a link while it was opened; pass a stable "
+                              "file") from None
+        raise InputError(f"cannot read {what} file {shown}: {exc.strerror}; check the path") from None
+    try:
+        _check_regular(os.fstat(fd), shown, what, max_bytes)
+        fd_link = f"/proc/self/fd/{fd}"
+        if allowed_roots and os.path.islink(fd_link) and not within(Path(os.readlink(fd_link)), allowed_roots):
+            raise AccessError(f"{what} path {shown} is outside the allowed folders; put it under one of "
+                              f"{setting('allow_dir')} or send it inline")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ResourceError(f"{what} file {shown} grew past the limit of {max_bytes} bytes while it was "
+                                    "read; pass a finished file")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} file {shown}: {exc.strerror}; check the path") from None
+    finally:
+        os.close(fd)
+
+
+def _check_regular(info: os.stat_result, shown: str, what: str, max_bytes: int) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{what} path {shown} is a directory; pass a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{what} path {shown} is not a regular file (a device, FIFO or socket); pass a file")
+    if info.st_size > max_bytes:
+        raise ResourceError(f"{what} file {shown} is {info.st_size} bytes, more than the limit of {max_bytes}; "
+                            "pass a smaller file")
 
 
 def walk_files(folder: Path, *, allowed_roots: Sequence[Path] = (), limit: int = MAX_FOLDER_FILES) -> list[Path]:

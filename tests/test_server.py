@@ -225,7 +225,7 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         (_post(base, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": corrupt}}]}]}), 400, "not a readable image"),
         (_post(base, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": str(local)}}]}]}), 400, "local image paths are not allowed"),
+            {"type": "image_url", "image_url": {"url": str(local)}}]}]}), 403, "local image paths are not allowed"),
         (_post(base, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": huge}}]}]}), 400, "more than the limit of 90000"),
         (_post(base, {"messages": [{"role": "user", "content": [
@@ -276,7 +276,7 @@ def test_local_files_only_when_allowed(served, tmp_path, tiny_checkpoint):
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Findings?"},
                                                       {"type": "image_url", "image_url": {"url": str(path)}}]}],
             "max_tokens": 5}
-    with TestClient(create_app(model, allow_local_files=True)) as local:
+    with TestClient(create_app(model, allowed_roots=[tmp_path])) as local:
         reply = local.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200
     expected = model.chat([{"role": "user", "content": [{"type": "text", "text": "Findings?"},
@@ -301,6 +301,7 @@ def test_serve_command_wires_options_to_the_server(converted, monkeypatch):
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8080 and kwargs["api_key"] is None
     assert kwargs["allow_local_files"] is False
     assert kwargs["limits"] == server_module.ServerLimits(5000, 1234, 3, 99)
-    exposed = CliRunner().invoke(serve_command, [*args, "--host", "0.0.0.0", "--port", "9000"])
-    assert exposed.exit_code == 0 and "without --api-key" in exposed.stderr
+    exposed = CliRunner().invoke(serve_command, [*args, "--host", "0.0.0.0", "--port", "9000", "--insecure-no-auth"])
+    assert exposed.exit_code == 0 and "without an API key (--insecure-no-auth)" in exposed.stderr
     assert calls[-1][1]["host"] == "0.0.0.0" and calls[-1][1]["port"] == 9000
+    assert calls[-1][1]["insecure_no_auth"] is True
