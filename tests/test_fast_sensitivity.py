@@ -212,11 +212,11 @@ def test_dry_run_plan_matches_the_run_and_a_rerun_is_cached(model, tmp_path):
     assert run.exit_code == 0, run.output
     assert _plan_numbers(run.output) == planned  # the run prints the same plan first ...
     row = next(r for r in Manifest.load(folder).find("text") if "AUTO" in r.path)
-    cost = row.extra["auto"]["sensitivity_cost"]
+    cost = row.auto["sensitivity_cost"]
     # ... and does what it said
     assert cost["error_items"] == planned["errors_todo"]
     assert cost["evaluations"] == planned["evaluations"] and cost["quantizations"] == planned["quantizations"]
-    assert row.extra["auto"]["sensitivity_method"] == "fast"
+    assert row.auto["sensitivity_method"] == "fast"
     assert read_gguf_info(folder / row.path).bits_per_weight <= 4.5
 
     again = CliRunner().invoke(quantize_command, [*args, "--dry-run"])

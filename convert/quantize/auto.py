@@ -434,7 +434,10 @@ class ModelFacts:
         return sum(t.n_bytes for t in self.info.tensors if t.name in wanted)
 
 
-def model_facts(gguf_path: Path | str, table: SensitivityTable) -> ModelFacts:
+Layout = SensitivityTable | ModelLayout  # what budgets count: groups (and their shapes) of one model
+
+
+def model_facts(gguf_path: Path | str, table: Layout) -> ModelFacts:
     """Check the table against the GGUF's tensors and collect what the budgets need."""
     info = read_gguf_info(gguf_path)
     if info.architecture == "clip":
@@ -484,7 +487,7 @@ class SizeBudget:
 
     total_bytes: int
 
-    def capacity(self, table: SensitivityTable, facts: ModelFacts) -> Capacity:
+    def capacity(self, table: Layout, facts: ModelFacts) -> Capacity:
         overhead = facts.fixed_bytes() + facts.header_bytes
         return Capacity(self.total_bytes - overhead, frozenset(g.name for g in table.groups), overhead,
                         f"file size {format_size(self.total_bytes)}")
@@ -496,7 +499,7 @@ class BpwBudget:
 
     bits_per_weight: float
 
-    def capacity(self, table: SensitivityTable, facts: ModelFacts) -> Capacity:
+    def capacity(self, table: Layout, facts: ModelFacts) -> Capacity:
         n_elements = sum(g.n_elements for g in table.groups)
         capacity = math.floor(self.bits_per_weight * n_elements / 8)
         return _BpwCapacity(capacity, frozenset(g.name for g in table.groups), 0,
@@ -540,7 +543,7 @@ class VramBudget:
         return {"kv": sum(kv.layer_bytes), "compute": compute, "mmproj": mmproj, "headroom": self.headroom_bytes,
                 "fixed_weights": facts.fixed_bytes(gpu_fixed)}
 
-    def capacity(self, table: SensitivityTable, facts: ModelFacts) -> Capacity:
+    def capacity(self, table: Layout, facts: ModelFacts) -> Capacity:
         parts = self.breakdown(facts)
         overhead = sum(parts.values())
         counted = frozenset(g.name for g in table.groups if on_gpu(g, facts.tied_embeddings))
@@ -548,7 +551,7 @@ class VramBudget:
                         f"VRAM {format_size(self.vram_bytes)} at context {self.n_ctx}")
 
 
-def on_gpu(group: TensorGroup, tied_embeddings: bool) -> bool:
+def on_gpu(group: GroupShape, tied_embeddings: bool) -> bool:
     """Whether llama.cpp puts the group on the GPU with a full offload (module docstring)."""
     names = [name for name, _ in group.tensors]
     return all(n.startswith(("blk.", "output.")) or (tied_embeddings and n.startswith("token_embd.")) for n in names)

@@ -76,15 +76,19 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
         if quants or recipes:
             raise UserError("AUTO (--target-bpw/--target-size/--vram) runs alone; drop --quants/--recipe or run "
                             "them separately")
-        options = dict(target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
-                       sensitivity_method=sensitivity_method, cache_dir=cache_dir, max_text=sensitivity_sample,
-                       max_images=sensitivity_sample, force=force, n_threads=threads, workers=workers)
         if dry_run:
-            for line in plan_auto(outdir, **options).lines():
+            plan = plan_auto(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
+                             imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
+                             max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
+                             n_threads=threads, workers=workers)
+            for line in plan.lines():
                 click.echo(line)
             click.echo("dry run: nothing measured or written")
             return
-        made = auto_quantize_folder(outdir, progress=not quiet, report=click.echo, **options)
+        made = auto_quantize_folder(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
+                                    imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
+                                    max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
+                                    n_threads=threads, workers=workers, progress=not quiet, report=click.echo)
         echo_results([made.result])
         cost = made.sensitivity.cost
         origin = "cached" if made.sensitivity.from_cache else "measured"

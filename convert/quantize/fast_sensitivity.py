@@ -91,8 +91,8 @@ def fit_kind(kind: str, points: Sequence[tuple[str, Sequence[float], float]],
         grid = np.linspace(exponent_range[0], exponent_range[1], 151)
         beta = float(min(grid, key=lambda b: solve(float(b))[1]))
     log_c, _ = solve(beta)
-    return KindFit(kind, log_c, beta, tuple((t, float(np.sum(e)), float(p)) for (t, e, p), e in
-                                            zip(points, [np.asarray(e) for _, e, _ in points], strict=True)))
+    return KindFit(kind, log_c, beta, tuple((qtype, float(np.sum(np.asarray(errs))), float(measured))
+                                            for qtype, errs, measured in points))
 
 
 # --- calibration points ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ rows and the model card.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,7 @@ def folder_default_imatrix(folder: Path, manifest: Any, source: Any) -> Path | N
     One function for every command that defaults to the folder's matrix (AUTO today), so the rule changes in
     one place.
     """
-    rows = [row for row in manifest.present(folder, "imatrix") if row.extra.get("source_sha256") == source.sha256]
+    rows = [row for row in manifest.present(folder, "imatrix") if row.source_sha256 == source.sha256]
     return Path(folder) / rows[-1].path if rows else None
 
 
@@ -298,7 +298,7 @@ def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw:
         note = str(imatrix)
     pending = str(imatrix) == IMATRIX_AUTO
     existing = folder / f"imatrix-{manifest.model}.gguf"
-    if pending and not force and any(row.path == existing.name and row.extra.get("source_sha256") == source.sha256
+    if pending and not force and any(row.path == existing.name and row.source_sha256 == source.sha256
                                      for row in manifest.present(folder, "imatrix")):
         imatrix, pending = existing, False  # "auto" with a matrix computed before: reuse it (as quantize does)
     job = plan_sensitivity(
@@ -323,7 +323,7 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
                          max_text: int | None = None,
                          max_images: int | None = None, calibration: Any | None = None, force: bool = False,
                          progress: bool = True, n_threads: int | None = None, workers: int | None = None,
-                         sampling: Any | None = None, report: Any | None = None) -> AutoResult:
+                         sampling: Any | None = None, report: Callable[[str], Any] | None = None) -> AutoResult:
     """``quantize OUTDIR --target-bpw/--target-size/--vram``: plan (``plan_auto``; ``report`` gets its lines
     before any work), make the importance matrix if needed, measure (or reuse) the sensitivity table, choose
     the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
@@ -333,13 +333,13 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
     from medgemma_gguf.convert.quantize.recipe import parse_recipe
     from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
 
-    options = dict(sensitivity_method=sensitivity_method, cache_dir=cache_dir, candidates=candidates, probes=probes,
-                   max_text=max_text, max_images=max_images, calibration=calibration, force=force,
-                   n_threads=n_threads, workers=workers, sampling=sampling)
     plan = plan_auto(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
-                     timing=report is not None, **options)
-    for line in plan.lines() if report is not None else ():
-        report(line)
+                     sensitivity_method=sensitivity_method, cache_dir=cache_dir, candidates=candidates,
+                     probes=probes, max_text=max_text, max_images=max_images, calibration=calibration, force=force,
+                     n_threads=n_threads, workers=workers, sampling=sampling, timing=report is not None)
+    if report is not None:
+        for line in plan.lines():
+            report(line)
     folder, manifest, source, mmproj = plan.folder, plan.manifest, plan.source, plan.mmproj
     source_path = folder / source.path
     mmproj_path = folder / mmproj.path if mmproj else None

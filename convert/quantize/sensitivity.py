@@ -713,14 +713,15 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
     info = read_gguf_info(source)
     if info.architecture == "clip":
         raise UserError(f"{source} is an mmproj; measure sensitivity on the unquantized text GGUF")
-    hashes = {"model": cached_file_sha256(source, hash_dir),
+    model_sha = cached_file_sha256(source, hash_dir)
+    hashes: dict[str, str | None] = {"model": model_sha,
               "mmproj": cached_file_sha256(mmproj_path, hash_dir) if mmproj_path else None,
               "imatrix": cached_file_sha256(Path(imatrix), hash_dir) if imatrix else None}
     sampling = sampling or Sampling()
     workers = max(1, workers or n_threads or os.cpu_count() or 1)
     extra = ({"sampling": sampling.to_json(), "ggml": ggml_quants.version(), "fast_version": FAST_VERSION}
              if method == "fast" else None)
-    key = cache_key(model_sha=hashes["model"], mmproj_sha=hashes["mmproj"], imatrix_sha=hashes["imatrix"],
+    key = cache_key(model_sha=model_sha, mmproj_sha=hashes["mmproj"], imatrix_sha=hashes["imatrix"],
                     calibration_sha=calibration_set.sha256, max_text=max_text, max_images=max_images,
                     candidates=types, probes=probe_types, method=method, extra=extra)
     path = root / "sensitivity" / f"{key[:32]}.json"
@@ -986,8 +987,8 @@ def proxy_agreement(result: SensitivityResult, source: Path | str, mmproj: Path 
     for name in chosen:
         rows = [p for p in pairs if p[0] == name]
         if len(rows) >= 3:
-            value = spearman_rank_correlation([p[2] for p in rows], [p[3] for p in rows])
-            if not math.isnan(value):
-                within.append(value)
+            correlation = spearman_rank_correlation([p[2] for p in rows], [p[3] for p in rows])
+            if not math.isnan(correlation):
+                within.append(correlation)
     return Agreement(pairs=tuple(pairs), spearman=spearman,
                      spearman_within_group=float(np.mean(within)) if within else math.nan, cost=cost)
