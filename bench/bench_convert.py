@@ -7,7 +7,10 @@ process while sampling its memory.  Prints peak anonymous memory divided by the 
 source (e.g. the llama-cpp-python sdist's vendor/llama.cpp), the same run of llama.cpp's own
 convert_hf_to_gguf.py as the baseline: time and memory ratios ours / theirs.
 
-    .venv/bin/python bench/bench_convert.py [--layers 2] [--llama-cpp-dir PATH]
+    .venv/bin/python bench/bench_convert.py [--layers 2] [--llama-cpp-dir PATH] [--adapter-rank 16]
+
+With ``--adapter-rank R`` it also converts with a PEFT LoRA adapter merged (every linear layer, rank R)
+and prints its time and memory against the plain conversion of the same run.
 """
 
 from __future__ import annotations
@@ -68,6 +71,33 @@ def build_wide_checkpoint(folder: Path, layers: int) -> int:
     return max(t.numel() * t.element_size() for t in tensors.values())
 
 
+def build_adapter(folder: Path, layers: int, rank: int) -> int:
+    """A PEFT LoRA adapter (rsLoRA, float32 A/B as PEFT saves them) on every linear layer of the wide
+    checkpoint; returns the bytes of the largest adapted tensor in float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "adapter_config.json").is_file():
+        return REAL_4B["intermediate_size"] * REAL_4B["hidden_size"] * 4
+    folder.mkdir(parents=True, exist_ok=True)
+    h, ff, hd = REAL_4B["hidden_size"], REAL_4B["intermediate_size"], REAL_4B["head_dim"]
+    q, kv = REAL_4B["num_attention_heads"] * hd, REAL_4B["num_key_value_heads"] * hd
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (ff, h), "mlp.up_proj": (ff, h), "mlp.down_proj": (h, ff)}
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(layers):
+        for module, (out_features, in_features) in shapes.items():
+            key = f"base_model.model.model.layers.{i}.{module}"
+            tensors[key + ".lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.01
+            tensors[key + ".lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.01
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_rslora": True, "bias": "none",
+              "target_modules": sorted(m.split(".")[1] for m in shapes), "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return max(o * i for o, i in shapes.values()) * 4
+
+
 def _memory_kb(pid: int) -> tuple[int, int]:
     """(RssAnon, VmRSS) of a process in kB, or (0, 0) once it is gone."""
     values = {}
@@ -108,6 +138,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/medgemma-gguf-bench"))
     parser.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source with convert_hf_to_gguf.py")
+    parser.add_argument("--adapter-rank", type=int, default=0,
+                        help="Also convert with a rank-R LoRA adapter merged into every linear layer.")
     args = parser.parse_args()
 
     checkpoint = args.workdir / f"wide-{args.layers}L"
@@ -125,6 +157,17 @@ def main() -> None:
           f"(+{growth:.0f} MB over imports = {growth * 1e6 / 1.048576 / largest:.2f}x the largest tensor, "
           f"{growth * 1.048576e6 / model_bytes:.2f}x the model), peak RSS incl. mmapped file pages "
           f"{ours['peak_rss_mb']:.0f} MB")
+    if args.adapter_rank:
+        adapter = args.workdir / f"adapter-{args.layers}L-r{args.adapter_rank}"
+        largest_adapted = build_adapter(adapter, args.layers, args.adapter_rank)
+        merged = measure([sys.executable, "-m", "medgemma_gguf", "convert", str(checkpoint), "--adapter", str(adapter),
+                          "--outdir", str(out / "merged"), "--outtype", "bf16", "--quiet"])
+        merged_growth = merged["peak_anon_mb"] - idle["peak_anon_mb"]
+        print(f"medgemma-gguf convert --adapter (rank {args.adapter_rank}, every linear layer): "
+              f"{merged['seconds']:.1f} s, peak anon {merged['peak_anon_mb']:.0f} MB (+{merged_growth:.0f} MB over "
+              f"imports = {merged_growth * 1.048576e6 / largest_adapted:.2f}x the largest adapted tensor in float32)")
+        print(f"ratios merged/plain: time {merged['seconds'] / ours['seconds']:.2f}, "
+              f"peak anon {merged['peak_anon_mb'] / ours['peak_anon_mb']:.2f}")
     if args.llama_cpp_dir:
         env = dict(os.environ, PYTHONPATH=str(args.llama_cpp_dir / "gguf-py"))
         theirs = measure([sys.executable, str(args.llama_cpp_dir / "convert_hf_to_gguf.py"), str(checkpoint),

@@ -312,11 +312,13 @@ class PeftAdapter:
         """``(A, B)`` in float32: A ``(r, in)``, B ``(out, r)`` (embedding: ``(r, vocab)``, ``(n_embd, r)``)."""
         return self.load(pair.a_key), self.load(pair.b_key)
 
-    def delta(self, pair: LoraPair) -> torch.Tensor:
-        """``scale · B @ A`` in float32, in the base tensor's PyTorch orientation ``(out, in)``."""
+    def merge_into(self, weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+        """``weight += scale · B @ A`` (embedding: ``(B @ A)ᵀ``) in place on a float32 ``(out, in)`` tensor,
+        as one BLAS call: no product-sized temporary."""
         a, b = self.lora_matrices(pair)
-        product = b @ a
-        return pair.scale * (product.T if pair.embedding else product)
+        if pair.embedding:
+            return weight.addmm_(a.T, b.T, alpha=pair.scale)
+        return weight.addmm_(b, a, alpha=pair.scale)
 
 
 # --- merging -------------------------------------------------------------------------------------------
@@ -351,8 +353,8 @@ class MergedTensors:
     """The base checkpoint's tensors with the adapter merged, one tensor at a time (``write_gguf``'s source).
 
     ``load(source_name)`` returns ``W + scale · B·A`` in float32 for an adapted tensor (a replaced one:
-    the adapter's copy, plus any LoRA on it), the base tensor as stored otherwise. Memory: one base
-    tensor in float32 plus its delta.
+    the adapter's copy, plus any LoRA on it), the base tensor as stored otherwise. Memory: one float32
+    copy of the tensor being written (the product is added in place), plus its A and B.
     """
 
     def __init__(self, checkpoint: Any, adapter: PeftAdapter, gguf_of_source: dict[str, str]):
@@ -374,7 +376,7 @@ class MergedTensors:
         if pair is None:
             return base
         self.merged.add(pair.gguf_name)
-        return base.to(torch.float32) + self.adapter.delta(pair)
+        return self.adapter.merge_into(base.to(torch.float32, copy=True), pair)
 
     def _output(self) -> torch.Tensor:
         replacement = self.replacements.get("output.weight")
