@@ -45,9 +45,11 @@ def _peft_merged(folder, adapter, merge: bool = True):
     """transformers + peft: the base checkpoint with the adapter merged by ``merge_and_unload`` (or applied
     unmerged, as in training, with ``merge=False``)."""
     from peft import PeftModel
-    from transformers import Gemma3ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
-    base = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    multimodal = json.loads((folder / "config.json").read_text())["architectures"][0] != "Gemma3ForCausalLM"
+    cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
+    base = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     model = PeftModel.from_pretrained(base, adapter)
     return (model.merge_and_unload() if merge else model).eval()
 
@@ -131,6 +133,16 @@ def test_merged_gguf_equals_peft_merge_and_unload(rslora, tiny_checkpoint, peft_
     assert source["repo_or_path"] == str(folder)
     assert source["adapter"]["repo_or_path"] == str(adapter) and source["adapter"]["use_rslora"] is rslora
     assert source["adapter"]["sha256"] == sha256_of(adapter / "adapter_model.safetensors")
+
+
+def test_text_only_model_merges_like_peft(tmp_path, tiny_checkpoint, peft_adapter):
+    """MedGemma 27B text is a Gemma3ForCausalLM: its adapters say ``model.layers.N…``."""
+    folder = tiny_checkpoint("text")
+    adapter = peft_adapter("text", targets=["q_proj", "v_proj", "o_proj", "down_proj"], rslora=True)
+    result = convert_checkpoint(str(folder), tmp_path, outtype="f32", adapter=str(adapter), progress=False)
+    assert result.mmproj_path is None
+    ids = _ids(300, seed=8)
+    _assert_equivalent(_gguf_logits(result.text_path, ids), _hf_logits(_peft_merged(folder, adapter), ids))
 
 
 def test_patterns_and_both_peft_layouts_merge_the_same(tmp_path, tiny_checkpoint, peft_adapter, merged):
@@ -266,6 +278,10 @@ def test_adapter_of_another_base_is_refused_everywhere(tmp_path, tiny_checkpoint
                                      progress=False).path
     with pytest.raises(MismatchError, match="made for another base model"):
         load(base.text_path, n_gpu_layers=0, n_ctx=256, n_threads=1, lora=[gguf_for_other])
+    with Engine(base.text_path, n_ctx=64, n_threads=1) as engine:  # llama.cpp's NULL, behind the header check
+        with pytest.raises(MismatchError, match="could not apply the LoRA adapter"):
+            engine.load_lora(gguf_for_other)
+        assert np.isfinite(engine.eval_tokens([2, 300, 301])).all()  # and the model still runs
     with pytest.raises(MismatchError, match="not a LoRA adapter"):
         load(base.text_path, n_gpu_layers=0, n_ctx=256, n_threads=1, lora=[base.mmproj_path])
 
