@@ -145,28 +145,35 @@ def test_text_only_model_merges_like_peft(tmp_path, tiny_checkpoint, peft_adapte
     _assert_equivalent(_gguf_logits(result.text_path, ids), _hf_logits(_peft_merged(folder, adapter), ids))
 
 
-def test_patterns_and_both_peft_layouts_merge_the_same(tmp_path, tiny_checkpoint, peft_adapter, merged):
-    """rank_pattern / alpha_pattern with rsLoRA equal PEFT; the same adapter saved with the older
-    transformers module names (``language_model.model.layers``) gives a byte-identical GGUF."""
+def test_rank_and_alpha_patterns_merge_like_peft(tiny_checkpoint, peft_adapter, merged):
+    """rank_pattern / alpha_pattern with rsLoRA: each module's own scale."""
     folder = tiny_checkpoint(VARIANT)
-    adapter = peft_adapter(VARIANT, **PATTERNED)
-    result = merged(**PATTERNED)
     ids = _ids(320, seed=4)
-    _assert_equivalent(_gguf_logits(result.text_path, ids), _hf_logits(_peft_merged(folder, adapter), ids))
+    _assert_equivalent(_gguf_logits(merged(**PATTERNED).text_path, ids),
+                       _hf_logits(_peft_merged(folder, peft_adapter(VARIANT, **PATTERNED)), ids))
 
+
+def test_both_peft_key_layouts_merge_to_the_same_files(tmp_path, tiny_checkpoint, peft_adapter, merged):
+    """The same adapter saved with older transformers' module names (``language_model.model.layers``,
+    ``vision_tower.vision_model.encoder``) gives byte-identical text and mmproj GGUFs."""
     from safetensors.torch import load_file, save_file
 
+    options = {"targets": ALL_TARGETS, "rslora": True, "seed": 1}
+    adapter = peft_adapter(VARIANT, **options)
+    result = merged(**options)
     old = tmp_path / "old-layout"
     old.mkdir()
     shutil.copy(adapter / "adapter_config.json", old)
     tensors = load_file(adapter / "adapter_model.safetensors")
-    renamed = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+    renamed = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model.")
+               .replace("base_model.model.model.vision_tower.", "base_model.model.vision_tower.vision_model."): v
                for k, v in tensors.items()}
-    assert renamed.keys() != tensors.keys()
+    assert {k.split(".")[2] for k in renamed} == {"language_model", "vision_tower"}
     save_file(renamed, old / "adapter_model.safetensors")
-    again = convert_checkpoint(str(folder), tmp_path / "out", outtype="f32", mmproj_type="f32", adapter=str(old),
-                               name=result.name, progress=False)
+    again = convert_checkpoint(str(tiny_checkpoint(VARIANT)), tmp_path / "out", outtype="f32", mmproj_type="f32",
+                               adapter=str(old), name=result.name, progress=False)
     assert sha256_of(again.text_path) == sha256_of(result.text_path)
+    assert sha256_of(again.mmproj_path) == sha256_of(result.mmproj_path)
 
 
 @pytest.mark.parametrize(("options", "peft_merge_is_right"), [
