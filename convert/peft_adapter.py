@@ -18,9 +18,10 @@ the base model whatever layout the base was saved in.
 
 Refused with one line naming them, before anything is written: other PEFT types (LoHa, LoKr, IA³, AdaLoRA,
 prompt tuning, …), DoRA, QALoRA, activated LoRA, LoRA biases, trained base biases, trainable tokens,
-layer replication, raw-parameter targets, convolution targets, and embedding tensors with more rows than
-the base vocabulary (tokens added in fine-tuning: the GGUF vocabulary would need them too). An adapter
-whose modules or shapes are not the base model's is refused as made for another model.
+layer replication, raw-parameter targets, convolution targets, initialisations that change the base
+weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, unless converted to plain LoRA), and embedding tensors
+with more rows than the base vocabulary (tokens added in fine-tuning: the GGUF vocabulary would need them
+too). An adapter whose modules or shapes are not the base model's is refused as made for another model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ UNSUPPORTED_OPTIONS: dict[str, str] = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing (arrow_config)",
 }
+# initialisations that also change the base weights in training: A/B alone do not give the trained model
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # tensor name pieces that only other adapter kinds store
 UNSUPPORTED_TENSORS: dict[str, str] = {
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
@@ -178,6 +181,11 @@ class PeftAdapter:
         if used:
             raise InputError(f"the adapter in {self.folder} uses {', '.join(used)}; only plain LoRA (W + scale·B·A) "
                              "can be merged or converted: merge it in PEFT (merge_and_unload) and convert the result")
+        init = str(config.get("init_lora_weights", "")).lower()
+        if init.startswith(BASE_CHANGING_INITS):
+            raise InputError(f"the adapter in {self.folder} was initialised with {init} (init_lora_weights), which "
+                             "also changes the base weights; save it as a plain LoRA with PEFT's save_pretrained("
+                             "..., path_initial_model_for_weight_conversion=...) and pass that")
         if config.get("bias", "none") not in ("none", None):
             raise InputError(f"the adapter in {self.folder} trains base biases (bias={config['bias']!r}); only "
                              "bias='none' adapters can be merged: merge it in PEFT and convert the result")

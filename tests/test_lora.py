@@ -380,6 +380,12 @@ def test_adapter_folder_problems(tmp_path, peft_adapter):
     (binary / "adapter_model.bin").write_bytes(b"x")
     with pytest.raises(InputError, match="safetensors"):
         PeftAdapter.open(str(binary))
+    pissa = tmp_path / "pissa"
+    shutil.copytree(adapter, pissa)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(InputError, match="pissa_niter_4 .* changes the base weights"):
+        PeftAdapter.open(str(pissa))
     with pytest.raises(UserError, match="adapter_revision applies with adapter only"):
         convert_checkpoint(str(tmp_path), tmp_path / "o", adapter_revision="main")
 
