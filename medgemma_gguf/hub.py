@@ -1,9 +1,12 @@
 """Where a checkpoint comes from: a local folder, or a Hugging Face Hub repo downloaded (resumably) into
-the Hub cache — only the files the conversion needs."""
+the Hub cache — only the files the conversion needs. ``hub_errors`` turns huggingface_hub's errors into one
+line with the fix, the same for every command that talks to the Hub (convert, eval, pull, push)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,39 +65,67 @@ def resolve_source(source: str, *, token: str | None = None, revision: str | Non
     return ResolvedSource(folder, source, folder.name, True)
 
 
-def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir: Path | None,
-              patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's HTTP client's connection errors (httpx2 in huggingface_hub 2.x, httpx before)."""
+    try:
+        import httpx2
+
+        return (httpx2.TransportError,)
+    except ImportError:  # pragma: no cover - huggingface_hub 1.x
+        import httpx
+
+        return (httpx.TransportError,)
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None = None, *, offline_ok: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub's errors inside the block into UserErrors naming ``repo_id`` and the fix.
+
+    ``offline_ok``: let "no connection" errors (offline mode, the Hub unreachable) through unchanged, for a
+    caller that falls back to the Hub cache.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     page = f"https://huggingface.co/{repo_id}"
+    transport = _transport_errors()
     try:
-        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                   allow_patterns=patterns)
+        yield
     except GatedRepoError as exc:
         raise AccessError(f"{repo_id} is gated: accept the license on {page} while logged in, then pass "
                           f"{setting('token')} or set HF_TOKEN (or run `hf auth login`)") from exc
     except RevisionNotFoundError as exc:
         raise NotFoundError(f"revision {revision!r} not found in {repo_id}; check the branch, tag or commit "
-                        f"on {page}") from exc
+                            f"on {page}") from exc
     except RepositoryNotFoundError as exc:
         raise NotFoundError(f"{repo_id} not found or not accessible (HTTP 401/404): check the name, accept the "
                             f"license on {page}, and pass {setting('token')} or set HF_TOKEN") from exc
-    except LocalEntryNotFoundError as exc:
-        raise UserError(f"cannot download {repo_id}: no connection to the Hub and no cached copy; connect, or "
-                        "convert a local folder instead") from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, *transport) as exc:
+        if offline_ok:
+            raise
+        raise UserError(f"cannot download from {repo_id}: no connection to the Hub and no cached copy; connect, "
+                        "or use local files instead") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
             raise AccessError(f"access to {repo_id} denied (HTTP {status}): accept the license on {page} and "
                               f"pass {setting('token')} or set HF_TOKEN with a token that has read access") from exc
-        raise UserError(f"download of {repo_id} failed (HTTP {status}); re-run to resume") from exc
+        raise UserError(f"the Hub refused a request for {repo_id} (HTTP {status}); re-run to resume") from exc
     except OSError as exc:
         raise UserError(f"download of {repo_id} failed ({exc}); re-run to resume") from exc
+
+
+def _download(repo_id: str, *, token: str | None, revision: str | None, cache_dir: Path | None,
+              patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id, revision):
+        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                   allow_patterns=patterns)
     return Path(folder)

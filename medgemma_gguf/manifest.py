@@ -9,11 +9,27 @@ fields and is read as is)::
                 "bytes": 2489894016, "sha256": "…", "bits_per_weight": 4.85, ...}, ...]}
 
 ``files[].path``, ``files[].role`` and ``files[].type`` keep their names: scripts outside this project
-read them. Every row's optional fields are declared on ``FileEntry``; keys this version does not know
-(written by a newer version, or added by hand) are kept in ``extra`` and written back unchanged. Paths
-are relative to the folder and stay inside it (no absolute paths, no ``..``). A manifest that breaks
-the schema is refused with one line naming the field; one from a newer schema version is refused with
-the fix (upgrade medgemma-gguf).
+read them. A model split into llama.cpp's parts (``NAME-00001-of-00003.gguf`` …) is one row: ``path`` is its
+first part (what llama.cpp loads), ``parts`` lists every part with its ``bytes`` and ``sha256``, and the
+row's ``bytes`` is their sum. The importance matrix is a row of role ``imatrix`` (its ``path`` says where it
+is: ``NAME.imatrix`` beside the models, GGUF inside, so ``*.gguf`` globs of models do not catch it); a
+quant row's ``imatrix`` names the one it was built with.
+
+Folders without a manifest (GGUFs downloaded from Unsloth, bartowski, ggml-org, or pulled from the Hub)
+are described by ``Manifest.discover`` from the files' headers — role from ``general.architecture`` /
+``general.type``, type from ``general.file_type`` and the tensor types (``gguf_info.quant_label``), never
+from file names; ``Manifest.for_folder`` gives the manifest or, without one, the discovered description.
+A discovered manifest is not saved and its rows carry no sha256.
+
+The mmproj that goes with a text model: ``Manifest.mmprojs`` orders a folder's mmprojs (the run order
+F16, BF16, F32, Q8_0 of ``quant_types``; the precision order to evaluate with), and ``Manifest.mmproj_for``
+takes the first one that fits the text model (width and projector checked from the headers) and says which
+it took and why any other was passed over.
+
+Every row's optional fields are declared on ``FileEntry``; keys this version does not know (written by a
+newer version, or added by hand) are kept in ``extra`` and written back unchanged. Paths are relative to the
+folder and stay inside it (no absolute paths, no ``..``). A manifest that breaks the schema is refused with
+one line naming the field; one from a newer schema version is refused with the fix (upgrade medgemma-gguf).
 """
 
 from __future__ import annotations
@@ -26,7 +42,8 @@ from typing import Any
 
 from medgemma_gguf import quant_types
 from medgemma_gguf.atomic import write_text_atomic
-from medgemma_gguf.errors import IntegrityError, NotFoundError
+from medgemma_gguf.errors import IntegrityError, NotFoundError, UserError
+from medgemma_gguf.gguf_info import SPLIT_NAME, GgufInfo, mmproj_mismatch, read_gguf_info
 from medgemma_gguf.hashing import sha256_of
 
 MANIFEST_NAME = "manifest.json"
@@ -123,7 +140,8 @@ class FileEntry:
     these and the sha256 are unchanged), ``recipe``, ``imatrix`` and ``mmproj`` (file names), llama.cpp's
     shape ``fallbacks``, the ``quantizer`` version and, for AUTO, how the mix was chosen (``auto``).
     Imatrix rows: the text GGUF it was computed on (``source``, ``source_sha256``) and the calibration set
-    (``calibration``, ``calibration_sha256``, ``chunks``, ``chunk_size``).
+    (``calibration``, ``calibration_sha256``, ``chunks``, ``chunk_size``). Split models: ``parts``, every
+    part's ``path``, ``bytes`` and ``sha256`` (``path`` is the first part's).
     """
 
     path: str
@@ -146,7 +164,13 @@ class FileEntry:
     calibration_sha256: str | None = None
     chunks: int | None = None
     chunk_size: int | None = None
+    parts: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def part_paths(self) -> list[str]:
+        """Every file of this row: its parts, or its path."""
+        return [part["path"] for part in self.parts] or [self.path]
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {}
@@ -192,8 +216,16 @@ class FileEntry:
             calibration_sha256=check.sha(row.get("calibration_sha256"), f"{where}.calibration_sha256", optional=True),
             chunks=check.whole(row.get("chunks"), f"{where}.chunks", optional=True),
             chunk_size=check.whole(row.get("chunk_size"), f"{where}.chunk_size", optional=True),
+            parts=_parts(check, row.get("parts"), f"{where}.parts"),
             extra={k: v for k, v in row.items() if k not in known},
         )
+
+
+def _parts(check: _Checker, value: Any, where: str) -> list[dict[str, Any]]:
+    rows = check.rows(value, where)
+    return [{"path": check.relative_path(part.get("path"), f"{where}[{i}].path"),
+             "bytes": check.whole(part.get("bytes"), f"{where}[{i}].bytes"),
+             "sha256": check.sha(part.get("sha256"), f"{where}[{i}].sha256")} for i, part in enumerate(rows)]
 
 
 _REQUIRED = ("path", "role", "type", "bytes", "sha256")
@@ -218,6 +250,8 @@ class Manifest:
     source: dict[str, Any]
     files: list[FileEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    discovered: bool = False  # described from the files' headers (no manifest.json); never saved
+    problems: list[str] = field(default_factory=list)  # discovery: files that could not be read, and why
 
     def upsert(self, entry: FileEntry) -> None:
         """Add ``entry``, replacing any row for the same path."""
@@ -227,18 +261,40 @@ class Manifest:
         return [f for f in self.files if f.role == role]
 
     def present(self, folder: Path, role: str) -> list[FileEntry]:
-        """Rows of ``role`` whose file is still in ``folder``."""
-        return [f for f in self.find(role) if (Path(folder) / f.path).is_file()]
+        """Rows of ``role`` whose file (every part of a split model) is still in ``folder``."""
+        return [f for f in self.find(role) if all((Path(folder) / path).is_file() for path in f.part_paths)]
 
     def mmprojs(self, folder: Path, order: tuple[str, ...] = MMPROJ_RUN_ORDER) -> list[FileEntry]:
         """The folder's mmproj rows whose file is present, best first by type ``order`` (others last), then name."""
         return sorted(self.present(folder, "mmproj"), key=lambda row: (type_rank(row.type, order), row.path))
+
+    def mmproj_for(self, folder: Path, text_path: Path, order: tuple[str, ...] = MMPROJ_RUN_ORDER) -> MmprojChoice:
+        """The first of ``mmprojs(folder, order)`` that fits the text model at ``text_path`` (projector gemma3,
+        projecting to the model's width), with a note saying which was taken and why others were not."""
+        folder = Path(folder)
+        text = read_gguf_info(text_path)
+        passed: list[str] = []
+        for row in self.mmprojs(folder, order):
+            try:
+                problem = mmproj_mismatch(text, read_gguf_info(folder / row.path))
+            except UserError as exc:
+                problem = str(exc)
+            if problem:
+                passed.append(problem)
+                continue
+            others = [r for r in self.mmprojs(folder, order) if r.path != row.path]
+            note = f"{row.path} ({row.type}" + (f"; preferred to {', '.join(f'{r.path} ({r.type})' for r in others)}"
+                                                if others else "") + ")"
+            return MmprojChoice(folder / row.path, note, passed)
+        return MmprojChoice(None, "; ".join(passed) if passed else f"no mmproj in {folder}", passed)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.model, "source": self.source,
                 "files": [f.to_json() for f in self.files], **self.extra}
 
     def save(self, folder: Path) -> Path:
+        if self.discovered:
+            raise ValueError("a discovered manifest describes files it did not measure; it is never saved")
         target = Path(folder) / MANIFEST_NAME
         write_text_atomic(target, json.dumps(self.to_json(), indent=2) + "\n")
         return target
@@ -286,15 +342,76 @@ class Manifest:
             raise IntegrityError(f"{target} is not valid JSON ({reason}); {_fix(target)}") from exc
         return cls.from_json(data, target)
 
+    @classmethod
+    def discover(cls, folder: Path) -> Manifest:
+        """A manifest described from the headers of the GGUFs in ``folder`` (and split models' parts in its direct
+        subfolders, where bartowski puts files over 50 GB; see the module docstring): one row per model (a
+        split model's parts together), unreadable files in ``problems``. NotFoundError when the folder holds
+        no GGUF."""
+        folder = Path(folder)
+        found = sorted([p for p in folder.glob("*.gguf") if p.is_file() and not p.name.startswith(".")]
+                       + [p for p in folder.glob("*/*.gguf") if p.is_file() and SPLIT_NAME.match(p.name)])
+        if not found:
+            raise NotFoundError(f"{folder} has no {MANIFEST_NAME} and no .gguf files; pass a folder with MedGemma "
+                                "GGUFs, a .gguf file, or hf:REPO:QUANT")
+        manifest = cls(model=folder.resolve().name, source={"repo_or_path": str(folder)}, discovered=True)
+        for path in found:
+            match = SPLIT_NAME.match(path.name)
+            if match and int(match.group("no")) != 1:
+                continue  # read with its first part
+            try:
+                info = read_gguf_info(path)
+                info.check_complete()
+            except UserError as exc:
+                manifest.problems.append(str(exc))
+                continue
+            manifest.files.append(_discovered_row(folder, info))
+        return manifest
 
-def entry_for(folder: Path, file: Path, role: str, type_name: str, **values: Any) -> FileEntry:
+    @classmethod
+    def for_folder(cls, folder: Path) -> Manifest:
+        """The folder's ``manifest.json``, or without one its discovered description."""
+        folder = Path(folder)
+        if (folder / MANIFEST_NAME).exists():
+            return cls.load(folder)
+        if not folder.is_dir():
+            raise NotFoundError(f"{folder} is not a folder; pass a folder of GGUF files or a .gguf file")
+        return cls.discover(folder)
+
+
+@dataclass(frozen=True)
+class MmprojChoice:
+    """The mmproj taken for a text model (None: none fits), a note for people, and the reasons others were
+    passed over (another model's width, another projector)."""
+
+    path: Path | None
+    note: str
+    passed_over: list[str]
+
+
+def _discovered_row(folder: Path, info: GgufInfo) -> FileEntry:
+    parts = [{"path": p.path.relative_to(folder).as_posix(), "bytes": p.path.stat().st_size, "sha256": ""}
+             for p in info.parts]
+    return FileEntry(path=info.path.relative_to(folder).as_posix(), role=info.kind, type=info.quant_type,
+                     bytes=info.file_bytes, sha256="", bits_per_weight=round(info.bits_per_weight, 4) or None,
+                     tensor_types=info.quantizable_type_counts(), parts=parts)
+
+
+def entry_for(folder: Path, file: Path, role: str, type_name: str, *, parts: list[Path] | None = None,
+              **values: Any) -> FileEntry:
     """A manifest row for a finished file, with size and sha256 measured from disk.
 
-    ``values``: ``FileEntry`` fields (``bits_per_weight=…``); other keys go to ``extra``.
+    ``parts``: every part of a split model (``file`` is the first): the row's ``bytes`` is their sum, its
+    ``sha256`` the first part's, and ``parts`` lists each. ``values``: ``FileEntry`` fields
+    (``bits_per_weight=…``); other keys go to ``extra``.
     """
     file = Path(file)
-    known = {spec.name for spec in fields(FileEntry)} - {"extra", *_REQUIRED}
+    folder = Path(folder)
+    known = {spec.name for spec in fields(FileEntry)} - {"extra", "parts", *_REQUIRED}
+    rows = [{"path": Path(part).relative_to(folder).as_posix(), "bytes": Path(part).stat().st_size,
+             "sha256": sha256_of(Path(part))} for part in parts] if parts and len(parts) > 1 else []
     return FileEntry(path=file.relative_to(folder).as_posix(), role=role, type=type_name,
-                     bytes=file.stat().st_size, sha256=sha256_of(file),
+                     bytes=sum(r["bytes"] for r in rows) if rows else file.stat().st_size,
+                     sha256=rows[0]["sha256"] if rows else sha256_of(file), parts=rows,
                      **{k: v for k, v in values.items() if k in known},
                      extra={k: v for k, v in values.items() if k not in known})

@@ -81,43 +81,49 @@ class Candidate:
 
 
 def _type_from_name(path: Path) -> str:
+    """The last ``-`` field of a file name: the type of a file whose header cannot be read (error rows only)."""
     stem = path.stem
     return stem.rsplit("-", 1)[-1] if "-" in stem else stem
 
 
 def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> list[Candidate]:
-    """Candidates from folders (every text file in their manifest) and GGUF files.
+    """Candidates from folders (every text model of their manifest, or found in them) and GGUF files.
 
-    A folder's quants run with the mmproj listed in their manifest row (``mmproj`` key), else the folder's
-    highest-precision mmproj; ``mmproj`` overrides both. A file gets ``mmproj``, else its folder's.
+    A folder's quants run with the mmproj listed in their manifest row (``mmproj`` key), else the most
+    precise mmproj of the folder that fits them (``Manifest.mmproj_for``); ``mmproj`` overrides both. A file
+    gets ``mmproj``, else the one beside it. Files whose header says they are not a text model (an mmproj,
+    an importance matrix: a glob like ``out/*.gguf`` catches them) are skipped.
     """
-    from medgemma_gguf.manifest import MANIFEST_NAME, Manifest
+    from medgemma_gguf.gguf_info import read_gguf_info
+    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, Manifest
     from medgemma_gguf.quant_eval.reference import mmproj_from_manifest
 
     found: list[Candidate] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise UserError(f"{path} does not exist; pass GGUF files or an output folder with a manifest.json")
+            raise UserError(f"{path} does not exist; pass GGUF files or a folder of GGUFs")
         if path.is_dir():
-            if not (path / MANIFEST_NAME).is_file():
-                raise UserError(f"{path} has no {MANIFEST_NAME}; pass GGUF files, or a folder made by "
-                                "medgemma-gguf convert/quantize")
-            manifest = Manifest.load(path)
-            default_mmproj = mmproj or mmproj_from_manifest(path / "x.gguf")
-            rows = manifest.find("text")
+            manifest = Manifest.for_folder(path)
+            rows = manifest.present(path, "text")
             if not rows:
-                raise UserError(f"{path / MANIFEST_NAME} lists no text model; run medgemma-gguf convert first")
+                why = f" ({'; '.join(manifest.problems)})" if manifest.problems else ""
+                raise UserError(f"{path} holds no text model{why}; run medgemma-gguf convert, or pass a folder of "
+                                "MedGemma GGUFs")
             for row in rows:
-                own = row.mmproj
-                chosen = mmproj or (path / own if own else default_mmproj)
+                chosen = mmproj or (path / row.mmproj if row.mmproj else
+                                    manifest.mmproj_for(path, path / row.path, MMPROJ_PRECISION_ORDER).path)
                 found.append(Candidate(path / row.path, chosen, row.type))
         else:
-            if path.name.startswith("mmproj"):
+            try:
+                kind = read_gguf_info(path).kind
+            except UserError:
+                kind = "text"  # unreadable: evaluated, so the report says why it failed
+            if kind != "text":
                 continue  # a glob like out/*.gguf also matches the projector: it is not a quant
             found.append(Candidate(path, mmproj or mmproj_from_manifest(path), None))
     if not found:
-        raise UserError("no quants to evaluate; pass GGUF files or an output folder with a manifest.json")
+        raise UserError("no quants to evaluate; pass GGUF files or a folder of GGUFs")
     return found
 
 
@@ -147,20 +153,8 @@ def file_stats(path: Path) -> dict[str, Any]:
 
     info = read_gguf_info(path)
     n_elements = sum(t.n_elements for t in info.tensors)
-    return {"info": info, "bytes": path.stat().st_size, "tensor_bytes": info.total_tensor_bytes,
+    return {"info": info, "bytes": info.file_bytes, "tensor_bytes": info.total_tensor_bytes,
             "n_elements": n_elements, "bpw": info.bits_per_weight or None}
-
-
-def _file_type_label(info) -> str | None:
-    try:
-        import gguf
-
-        value = info.metadata.get("general.file_type")
-        if value is None:
-            return None
-        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (ValueError, TypeError):
-        return None
 
 
 @dataclass
@@ -322,7 +316,7 @@ def evaluate_candidate(candidate: Candidate, parts: Sequence[ReferencePart], sli
         raise UserError(f"{candidate.path.name} is another model than the reference ({'; '.join(differences)}); "
                         "evaluate quants of the reference model")
     row: dict[str, Any] = {"file": candidate.path.name, "path": str(candidate.path),
-                           "type": candidate.type or _file_type_label(info) or _type_from_name(candidate.path),
+                           "type": candidate.type or info.quant_type,
                            "bytes": stats["bytes"], "bpw": stats["bpw"], "tensor_bytes": stats["tensor_bytes"],
                            "n_elements": stats["n_elements"],
                            "mmproj": candidate.mmproj.name if candidate.mmproj else None,

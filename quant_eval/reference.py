@@ -725,18 +725,15 @@ def open_reference(source: str, *, cache_dir: Path, dtype: str | None = None, mm
 
 
 def mmproj_from_manifest(text_gguf: Path) -> Path | None:
-    """The highest-precision mmproj beside ``text_gguf``: from the folder's manifest, else the folder's
-    ``mmproj*.gguf`` files (type read from the name's last ``-`` field); None without one."""
-    from medgemma_gguf.manifest import MANIFEST_NAME, MMPROJ_PRECISION_ORDER, Manifest, type_rank
+    """The most precise mmproj beside ``text_gguf`` that fits it: ``Manifest.mmproj_for`` with the precision
+    order (the folder's manifest, else its mmproj GGUFs read from their headers); None without one."""
+    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, Manifest
 
     folder = Path(text_gguf).parent
-    if (folder / MANIFEST_NAME).is_file():
-        rows = Manifest.load(folder).mmprojs(folder, MMPROJ_PRECISION_ORDER)
-        return folder / rows[0].path if rows else None
-    typed = [(p.stem.rsplit("-", 1)[-1].upper(), p) for p in folder.glob("mmproj*.gguf") if p.is_file()]
-    if not typed:
+    try:
+        return Manifest.for_folder(folder).mmproj_for(folder, Path(text_gguf), MMPROJ_PRECISION_ORDER).path
+    except UserError:
         return None
-    return min(typed, key=lambda pair: (type_rank(pair[0], MMPROJ_PRECISION_ORDER), pair[1].name))[1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,15 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_gguf.errors import ResourceError, UserError, setting
-from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.errors import InputError, NotFoundError, ResourceError, UserError, setting
+from medgemma_gguf.gguf_info import check_model_pair, read_gguf_info
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
-from medgemma_gguf.runtime.quant_choice import check_model_pair, choose_quant
+from medgemma_gguf.runtime.quant_choice import choose_quant
 from medgemma_gguf.runtime.reply import CONTENT, Delta, ReasoningMarkers, ReplyText
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings, model_sampling, sampling_settings
 from medgemma_gguf.sizes import parse_size
@@ -158,10 +158,13 @@ class ChatModel:
 
     def __init__(self, engine: Engine, *, name: str, plan: OffloadPlan | None = None,
                  allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 window: tuple[float, float] | None = None, adapters: Sequence[LoraFile] = ()):
+                 window: tuple[float, float] | None = None, adapters: Sequence[LoraFile] = (), mmproj_note: str = "",
+                 choice_note: str = ""):
         self.engine = engine
         self.name = name
         self.plan = plan
+        self.mmproj_note = mmproj_note  # which mmproj was found beside the model and why (or why none)
+        self.choice_note = choice_note  # why this quant of a folder was taken
         self.adapters = list(adapters)
         self._lora_handles = {a.name: engine.load_lora(a.path) for a in self.adapters}
         self.model_ids = ModelIds(name, self.adapters)
@@ -204,6 +207,12 @@ class ChatModel:
     def n_ctx(self) -> int:
         return self.engine.n_ctx
 
+    def no_vision_error(self) -> InputError:
+        """The error for images sent to a model loaded without an mmproj, with why none was found."""
+        why = f" ({self.mmproj_note})" if self.mmproj_note else ""
+        return InputError(f"this model was loaded without an mmproj{why}; pass one with {setting('mmproj')} to send "
+                          "images")
+
     def image_options(self, *, window: tuple[float, float] | None = None, max_pixels: int | None = None,
                       allow_local_files: bool | None = None, allowed_roots: tuple[Path, ...] = (),
                       max_images: int | None = None, max_file_bytes: int | None = None) -> ImageOptions | None:
@@ -223,6 +232,8 @@ class ChatModel:
                images: ImageOptions | None = None, think: bool = False) -> Prompt:
         """The exact prompt (token runs and images) for ``messages``; see ``runtime.prompt``."""
         self._check_open()
+        if self.image_size is None and images is None and _has_images(messages):
+            raise self.no_vision_error()
         return build_prompt(messages, template=self.template, tokenize=self.engine.tokenize, bos_token=self.bos_text,
                             bos_id=self.engine.bos_token, image_tokens=self.image_tokens,
                             images=images if images is not None else self.image_options(),
@@ -438,6 +449,18 @@ class ChatModel:
                           reply.reasoning_tokens)
 
 
+def _has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
+    from medgemma_gguf.runtime.prompt import STUDY_ITEM_TYPES
+
+    kinds = ("image", "image_url", *STUDY_ITEM_TYPES)
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list | tuple) and any(isinstance(item, Mapping) and item.get("type") in kinds
+                                                     for item in content):
+            return True
+    return False
+
+
 # --- loading ------------------------------------------------------------------------------------------
 
 
@@ -456,16 +479,31 @@ def _is_gguf(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+def mmproj_beside(model_path: Path) -> tuple[Path | None, str]:
+    """The mmproj for a text GGUF given alone: from its folder's manifest, else the folder's mmproj GGUFs that
+    fit the model (``Manifest.mmproj_for``: F16, BF16, F32, Q8_0); with a note saying which and why."""
+    folder = model_path.parent
+    try:
+        choice = Manifest.for_folder(folder).mmproj_for(folder, model_path)
+    except UserError as exc:
+        return None, f"no mmproj found beside it: {exc}"
+    return choice.path, (f"found beside it: {choice.note}" if choice.path else choice.note)
+
+
 def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
          vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
          allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
          window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None) -> ChatModel:
-    """Load a MedGemma GGUF (or the best fitting quant of an output folder) for chatting.
+    """Load a MedGemma GGUF (or the best fitting quant of a folder) for chatting.
 
-    ``model``: a text GGUF, or a folder written by ``medgemma-gguf convert``: its manifest's quants are
-    ranked by bits per weight and the best that fits the memory (``vram`` on a GPU, else available RAM)
-    is loaded (``quant="Q4_K_M"`` picks one by type), with the folder's matching mmproj unless ``mmproj``
-    is given. A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
+    ``model``: a text GGUF (the first part of a split model), or a folder — an output folder of
+    ``medgemma-gguf convert`` or any folder of GGUFs (Unsloth's, bartowski's, ggml-org's). From a folder the
+    default rule of ``runtime.quant_choice.choose_quant`` picks the quant (GPU:
+    the best that fits ``vram``; CPU: the best of at most 5.5 bits per weight that fits in RAM; ranked by a
+    report's KL when the folder has one, else by bits per weight); ``quant="Q4_K_M"`` picks one by type or
+    name. Without ``mmproj``, the mmproj is found beside the text model (the manifest's, else an mmproj GGUF
+    of the folder that fits the model: F16 before BF16, F32, Q8_0), and ``ChatModel.mmproj_note`` says which.
+    A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
     ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
     ``ChatModel.plan``); without a GPU build everything runs on the CPU. ``vram``: bytes or "6GiB".
     ``window``: (center, width) for 16-bit / DICOM grayscale images. ``lora``: GGUF LoRA adapters
@@ -477,28 +515,40 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
         raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
     n_gpu_layers = _gpu_layers(n_gpu_layers)
+    mmproj_note = choice_note = ""
     model = Path(model)
     name = model.stem
     if model.is_dir():
         choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant)
-        log.info("using %s (%s, %.2f bits per weight) from %s", choice.path.name, choice.type, choice.bpw, model)
-        name = Manifest.load(model).model or choice.path.stem
+        log.info("using %s (%s, %.2f bits per weight) from %s: %s", choice.path.name, choice.type, choice.bpw, model,
+                 choice.why)
+        manifest = Manifest.for_folder(model)
+        name = choice.path.stem if manifest.discovered else (manifest.model or choice.path.stem)
         model_path = choice.path
+        choice_note = choice.why
         if mmproj is None:
             mmproj = choice.mmproj
+            mmproj_note = choice.mmproj_note
     else:
         if quant is not None:
-            raise UserError("quant selects a file from an output folder; pass the folder, or drop quant")
+            raise InputError(f"{setting('quant')} selects a file from a folder; pass the folder, or drop it")
         if not model.is_file():
-            raise UserError(f"model {model} not found; pass a .gguf file or an output folder of medgemma-gguf convert")
+            raise NotFoundError(f"model {model} not found; pass a .gguf file, a folder of GGUFs or hf:REPO:QUANT")
         model_path = model
+        if mmproj is None and _is_gguf(model_path):
+            mmproj, mmproj_note = mmproj_beside(model_path)
     mmproj_path = Path(mmproj) if mmproj is not None else None
     if mmproj_path is not None and not mmproj_path.is_file():
-        raise UserError(f"mmproj {mmproj_path} not found; check the path")
+        raise NotFoundError(f"mmproj {mmproj_path} not found; check the path")
     for path in (model_path, mmproj_path):
         if path is not None and not _is_gguf(path):
             raise UserError(f"{path} is not a GGUF file; pass files made by medgemma-gguf convert")
     check_model_pair(model_path, mmproj_path)
+    for path in (model_path, mmproj_path):
+        if path is not None:
+            read_gguf_info(path).check_complete()
+    if mmproj_path is not None and mmproj_note:
+        log.info("mmproj %s", mmproj_note)
     adapters = check_lora_files(parse_lora_specs(lora), model_path)
     n_ubatch = DEFAULT_N_UBATCH
     if mmproj_path is not None:
@@ -512,7 +562,8 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
                     n_batch=n_ubatch, n_ubatch=n_ubatch)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
-                         max_image_pixels=max_image_pixels, window=window, adapters=adapters)
+                         max_image_pixels=max_image_pixels, window=window, adapters=adapters,
+                         mmproj_note=mmproj_note, choice_note=choice_note)
     except BaseException:
         engine.close()
         raise

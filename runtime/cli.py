@@ -72,8 +72,10 @@ def _model_options(command):
     """Options shared by chat and serve: which files, where they run."""
     for option in reversed([
         click.argument("model", type=click.Path(path_type=Path)),
-        click.option("--mmproj", type=click.Path(path_type=Path), help="Vision mmproj GGUF (default: the folder's)."),
-        click.option("--quant", help="With a folder: the quant type to load (default: best that fits)."),
+        click.option("--mmproj", type=click.Path(path_type=Path),
+                     help="Vision mmproj GGUF (default: the one beside the model that fits it; F16 preferred)."),
+        click.option("--quant", help="With a folder: the quant type or file name to load (default: with a GPU the "
+                                     "best that fits; without one the best of at most 5.5 bits per weight)."),
         click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
                      help="Context size in tokens (an image takes 256)."),
         click.option("--n-gpu-layers", default="auto", show_default=True, help="'auto' (plan from --vram) or a count."),
@@ -99,6 +101,11 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
     where = f"{chat_model.model_path.name}" + (f" + {chat_model.mmproj_path.name}" if chat_model.mmproj_path else "")
     where += "".join(f" + LoRA {a.name} (scale {a.scale:g})" for a in chat_model.adapters)
     click.echo(f"loaded {where}", err=True)
+    if chat_model.choice_note:
+        click.echo(f"quant: {chat_model.choice_note}", err=True)
+    if chat_model.mmproj_note:
+        click.echo(f"mmproj: {chat_model.mmproj_note}" if chat_model.mmproj_path else
+                   f"no mmproj (text only): {chat_model.mmproj_note}", err=True)
     if chat_model.plan is not None:
         click.echo(chat_model.plan.describe(), err=True)
     return chat_model
@@ -141,7 +148,8 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
                  lora_scaled: tuple[tuple[Path, float], ...], images: tuple[Path, ...], prompt: str | None,
                  system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
                  **options: Any) -> None:
-    """Chat with MODEL (a GGUF, or an output folder: the best quant that fits is used)."""
+    """Chat with MODEL: a GGUF file, or a folder of GGUFs (its manifest's, or as published by Unsloth,
+    bartowski or ggml-org), where the default rule picks the quant (see --quant)."""
     from medgemma_gguf.runtime.sampling import sampling_settings
 
     study = {name: options.pop(name) for name in STUDY_OPTION_NAMES}
@@ -269,7 +277,7 @@ def _repl(chat_model, images: list[Path], *, system: str | None, preset: str | N
 def _image_options(chat_model):
     options = chat_model.image_options()
     if options is None:
-        raise UserError("this model was loaded without an mmproj; pass --mmproj to use images")
+        raise chat_model.no_vision_error()
     return options
 
 
@@ -334,13 +342,14 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
               help="quant_eval report.json to rank by mean KL (default: FOLDER/report/report.json if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
 def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None, as_json: bool) -> None:
-    """Rank the quants in FOLDER that fit a memory budget, best first."""
+    """Rank the quants in FOLDER that fit a memory budget, best first (by KL where a report exists, else by
+    bits per weight); FOLDER may be any folder of GGUFs."""
     from medgemma_gguf.runtime.quant_choice import rank_quants
     from medgemma_gguf.sizes import format_size, parse_size
 
     ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
-    rows = [{"file": c.path.name, "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3), "mmproj": c.mmproj.name
-             if c.mmproj else None, "kld_mean": c.kld_mean,
+    rows = [{"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),
+             "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
              "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
              "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
              "fits": c.fits,

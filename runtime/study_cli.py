@@ -86,7 +86,7 @@ def build_study_turn(chat_model: Any, *, prompt: str | None, images: tuple[Path,
         raise InputError(f"preset {preset.name} is for a {preset.input} input, not --{kind}")
     options = chat_model.image_options()
     if options is None:
-        raise InputError(f"this model was loaded without an mmproj; pass {setting('mmproj')} to send images")
+        raise chat_model.no_vision_error()
     before, after = task_layout(preset, prompt) if preset is not None else (None, prompt)
     if kind == "volume":
         windows = parse_windows(study["windows"]) if study.get("windows") else None

@@ -341,7 +341,7 @@ def test_candidates_from_a_folder_use_its_manifest_and_mmproj(converted):
     assert candidate == Candidate(result.text_path, result.mmproj_path, "F32")
     with pytest.raises(UserError, match="does not exist"):
         candidates_from_paths([result.text_path.parent / "missing"])
-    with pytest.raises(UserError, match="has no manifest.json"):
+    with pytest.raises(UserError, match="has no manifest.json and no .gguf files"):
         candidates_from_paths([result.text_path.parent.parent])
 
 
