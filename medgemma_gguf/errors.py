@@ -103,6 +103,12 @@ SETTINGS: dict[str, Spelling] = {
                                  "the server's --insecure-no-auth"),
     "header_timeout": Spelling("--header-timeout", "header_timeout_s", "the server's header timeout"),
     "body_timeout": Spelling("--body-timeout", "body_timeout_s", "the server's body timeout"),
+    "parallel": Spelling("--parallel", "n_parallel", "the server's parallel slots (serve --parallel)"),
+    "queue": Spelling("--queue", "queue_size", "the server's queue (serve --queue)"),
+    "request_timeout": Spelling("--request-timeout", "request_timeout", "the server's time limit per request "
+                                "(serve --request-timeout)"),
+    "logprobs": Spelling("--logprobs", "logprobs", "'logprobs'"),
+    "top_logprobs": Spelling("--top-logprobs", "top_logprobs", "'top_logprobs'"),
 }
 
 _OPEN, _CLOSE = "\ue000", "\ue001"

@@ -53,6 +53,7 @@ from medgemma_gguf.sizes import parse_size
 log = logging.getLogger(__name__)
 
 DEFAULT_N_UBATCH = 512
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 def context_overflow_message(prompt: Prompt, n_ctx: int) -> str:
@@ -188,6 +189,7 @@ class ChatModel:
         self._kv_units: list[int | tuple[str, str, int]] = []
         self._generation = 0
         self._closed = False
+        self.served_by: Any = None  # a runtime.batching.Batcher that owns the context while serving
         self.use_adapters(self.model_ids.default)
 
     # properties ------------------------------------------------------------------------------------
@@ -243,6 +245,11 @@ class ChatModel:
         if self._closed:
             raise UserError("this model was closed; load it again")
 
+    def _check_not_served(self) -> None:
+        if self.served_by is not None:
+            raise UserError("this model is being served (runtime.server owns its context until the server stops); "
+                            "send the request to the server, or load the model a second time")
+
     def check_fits(self, prompt: Prompt) -> None:
         """UserError when the model was closed or the prompt leaves no room in the context for a generated token."""
         self._check_open()
@@ -295,6 +302,9 @@ class ChatModel:
         self.check_fits(prompt)
         sampler = Sampler(self.engine.llama_context, self.engine.llama_vocab, settings.resolve(self.sampling_defaults),
                           n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx, reasoning=self.reasoning_markers)
+        if self.served_by is not None:  # the server's batcher owns the context: the reply runs in one of its slots
+            return ChatStream(self.served_by.generate(prompt, settings, sampler, adapters=self.active_adapters,
+                                                      ignore_eos=ignore_eos, should_stop=should_stop))
         try:
             self._generation += 1
             started = time.perf_counter()
@@ -311,6 +321,7 @@ class ChatModel:
 
     def next_token_logits(self, prompt: Prompt) -> np.ndarray:
         """The logits after ``prompt`` (float32 [n_vocab]), evaluated as ``generate`` evaluates it."""
+        self._check_not_served()
         self.check_fits(prompt)
         self._generation += 1
         return self._evaluate_prompt(prompt, logits="last")[0][-1]
@@ -328,20 +339,41 @@ class ChatModel:
         if unknown:
             raise UserError(f"LoRA adapter {unknown[0]!r} is not loaded; loaded: "
                             f"{', '.join(self._lora_handles) or 'none'} (add it with {setting('lora')})")
+        if self.served_by is not None:  # the server applies each request's set to its own batches
+            self.active_adapters = names
+            return
         scales = {a.name: a.scale for a in self.adapters}
         self.engine.set_loras([(self._lora_handles[n], scales[n]) for n in names])
         self.active_adapters = names
         self.reset()
 
+    def adapter_set(self, names: Sequence[str]) -> list[tuple[Any, float]]:
+        """The loaded adapters ``names`` as (llama.cpp handle, scale) pairs, for ``Engine.set_loras``."""
+        scales = {a.name: a.scale for a in self.adapters}
+        return [(self._lora_handles[n], scales[n]) for n in names]
+
+    def serve_with(self, owner: object | None) -> None:
+        """Hand the context to ``owner`` (a ``runtime.batching.Batcher``), or take it back with None. While it is
+        served, the model's own ``chat``/``generate`` run in one of the server's slots (``next_token_logits``
+        refuses); afterwards they start from a cleared cache."""
+        if owner is not None and self.served_by is not None and self.served_by is not owner:
+            raise UserError("this model is already being served; stop that server first, or load the model again")
+        self.served_by = owner
+        if owner is None and not self._closed:
+            self.engine.set_loras(self.adapter_set(self.active_adapters))  # the server switched sets per batch
+            self.reset()
+
     def reset(self) -> None:
         """Forget the cached conversation (the next chat evaluates its whole prompt)."""
         self._generation += 1
-        if not self._closed:
+        if not self._closed and self.served_by is None:  # a server keeps its slots' caches itself
             self.engine.reset()
         self._kv_units = []
 
     def close(self) -> None:
-        """Free the model."""
+        """Free the model (a server still running on it is stopped first)."""
+        if self.served_by is not None:
+            self.served_by.close()
         self._generation += 1
         self._closed = True
         self.engine.close()
@@ -493,7 +525,8 @@ def mmproj_beside(model_path: Path) -> tuple[Path | None, str]:
 def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
          vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
          allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None) -> ChatModel:
+         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None,
+         n_parallel: int = 1) -> ChatModel:
     """Load a MedGemma GGUF (or the best fitting quant of a folder) for chatting.
 
     ``model``: a text GGUF (the first part of a split model), or a folder — an output folder of
@@ -509,17 +542,21 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     ``window``: (center, width) for 16-bit / DICOM grayscale images. ``lora``: GGUF LoRA adapters
     (``medgemma-gguf convert-adapter``) applied to every reply, as paths (scale 1) or ``(path, scale)``
     pairs; each is checked against the model first (another base, or a vision-tower adapter, is refused:
-    see ``runtime.lora``); ``ChatModel.use_adapters`` switches between them.
+    see ``runtime.lora``); ``ChatModel.use_adapters`` switches between them. ``n_parallel``: sequences in the
+    context, each with ``n_ctx`` positions (the server's slots, ``runtime.batching``; memory is planned for
+    ``n_parallel × n_ctx``); the model's own ``chat`` uses the first.
     """
     vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
         raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
+    if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:
+        raise UserError(f"{setting('parallel')} must be a whole number from 1 to {MAX_PARALLEL}, got {n_parallel!r}")
     n_gpu_layers = _gpu_layers(n_gpu_layers)
     mmproj_note = choice_note = ""
     model = Path(model)
     name = model.stem
     if model.is_dir():
-        choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant)
+        choice = choose_quant(model, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, quant=quant)
         log.info("using %s (%s, %.2f bits per weight) from %s: %s", choice.path.name, choice.type, choice.bpw, model,
                  choice.why)
         manifest = Manifest.for_folder(model)
@@ -555,11 +592,12 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
         n_ubatch = max(n_ubatch, read_vision_model(mmproj_path).n_image_tokens or 0)
     plan = None
     if n_gpu_layers == "auto":
-        plan = plan_offload(model_path, n_ctx=n_ctx, vram_bytes=vram_bytes, mmproj_path=mmproj_path, n_ubatch=n_ubatch)
+        plan = plan_offload(model_path, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, mmproj_path=mmproj_path,
+                            n_ubatch=n_ubatch)
         log.info("offload plan:\n%s", plan.describe())
         n_gpu_layers = plan.n_gpu_layers
     engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                    n_batch=n_ubatch, n_ubatch=n_ubatch)
+                    n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=n_parallel)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
                          max_image_pixels=max_image_pixels, window=window, adapters=adapters,

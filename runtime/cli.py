@@ -281,6 +281,13 @@ def _image_options(chat_model):
     return options
 
 
+def default_parallel() -> int:
+    """``serve --parallel`` when not given: 4 slots on a GPU build (llama-server's default), 2 on the CPU."""
+    from medgemma_gguf.runtime.offload import gpu_offload_supported
+
+    return 4 if gpu_offload_supported()[0] else 2
+
+
 @click.command("serve")
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -290,6 +297,17 @@ def _image_options(chat_model):
               help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY); must not be empty.")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Serve beyond loopback without an API key: anyone who can reach the port can use the model.")
+@click.option("--parallel", type=click.IntRange(1, 256),
+              help="Requests decoded together (slots), each with --ctx positions [default: 4 on a GPU build, 2 on "
+                   "the CPU].")
+@click.option("--queue", "queue_size", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a slot; beyond them the server answers 429 with Retry-After.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request may take from its arrival (queue included); the reply ends there "
+                   "[default: no limit].")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow browser pages from this origin (e.g. http://localhost:3000; '*' for any); repeatable. "
+                   "Off by default.")
 @click.option("--allow-local-files", is_flag=True,
               help="Accept local paths in requests, under the --allow-dir folders (default: the working directory).")
 @click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -308,13 +326,16 @@ def _image_options(chat_model):
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                   vram: str | None, threads: int | None, lora: tuple[Path, ...],
                   lora_scaled: tuple[tuple[Path, float], ...], host: str, port: int, api_key: str | None,
-                  insecure_no_auth: bool, allow_local_files: bool, allow_dirs: tuple[Path, ...], max_body_bytes: int,
-                  max_image_pixels: int, max_images: int, max_tokens_limit: int, header_timeout: float,
-                  body_timeout: float) -> None:
-    """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions).
+                  insecure_no_auth: bool, parallel: int | None, queue_size: int, request_timeout: float | None,
+                  cors_origins: tuple[str, ...], allow_local_files: bool, allow_dirs: tuple[Path, ...],
+                  max_body_bytes: int, max_image_pixels: int, max_images: int, max_tokens_limit: int,
+                  header_timeout: float, body_timeout: float) -> None:
+    """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) and a web
+    chat page at http://HOST:PORT/.
 
-    With --lora adapters, GET /v1/models lists MODEL (all adapters), MODEL+base and MODEL+ADAPTER; a
-    request's "model" picks one of them.
+    --parallel requests run at once, each in its own slot of --ctx positions (the KV cache holds
+    parallel x ctx positions; llama-server's -c is the total instead). With --lora adapters, GET /v1/models
+    lists MODEL (all adapters), MODEL+base and MODEL+ADAPTER; a request's "model" picks one of them.
     """
     from medgemma_gguf.runtime.http_limits import check_binding
     from medgemma_gguf.runtime.server import ServerLimits, serve
@@ -325,13 +346,16 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
     if insecure_no_auth and api_key is None:
         click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth): anyone who can reach the "
                    "port can use the model", err=True)
+    parallel = parallel or default_parallel()
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
-                       max_image_pixels=max_image_pixels)
+                       max_image_pixels=max_image_pixels, n_parallel=parallel)
+    click.echo(f"{parallel} parallel slots of {chat_model.n_ctx} positions each, queue of {queue_size}", err=True)
     with chat_model:
         serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
               limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit,
                                   header_timeout_s=header_timeout, body_timeout_s=body_timeout),
-              allowed_roots=allow_dirs, insecure_no_auth=insecure_no_auth)
+              allowed_roots=allow_dirs, insecure_no_auth=insecure_no_auth, parallel=parallel, queue_size=queue_size,
+              request_timeout=request_timeout, cors_origins=cors_origins)
 
 
 @click.command("fit")

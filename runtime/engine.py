@@ -130,8 +130,13 @@ class Engine:
         n_ubatch: int = 512,
         vocab_only: bool = False,
         eval_callback: object | None = None,
+        n_seq_max: int = 1,
     ):
         """Load ``model_path`` (and ``mmproj_path``).
+
+        ``n_ctx`` is per sequence: ``n_seq_max`` sequences (the server's parallel slots,
+        ``runtime.batching``) each get a KV stream of ``n_ctx`` cells (llama.cpp's non-unified cache,
+        ``kv_unified=False``; llama.cpp pads it to 256). This engine's own evaluation methods use sequence 0.
 
         ``eval_callback``: a ``llama_cpp.ggml_backend_sched_eval_callback`` called for every graph node
         (how llama.cpp's imatrix tool observes activations); the caller keeps it alive.
@@ -161,7 +166,9 @@ class Engine:
         if vocab_only:
             return
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
+        ctx_params.n_ctx = n_ctx * n_seq_max
+        ctx_params.n_seq_max = n_seq_max
+        ctx_params.kv_unified = False
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_ubatch
         ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
@@ -171,9 +178,11 @@ class Engine:
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             self.close()
-            raise UserError(f"cannot create a context of {n_ctx} tokens for {self.model_path}; lower "
-                            f"{setting('n_ctx')}")
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+            many = f" for each of {n_seq_max} parallel slots" if n_seq_max > 1 else ""
+            raise UserError(f"cannot create a context of {n_ctx} tokens{many} for {self.model_path}; lower "
+                            f"{setting('n_ctx')}" + (f" or {setting('parallel')}" if n_seq_max > 1 else ""))
+        self.n_seq_max = llama_cpp.llama_n_seq_max(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)  # per sequence
         self._one = llama_cpp.llama_batch_init(1, 0, 1)
         self._one.n_tokens = 1
         self._one.n_seq_id[0] = 1
@@ -243,14 +252,18 @@ class Engine:
                                 "was made for another base model or is damaged")
         return adapter
 
-    def set_loras(self, adapters: Sequence[tuple[ctypes.c_void_p, float]]) -> None:
+    def set_loras(self, adapters: Sequence[tuple[ctypes.c_void_p, float]], *, clear_cache: bool = True) -> None:
         """Replace the context's adapter set (``llama_set_adapters_lora``) and clear the KV cache, which
-        llama.cpp keeps although it was computed with the previous set."""
+        llama.cpp keeps although it was computed with the previous set.
+
+        ``clear_cache=False``: keep it — for a caller that tracks which set each sequence's cache was
+        computed with (``runtime.batching``: the set applies to the next decodes only)."""
         count = len(adapters)
         handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*(a for a, _ in adapters)) if count else None
         scales = (ctypes.c_float * count)(*(s for _, s in adapters)) if count else None
         llama_cpp.llama_set_adapters_lora(self._ctx, handles, count, scales)
-        self.reset()
+        if clear_cache:
+            self.reset()
 
     # tokens ----------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -452,6 +465,13 @@ class Engine:
         The whole image must fit in one micro-batch (``n_ubatch``): Gemma 3 attends to the image block
         non-causally, and splitting it silently degrades quality.
         """
+        self.n_past, n_tokens = self.eval_image_at(image, seq_id=0, n_past=self.n_past)
+        return n_tokens
+
+    def eval_image_at(self, image: ImagePart, *, seq_id: int, n_past: int) -> tuple[int, int]:
+        """Encode ``image`` and decode it into sequence ``seq_id`` at position ``n_past``, in decodes of its
+        own (libmtmd switches the whole context to non-causal attention for them, so no other sequence's
+        tokens may share them); returns (the next position, the image's positions)."""
         chunks = self._image_chunks(image)
         try:
             chunk = self._image_chunk(chunks)
@@ -461,15 +481,16 @@ class Engine:
                     f"an image takes {n_tokens} positions but the micro-batch is {self.n_ubatch}; "
                     "raise n_ubatch/n_batch to at least the image size"
                 )
-            self._check_room(n_tokens)
+            if n_past + n_tokens > self.n_ctx:
+                raise UserError(f"the prompt needs {n_past + n_tokens} tokens but the context holds {self.n_ctx}; "
+                                f"raise {setting('n_ctx')} or shorten the conversation")
             new_n_past = llama_cpp.llama_pos(0)
             status = mtmd.mtmd_helper_eval_chunk_single(
-                self._mtmd, self._ctx, chunk, self.n_past, 0, self.n_batch, False, ctypes.byref(new_n_past)
+                self._mtmd, self._ctx, chunk, n_past, seq_id, self.n_batch, False, ctypes.byref(new_n_past)
             )
             if status != 0:
                 raise RuntimeError(f"mtmd_helper_eval_chunk_single failed with status {status}")
-            self.n_past = new_n_past.value
-            return n_tokens
+            return new_n_past.value, n_tokens
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 

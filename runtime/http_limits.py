@@ -61,11 +61,13 @@ class HttpLimits:
 class ApiError(Exception):
     """A request error answered as ``{"error": {"message", "type"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 def error_body(message: str, kind: str) -> dict[str, Any]:
@@ -237,8 +239,8 @@ def install(app: Any) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Any, exc: ApiError) -> JSONResponse:
-        headers = {"connection": "close"} if exc.status in (408, 413) else None
-        return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status, headers=headers)
+        headers = {**({"connection": "close"} if exc.status in (408, 413) else {}), **(exc.headers or {})}
+        return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:

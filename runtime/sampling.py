@@ -423,10 +423,10 @@ class Sampler:
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return math.isfinite(self._one[0].logit)
 
-    def _sample_with_grammar(self) -> int:
-        token = llama_cpp.llama_sampler_sample(self._fast, self._ctx, -1)  # the chain alone, nothing accepted
+    def _sample_with_grammar(self, index: int = -1) -> int:
+        token = llama_cpp.llama_sampler_sample(self._fast, self._ctx, index)  # the chain alone, nothing accepted
         if not self._allowed(token):
-            token = llama_cpp.llama_sampler_sample(self._full, self._ctx, -1)
+            token = llama_cpp.llama_sampler_sample(self._full, self._ctx, index)
             if self._dead or not self._allowed(token):
                 return -1
         llama_cpp.llama_sampler_accept(self._grammar, token)
@@ -438,9 +438,10 @@ class Sampler:
         """The seed the chain's distribution uses (llama.cpp's own draw when none was given)."""
         return int(llama_cpp.llama_sampler_get_seed(self._chain))
 
-    def sample(self) -> int:
-        """The next token from the context's last logits, accepted into the chain (penalty history)."""
-        return llama_cpp.llama_sampler_sample(self._chain, self._ctx, -1)
+    def sample(self, index: int = -1) -> int:
+        """The next token from the context's logits of batch row ``index`` (-1: the last row of the last
+        decode; ``runtime.batching`` passes each slot's row), accepted into the chain (penalty history)."""
+        return llama_cpp.llama_sampler_sample(self._chain, self._ctx, index)
 
     def close(self) -> None:
         for chain, *_ in self._wrappers:

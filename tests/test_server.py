@@ -23,6 +23,8 @@ from test_runtime_chat import (
     until_end,
 )
 
+from medgemma_gguf.errors import UserError
+
 API_KEY = "test-key-123"
 
 
@@ -38,18 +40,10 @@ def _data_uri(img, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def served(converted):
-    """(base_url, ChatModel): uvicorn serving mm-deep F32 in a thread, stopped after the module."""
+def run_uvicorn(app):
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; returns (base_url, stop())."""
     import uvicorn
 
-    from medgemma_gguf.runtime.chat import load
-    from medgemma_gguf.runtime.server import ServerLimits, create_app
-
-    files = converted(VARIANT)
-    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
-    limits = ServerLimits(max_body_bytes=200_000, max_image_pixels=300 * 300, max_images=2, max_tokens_limit=64)
-    app = create_app(model, api_key=API_KEY, limits=limits)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -58,10 +52,38 @@ def served(converted):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model
-    server.should_exit = True
-    thread.join(timeout=30)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def served(converted):
+    """(base_url, ChatModel): uvicorn serving mm-deep F32 with two parallel slots in a thread, stopped after the
+    module. While it is served the model's own chat refuses: references come from ``solo``."""
+    from medgemma_gguf.runtime.chat import load
+    from medgemma_gguf.runtime.server import ServerLimits, create_app
+
+    files = converted(VARIANT)
+    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1, n_parallel=2)
+    limits = ServerLimits(max_body_bytes=200_000, max_image_pixels=300 * 300, max_images=2, max_tokens_limit=64)
+    base, stop = run_uvicorn(create_app(model, api_key=API_KEY, limits=limits))
+    yield base, model
+    stop()
     model.close()
+
+
+@pytest.fixture(scope="module")
+def solo(converted):
+    """The same model loaded on its own, for reference replies."""
+    from medgemma_gguf.runtime.chat import load
+
+    files = converted(VARIANT)
+    with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +138,10 @@ def test_openai_client_gets_hf_greedy_reply_streaming_and_not(served, client, ti
     assert json.loads(data_lines[0][6:])["object"] == "chat.completion.chunk"
 
 
-def test_sampling_fields_are_honoured(served, client):
+def test_sampling_fields_are_honoured(served, solo, client):
     _, model = served
     question = [{"role": "user", "content": "What is the normal adult resting heart rate?"}]
-    greedy = model.chat(question, max_tokens=8)
+    greedy = solo.chat(question, max_tokens=8)
 
     def reply(**fields):
         return client.chat.completions.create(model="m", messages=question, max_tokens=8, **fields)
@@ -127,15 +149,15 @@ def test_sampling_fields_are_honoured(served, client):
     assert reply().choices[0].message.content == greedy.text
     assert reply(temperature=1.0, seed=4, extra_body={"top_k": 1}).choices[0].message.content == greedy.text
     assert reply(temperature=1.0, seed=4, extra_body={"min_p": 1.0}).choices[0].message.content == greedy.text
-    seeded = model.chat(question, max_tokens=8, temperature=1.3, top_p=0.9, seed=77)
+    seeded = solo.chat(question, max_tokens=8, temperature=1.3, top_p=0.9, seed=77)
     assert reply(temperature=1.3, top_p=0.9, seed=77).choices[0].message.content == seeded.text
     for fields in ({"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"extra_body": {"repeat_penalty": 1.5}}):
-        expected = model.chat(question, max_tokens=8, **fields.get("extra_body", fields)).text
+        expected = solo.chat(question, max_tokens=8, **fields.get("extra_body", fields)).text
         assert reply(**fields).choices[0].message.content == expected
     sampled = {"max_tokens": 16, "temperature": 1.0, "seed": 21}
-    full = model.chat(question, **sampled).text
+    full = solo.chat(question, **sampled).text
     stop = full[5:8]
-    expected = model.chat(question, **sampled, stop=[stop])
+    expected = solo.chat(question, **sampled, stop=[stop])
     assert expected.text == full[:full.index(stop)] and expected.finish_reason == "stop"
     stopped = client.chat.completions.create(model="m", messages=question, stop=[stop], **sampled)
     assert stopped.choices[0].message.content == expected.text and stopped.choices[0].finish_reason == "stop"
@@ -146,7 +168,7 @@ def test_sampling_fields_are_honoured(served, client):
     assert forced.choices[0].message.content == model.engine.token_piece(77).decode() * 8
 
 
-def test_structured_output_in_openais_shape(served, client):
+def test_structured_output_in_openais_shape(served, solo, client):
     import jsonschema
     from test_structured import QUESTION
 
@@ -154,7 +176,7 @@ def test_structured_output_in_openais_shape(served, client):
     schema = {"type": "object", "properties": {"severity": {"enum": ["none", "mild", "severe"]},
               "urgent": {"type": "boolean"}, "codes": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}},
               "required": ["severity", "urgent", "codes"]}
-    expected = model.chat(QUESTION, max_tokens=64, json_schema=schema, temperature=1.0, seed=8)
+    expected = solo.chat(QUESTION, max_tokens=64, json_schema=schema, temperature=1.0, seed=8)
     response_format = {"type": "json_schema", "json_schema": {"name": "finding", "strict": True, "schema": schema}}
     reply = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=64, temperature=1.0, seed=8,
                                            response_format=response_format)
@@ -177,7 +199,8 @@ def test_structured_output_in_openais_shape(served, client):
 def test_models_and_health(served, client):
     base, model = served
     assert [m.id for m in client.models.list().data] == [model.name]
-    assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": model.name}
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": model.name, "slots": 2, "slots_busy": 0,
+                                                  "queue": 0}
 
 
 def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, client, tmp_path, tiny_checkpoint):
@@ -264,23 +287,29 @@ def test_a_client_leaving_mid_stream_frees_the_model(served):
     assert _post(base, good).status_code == 200
 
 
-def test_local_files_only_when_allowed(served, tmp_path, tiny_checkpoint):
+def test_local_files_only_when_allowed(solo, tmp_path, tiny_checkpoint, converted):
     from fastapi.testclient import TestClient
 
+    from medgemma_gguf.runtime.chat import load
     from medgemma_gguf.runtime.server import create_app
 
-    _, model = served
+    files = converted(VARIANT)
     img = native_image(image_size(tiny_checkpoint(VARIANT)), 9)
     path = tmp_path / "cxr.png"
     img.save(path)
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Findings?"},
                                                       {"type": "image_url", "image_url": {"url": str(path)}}]}],
             "max_tokens": 5}
-    with TestClient(create_app(model, allowed_roots=[tmp_path])) as local:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Findings?"}, {"type": "image", "image": img}]}]
+    with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1) as model, \
+            TestClient(create_app(model, allowed_roots=[tmp_path])) as local:
         reply = local.post("/v1/chat/completions", json=body)
+        # while served, the model's own chat runs in one of the server's slots; raw logits are refused
+        assert model.chat(messages, max_tokens=5).text == reply.json()["choices"][0]["message"]["content"]
+        with pytest.raises(UserError, match="being served"):
+            model.next_token_logits(model.prompt(messages))
     assert reply.status_code == 200
-    expected = model.chat([{"role": "user", "content": [{"type": "text", "text": "Findings?"},
-                                                         {"type": "image", "image": img}]}], max_tokens=5)
+    expected = solo.chat(messages, max_tokens=5)
     assert reply.json()["choices"][0]["message"]["content"] == expected.text
 
 
@@ -301,6 +330,14 @@ def test_serve_command_wires_options_to_the_server(converted, monkeypatch):
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8080 and kwargs["api_key"] is None
     assert kwargs["allow_local_files"] is False
     assert kwargs["limits"] == server_module.ServerLimits(5000, 1234, 3, 99)
+    assert kwargs["parallel"] == 2 and kwargs["queue_size"] == 32  # the CPU build's default; the default queue
+    assert kwargs["request_timeout"] is None and kwargs["cors_origins"] == ()
+    assert "2 parallel slots of 256 positions each" in result.stderr
+    tuned = CliRunner().invoke(serve_command, [*args, "--parallel", "3", "--queue", "0", "--request-timeout", "2.5",
+                                               "--cors-origin", "http://localhost:3000"])
+    assert tuned.exit_code == 0, tuned.output
+    assert {k: calls[-1][1][k] for k in ("parallel", "queue_size", "request_timeout", "cors_origins")} == {
+        "parallel": 3, "queue_size": 0, "request_timeout": 2.5, "cors_origins": ("http://localhost:3000",)}
     exposed = CliRunner().invoke(serve_command, [*args, "--host", "0.0.0.0", "--port", "9000", "--insecure-no-auth"])
     assert exposed.exit_code == 0 and "without an API key (--insecure-no-auth)" in exposed.stderr
     assert calls[-1][1]["host"] == "0.0.0.0" and calls[-1][1]["port"] == 9000
