@@ -554,10 +554,7 @@ class Batcher:
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:
         job = slot.job
-        if isinstance(exc, UserError):
-            log.info("a request was refused: %s", exc)
-        else:
-            log.error("a request failed", exc_info=exc)
+        log.debug("slot %d: the request failed: %r", slot.seq_id, exc)  # its caller reports it (one log line)
         self.stats.failed += 1
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = []

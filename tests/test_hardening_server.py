@@ -340,7 +340,7 @@ def test_internal_errors_are_generic_500s_with_a_request_id(converted, caplog):
         def broken(*_args, **_kwargs):
             raise RuntimeError("secret internal detail /opt/model")
 
-        model.generate = broken
+        model.prompt = broken  # the server builds every prompt through it
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         with caplog.at_level(logging.INFO), TestClient(create_app(model), raise_server_exceptions=False) as client:
             plain = client.post("/v1/chat/completions", json=body)
