@@ -20,6 +20,19 @@ case "$(uname -m)" in
 esac
 LLAMA_ARGS="$PORTABLE -DGGML_RPC=ON ${LLAMA_CMAKE_ARGS:-${CMAKE_ARGS:-}}"
 
+# Headless Chromium from Debian's packages for the web page's browser tests (tests/test_web_page.py, driven by
+# Playwright for Python with executable_path; Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    as_root=""
+    [ "$(id -u)" -eq 0 ] || as_root="sudo"
+    $as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: no apt-get here: install Chromium yourself (the web page tests need /usr/bin/chromium)" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -1,0 +1,216 @@
+"""The web chat page at ``/`` in a real browser: Debian's Chromium, headless, driven by Playwright for Python,
+against the real server (uvicorn on loopback) serving the tiny image+text model.
+
+A missing browser fails these tests with the fix (``scripts/setup.sh`` installs it); they never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_runtime_chat import VARIANT, native_image
+from test_server import run_uvicorn
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+API_KEY = "page-key-1"
+LAPTOP = {"width": 1366, "height": 768}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file() and not shutil.which("chromium"):
+        pytest.fail(f"Chromium is not installed ({CHROMIUM}); the web page tests need it: run scripts/setup.sh, or "
+                    "apt-get install chromium", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright for Python is missing: pip install -e '.[test]' (scripts/setup.sh does)", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def site(converted):
+    """(base_url, model): the server with an API key, two slots, room for long replies."""
+    from medgemma_gguf.runtime.chat import load
+    from medgemma_gguf.runtime.server import ServerLimits, create_app
+
+    files = converted(VARIANT)
+    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=8192, n_threads=1, n_parallel=2)
+    base, stop = run_uvicorn(create_app(model, api_key=API_KEY, limits=ServerLimits(max_tokens_limit=6000)))
+    yield base, model
+    stop()
+    model.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    """A fresh page on a laptop-sized screen; every request it makes is recorded in ``page.requests``."""
+    context = browser.new_context(viewport=LAPTOP)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site[0])
+    tab = context.new_page()
+    tab.requests = []
+    tab.on("request", lambda request: tab.requests.append(request.url))
+    tab.set_default_timeout(60_000)
+    yield tab
+    context.close()
+
+
+def _wait(page, expression: str, timeout: float = 60) -> None:
+    """Poll a JavaScript expression until it is true (the page's CSP forbids Playwright's eval-based waits)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(f"() => Boolean({expression})"):
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        time.sleep(0.05)
+
+
+def _enter_key(page) -> None:
+    dialog = page.locator("#key-dialog")
+    dialog.wait_for(state="visible")
+    assert "API key" in dialog.inner_text()
+    page.fill("#key-input", API_KEY)
+    page.click("#key-save")
+    _wait(page, "document.getElementById('status').textContent === 'ready'")
+
+
+def _only_this_server(page, base: str) -> None:
+    outside = [url for url in page.requests if not url.startswith((base + "/", "data:", "blob:"))]
+    assert not outside, f"the page made requests elsewhere: {outside}"
+
+
+def _mutations(page) -> None:
+    page.evaluate("""() => {
+        window.mutations = 0;
+        new MutationObserver((records) => { window.mutations += records.length; })
+            .observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def test_a_message_with_images_streams_its_reply(page, site, tmp_path):
+    from imaging_data import write_series
+
+    base, _ = site
+    response = httpx.get(base + "/")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    page.goto(base + "/")
+    _enter_key(page)  # /api/presets answered 401: the page asked for the key
+    assert "ckpt-mm-deep" in page.inner_text("#model-name")
+    assert "Not a medical device" in page.inner_text("#notice") and page.locator("#notice").is_visible()
+    png = tmp_path / "cxr.png"
+    native_image(112, 7).save(png)
+    series = tmp_path / "series"
+    write_series(series, n=1, rows=16, cols=16)
+    dicom = next(series.iterdir())
+    page.set_input_files("#file-input", [str(png), str(dicom)])
+    _wait(page, "document.querySelectorAll('#attachments img').length === 2")
+    thumbnails = page.eval_on_selector_all("#attachments img", "images => images.map(i => [i.src, i.naturalWidth])")
+    assert thumbnails[0][0].startswith("data:image/png") and thumbnails[1][0].startswith("data:image/png")
+    assert all(width > 0 for _, width in thumbnails)  # both drawn, the DICOM one rendered by /api/thumbnail
+    page.select_option("#preset", "radiology")
+    assert page.input_value("#system") == "You are an expert radiologist."
+    page.fill("#max-tokens", "24")
+    _mutations(page)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.fill("#message", "Describe these images")
+        page.press("#message", "Enter")
+    body = json.loads(sent.value.post_data)
+    _wait(page, "document.querySelector('.message.assistant .stats')?.textContent.includes('tokens')")
+    shown = page.evaluate("() => document.querySelector('.message.assistant .content').textContent")
+    assert body["stream"] is True and body["max_tokens"] == 24 and body["messages"][0]["role"] == "system"
+    assert [item["type"] for item in body["messages"][1]["content"]] == ["text", "image_url", "image_url"]
+    assert body["messages"][1]["content"][2]["image_url"]["url"].startswith("data:application/dicom;base64,")
+    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=120,
+                           headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert shown == reference["choices"][0]["message"]["content"] != ""
+    assert page.evaluate("window.mutations") > 5  # the reply arrived piece by piece
+    stats = page.inner_text(".message.assistant .stats")
+    assert f"{reference['usage']['completion_tokens']} reply tokens" in stats and "tokens/s" in stats
+    assert page.locator(".message.user .images img").count() == 2
+    page.click(".message.assistant .copy")
+    assert page.evaluate("navigator.clipboard.readText()") == shown
+    _only_this_server(page, base)
+
+
+def test_stop_ends_a_reply_and_frees_its_slot(page, site):
+    base, _ = site
+    page.goto(base + "/")
+    _enter_key(page)
+    page.fill("#max-tokens", "6000")  # the tiny model's greedy reply repeats, never ending by itself
+    page.fill("#message", "Tell me everything.")
+    page.click("#send")
+    _wait(page, "document.querySelector('.message.assistant .content')?.textContent.length > 0")
+    assert page.is_enabled("#stop") and page.is_disabled("#send")
+    page.click("#stop")
+    _wait(page, "document.querySelector('.message.assistant .stats')?.textContent.includes('stopped')")
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base}/health").json()["slots_busy"]:
+        assert time.monotonic() < deadline, "the stopped reply kept its slot"
+        time.sleep(0.05)
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'medgemma_gguf_requests_total{finish="cancelled"} 1.0' in metrics
+    _only_this_server(page, base)
+
+
+def test_keyboard_only_on_a_laptop_screen(page, site):
+    base, _ = site
+    page.goto(base + "/")
+    _enter_key(page)
+    for selector in ("#message", "#send", "#stop", "#notice", "#file-input + *, .attach"):
+        box = page.locator(selector).first.bounding_box()
+        assert box and box["y"] + box["height"] <= LAPTOP["height"] and box["x"] + box["width"] <= LAPTOP["width"], \
+            selector
+    page.locator("body").focus()
+    focused = []
+    for _ in range(30):  # Tab through the controls until the message box has the focus
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+        if focused[-1] == "message":
+            break
+    assert focused[-1] == "message", focused
+    page.keyboard.type("What is the normal adult resting heart rate?")
+    page.keyboard.press("Enter")
+    _wait(page, "document.querySelector('.message.assistant .content')?.textContent.length > 0")
+    page.keyboard.press("Escape")  # stops the reply, if it is still running
+    _wait(page, "!document.getElementById('send').disabled")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "file-input"  # the attach control is reachable too
+    _only_this_server(page, base)
+
+
+def test_the_reasoning_block_is_folded(page, site):
+    """MedGemma's reasoning comes as ``reasoning_content`` deltas; the tiny model writes none unasked, so this
+    check replays a server stream that has one (the page's rendering is what is tested)."""
+    base, _ = site
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "Consider the lung fields."},
+                            "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"content": "No acute findings."}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "timings": {"decode_tokens_per_s": 12.5}},
+              {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}]
+    stream = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=stream))
+    page.goto(base + "/")
+    _enter_key(page)
+    page.fill("#message", "Findings?")
+    page.press("#message", "Enter")
+    _wait(page, "document.querySelector('.message.assistant .stats')?.textContent.includes('tokens')")
+    details = page.locator(".message.assistant details.reasoning")
+    assert details.is_visible() and details.get_attribute("open") is None  # folded away
+    assert page.inner_text(".message.assistant .content") == "No acute findings."
+    details.locator("summary").click()
+    assert "Consider the lung fields." in details.inner_text()
+    assert "12.5 tokens/s" in page.inner_text(".message.assistant .stats")
