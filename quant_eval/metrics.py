@@ -384,25 +384,30 @@ def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, m
     if min_tokens > max_tokens:
         raise MetricInputError(f"min_tokens {min_tokens} is above max_tokens {max_tokens}; swap them")
     x32 = x.astype(np.float32, copy=False)
-    lse = np.empty(n_pos)
-    for rows in _row_slices(n_pos, vocab):
-        lse[rows] = _lse_rows(x32[rows].astype(np.float64))
     if epsilon == 0.0:
+        lse = np.empty(n_pos)
+        for rows in _row_slices(n_pos, vocab):
+            lse[rows] = _lse_rows(x32[rows].astype(np.float64))
         return CoveredLogProbs(offsets=np.arange(n_pos + 1, dtype=np.int64) * vocab, ids=None,
                                logits=np.ascontiguousarray(x32).reshape(-1), lse=lse, tail_mass=np.zeros(n_pos),
                                vocab_size=vocab, epsilon=0.0)
     floor, cap = min(min_tokens, vocab), min(max_tokens, vocab)
     ids: list[NDArray[np.int64]] = []
+    lse = np.empty(n_pos)
     tail = np.zeros(n_pos)
     for row in range(n_pos):
-        lp = x32[row].astype(np.float64) - lse[row]
-        p = np.exp(lp)
-        total = float(p.sum())
+        x_row = x32[row].astype(np.float64)
+        row_max = float(x_row.max())
+        if row_max == -math.inf:
+            raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
+        weights = np.exp(x_row - row_max)  # p_i times the row's normaliser
+        total = float(weights.sum())
+        lse[row] = row_max + math.log(total)  # the same float64 steps as _lse_rows
         k_try = min(cap, max(floor, 256))
         while True:
-            top = _top_tokens(lp, k_try)
-            remaining = total - np.cumsum(p[top])  # tail mass if the first j + 1 are kept
-            hit = np.flatnonzero(remaining <= epsilon)
+            top = _top_tokens(weights, k_try)
+            remaining = total - np.cumsum(weights[top])  # tail mass (times the normaliser) if j + 1 are kept
+            hit = np.flatnonzero(remaining <= epsilon * total)
             if hit.size or k_try >= cap:
                 k = int(hit[0]) + 1 if hit.size else k_try
                 break
@@ -412,7 +417,7 @@ def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, m
         if chosen.size < vocab:
             rest = np.ones(vocab, dtype=bool)
             rest[chosen] = False
-            tail[row] = p[rest].sum()
+            tail[row] = float(weights[rest].sum()) / total  # summed directly: exact even when tiny
     sizes = np.array([c.size for c in ids], dtype=np.int64)
     flat_ids = np.concatenate(ids)
     row_of = np.repeat(np.arange(n_pos), sizes)
@@ -476,12 +481,16 @@ class KLBounds(NamedTuple):
     upper: NDArray[np.float64]
 
 
-def _tail_upper(tail_lq: NDArray[np.float64], p_tail: float, cap: float) -> float:
-    """max Σ_i p_i ln(p_i / q_i) over {0 <= p_i <= cap, Σ p_i = p_tail}, for ``ln q_i = tail_lq``."""
-    n_tail = tail_lq.size
+def _tail_upper(tail_lq: NDArray[np.float64], p_tail: float, cap: float, n_tail: int | None = None) -> float:
+    """max Σ_i p_i ln(p_i / q_i) over {0 <= p_i <= cap, Σ p_i = p_tail}, for ``ln q_i = tail_lq``.
+
+    ``n_tail``: how many entries of ``tail_lq`` are tail tokens (the others must be ``+inf``, which the
+    maximiser never picks); default: all of them.
+    """
+    n_tail = tail_lq.size if n_tail is None else n_tail
     n_full = min(int(math.floor(p_tail / cap)), n_tail - 1)  # tokens given the whole cap
     remainder = p_tail - n_full * cap  # the (n_full + 1)-th token gets the rest (<= cap up to rounding)
-    smallest = np.partition(tail_lq, n_full)[: n_full + 1]  # n_full smallest, then the next one
+    smallest = np.sort(np.partition(tail_lq, n_full)[: n_full + 1])  # n_full smallest, then the next one
     value = n_full * cap * math.log(cap) - cap * float(smallest[:n_full].sum())
     if remainder > 0:
         value += remainder * (math.log(remainder) - float(smallest[n_full]))
@@ -544,20 +553,24 @@ def kl_divergence_covered(ref: CoveredLogProbs, cand_logits: ArrayLike) -> KLBou
             if ref.dense or p_tail == 0.0 or ids.size == vocab:
                 lower[row] = upper[row] = stored_term  # every tail term is 0 (or there is no tail)
                 continue
-            in_tail = np.ones(vocab, dtype=bool)
-            in_tail[ids] = False
-            tail_lq = lq[in_tail]
-            q_tail = float(np.exp(tail_lq).sum())
+            # Q_T = 1 - Q_S (rows are normalised to ~1e-15); summed directly where that would lose precision
+            q_tail = max(0.0, 1.0 - float(np.exp(lq[ids]).sum()))
+            if q_tail < 1e-6:
+                in_tail = np.ones(vocab, dtype=bool)
+                in_tail[ids] = False
+                q_tail = float(np.exp(lq[in_tail]).sum())
             ln_q_tail = math.log(q_tail) if q_tail > 0 else -math.inf
             lower[row] = stored_term + p_tail * (math.log(p_tail) - ln_q_tail)
             cap = min(p_tail, float(p.min()))
             if cap <= 0.0:
                 raise MetricInputError(f"ref row {row} has tail mass {p_tail:g} but a stored probability of 0, "
                                        "which is impossible; rebuild the cache with cover_from_logits")
-            if np.isneginf(tail_lq).any():
+            tail_lq = lq.copy()
+            tail_lq[ids] = math.inf  # stored tokens: never the maximiser's pick
+            if np.isneginf(tail_lq.min()):
                 upper[row] = math.inf  # the reference may put mass where the candidate puts none
             else:
-                upper[row] = max(stored_term + _tail_upper(tail_lq, p_tail, cap), lower[row])
+                upper[row] = max(stored_term + _tail_upper(tail_lq, p_tail, cap, vocab - ids.size), lower[row])
     lower = clamp_roundoff(lower)
     return KLBounds(estimate=lower.copy(), lower=lower, upper=clamp_roundoff(upper))
 
