@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -88,13 +89,38 @@ def parse_kld_output(text: str) -> dict[str, float]:
     return out
 
 
-def run_timed(cmd: list[str]) -> tuple[float, str]:
+EXIT_DELAY_C = """
+#include <unistd.h>
+/* llama.cpp leaks its asynchronous logger at exit on purpose (common_log_main, llama.cpp issue 22142): the
+   lines queued last -- llama-perplexity's statistics -- are lost when the logger thread is not scheduled before
+   the process ends, which happens on a busy machine. Preloaded, this gives it 0.3 s while exit() runs. */
+__attribute__((destructor)) static void medgemma_gguf_let_the_logger_flush(void) { usleep(300000); }
+"""
+
+
+def exit_delay_library(binary: Path) -> Path:
+    """A tiny preload library that lets llama.cpp's logger write its last lines (see ``EXIT_DELAY_C``)."""
+    library = binary.parent / "let-logger-flush.so"
+    if not library.is_file():
+        source = binary.parent / "let-logger-flush.c"
+        source.write_text(EXIT_DELAY_C)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def run_timed(cmd: list[str], log_file: Path, needs: str | None = None) -> tuple[float, str]:
+    """Run a llama.cpp tool, timed (the 0.3 s exit delay subtracted); its log is read back from ``--log-file``."""
+    log_file.unlink(missing_ok=True)
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1", "LD_PRELOAD": str(exit_delay_library(Path(cmd[0])))}
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={"GGML_NO_BACKTRACE": "1", "PATH": "/usr/bin"})
-    seconds = time.perf_counter() - start
+    done = subprocess.run([*cmd, "--log-file", str(log_file)], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start - 0.3
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
-    return seconds, done.stdout + done.stderr
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    if needs is not None and needs not in text:
+        raise RuntimeError(f"{' '.join(cmd[:3])} … printed no {needs!r}; its log ends:\n{text[-2000:]}")
+    return seconds, text
 
 
 def read_base_tokens(path: Path) -> tuple[int, int, list[int]]:
@@ -265,7 +291,7 @@ def main() -> int:
 
     base = workdir / "base.kld"
     base_s, _ = run_timed([str(binary), "-m", str(reference), "-f", str(text), *common,
-                           "--kl-divergence-base", str(base)])
+                           "--kl-divergence-base", str(base)], workdir / "llama-base.log")
     n_ctx, n_vocab, tokens = read_base_tokens(base)
     scored = (n_ctx - 1 - n_ctx // 2) * (len(tokens) // n_ctx)
     print(f"reference {reference.name}: vocabulary {n_vocab}, {len(tokens) // n_ctx} chunks of {n_ctx}, "
@@ -290,7 +316,8 @@ def main() -> int:
         times = []
         for round_ in range(max(1, args.rounds)):
             llama_s, output = run_timed([str(binary), "-m", str(quant), *common, "--kl-divergence-base", str(base),
-                                         "--kl-divergence"])
+                                         "--kl-divergence"], workdir / f"llama-{quant.stem}.log",
+                                        needs="Same top p:")
             row, ours_s = our_quant(runs["coverage"]["part"], quant, runs["coverage"]["signature"], args.threads)
             times.append((ours_s, llama_s))
             if round_ == 0:

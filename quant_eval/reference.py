@@ -175,8 +175,10 @@ class ReferencePart:
                 "key": self.key, "cache_format": CACHE_FORMAT_VERSION, "vocab_size": self.dist.vocab_size,
                 "epsilon": self.dist.epsilon}
         arrays["meta_json"] = np.array(json.dumps(meta, sort_keys=True))
+        # every logit of every position (--full-vocab) barely compresses: store it plainly, without the CPU cost
+        write = np.savez if self.dist.dense else np.savez_compressed
         with atomic_output(Path(path), force=True) as tmp, open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
+            write(handle, **arrays)
         self.meta["file_bytes"] = Path(path).stat().st_size
 
     @classmethod
