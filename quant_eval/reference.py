@@ -7,7 +7,7 @@ An evaluation is split into *parts*: the held-out prose (perplexity) and each ta
 the reference builds the exact token sequences (prompts rendered from the model's chat template; image
 prompts laid out as the HF processor lays them out: ``\\n\\n<start_of_image>`` + N image positions +
 ``<end_of_image>\\n\\n``) and stores, per scored text position, the reference's distribution by mass — the
-smallest most-likely-first token set covering 1 - ε with the exact log-sum-exp of the whole row and the tail
+smallest set of most likely tokens covering 1 - ε with the exact log-sum-exp of the whole row and the tail
 mass (:class:`quant_eval.metrics.CoveredLogProbs`; every logit with ``full_vocab``) — the log-probability of
 the actual next token, and per task item the log-likelihood of each option. Candidates replay the stored
 token ids, so every model is scored on the same positions. :func:`llama_perplexity_chunks` lays a token

@@ -31,6 +31,7 @@ from medgemma_gguf.quant_eval.metrics import (
     rms_delta_p,
     rms_delta_p_top,
     same_top_statistics,
+    score_candidate,
     token_logprobs,
     top1_agreement,
 )
@@ -64,12 +65,15 @@ def test_coverage_keeps_the_smallest_set_over_one_minus_epsilon() -> None:
 def test_coverage_stores_exact_probabilities_and_tiny_tails() -> None:
     logits = np.array([[0.0, -40.0, -41.0, 3.5, 3.5]], dtype=np.float32)
     cover = cover_from_logits(logits, 1e-12, min_tokens=1)
-    assert cover.ids.tolist() == [3, 4, 0]  # equal probabilities: lower id first
+    assert cover.ids.tolist() == [0, 3, 4]  # stored in id order
     lse = np.log(np.exp(logits[0].astype(np.float64)).sum())
     assert cover.lse[0] == pytest.approx(lse, rel=1e-15)
     assert cover.tail_mass[0] == pytest.approx((math.exp(-40.0) + math.exp(-41.0)) / math.exp(lse), rel=1e-12)
-    assert cover.top1_ids.tolist() == [3]
-    assert cover.logits.dtype == np.float32 and np.array_equal(cover.logits, logits[0, [3, 4, 0]])
+    assert cover.top1_ids.tolist() == [3]  # equal probabilities: the lower id, as argmax
+    assert cover.top1_logprobs[0] == pytest.approx(3.5 - lse, rel=1e-15)
+    assert cover.logits.dtype == np.float32 and np.array_equal(cover.logits, logits[0, [0, 3, 4]])
+    boundary = cover_from_logits(np.array([[2.0, 1.0, 1.0, 1.0, -30.0]], dtype=np.float32), 0.3, min_tokens=1)
+    assert boundary.ids.tolist() == [0, 1, 2]  # ties at the boundary: the lowest ids are kept
 
 
 def test_full_vocab_is_dense_and_exact() -> None:
@@ -233,6 +237,29 @@ def test_candidate_zero_where_reference_may_have_mass_gives_infinite_upper() -> 
     cover = cover_from_logits(np.log([[0.6, 0.2, 0.2]]).astype(np.float32), 0.45, min_tokens=1)
     bounds = kl_divergence_covered(cover, np.array([[0.0, 0.0, -np.inf]]))
     assert math.isfinite(bounds.lower[0]) and math.isinf(bounds.upper[0])
+
+
+def test_score_candidate_gives_kl_argmax_and_token_logprobs_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medgemma_gguf.quant_eval.metrics as metrics
+
+    rng = np.random.default_rng(12)
+    ref = _shaped_logits("heavy-tailed", rng, 7, 300)
+    cand = (ref + rng.normal(size=ref.shape) * 0.3).astype(np.float32)
+    cover = cover_from_logits(ref, 1e-3)
+    nxt = np.array([3, -1, 7, 0, -1, 299, 5])
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 700)  # blocks of 2 rows: the views must write through
+    scored = score_candidate(cover, cand, {"next": nxt, "top": cover.top1_ids})
+    bounds = kl_divergence_covered(cover, cand)
+    assert np.array_equal(scored.bounds.lower, bounds.lower) and np.array_equal(scored.bounds.upper, bounds.upper)
+    assert scored.top1.tolist() == np.argmax(cand, axis=1).tolist()
+    has = nxt >= 0
+    assert np.allclose(scored.token_logprobs["next"][has], token_logprobs(cand[has], nxt[has]), rtol=0, atol=1e-12)
+    assert np.isnan(scored.token_logprobs["next"][~has]).all()
+    assert np.allclose(scored.token_logprobs["top"], token_logprobs(cand, cover.top1_ids), rtol=0, atol=1e-12)
+    with pytest.raises(MetricInputError, match="outside"):
+        score_candidate(cover, cand, {"bad": np.full(7, 300)})
+    with pytest.raises(MetricInputError, match="7 integer token ids"):
+        score_candidate(cover, cand, {"bad": np.zeros(6, dtype=int)})
 
 
 def test_brackets_overlap() -> None:
