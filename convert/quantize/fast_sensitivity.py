@@ -174,25 +174,36 @@ class ModelTiming:
     seconds_per_image: float
     positions: int  # calibration positions one evaluation scores (estimated from the token counts)
     images: int
+    all_positions: int = 0  # the same over the whole calibration set (what an importance matrix reads)
+    all_images: int = 0
 
     @property
     def evaluation_seconds(self) -> float:
-        """One evaluation over the calibration parts."""
+        """One evaluation over the selected calibration parts."""
         return self.load_seconds + self.positions * self.seconds_per_position + self.images * self.seconds_per_image
+
+    @property
+    def whole_set_seconds(self) -> float:
+        """One pass over the whole calibration set."""
+        return (self.load_seconds + self.all_positions * self.seconds_per_position
+                + self.all_images * self.seconds_per_image)
 
 
 def time_model(source: Path, mmproj: Path | None, texts: Sequence[str], image_items: Sequence[Any],
-               n_threads: int | None, batch_tokens: int = 128) -> ModelTiming:
-    """Load ``source`` (+ ``mmproj`` when there are images), decode one batch of the first text and encode one
-    image; count the positions of ``texts`` and ``image_items`` (question, options, image tokens)."""
+               n_threads: int | None, batch_tokens: int = 128, selected: tuple[int, int] | None = None,
+               image: Any | None = None) -> ModelTiming:
+    """Load ``source`` (+ ``mmproj`` when there are images), decode one batch of the first text and encode
+    ``image`` (an item with a rendered image); count the positions of ``texts`` and ``image_items``
+    (question, options, image tokens) — of all of them, and of the first ``selected`` = (texts, items) that
+    an evaluation scores (default: all)."""
     from medgemma_gguf.runtime.engine import Engine, ImagePart
 
     started = time.perf_counter()
-    with Engine(source, mmproj if image_items else None, n_ctx=max(512, batch_tokens * 2),
+    with Engine(source, mmproj if image_items and image is not None else None, n_ctx=max(512, batch_tokens * 2),
                 n_threads=n_threads) as engine:
         load = time.perf_counter() - started
-        counts = [len(engine.tokenize(text)) for text in texts]
-        counts += [len(engine.tokenize(item.question + "\n" + "\n".join(item.options))) for item in image_items]
+        text_counts = [len(engine.tokenize(text)) for text in texts]
+        item_counts = [len(engine.tokenize(item.question + "\n" + "\n".join(item.options))) for item in image_items]
         tokens = (engine.tokenize(" ".join(texts)) if texts else engine.tokenize("timing " * batch_tokens))
         tokens = (tokens * (1 + batch_tokens // max(1, len(tokens))))[:batch_tokens]
         started = time.perf_counter()
@@ -200,14 +211,16 @@ def time_model(source: Path, mmproj: Path | None, texts: Sequence[str], image_it
         per_position = (time.perf_counter() - started) / len(tokens)
         per_image = 0.0
         image_tokens = 0
-        if image_items:
-            image = ImagePart(pixels=np.asarray(image_items[0].image.load().convert("RGB")))
-            image_tokens = engine.image_token_count(image)
+        if image_items and image is not None:
+            part = ImagePart(pixels=np.asarray(image.image.load().convert("RGB")))
+            image_tokens = engine.image_token_count(part)
             started = time.perf_counter()
-            engine.encode_image(image)
+            engine.encode_image(part)
             per_image = time.perf_counter() - started
-    return ModelTiming(load, per_position, per_image, sum(counts) + image_tokens * len(image_items),
-                       len(image_items))
+    n_text, n_items = selected if selected is not None else (len(texts), len(image_items))
+    return ModelTiming(load, per_position, per_image, sum(text_counts[:n_text]) + sum(item_counts[:n_items])
+                       + image_tokens * min(n_items, len(image_items)), min(n_items, len(image_items)),
+                       sum(text_counts) + sum(item_counts) + image_tokens * len(image_items), len(image_items))
 
 
 # --- the plan -------------------------------------------------------------------------------------------
@@ -231,6 +244,7 @@ class Plan:
     imatrix: str = "none"
     workers: int = 1
     seconds: dict[str, float] = field(default_factory=dict)  # estimated, by part
+    timing_seconds: float = 0.0  # spent on the quick timings the estimate comes from
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -244,7 +258,8 @@ class Plan:
                 "quantizations_cached": self.quantizations_cached, "evaluations": self.evaluations,
                 "evaluations_cached": self.evaluations_cached, "reference_cached": self.reference_cached,
                 "table_cached": self.table_cached, "imatrix": self.imatrix, "workers": self.workers,
-                "estimated_seconds": {k: round(v, 1) for k, v in self.seconds.items()}}
+                "estimated_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+                "timing_seconds": round(self.timing_seconds, 1)}
 
     def lines(self) -> list[str]:
         """The plan as printed before any work."""
@@ -268,7 +283,8 @@ class Plan:
                        f"({self.evaluations_cached} cached){reference}")
         out += [f"  {note}" for note in self.notes]
         parts = ", ".join(f"{name} {format_seconds(value)}" for name, value in self.seconds.items() if value > 0.5)
-        out.append(f"  estimated time: {format_seconds(self.estimated_seconds)}" + (f" ({parts})" if parts else ""))
+        out.append(f"  estimated time: {format_seconds(self.estimated_seconds)}" + (f" ({parts})" if parts else "")
+                   + (f"; timing it took {format_seconds(self.timing_seconds)}" if self.timing_seconds >= 0.5 else ""))
         return out
 
 

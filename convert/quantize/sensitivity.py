@@ -121,8 +121,9 @@ FAST_VERSION = 1  # of the fast method's table assembly (part of its cache key)
 # the fast method's calibration points score the first N text and N image conversations unless told otherwise:
 # eight whole-model evaluations, each about a sixth of the whole set's positions
 FAST_SAMPLE = 4
-# an importance-matrix pass costs about this many evaluations of the calibration selection (plan estimate)
-IMATRIX_EVALUATION_FACTOR = 3.0
+# an importance-matrix pass over the calibration set costs about this many forward passes over it (plan
+# estimate: the activations of every matrix multiplication are copied out and summed)
+IMATRIX_PASS_FACTOR = 1.5
 DEFAULT_PROBES = ("Q2_K", "Q5_K")
 EXPONENT_RANGE = (0.5, 2.0)
 MIN_DELTA_KL = 1e-12  # a measured ΔKL of 0 (no change at all) is floored to this for the log-log fit
@@ -146,10 +147,12 @@ def _cut(text: str, limit: int = OPTION_CHARS) -> str:
 
 
 def calibration_parts(calibration: Any | None = None, *, max_text: int | None = None,
-                      max_images: int | None = None, image_size: int = 256) -> tuple[list[Any], list[Any]]:
+                      max_images: int | None = None, image_size: int = 256,
+                      render: bool = True) -> tuple[list[Any], list[Any]]:
     """(text chunks, image items) of a calibration set (default: the bundled one); see the module docstring.
 
-    ``max_text`` / ``max_images`` keep the first N of each (None: all).
+    ``max_text`` / ``max_images`` keep the first N of each (None: all). ``render=False``: the image items
+    without their images (for counting their text, without drawing every picture).
     """
     from PIL import Image
 
@@ -181,10 +184,13 @@ def calibration_parts(calibration: Any | None = None, *, max_text: int | None = 
     chunks = chunks[:max_text] if max_text is not None else chunks
     items = []
     for item_id, question, answer, spec, other in paired[:max_images] if max_images is not None else paired:
-        buffer = io.BytesIO()
-        Image.fromarray(render_image(spec, image_size)).save(buffer, format="PNG")
+        image = None
+        if render:
+            buffer = io.BytesIO()
+            Image.fromarray(render_image(spec, image_size)).save(buffer, format="PNG")
+            image = ImageRef(data=buffer.getvalue())
         items.append(Item(id=f"calibration-{item_id}", question=question, options=[_cut(answer), _cut(other)],
-                          answer_index=0, image=ImageRef(data=buffer.getvalue()), provenance=dict(PROVENANCE)))
+                          answer_index=0, image=image, provenance=dict(PROVENANCE)))
     if not chunks and not items:
         raise UserError("the calibration selection is empty; keep at least one text or image conversation")
     return chunks, items
@@ -830,9 +836,11 @@ def _estimate(job: SensitivityJob, info: Any, chunks: Sequence[Any], items: Sequ
     pending_evaluations = plan.evaluations - plan.evaluations_cached
     needs_model = pending_evaluations > 0 or job.imatrix_pending
     if needs_model and job.timing is None:
-        texts = [chunk.text for chunk in chunks]
-        job.timing = time_model(job.source, job.mmproj, texts, items, job.n_threads)
-    plan.seconds["timing"] = time.perf_counter() - started
+        every_text, every_item = calibration_parts(job.calibration, render=False)
+        every_item = every_item if job.mmproj is not None else []
+        job.timing = time_model(job.source, job.mmproj, [chunk.text for chunk in every_text], every_item,
+                                job.n_threads, selected=(len(chunks), len(items)), image=items[0] if items else None)
+    plan.timing_seconds = time.perf_counter() - started
     if not needs_model or job.timing is None:
         return
     timing = job.timing
@@ -848,7 +856,7 @@ def _estimate(job: SensitivityJob, info: Any, chunks: Sequence[Any], items: Sequ
     plan.seconds["calibration points" if job.method == "fast" else "quantizations"] = quantize
     plan.seconds["evaluations"] = pending_evaluations * timing.evaluation_seconds
     if job.imatrix_pending:
-        plan.seconds["importance matrix"] = timing.evaluation_seconds * IMATRIX_EVALUATION_FACTOR
+        plan.seconds["importance matrix"] = timing.whole_set_seconds * IMATRIX_PASS_FACTOR
 
 
 def _llama_cpp_version() -> str:
