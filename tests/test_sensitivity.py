@@ -46,6 +46,10 @@ def test_calibration_parts_hold_text_and_image_conditioned_prompts():
         assert item.image is not None and item.image.encoded_bytes()[:4] == b"\x89PNG"
         assert item.answer_index == 0 and item.options[0] != item.options[1]
         assert all(len(option) <= sensitivity.OPTION_CHARS + 4 for option in item.options)
+    bare_chunks, bare_items = calibration_parts(render=False)  # what the plan counts, without drawing images
+    assert [c.text for c in bare_chunks] == [c.text for c in chunks]
+    assert [(i.id, i.question, i.options) for i in bare_items] == [(i.id, i.question, i.options) for i in items]
+    assert all(item.image is None for item in bare_items)
     few_chunks, few_items = calibration_parts(max_text=3, max_images=0)
     assert [c.id for c in few_chunks] == [c.id for c in chunks[:3]] and few_items == []
     with pytest.raises(UserError, match="selection is empty"):
