@@ -7,6 +7,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gguf import GGMLQuantizationType
 
@@ -216,10 +217,10 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
 
     for path, role, label in ((text_path, "text", type_label(text_type)),
                               (mmproj_path, "mmproj", type_label(vision_type) if mmproj_path else None)):
-        if path is not None:
-            info = read_gguf_info(path)
-            manifest.upsert(entry_for(outdir, path, role, label, bits_per_weight=round(info.bits_per_weight, 4),
-                                      tensor_types=info.quantizable_type_counts()))
+        if path is not None and label is not None:
+            written = read_gguf_info(path)
+            manifest.upsert(entry_for(outdir, path, role, label, bits_per_weight=round(written.bits_per_weight, 4),
+                                      tensor_types=written.quantizable_type_counts()))
     manifest_path = manifest.save(outdir)
     return ConvertResult(name, text_path, mmproj_path, manifest_path)
 
@@ -290,7 +291,7 @@ def _load_or_new_manifest(outdir: Path, name: str, resolved: ResolvedSource, for
     A merged model's source also records the adapter (``source.adapter``: repo or path, revision, the
     sha256 of its weights and config, rank, alpha, rsLoRA).
     """
-    source = {"repo_or_path": resolved.repo_or_path, "revision": resolved.revision}
+    source: dict[str, Any] = {"repo_or_path": resolved.repo_or_path, "revision": resolved.revision}
     if adapter is not None:
         source["adapter"] = adapter
     if (outdir / MANIFEST_NAME).is_file():

@@ -10,6 +10,7 @@ so that Gemma's turn and image markers are typed CONTROL and llama.cpp parses ea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -63,7 +64,7 @@ def _load_json(path: Path) -> dict[str, Any]:
 def _read_sentencepiece(path: Path) -> tuple[list[str], list[float], list[TokenType]]:
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as exc:  # protobuf raises its own DecodeError
@@ -98,9 +99,9 @@ def _read_tokenizer_json(path: Path) -> tuple[list[str], list[float], list[Token
     scores = [0.0] * len(tokens)
     for rank, merge in enumerate(model.get("merges") or []):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token_id = vocab.get(left + right)
-        if token_id is not None and scores[token_id] == 0.0:
-            scores[token_id] = -float(rank + 1)
+        merged_id = vocab.get(left + right)
+        if merged_id is not None and scores[merged_id] == 0.0:
+            scores[merged_id] = -float(rank + 1)
     types = [TokenType.NORMAL] * len(tokens)
     for token_id, piece in enumerate(tokens):
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -127,10 +128,10 @@ def _special_contents(tok_config: dict[str, Any], special_map: dict[str, Any]) -
             if key.endswith("_token") and (content := _token_content(value)):
                 named[key] = content
         extra = source.get("extra_special_tokens") or source.get("additional_special_tokens") or {}
-        items = extra.items() if isinstance(extra, dict) else enumerate(extra)
-        for key, value in items:
+        items: Iterable[tuple[Any, Any]] = extra.items() if isinstance(extra, dict) else enumerate(extra)
+        for name, value in items:
             if content := _token_content(value):
-                named[str(key)] = content
+                named[str(name)] = content
     return named
 
 
@@ -190,9 +191,9 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
 
     index = {text: i for i, text in enumerate(tokens)}
     for content in {*named.values(), *GEMMA_MARKERS, "<image_soft_token>"}:
-        token_id = index.get(content)
-        if token_id is not None and types[token_id] in (TokenType.NORMAL, TokenType.USER_DEFINED):
-            types[token_id] = TokenType.CONTROL
+        marker_id = index.get(content)
+        if marker_id is not None and types[marker_id] in (TokenType.NORMAL, TokenType.USER_DEFINED):
+            types[marker_id] = TokenType.CONTROL
     missing = [m for m in GEMMA_MARKERS if m not in index]
     if missing:
         raise UserError(f"the tokenizer has no {', '.join(missing)} token; this is not a Gemma 3 tokenizer")

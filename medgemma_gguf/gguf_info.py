@@ -201,6 +201,10 @@ class _HeaderCursor:
         self.offset = end
         return text
 
+    def name(self) -> str:
+        """A key or tensor name (always kept)."""
+        return self.string() or ""
+
     def value(self, value_type: int) -> Any:
         value_type = _VT(value_type)
         if value_type == _VT.STRING:
@@ -235,12 +239,12 @@ def _parse_header(path: Path, buffer: mmap.mmap) -> GgufInfo:
     n_tensors, n_kv = cursor.unpack("QQ")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
-        key = cursor.string()
+        key = cursor.name()
         metadata[key] = cursor.value(cursor.unpack("I"))
     tensors = []
     offsets: list[int] = []
     for _ in range(n_tensors):
-        name = cursor.string()
+        name = cursor.name()
         n_dims = cursor.unpack("I")
         if not 1 <= n_dims <= GGML_MAX_DIMS:
             raise ValueError(f"tensor {name} has {n_dims} dimensions")

@@ -94,7 +94,8 @@ def hub_errors(repo_id: str, revision: str | None = None, *, offline_ok: bool = 
     )
 
     page = f"https://huggingface.co/{repo_id}"
-    transport = _transport_errors()
+    unreachable: tuple[type[BaseException], ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                                    *_transport_errors())
     try:
         yield
     except GatedRepoError as exc:
@@ -106,7 +107,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, offline_ok: bool = 
     except RepositoryNotFoundError as exc:
         raise NotFoundError(f"{repo_id} not found or not accessible (HTTP 401/404): check the name, accept the "
                             f"license on {page}, and pass {setting('token')} or set HF_TOKEN") from exc
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, *transport) as exc:
+    except unreachable as exc:
         if offline_ok:
             raise
         raise UserError(f"cannot download from {repo_id}: no connection to the Hub and no cached copy; connect, "

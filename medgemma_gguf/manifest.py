@@ -197,7 +197,7 @@ class FileEntry:
         known = {spec.name for spec in fields(cls)} - {"extra"}
         return cls(
             path=check.relative_path(row["path"], f"{where}.path"),  # type: ignore[arg-type]
-            role=role,  # type: ignore[arg-type]
+            role=role,
             type=check.text(row["type"], f"{where}.type"),  # type: ignore[arg-type]
             bytes=check.whole(row["bytes"], f"{where}.bytes"),  # type: ignore[arg-type]
             sha256=check.sha(row["sha256"], f"{where}.sha256"),  # type: ignore[arg-type]
@@ -408,8 +408,9 @@ def entry_for(folder: Path, file: Path, role: str, type_name: str, *, parts: lis
     file = Path(file)
     folder = Path(folder)
     known = {spec.name for spec in fields(FileEntry)} - {"extra", "parts", *_REQUIRED}
-    rows = [{"path": Path(part).relative_to(folder).as_posix(), "bytes": Path(part).stat().st_size,
-             "sha256": sha256_of(Path(part))} for part in parts] if parts and len(parts) > 1 else []
+    rows: list[dict[str, Any]] = [
+        {"path": Path(part).relative_to(folder).as_posix(), "bytes": Path(part).stat().st_size,
+         "sha256": sha256_of(Path(part))} for part in parts] if parts and len(parts) > 1 else []
     return FileEntry(path=file.relative_to(folder).as_posix(), role=role, type=type_name,
                      bytes=sum(r["bytes"] for r in rows) if rows else file.stat().st_size,
                      sha256=rows[0]["sha256"] if rows else sha256_of(file), parts=rows,

@@ -348,7 +348,7 @@ class CoveredLogProbs:
             raise MetricInputError("CoveredLogProbs to concatenate must share vocabulary size, epsilon and layout")
         sizes = np.concatenate([p.set_sizes for p in parts])
         return cls(offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                   ids=None if first.dense else np.concatenate([p.ids for p in parts]),  # type: ignore[misc]
+                   ids=None if first.dense else np.concatenate([p.ids for p in parts]),
                    logits=np.concatenate([p.logits for p in parts]), lse=np.concatenate([p.lse for p in parts]),
                    tail_mass=np.concatenate([p.tail_mass for p in parts]), vocab_size=first.vocab_size,
                    epsilon=first.epsilon)
@@ -636,7 +636,7 @@ DELTA_P_PERCENTILES = {"p999": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p7
                        "p05": 0.05, "p01": 0.01, "p001": 0.001}
 
 
-def kld_statistics(kl_per_position: ArrayLike) -> dict[str, float]:
+def kld_statistics(kl_per_position: ArrayLike) -> dict[str, Any]:
     """llama.cpp's "KL divergence statistics" of per-position KL values (nats).
 
     Keys: ``n``, ``mean``, ``mean_stderr``, ``max``, ``p999``, ``p99``, ``p95``, ``p90``, ``median``,
@@ -651,7 +651,7 @@ def kld_statistics(kl_per_position: ArrayLike) -> dict[str, float]:
             **_percentiles(values, KLD_PERCENTILES), "median": float(np.median(values)), "min": float(values.min())}
 
 
-def delta_p_statistics(ref_token_logprobs: ArrayLike, cand_token_logprobs: ArrayLike) -> dict[str, float]:
+def delta_p_statistics(ref_token_logprobs: ArrayLike, cand_token_logprobs: ArrayLike) -> dict[str, Any]:
     """llama.cpp's "Token probability statistics" of ``Δp = q(t) - p(t)`` for the observed next tokens.
 
     Keys: ``n``, ``mean``, ``mean_stderr``, ``max``, ``p999`` … ``p001`` (99.9, 99, 95, 90, 75, 25, 10,

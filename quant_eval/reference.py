@@ -494,7 +494,9 @@ class HFReference(Reference):
             raise UserError(f"{self.folder} has no config.json; pass a Hugging Face checkpoint folder or repo id")
         self.config = json.loads(config_path.read_text(encoding="utf-8"))
         self.text_config = self.config.get("text_config", self.config)
-        self._model = self._processor = self._tokenizer = None
+        self._model: Any = None
+        self._processor: Any = None
+        self._tokenizer: Any = None
 
     def _compute_hash(self) -> str:
         return folder_sha256(self.folder, self.cache_dir)
@@ -524,7 +526,7 @@ class HFReference(Reference):
             if self.has_vision:
                 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-                model_class = Gemma3ForConditionalGeneration
+                model_class: Any = Gemma3ForConditionalGeneration
                 self._processor = AutoProcessor.from_pretrained(self.folder)
             else:
                 model_class = AutoModelForCausalLM
@@ -609,7 +611,7 @@ class GGUFReference(Reference):
         self.mmproj = Path(mmproj) if mmproj else None
         self.mmproj_info = read_gguf_info(self.mmproj) if self.mmproj else None
         self.n_threads = n_threads
-        self._engine = None
+        self._engine: Any = None
 
     def _compute_hash(self) -> str:
         digest = hashlib.sha256(b"medgemma-gguf gguf reference v1\n")
@@ -697,7 +699,7 @@ def _image_part(pixels: NDArray[np.uint8]):
     return ImagePart(pixels)
 
 
-def sequence_parts(tokens: Sequence[int], image_span: tuple[int, int] | None,
+def sequence_parts(tokens: Sequence[int] | np.ndarray, image_span: tuple[int, int] | None,
                    pixels: NDArray[np.uint8] | None) -> list[Any]:
     """``Engine.eval_parts`` input for a stored sequence: tokens, then the image in place of its positions."""
     tokens = [int(t) for t in tokens]
@@ -863,7 +865,7 @@ def coverage_summary(parts: Sequence[ReferencePart]) -> dict[str, Any]:
     cap = spec.get("max_tokens")
     vocab = dists[0].vocab_size
     files = [p.file_bytes for p in parts]
-    cache_bytes = int(sum(files)) if all(b is not None for b in files) else None
+    cache_bytes = sum(b for b in files if b is not None) if all(b is not None for b in files) else None
     return {"epsilon": dists[0].epsilon, "full_vocab": dists[0].dense, "min_tokens": spec.get("min_tokens"),
             "max_tokens": cap, "mean_set_size": float(sizes.mean()), "max_tail_mass": float(tails.max()),
             "positions_at_cap": int(np.sum(sizes >= min(cap, vocab))) if cap and not dists[0].dense else 0,

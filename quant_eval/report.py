@@ -61,7 +61,7 @@ def recommendations(rows: Sequence[ReportRow], budgets_gib: Sequence[float] = BU
 
 def unresolved_pairs(rows: Sequence[ReportRow]) -> list[tuple[ReportRow, ReportRow]]:
     """Neighbours in KL order whose brackets overlap: the cache cannot tell which of the two is better."""
-    ranked = sorted((r for r in rows if r.ok and r.kld is not None), key=lambda r: r.kld_mean)
+    ranked = sorted((r for r in rows if r.ok and r.kld is not None), key=lambda r: r.kld_mean or 0.0)
     return [(a, b) for a, b in zip(ranked, ranked[1:], strict=False)
             if brackets_overlap(a.kld.bracket, b.kld.bracket)]  # type: ignore[union-attr]
 

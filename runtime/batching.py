@@ -79,7 +79,7 @@ class Job:
     prompt: Prompt
     settings: SamplingSettings
     sampler: Sampler
-    emit: Callable[[str, Any], None]
+    emit: Callable[[str, Any], object]
     adapters: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; 0..20: alternatives listed per token
     ignore_eos: bool = False

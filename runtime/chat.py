@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class ChatStream(Iterator[str]):
     channels of ``runtime.reply``). Use one or the other.
     """
 
-    def __init__(self, deltas: Iterator[Delta]):
+    def __init__(self, deltas: Generator[Delta, None, Any]):
         self._deltas = deltas
         self.result: ChatResult | None = None
 
@@ -171,15 +171,16 @@ class ChatModel:
         self.model_ids = ModelIds(name, self.adapters)
         self.active_adapters: tuple[str, ...] = ()
         info = read_gguf_info(engine.model_path)
-        self.template = info.metadata.get("tokenizer.chat_template")
-        if not isinstance(self.template, str) or not self.template:
+        template = info.metadata.get("tokenizer.chat_template")
+        if not isinstance(template, str) or not template:
             raise UserError(f"{engine.model_path} has no tokenizer.chat_template; re-convert it with medgemma-gguf")
+        self.template: str = template
         self.sampling_defaults = model_sampling(info.metadata)
         self.reasoning_markers = ReasoningMarkers.from_engine(engine)
         self.bos_text = engine.token_piece(engine.bos_token, special=True).decode("utf-8")
         self.image_size: int | None = None
         self.image_tokens = 0
-        if engine.has_vision:
+        if engine.has_vision and engine.mmproj_path is not None:
             self.image_size = int(read_gguf_info(engine.mmproj_path).metadata["clip.vision.image_size"])
             blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
             self.image_tokens = engine.image_token_count(ImagePart(blank))
@@ -595,8 +596,10 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
         plan = plan_offload(model_path, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, mmproj_path=mmproj_path,
                             n_ubatch=n_ubatch)
         log.info("offload plan:\n%s", plan.describe())
-        n_gpu_layers = plan.n_gpu_layers
-    engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        gpu_layers = plan.n_gpu_layers
+    else:
+        gpu_layers = int(n_gpu_layers)
+    engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=n_threads,
                     n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=n_parallel)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,

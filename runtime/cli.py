@@ -372,13 +372,14 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
     from medgemma_gguf.sizes import format_size, parse_size
 
     ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
-    rows = [{"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),
-             "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
-             "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
-             "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
-             "fits": c.fits,
-             "n_gpu_layers": c.plan.n_gpu_layers,
-             "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
+    rows: list[dict[str, Any]] = [
+        {"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),
+         "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
+         "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
+         "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
+         "fits": c.fits,
+         "n_gpu_layers": c.plan.n_gpu_layers,
+         "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
             for c in ranked]
     if as_json:
         click.echo(json.dumps({"context": n_ctx, "vram_bytes": parse_size(vram) if vram else None, "quants": rows}))

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
@@ -162,7 +163,7 @@ class Engine:
         self.n_past = 0
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
-        self._one = None  # a one-token batch for decode_next
+        self._one: Any = None  # a one-token batch for decode_next
         if vocab_only:
             return
         ctx_params = llama_cpp.llama_context_default_params()
@@ -259,7 +260,7 @@ class Engine:
         ``clear_cache=False``: keep it — for a caller that tracks which set each sequence's cache was
         computed with (``runtime.batching``: the set applies to the next decodes only)."""
         count = len(adapters)
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*(a for a, _ in adapters)) if count else None
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*(a for a, _ in adapters)) if count else None  # type: ignore[misc]
         scales = (ctypes.c_float * count)(*(s for _, s in adapters)) if count else None
         llama_cpp.llama_set_adapters_lora(self._ctx, handles, count, scales)
         if clear_cache:

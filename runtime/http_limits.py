@@ -277,7 +277,7 @@ def protocol_class(header_timeout_s: float) -> type:
                 self._header_timer.cancel()
                 self._header_timer = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 

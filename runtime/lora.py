@@ -62,7 +62,7 @@ def parse_lora_specs(lora: Sequence[LoraSpec] | None) -> list[tuple[Path, float]
         return []
     if isinstance(lora, str | Path) or (isinstance(lora, tuple) and len(lora) == 2
                                         and isinstance(lora[1], int | float) and not isinstance(lora[1], bool)):
-        lora = [lora]  # type: ignore[list-item]
+        lora = [lora]
     specs = []
     for item in lora:
         path, scale = (item if isinstance(item, tuple) else (item, 1.0))

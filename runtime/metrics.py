@@ -90,5 +90,5 @@ class _Collector:
 def render_metrics(batcher: Any, http_counts: Counter, queue_size: int) -> tuple[bytes, str]:
     """The exposition text and its content type."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(batcher, http_counts, queue_size))  # type: ignore[arg-type]
+    registry.register(_Collector(batcher, http_counts, queue_size))
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4

@@ -193,7 +193,7 @@ def read_text_model(path: Path | str) -> TextModel:
         else:  # token_embd and any other non-layer tensor: loaded with the input layer, on the CPU
             input_bytes += tensor.n_bytes
     tied = output_matrix is None
-    output_matrix_bytes = token_embd.n_bytes if tied else output_matrix.n_bytes
+    output_matrix_bytes = token_embd.n_bytes if output_matrix is None else output_matrix.n_bytes
 
     n_swa, sliding = _sliding_layers(info, arch, n_layers)
     return TextModel(

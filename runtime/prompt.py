@@ -100,7 +100,7 @@ def preset_system(name: str) -> str:
     if presets[name].system is None:
         raise UserError(f"preset {name!r} lays out a {presets[name].input} prompt, not a system prompt; use it with "
                         f"runtime.studies.task_layout (the CLI's --{presets[name].input})")
-    return presets[name].system
+    return str(presets[name].system)
 
 
 def resolve_system(system: str | None, preset: str | None) -> str | None:
@@ -261,13 +261,13 @@ def _normalize_content(content: Any, role: str, index: int, options: ImageOption
             if options is None:
                 raise UserError(f"this model was loaded without an mmproj; pass one ({setting('mmproj')}) to "
                                 f"send images")
-            expanded = [item] if kind in ("image", "image_url") else expand_item(
+            expanded: Iterable[Mapping[str, Any]] = [item] if kind in ("image", "image_url") else expand_item(
                 item, options, room=options.room(used[0]), image_tokens=options.image_tokens, n_ctx=options.n_ctx,
                 max_images=None if options.max_images is None else options.max_images - used[0])
             try:
                 for part in expanded:
                     if part["type"] == "text":
-                        items.append(part)
+                        items.append(dict(part))
                         continue
                     used[0] += 1
                     if options.max_images is not None and used[0] > options.max_images:

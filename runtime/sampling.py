@@ -353,7 +353,7 @@ class Sampler:
         if settings.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(settings.logit_bias))()
             for i, (token, bias) in enumerate(settings.logit_bias):
-                biases[i].token, biases[i].bias = token, bias
+                biases[i].token, biases[i].bias = token, bias  # type: ignore[assignment]
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(settings.logit_bias), biases))
         last_n = n_ctx if settings.repeat_last_n == -1 else settings.repeat_last_n
         if last_n and (settings.repeat_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty):
@@ -364,10 +364,12 @@ class Sampler:
         else:
             if settings.top_k:
                 add(llama_cpp.llama_sampler_init_top_k(settings.top_k))
-            if settings.top_p < 1.0:
-                add(llama_cpp.llama_sampler_init_top_p(settings.top_p, 1))
-            if settings.min_p > 0.0:
-                add(llama_cpp.llama_sampler_init_min_p(settings.min_p, 1))
+            top_p = 1.0 if settings.top_p is None else settings.top_p
+            min_p = 0.0 if settings.min_p is None else settings.min_p
+            if top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            if min_p > 0.0:
+                add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
             add(llama_cpp.llama_sampler_init_temp(settings.temperature))
             add(llama_cpp.llama_sampler_init_dist(RANDOM_SEED if settings.seed is None else settings.seed))
         if self._grammar:
@@ -418,7 +420,7 @@ class Sampler:
             candidates.selected = 0
 
     def _allowed(self, token: int) -> bool:
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0  # type: ignore[assignment]
         self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return math.isfinite(self._one[0].logit)

@@ -346,7 +346,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         body = await json_body(request)
         req = parse_chat_request(body, max_tokens_limit=limits.max_tokens_limit, max_images=limits.max_images)
         prompt, sampler, adapters = await run_in_threadpool(
-            prepare, req, lambda: model.prompt(req.messages, images=image_options, think=req.think))
+            prepare, req, lambda: model.prompt(req.messages or [], images=image_options, think=req.think))
         return await run(request, req, prompt, sampler, adapters, "chat")
 
     @app.post("/v1/completions")

@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from medgemma_gguf.errors import AccessError, InputError, NotFoundError, ResourceError, setting
 
@@ -237,7 +238,7 @@ class Archive:
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError) as exc:
             raise InputError(f"{self.label}: cannot read member {name!r} ({exc}); zip the series again") from exc
 
-    def open(self, name: str) -> zipfile.ZipExtFile:
+    def open(self, name: str) -> IO[bytes]:
         """A seekable stream of one member: a header scan inflates only what it reads."""
         try:
             return self._zip.open(name)

@@ -138,7 +138,8 @@ def grammar_sampler(grammar: str, vocab: Any, *, root: str = ROOT, name: str = "
 REPLY_ROOT = "medgemma-gguf-reply"
 
 
-def with_reasoning_block(grammar: str, start: int, end: int, marker_texts: tuple[str, str] = ()) -> tuple[str, str]:
+def with_reasoning_block(grammar: str, start: int, end: int,
+                         marker_texts: tuple[str, str] | tuple[()] = ()) -> tuple[str, str]:
     """``grammar`` behind an optional reasoning block ``<start> (any token but <end>)* <end>``; the new root.
 
     MedGemma may reason before it answers (1.5 4B does unasked): the block is free text and the grammar

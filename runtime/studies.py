@@ -42,10 +42,14 @@ STUDY_ITEM_TYPES = ("volume", "slide", "longitudinal")
 class StudyOptions(Protocol):
     """What expanding an item needs from ``runtime.prompt.ImageOptions``."""
 
-    image_size: int
-    max_pixels: int
-    allow_local_files: bool
-    allowed_roots: tuple[Path, ...]
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def max_pixels(self) -> int: ...
+    @property
+    def allow_local_files(self) -> bool: ...
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]: ...
 
 
 def requested_images(item: Mapping[str, Any]) -> int:

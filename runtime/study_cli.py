@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from medgemma_gguf.errors import InputError, setting
-from medgemma_gguf.runtime.slides import DEFAULT_MAGNIFICATION, DEFAULT_PATCHES
-from medgemma_gguf.runtime.volumes import DEFAULT_SLICES
+from medgemma_gguf.runtime.slides import DEFAULT_MAGNIFICATION, DEFAULT_PATCHES, Slide
+from medgemma_gguf.runtime.volumes import DEFAULT_SLICES, Volume
 
 STUDY_OPTION_NAMES = ("volume", "slices", "windows", "modality", "series", "slide", "patches", "magnification", "mpp",
                       "save_patches", "prior")
@@ -90,28 +90,29 @@ def build_study_turn(chat_model: Any, *, prompt: str | None, images: tuple[Path,
     before, after = task_layout(preset, prompt) if preset is not None else (None, prompt)
     if kind == "volume":
         windows = parse_windows(study["windows"]) if study.get("windows") else None
-        opened = open_volume(study["volume"], slices=study["slices"], windows=windows, modality=study.get("modality"),
+        volume = open_volume(study["volume"], slices=study["slices"], windows=windows, modality=study.get("modality"),
                              series=study.get("series"), max_pixels=options.max_pixels)
-        click.echo(opened.info.describe(), err=True)
-        for warning in opened.info.warnings:
+        opened: Volume | Slide | None = volume
+        click.echo(volume.info.describe(), err=True)
+        for warning in volume.info.warnings:
             click.echo(f"warning: {warning}", err=True)
-        item: dict[str, Any] = {"type": "volume", "volume": opened}
+        item: dict[str, Any] = {"type": "volume", "volume": volume}
     elif kind == "slide":
-        opened = open_slide(study["slide"], patches=study["patches"], magnification=study["magnification"],
-                            mpp=study.get("mpp"))
-        click.echo(opened.info.describe(), err=True)
+        slide = opened = open_slide(study["slide"], patches=study["patches"], magnification=study["magnification"],
+                                    mpp=study.get("mpp"))
+        click.echo(slide.info.describe(), err=True)
         if study.get("save_patches") is not None:
-            opened.save_patches(study["save_patches"], chat_model.image_size)
-            click.echo(f"saved {len(opened)} patches, overview.png and patches.tsv in {study['save_patches']}",
+            slide.save_patches(study["save_patches"], chat_model.image_size)
+            click.echo(f"saved {len(slide)} patches, overview.png and patches.tsv in {study['save_patches']}",
                        err=True)
-        item = {"type": "slide", "slide": opened}
+        item = {"type": "slide", "slide": slide}
         if preset is None:  # the notebook's layout: the text, then the patches
             before, after = prompt, None
     else:
         opened = None
         item = {"type": "longitudinal", "prior": str(study["prior"]), "current": str(images[0])}
     try:
-        items = [{"type": "text", "text": before}] if before else []
+        items: list[dict[str, Any]] = [{"type": "text", "text": before}] if before else []
         for part in expand_item(item, options, room=options.room(0), image_tokens=options.image_tokens,
                                 n_ctx=options.n_ctx):
             items.append(part if part["type"] == "text" else

@@ -459,14 +459,17 @@ def _sort_slices(headers: list[_Header], warnings: list[str]) -> tuple[list[_Hea
     """Slices in position order along the normal (or by InstanceNumber), duplicates dropped, gaps warned."""
     if all(h.position is not None and h.orientation is not None for h in headers):
         iop = np.array(headers[0].orientation)
-        if any(not np.allclose(h.orientation, iop, atol=1e-3) for h in headers):
+        if any(not np.allclose(np.asarray(h.orientation, dtype=float), iop, atol=1e-3) for h in headers):
             warnings.append("the slices are not all oriented alike (ImageOrientationPatient differs)")
         normal = np.cross(iop[:3], iop[3:])
         plane = _plane(normal)
         if plane != "axial":
             warnings.append(f"the slices are {plane}; MedGemma was trained on axial CT/MR slices")
-        keyed = sorted(headers, key=lambda h: (float(np.dot(normal, h.position)), h.instance or 0))
-        positions = [float(np.dot(normal, h.position)) for h in keyed]
+        def along(h: _Header) -> float:
+            return float(np.dot(normal, np.asarray(h.position, dtype=float)))
+
+        keyed = sorted(headers, key=lambda h: (along(h), h.instance or 0))
+        positions = [along(h) for h in keyed]
         kept, kept_positions = [keyed[0]], [positions[0]]
         for header, position in zip(keyed[1:], positions[1:], strict=True):
             if abs(position - kept_positions[-1]) < 1e-3:
@@ -478,8 +481,8 @@ def _sort_slices(headers: list[_Header], warnings: list[str]) -> tuple[list[_Hea
         return kept, "position along the slice normal", _check_spacing(np.diff(kept_positions), warnings), plane
     if all(h.instance is not None for h in headers):
         warnings.append("the slices have no ImagePositionPatient/ImageOrientationPatient; ordered by InstanceNumber")
-        ordered = sorted(headers, key=lambda h: h.instance)
-        numbers = [h.instance for h in ordered]
+        ordered = sorted(headers, key=lambda h: h.instance or 0)
+        numbers = [h.instance or 0 for h in ordered]
         missing = (numbers[-1] - numbers[0] + 1) - len(set(numbers))
         if missing > 0:
             warnings.append(f"{missing} InstanceNumber(s) missing between {numbers[0]} and {numbers[-1]}")
@@ -564,7 +567,7 @@ def _open_nifti(path: Path, label: str, slices: int, windows: tuple[tuple[float,
         raise InputError(f"{label} is NIfTI, which does not record the modality; pass {setting('modality')} CT or "
                          "MR")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
         affine = img.affine
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on damaged headers

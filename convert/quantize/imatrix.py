@@ -290,7 +290,12 @@ def _decode_all_rows(engine: Any, tokens: Sequence[int] | None = None, embedding
     import llama_cpp
 
     context = engine.llama_context
-    n_rows = len(tokens) if tokens is not None else embeddings.shape[0]
+    if tokens is not None:
+        n_rows = len(tokens)
+    elif embeddings is not None:
+        n_rows = embeddings.shape[0]
+    else:
+        raise ValueError("pass tokens or embeddings")
     if engine.n_past + n_rows > engine.n_ctx:
         raise RuntimeError(f"{engine.n_past + n_rows} positions do not fit the context of {engine.n_ctx}")
     width = embeddings.shape[1] if embeddings is not None else 0

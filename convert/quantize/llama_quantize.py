@@ -236,7 +236,7 @@ class _LogCapture:
 def _kv_override(key: str, value: str | int) -> Any:
     import llama_cpp
 
-    entry = llama_cpp.llama_model_kv_override()
+    entry: Any = llama_cpp.llama_model_kv_override()
     entry.key = key.encode()[:127]
     if isinstance(value, int):
         entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
