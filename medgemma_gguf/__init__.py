@@ -17,7 +17,7 @@ __all__ = ["__version__", "load"]
 def __getattr__(name: str) -> Any:
     # lazy, so ``import medgemma_gguf`` (the CLI's start-up) does not load llama.cpp
     if name == "load":
-        from medgemma_gguf.runtime.chat import load
+        from medgemma_gguf.runtime.rpc_model import load
 
         return load
     raise AttributeError(f"module 'medgemma_gguf' has no attribute {name!r}")

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "chat": "medgemma_gguf.runtime.cli:chat_command",
     "serve": "medgemma_gguf.runtime.cli:serve_command",
     "fit": "medgemma_gguf.runtime.cli:fit_command",
+    "worker": "medgemma_gguf.runtime.cli:worker_command",
     "eval": "medgemma_gguf.quant_eval.cli:eval_command",
     "demo": "medgemma_gguf.fixtures.cli:demo_command",
 }

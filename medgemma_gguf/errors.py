@@ -109,6 +109,9 @@ SETTINGS: dict[str, Spelling] = {
                                 "(serve --request-timeout)"),
     "logprobs": Spelling("--logprobs", "logprobs", "'logprobs'"),
     "top_logprobs": Spelling("--top-logprobs", "top_logprobs", "'top_logprobs'"),
+    "rpc": Spelling("--rpc", "rpc", "the server's RPC workers (serve --rpc)"),
+    "insecure_network": Spelling("--insecure-network", "insecure_network=True", "the worker's --insecure-network"),
+    "worker_port": Spelling("--port", "port", "the worker's port"),
 }
 
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -188,3 +191,9 @@ class AccessError(UserError):
     """Access was refused: a gated or private repository, a missing token, a path outside the allowed roots."""
 
     http_status = 403
+
+
+class UnavailableError(UserError):
+    """A service the model needs cannot be reached or stopped answering (an RPC worker)."""
+
+    http_status = 503

@@ -1,4 +1,5 @@
-"""Run MedGemma GGUF files: ``from medgemma_gguf.runtime import load`` (see ``medgemma_gguf.runtime.chat``)."""
+"""Run MedGemma GGUF files: ``from medgemma_gguf.runtime import load`` (see ``medgemma_gguf.runtime.chat``; with
+``rpc=[...]``, split across machines: ``medgemma_gguf.runtime.rpc_model``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ __all__ = ["load"]
 def __getattr__(name: str) -> Any:
     # lazy, so ``import medgemma_gguf.runtime.images`` does not load llama.cpp
     if name == "load":
-        from medgemma_gguf.runtime.chat import load
+        from medgemma_gguf.runtime.rpc_model import load
 
         return load
     raise AttributeError(f"module 'medgemma_gguf.runtime' has no attribute {name!r}")

@@ -523,41 +523,26 @@ def mmproj_beside(model_path: Path) -> tuple[Path | None, str]:
     return choice.path, (f"found beside it: {choice.note}" if choice.path else choice.note)
 
 
-def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
-         vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
-         allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None,
-         n_parallel: int = 1) -> ChatModel:
-    """Load a MedGemma GGUF (or the best fitting quant of a folder) for chatting.
+@dataclass(frozen=True)
+class ModelFiles:
+    """The text GGUF and mmproj ``load`` runs, the model's name, and why they were chosen."""
 
-    ``model``: a text GGUF (the first part of a split model), or a folder — an output folder of
-    ``medgemma-gguf convert`` or any folder of GGUFs (Unsloth's, bartowski's, ggml-org's). From a folder the
-    default rule of ``runtime.quant_choice.choose_quant`` picks the quant (GPU:
-    the best that fits ``vram``; CPU: the best of at most 5.5 bits per weight that fits in RAM; ranked by a
-    report's KL when the folder has one, else by bits per weight); ``quant="Q4_K_M"`` picks one by type or
-    name. Without ``mmproj``, the mmproj is found beside the text model (the manifest's, else an mmproj GGUF
-    of the folder that fits the model: F16 before BF16, F32, Q8_0), and ``ChatModel.mmproj_note`` says which.
-    A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
-    ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
-    ``ChatModel.plan``); without a GPU build everything runs on the CPU. ``vram``: bytes or "6GiB".
-    ``window``: (center, width) for 16-bit / DICOM grayscale images. ``lora``: GGUF LoRA adapters
-    (``medgemma-gguf convert-adapter``) applied to every reply, as paths (scale 1) or ``(path, scale)``
-    pairs; each is checked against the model first (another base, or a vision-tower adapter, is refused:
-    see ``runtime.lora``); ``ChatModel.use_adapters`` switches between them. ``n_parallel``: sequences in the
-    context, each with ``n_ctx`` positions (the server's slots, ``runtime.batching``; memory is planned for
-    ``n_parallel × n_ctx``); the model's own ``chat`` uses the first.
-    """
-    vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
-    if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:
-        raise UserError(f"{setting('parallel')} must be a whole number from 1 to {MAX_PARALLEL}, got {n_parallel!r}")
-    n_gpu_layers = _gpu_layers(n_gpu_layers)
+    model_path: Path
+    mmproj_path: Path | None
+    name: str
+    choice_note: str = ""
+    mmproj_note: str = ""
+
+
+def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: str | None, n_ctx: int,
+                        vram_bytes: int | None) -> ModelFiles:
+    """The files ``load`` runs for ``model`` (a GGUF or a folder: ``choose_quant``) and ``mmproj`` (else the one
+    beside the model), checked to belong together and be complete; nothing is loaded."""
     mmproj_note = choice_note = ""
     model = Path(model)
     name = model.stem
     if model.is_dir():
-        choice = choose_quant(model, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, quant=quant)
+        choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant)
         log.info("using %s (%s, %.2f bits per weight) from %s: %s", choice.path.name, choice.type, choice.bpw, model,
                  choice.why)
         manifest = Manifest.for_folder(model)
@@ -587,6 +572,48 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
             read_gguf_info(path).check_complete()
     if mmproj_path is not None and mmproj_note:
         log.info("mmproj %s", mmproj_note)
+    return ModelFiles(model_path, mmproj_path, name, choice_note, mmproj_note)
+
+
+def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
+         vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
+         allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None,
+         n_parallel: int = 1, devices: Sequence[int] | None = None, tensor_split: Sequence[float] | None = None,
+         mmproj_gpu: bool | None = None) -> ChatModel:
+    """Load a MedGemma GGUF (or the best fitting quant of a folder) for chatting.
+
+    ``model``: a text GGUF (the first part of a split model), or a folder — an output folder of
+    ``medgemma-gguf convert`` or any folder of GGUFs (Unsloth's, bartowski's, ggml-org's). From a folder the
+    default rule of ``runtime.quant_choice.choose_quant`` picks the quant (GPU:
+    the best that fits ``vram``; CPU: the best of at most 5.5 bits per weight that fits in RAM; ranked by a
+    report's KL when the folder has one, else by bits per weight); ``quant="Q4_K_M"`` picks one by type or
+    name. Without ``mmproj``, the mmproj is found beside the text model (the manifest's, else an mmproj GGUF
+    of the folder that fits the model: F16 before BF16, F32, Q8_0), and ``ChatModel.mmproj_note`` says which.
+    A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
+    ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
+    ``ChatModel.plan``); without a GPU build everything runs on the CPU. ``vram``: bytes or "6GiB".
+    ``window``: (center, width) for 16-bit / DICOM grayscale images. ``lora``: GGUF LoRA adapters
+    (``medgemma-gguf convert-adapter``) applied to every reply, as paths (scale 1) or ``(path, scale)``
+    pairs; each is checked against the model first (another base, or a vision-tower adapter, is refused:
+    see ``runtime.lora``); ``ChatModel.use_adapters`` switches between them. ``n_parallel``: sequences in the
+    context, each with ``n_ctx`` positions (the server's slots, ``runtime.batching``; memory is planned for
+    ``n_parallel × n_ctx``); the model's own ``chat`` uses the first.
+
+    ``devices``, ``tensor_split``: llama.cpp's device list and split for the offloaded layers (RPC workers'
+    devices: ``runtime.rpc_model`` passes them, with a number of ``n_gpu_layers``); ``mmproj_gpu``: whether the
+    vision encoder may use a GPU (default: when layers are offloaded).
+    To split a model across machines, use ``medgemma_gguf.load(..., rpc=[...])`` (``runtime.rpc_model``).
+    """
+    vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
+        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
+    if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:
+        raise UserError(f"{setting('parallel')} must be a whole number from 1 to {MAX_PARALLEL}, got {n_parallel!r}")
+    n_gpu_layers = _gpu_layers(n_gpu_layers)
+    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
+    model_path, mmproj_path, name = files.model_path, files.mmproj_path, files.name
+    mmproj_note, choice_note = files.mmproj_note, files.choice_note
     adapters = check_lora_files(parse_lora_specs(lora), model_path)
     n_ubatch = DEFAULT_N_UBATCH
     if mmproj_path is not None:
@@ -600,7 +627,8 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     else:
         gpu_layers = int(n_gpu_layers)
     engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=n_threads,
-                    n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=n_parallel)
+                    n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=n_parallel, devices=devices,
+                    tensor_split=tensor_split, mmproj_gpu=mmproj_gpu)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
                          max_image_pixels=max_image_pixels, window=window, adapters=adapters,

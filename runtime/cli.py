@@ -85,6 +85,8 @@ def _model_options(command):
                      help="GGUF LoRA adapter to apply (convert-adapter writes one); repeat for several."),
         click.option("--lora-scaled", "lora_scaled", multiple=True, nargs=2, type=(click.Path(path_type=Path), float),
                      help="GGUF LoRA adapter and its scale, e.g. --lora-scaled my.gguf 0.5; repeatable."),
+        click.option("--rpc", "rpc", multiple=True, metavar="HOST:PORT[,HOST:PORT...]",
+                     help="Split the model across these RPC workers (medgemma-gguf worker); repeatable."),
     ]):
         command = option(command)
     return command
@@ -92,12 +94,12 @@ def _model_options(command):
 
 def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str, vram: str | None,
           threads: int | None, lora: tuple[Path, ...] = (), lora_scaled: tuple[tuple[Path, float], ...] = (),
-          **extra: Any):
-    from medgemma_gguf.runtime.chat import load
+          rpc: tuple[str, ...] = (), **extra: Any):
+    from medgemma_gguf.runtime.rpc_model import load
 
     adapters = [(path, 1.0) for path in lora] + list(lora_scaled)
     chat_model = load(model, mmproj, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram, n_threads=threads,
-                      quant=quant, lora=adapters, **extra)
+                      quant=quant, lora=adapters, rpc=list(rpc) or None, **extra)
     where = f"{chat_model.model_path.name}" + (f" + {chat_model.mmproj_path.name}" if chat_model.mmproj_path else "")
     where += "".join(f" + LoRA {a.name} (scale {a.scale:g})" for a in chat_model.adapters)
     click.echo(f"loaded {where}", err=True)
@@ -145,7 +147,8 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
 @study_options
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                  vram: str | None, threads: int | None, lora: tuple[Path, ...],
-                 lora_scaled: tuple[tuple[Path, float], ...], images: tuple[Path, ...], prompt: str | None,
+                 lora_scaled: tuple[tuple[Path, float], ...], rpc: tuple[str, ...], images: tuple[Path, ...],
+                 prompt: str | None,
                  system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
                  **options: Any) -> None:
     """Chat with MODEL: a GGUF file, or a folder of GGUFs (its manifest's, or as published by Unsloth,
@@ -166,7 +169,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
         flag = "--prior" if task.input == "longitudinal" else f"--{task.input}"
         raise UserError(f"preset {preset} lays out a {task.input} prompt; pass {flag}")
     preset = None if task is not None else preset
-    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled, rpc,
                        window=window)
     sampling = dict(sampling_options, think=think)
     with chat_model:
@@ -405,3 +408,24 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
     for row in too_big:
         need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
         click.echo(f"  does not fit: {row['file']}  {row['type']}  needs {format_size(need)}")
+
+
+@click.command("worker")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback needs --insecure-network (no authentication, no encryption).")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads of a CPU device (default: half the cores).")
+@click.option("--device", "devices", multiple=True,
+              help="ggml device to offer (e.g. CUDA0); repeatable (default: every GPU, else the CPU).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep received weights in this folder, so the next load sends only their hashes.")
+@click.option("--insecure-network", is_flag=True,
+              help="Listen beyond loopback: anyone who can reach the port can run code on this device.")
+def worker_command(host: str, port: int, threads: int | None, devices: tuple[str, ...], cache_dir: Path | None,
+                   insecure_network: bool) -> None:
+    """Lend this machine's GPU (or CPU) to a model split across machines: llama.cpp's RPC server, from the
+    same llama.cpp build as the client (chat/serve --rpc HOST:PORT). Runs until stopped (Ctrl-C)."""
+    from medgemma_gguf.runtime.rpc import serve_worker
+
+    serve_worker(host, port, threads=threads, cache_dir=cache_dir, devices=devices,
+                 insecure_network=insecure_network, announce=lambda line: click.echo(line, err=True))

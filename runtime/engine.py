@@ -132,6 +132,9 @@ class Engine:
         vocab_only: bool = False,
         eval_callback: object | None = None,
         n_seq_max: int = 1,
+        devices: Sequence[int] | None = None,
+        tensor_split: Sequence[float] | None = None,
+        mmproj_gpu: bool | None = None,
     ):
         """Load ``model_path`` (and ``mmproj_path``).
 
@@ -141,6 +144,13 @@ class Engine:
 
         ``eval_callback``: a ``llama_cpp.ggml_backend_sched_eval_callback`` called for every graph node
         (how llama.cpp's imatrix tool observes activations); the caller keeps it alive.
+
+        ``devices``: the ``ggml_backend_dev_t`` handles the offloaded layers go to, in order (llama.cpp's
+        ``llama_model_params.devices``; RPC workers' devices come from ``runtime.rpc.register_workers``); None =
+        every GPU llama.cpp registered. ``tensor_split``: each device's share of the offloaded layers (llama.cpp
+        splits by the devices' free memory when None). ``mmproj_gpu``: let libmtmd run the vision encoder on a GPU
+        (default: when layers are offloaded); libmtmd takes the first GPU llama.cpp registered, which is an RPC
+        worker's when no local GPU exists, so callers that use workers decide.
         """
         route_llama_logs()
         llama_cpp.llama_backend_init()
@@ -152,6 +162,15 @@ class Engine:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
         model_params.vocab_only = vocab_only
+        self._device_array = self._split_array = None  # kept alive while llama.cpp reads them
+        if devices is not None:
+            self._device_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            model_params.devices = ctypes.addressof(self._device_array)
+        if tensor_split is not None:
+            if devices is None or len(tensor_split) != len(devices):
+                raise ValueError("tensor_split needs one share per device")
+            self._split_array = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split)
+            model_params.tensor_split = self._split_array
         self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), model_params)
         if not self._model:
             raise UserError(
@@ -192,7 +211,7 @@ class Engine:
         self.n_ubatch = n_ubatch
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         if self.mmproj_path is not None:
-            self._init_mtmd(n_gpu_layers > 0)
+            self._init_mtmd(n_gpu_layers > 0 if mmproj_gpu is None else mmproj_gpu)
 
     def _init_mtmd(self, use_gpu: bool) -> None:
         params = mtmd.mtmd_context_params_default()

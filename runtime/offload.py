@@ -54,6 +54,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -566,3 +567,187 @@ def plan_offload(
         "the GPU may still run out of memory — use a smaller n_ubatch or n_ctx, or a CPU-only build"
     )
     return plan_for(0, budget)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splitting across devices (local GPUs and RPC workers)
+
+
+@dataclass(frozen=True)
+class SplitTarget:
+    """A device layers may go to: its name as printed, and the memory it reports free."""
+
+    name: str
+    free_bytes: int
+    remote: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one device holds under a split plan."""
+
+    name: str
+    layers: tuple[int, ...]  # repeating-layer indices; ``n_layers`` stands for the output layer
+    weights: int
+    kv: int
+    compute: int
+    budget: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+def assign_layers(n_layers: int, n_gpu_layers: int, split: Sequence[float]) -> list[int | None]:
+    """The device index of each layer ``0..n_layers`` (the last is the output layer; None = the CPU), exactly as
+    llama.cpp's ``load_tensors`` assigns them: the last ``n_gpu_layers`` layers, cut by the cumulative normalized
+    ``split`` (``upper_bound`` of ``(il - start) / n_gpu_layers``), computed in float32 as llama.cpp does."""
+    import numpy as np
+
+    shares = np.asarray(split, dtype=np.float32)
+    cumulative = np.cumsum(shares, dtype=np.float32)
+    cumulative = cumulative / np.float32(cumulative[-1])
+    start = max(n_layers + 1 - n_gpu_layers, 0)
+    active = min(n_gpu_layers, n_layers + 1)
+    where: list[int | None] = []
+    for il in range(n_layers + 1):
+        if il < start or il - start >= active:
+            where.append(None)
+            continue
+        fraction = np.float32(il - start) / np.float32(active)
+        where.append(min(int(np.searchsorted(cumulative, fraction, side="right")), len(shares) - 1))
+    return where
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Layers, KV cache and compute buffers per device when a model is split across devices (llama.cpp's
+    ``devices`` list and ``tensor_split``); the input layer, the layers not offloaded and the mmproj stay local."""
+
+    n_gpu_layers: int
+    n_layers: int
+    n_ctx: int
+    tensor_split: tuple[float, ...]
+    shares: tuple[DeviceShare, ...]
+    cpu_layers: tuple[int, ...]
+    cpu_weights: int
+    cpu_kv: int
+    mmproj_bytes: int
+    mmproj_where: str
+    fits: bool
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        def layer_list(layers: Sequence[int]) -> str:
+            names = [("output" if il == self.n_layers else str(il)) for il in layers]
+            repeating = [il for il in layers if il < self.n_layers]
+            span = f"{repeating[0]}-{repeating[-1]}" if len(repeating) > 1 else ",".join(map(str, repeating))
+            out = " + output" if self.n_layers in layers else ""
+            if not names:
+                return "no layer"
+            return f"layers {span}{out}" if repeating else "output"
+
+        split = ", ".join(f"{share:.3f}" for share in self.tensor_split)
+        lines = [f"split across {len(self.shares)} devices: n_gpu_layers = {self.n_gpu_layers} "
+                 f"(of {self.n_layers + 1}), context {self.n_ctx} tokens, tensor_split {split}"]
+        for share in self.shares:
+            lines.append(f"  {share.name}: {layer_list(share.layers)} ({len(share.layers)}); weights "
+                         f"{format_size(share.weights)} + KV {format_size(share.kv)} + compute "
+                         f"{format_size(share.compute)} (estimate) = {format_size(share.total)} of "
+                         f"{format_size(share.budget)} usable")
+        lines.append("  local CPU: input layer" + (f" + {layer_list(self.cpu_layers)}" if self.cpu_layers else "")
+                     + f"; weights {format_size(self.cpu_weights)} + KV {format_size(self.cpu_kv)}")
+        if self.mmproj_bytes:
+            lines.append(f"  mmproj (vision): {format_size(self.mmproj_bytes)} on the {self.mmproj_where} "
+                         "(never remote)")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def plan_split(
+    gguf_path: Path | str,
+    targets: Sequence[SplitTarget],
+    *,
+    n_ctx: int,
+    mmproj_path: Path | str | None = None,
+    n_ubatch: int = 512,
+    local_gpu: bool = False,
+    n_gpu_layers: int | None = None,
+    flash_attn: bool = False,
+    swa_full: bool = True,
+    kv_type: str = "f16",
+    headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+) -> SplitPlan:
+    """Split a model's layers across ``targets`` in proportion to the memory each reports free (less
+    ``headroom_bytes``), as llama.cpp's ``tensor_split`` does; with ``n_gpu_layers=None`` the most layers
+    whose weights, KV cache and compute buffers fit every device's share (the rest stay on the local CPU).
+
+    The output layer (the 262,208-row output matrix) goes to the last target: list the local GPU last to keep
+    it, and the logits, local. ``local_gpu``: the mmproj runs on the local GPU (else the local CPU).
+    """
+    if not targets:
+        raise UserError("plan_split needs at least one device")
+    model = read_text_model(gguf_path)
+    vision = read_vision_model(mmproj_path) if mmproj_path is not None else None
+    if n_ctx == 0:
+        n_ctx = model.context_length
+    _check_positive("n_ctx", n_ctx)
+    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, kv_cache_type(kv_type))
+    budgets = [max(t.free_bytes - headroom_bytes, 0) for t in targets]
+    total = sum(budgets)
+    split = tuple(b / total if total else 1.0 / len(budgets) for b in budgets)
+    notes: list[str] = []
+    if any(t.remote for t in targets):
+        notes.append("a CPU worker reports its machine's whole RAM as free; weights are sent to the workers at load")
+    n_ub = kv.n_ubatch
+    head_dim = max(model.key_length, model.value_length)
+    n_head_kv = max(model.n_head_kv)
+    activations = n_ub * (2 * model.n_ff + 4 * model.n_embd + 2 * (model.n_head + 2 * n_head_kv) * head_dim) * 4
+    masks = n_ub * (kv.cells_full + kv.cells_swa) * 4
+
+    def plan_for(n_gpu: int) -> SplitPlan:
+        where = assign_layers(model.n_layers, n_gpu, split)
+        shares = []
+        for index, target in enumerate(targets):
+            layers = tuple(il for il, device in enumerate(where) if device == index)
+            repeating = [il for il in layers if il < model.n_layers]
+            weights = sum(model.layer_bytes[il] for il in repeating) + (
+                model.output_bytes if model.n_layers in layers else 0)
+            kv_bytes = sum(kv.layer_bytes[il] for il in repeating)
+            compute = 0
+            if layers:
+                scores = 0
+                if repeating and not flash_attn:
+                    n_kv = max(kv.cells_swa if model.sliding_layers[il] else kv.cells_full for il in repeating)
+                    scores = model.n_head * n_ub * n_kv * 4
+                logits = n_ub * model.n_vocab * 4 if model.n_layers in layers else 0
+                compute = max(logits, scores + activations) + masks + COMPUTE_CONSTANT_BYTES
+            shares.append(DeviceShare(target.name, layers, weights, kv_bytes, compute, budgets[index]))
+        cpu_layers = tuple(il for il, device in enumerate(where) if device is None)
+        cpu_repeating = [il for il in cpu_layers if il < model.n_layers]
+        cpu_weights = model.input_bytes + sum(model.layer_bytes[il] for il in cpu_repeating)
+        if model.n_layers in cpu_layers:
+            cpu_weights += model.output_bytes - (model.output_matrix_bytes if model.tied_embeddings else 0)
+        return SplitPlan(n_gpu_layers=n_gpu, n_layers=model.n_layers, n_ctx=n_ctx, tensor_split=split,
+                         shares=tuple(shares), cpu_layers=cpu_layers, cpu_weights=cpu_weights,
+                         cpu_kv=sum(kv.layer_bytes[il] for il in cpu_repeating),
+                         mmproj_bytes=vision.weight_bytes if vision else 0,
+                         mmproj_where="local GPU" if local_gpu else "local CPU",
+                         fits=all(s.total <= s.budget for s in shares), notes=tuple(notes))
+
+    if n_gpu_layers is not None:
+        plan = plan_for(min(max(n_gpu_layers, 0), model.n_layers + 1))
+        if not plan.fits:
+            notes.append("warning: a device's share exceeds its memory (estimate); lower n_gpu_layers or n_ctx")
+            plan = plan_for(plan.n_gpu_layers)
+        return plan
+    for n_gpu in range(model.n_layers + 1, -1, -1):
+        plan = plan_for(n_gpu)
+        if plan.fits:
+            if n_gpu < model.n_layers + 1:
+                notes.append(f"{model.n_layers + 1 - n_gpu} layers stay on the local CPU: the devices' memory "
+                             "does not hold more (lower n_ctx, use a smaller quant, or add a worker)")
+                plan = plan_for(n_gpu)
+            return plan
+    notes.append("warning: no layer fits the devices' memory (estimate); everything runs on the local CPU")
+    return plan_for(0)
