@@ -31,10 +31,11 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from medgemma_gguf.errors import InputError, MismatchError, UnavailableError, setting
 from medgemma_gguf.sizes import format_size
@@ -221,7 +222,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return ggml, base
 
 
-def _rpc_function(name: str, prototype: type) -> object:
+def _rpc_function(name: str, prototype: Any) -> Any:
     ggml, base = _libs()
     reg = ggml.ggml_backend_reg_by_name(b"RPC")
     address = base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
@@ -320,7 +321,7 @@ def check_worker_binding(host: str, insecure_network: bool) -> None:
 
 def serve_worker(host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, threads: int | None = None,
                  cache_dir: Path | None = None, devices: Sequence[str] = (), insecure_network: bool = False,
-                 announce: object = print) -> None:
+                 announce: Callable[[str], object] = print) -> None:
     """Run llama.cpp's RPC server for this machine's devices until the process is stopped (never returns).
 
     ``cache_dir``: keep weights the client sent (by hash) so a later load sends only hashes (upstream's

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -125,6 +125,7 @@ def _child_main(conn: Connection, files: ModelFiles, endpoints: list[Endpoint], 
             _, messages, chat_options = request
             try:
                 stream = model.chat(messages, stream=True, **chat_options)
+                assert isinstance(stream, ChatStream)
                 for channel, text in stream.deltas():
                     conn.send(("delta", channel, text))
                     if conn.poll():  # the parent stopped reading
@@ -276,7 +277,7 @@ class RpcChatModel:
         replies = ChatStream(self._deltas())
         return replies if stream else replies.collect()
 
-    def _deltas(self) -> Iterator[Delta]:
+    def _deltas(self) -> Generator[Delta, None, ChatResult]:
         self._busy = True
         finished = False
         try:
