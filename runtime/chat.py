@@ -301,8 +301,7 @@ class ChatModel:
         elif fields:
             raise TypeError("pass either settings or sampling keywords, not both")
         self.check_fits(prompt)
-        sampler = Sampler(self.engine.llama_context, self.engine.llama_vocab, settings.resolve(self.sampling_defaults),
-                          n_vocab=self.engine.n_vocab, n_ctx=self.n_ctx, reasoning=self.reasoning_markers)
+        sampler = self.engine.new_sampler(settings.resolve(self.sampling_defaults), reasoning=self.reasoning_markers)
         if self.served_by is not None:  # the server's batcher owns the context: the reply runs in one of its slots
             return ChatStream(self.served_by.generate(prompt, settings, sampler, adapters=self.active_adapters,
                                                       ignore_eos=ignore_eos, should_stop=should_stop))

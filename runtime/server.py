@@ -278,9 +278,8 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
             adapters = model.model_ids.resolve(req.model)
             prompt = prompt_of()
             model.check_fits(prompt)
-            sampler = Sampler(model.engine.llama_context, model.engine.llama_vocab,
-                              req.sampling.resolve(model.sampling_defaults), n_vocab=model.engine.n_vocab,
-                              n_ctx=model.n_ctx, reasoning=model.reasoning_markers)
+            sampler = model.engine.new_sampler(req.sampling.resolve(model.sampling_defaults),
+                                               reasoning=model.reasoning_markers)
         except UserError as exc:
             raise _user_error(exc) from exc
         return prompt, sampler, adapters

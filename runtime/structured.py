@@ -38,7 +38,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
 
 from medgemma_gguf.errors import InputError, setting
-from medgemma_gguf.runtime.engine import native_errors
+from medgemma_gguf.runtime.llama_log import native_errors
 
 ROOT = "root"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}

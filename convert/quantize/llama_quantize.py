@@ -228,7 +228,7 @@ class _LogCapture:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from medgemma_gguf.runtime.engine import restore_llama_log_routing
+        from medgemma_gguf.runtime.llama_log import restore_llama_log_routing
 
         restore_llama_log_routing()
 
