@@ -14,6 +14,7 @@ import click
 
 from medgemma_gguf import __version__
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.privacy import OFFLINE_ENV, enable_offline, offline_requested
 
 # subcommand name -> "module:attribute" of its click command
 SUBCOMMANDS: dict[str, str] = {
@@ -30,8 +31,24 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+# commands that always run offline (they never need the network)
+ALWAYS_OFFLINE = {"serve"}
+
+
+def _offline_option(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value or offline_requested() or ctx.info_name in ALWAYS_OFFLINE:
+        enable_offline()
+
+
+def offline_option() -> click.Option:
+    """``--offline`` (eager: on before the command's code runs), also read from ``MEDGEMMA_GGUF_OFFLINE``."""
+    return click.Option(["--offline"], is_flag=True, is_eager=True, expose_value=False, callback=_offline_option,
+                        help=f"No network: Hugging Face offline and telemetry switches on, any connection beyond "
+                             f"this machine refused (also env {OFFLINE_ENV}=1; serve is always offline).")
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use; each gets ``--offline``."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)
@@ -41,17 +58,24 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attribute = target.split(":")
-        return getattr(importlib.import_module(module_name), attribute)
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not any(param.name == "offline" for param in command.params):
+            command.params.insert(0, offline_option())
+        return command
 
 
 @click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="medgemma-gguf")
+@click.option("--offline", is_flag=True, is_eager=True, expose_value=False, callback=_offline_option,
+              help=f"No network for any command (as each command's --offline; env {OFFLINE_ENV}=1).")
 def cli() -> None:
     """Run Google's MedGemma locally as GGUF: convert, quantize, chat, evaluate."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning a UserError into one line on stderr and exit status 2."""
+    if offline_requested():
+        enable_offline()  # before any command imports the Hugging Face libraries
     try:
         cli.main(args=argv, prog_name="medgemma-gguf", standalone_mode=False)
     except UserError as exc:

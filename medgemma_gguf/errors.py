@@ -107,6 +107,7 @@ SETTINGS: dict[str, Spelling] = {
     "queue": Spelling("--queue", "queue_size", "the server's queue (serve --queue)"),
     "request_timeout": Spelling("--request-timeout", "request_timeout", "the server's time limit per request "
                                 "(serve --request-timeout)"),
+    "audit_log": Spelling("--audit-log", "audit_log", "the server's audit log (serve --audit-log)"),
     "logprobs": Spelling("--logprobs", "logprobs", "'logprobs'"),
     "top_logprobs": Spelling("--top-logprobs", "top_logprobs", "'top_logprobs'"),
     "rpc": Spelling("--rpc", "rpc", "the server's RPC workers (serve --rpc)"),

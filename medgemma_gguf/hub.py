@@ -5,12 +5,14 @@ line with the fix, the same for every command that talks to the Hub (convert, ev
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from medgemma_gguf.errors import AccessError, NotFoundError, UserError, setting
+from medgemma_gguf.privacy import OFFLINE_ENV, is_offline
 
 # Everything convert reads; weights as safetensors only.
 NEEDED_FILES = [
@@ -65,6 +67,13 @@ def resolve_source(source: str, *, token: str | None = None, revision: str | Non
     return ResolvedSource(folder, source, folder.name, True)
 
 
+def hub_offline() -> bool:
+    """True when downloads are off: this package's offline mode, or huggingface_hub's ``HF_HUB_OFFLINE``."""
+    if is_offline():
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """huggingface_hub's HTTP client's connection errors (httpx2 in huggingface_hub 2.x, httpx before)."""
     try:
@@ -110,6 +119,10 @@ def hub_errors(repo_id: str, revision: str | None = None, *, offline_ok: bool = 
     except unreachable as exc:
         if offline_ok:
             raise
+        if hub_offline():
+            raise NotFoundError(f"{repo_id} is not in the Hugging Face cache and offline mode is on (--offline, "
+                                f"{OFFLINE_ENV} or HF_HUB_OFFLINE): download it once while online (`hf download "
+                                f"{repo_id}`), or pass a local folder") from exc
         raise UserError(f"cannot download from {repo_id}: no connection to the Hub and no cached copy; connect, "
                         "or use local files instead") from exc
     except HfHubHTTPError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.runtime.audit import DEFAULT_AUDIT_BACKUPS, DEFAULT_AUDIT_MAX_BYTES
 from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from medgemma_gguf.runtime.prompt import load_presets
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
@@ -326,13 +327,24 @@ def default_parallel() -> int:
 @click.option("--body-timeout", default=DEFAULT_BODY_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0.1, max=86400),
               help="Seconds a client has to send a whole request body (pauses of at most 30 s).")
+@click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
+              help="Append one JSON line per request to this file: time, client, API key id, model, token counts, "
+                   "status, duration — no content.")
+@click.option("--audit-log-max-bytes", default=DEFAULT_AUDIT_MAX_BYTES, show_default=True,
+              type=click.IntRange(min=1024), help="Rotate the audit log at this size (FILE.1, FILE.2, ...).")
+@click.option("--audit-log-backups", default=DEFAULT_AUDIT_BACKUPS, show_default=True, type=click.IntRange(min=0),
+              help="Rotated audit logs kept.")
+@click.option("--log-content", is_flag=True,
+              help="Also log prompts and replies (at DEBUG) to the server's log; off by default, and no content is "
+                   "logged without it at any level.")
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                   vram: str | None, threads: int | None, lora: tuple[Path, ...],
                   lora_scaled: tuple[tuple[Path, float], ...], host: str, port: int, api_key: str | None,
                   insecure_no_auth: bool, parallel: int | None, queue_size: int, request_timeout: float | None,
                   cors_origins: tuple[str, ...], allow_local_files: bool, allow_dirs: tuple[Path, ...],
                   max_body_bytes: int, max_image_pixels: int, max_images: int, max_tokens_limit: int,
-                  header_timeout: float, body_timeout: float) -> None:
+                  header_timeout: float, body_timeout: float, audit_log: Path | None, audit_log_max_bytes: int,
+                  audit_log_backups: int, log_content: bool) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) and a web
     chat page at http://HOST:PORT/.
 
@@ -340,6 +352,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
     parallel x ctx positions; llama-server's -c is the total instead). With --lora adapters, GET /v1/models
     lists MODEL (all adapters), MODEL+base and MODEL+ADAPTER; a request's "model" picks one of them.
     """
+    from medgemma_gguf.runtime.audit import AuditLog
     from medgemma_gguf.runtime.http_limits import check_binding
     from medgemma_gguf.runtime.server import ServerLimits, serve
 
@@ -349,6 +362,9 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
     if insecure_no_auth and api_key is None:
         click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth): anyone who can reach the "
                    "port can use the model", err=True)
+    if log_content:
+        click.echo("warning: --log-content writes prompts and replies to the server's log", err=True)
+    audit = AuditLog(audit_log, max_bytes=audit_log_max_bytes, backups=audit_log_backups) if audit_log else None
     parallel = parallel or default_parallel()
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
                        max_image_pixels=max_image_pixels, n_parallel=parallel)
@@ -358,7 +374,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
               limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit,
                                   header_timeout_s=header_timeout, body_timeout_s=body_timeout),
               allowed_roots=allow_dirs, insecure_no_auth=insecure_no_auth, parallel=parallel, queue_size=queue_size,
-              request_timeout=request_timeout, cors_origins=cors_origins)
+              request_timeout=request_timeout, cors_origins=cors_origins, audit_log=audit, log_content=log_content)
 
 
 @click.command("fit")

@@ -1,10 +1,17 @@
 """Read one frame of a DICOM file into modality values plus the metadata needed to display it.
 
 This module decodes; ``runtime.images`` turns the result into the 8-bit RGB image the model sees.
+
+Privacy: only the pixels and the elements that describe them are read (``pixel_tags``: group 0028 —
+image pixel, palette, modality LUT/rescale, VOI LUT/windowing —, the pixel data elements, and of an
+enhanced multi-frame file's functional groups only rescale, windowing and geometry). Patient, study,
+institution and date elements are skipped by pydicom's reader, so they cannot reach a prompt, a log line,
+an error message or an image written from the result.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from dataclasses import dataclass
@@ -52,6 +59,33 @@ class DicomFrame:
     bits: int
 
 
+# functional group sequences (enhanced multi-frame) and the items of theirs that describe pixels
+_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)  # Shared-, PerFrameFunctionalGroupsSequence
+_FUNCTIONAL_KEEP = {"PixelValueTransformationSequence", "FrameVOILUTSequence", "PixelMeasuresSequence",
+                    "PlanePositionSequence", "PlaneOrientationSequence"}
+
+
+@functools.cache
+def pixel_tags() -> tuple[int, ...]:
+    """The elements a frame is decoded and displayed from (module docstring); nothing that names a person."""
+    from pydicom.datadict import DicomDictionary
+
+    group_0028 = [tag for tag, entry in DicomDictionary.items() if tag >> 16 == 0x0028 and entry[3] == ""]
+    pixel_data = [tag for tag in DicomDictionary if tag >> 16 == 0x7FE0]
+    return tuple(sorted({*group_0028, *pixel_data, *_FUNCTIONAL_GROUPS}))
+
+
+def _drop_non_pixel_items(ds: Any) -> None:
+    """Of the functional groups, keep only the sequences about pixels and geometry (dates, ids elsewhere)."""
+    for tag in _FUNCTIONAL_GROUPS:
+        if tag not in ds:
+            continue
+        for item in ds[tag].value:
+            for element in list(item):
+                if element.keyword not in _FUNCTIONAL_KEEP:
+                    del item[element.tag]
+
+
 def has_dicom_magic(head: bytes) -> bool:
     """True when ``head`` (the first 132+ bytes of a file) carries the DICOM Part 10 'DICM' marker."""
     return head[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
@@ -75,13 +109,14 @@ def _read_dicom_frame(data: bytes, label: str, *, frame: int, max_pixels: int, f
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        ds = pydicom.dcmread(io.BytesIO(data), force=force, specific_tags=list(pixel_tags()))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"cannot read DICOM file {label}: {_short(exc)}; the file is corrupt or truncated — re-export it"
         ) from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UserError(f"DICOM file {label} holds no pixel data (not an image); pass an image DICOM file")
+    _drop_non_pixel_items(ds)
     _ensure_transfer_syntax(ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows == 0 or cols == 0:

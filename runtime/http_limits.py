@@ -303,12 +303,35 @@ def protocol_class(header_timeout_s: float) -> type:
     return HeaderTimeoutProtocol
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration with this package's loggers at INFO on the same handler."""
+class _NoQueryString(logging.Filter):
+    """uvicorn's access lines without query strings (no endpoint reads one; a client may put anything there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?…", *args[3:])
+        return True
+
+
+def log_config(*, log_content: bool = False) -> dict[str, Any]:
+    """uvicorn's logging configuration with this package's loggers at INFO on the same handler, and the
+    privacy policy (``medgemma_gguf.privacy``): tracebacks without exception messages, the content logger
+    (DEBUG) only with ``log_content``, other libraries' warnings through the same formatter."""
     import copy
 
     from uvicorn.config import LOGGING_CONFIG
+    from uvicorn.logging import DefaultFormatter
+
+    from medgemma_gguf.privacy import CONTENT_LOGGER, ContentFilter, safe_formatter_class
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["default"]["()"] = safe_formatter_class(DefaultFormatter)
+    config.setdefault("filters", {}).update({"content": {"()": ContentFilter}, "no_query": {"()": _NoQueryString}})
+    for handler in config["handlers"].values():
+        handler["filters"] = ["content"]
+    config["handlers"]["access"]["filters"] = ["content", "no_query"]
     config["loggers"]["medgemma_gguf"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"][CONTENT_LOGGER] = {"handlers": ["default"], "level": "DEBUG" if log_content else "CRITICAL",
+                                         "propagate": False}
+    config["root"] = {"handlers": ["default"], "level": "WARNING"}
     return config

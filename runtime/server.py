@@ -61,6 +61,8 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.privacy import content_log, loggable, set_content_logging
+from medgemma_gguf.runtime.audit import AUDIT_STATE_KEY, AuditLog, AuditMiddleware
 from medgemma_gguf.runtime.batching import Batcher, Job, QueueFull, TokenEvent, TokenLogprob
 from medgemma_gguf.runtime.chat import ChatModel, ChatResult
 from medgemma_gguf.runtime.http_limits import (
@@ -153,11 +155,11 @@ class _Counting:
 def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_files: bool = False,
                limits: ServerLimits | None = None, allowed_roots: Sequence[Path] = (), parallel: int | None = None,
                queue_size: int = DEFAULT_QUEUE, request_timeout: float | None = None,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (), audit_log: AuditLog | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` with ``parallel`` slots (default: every sequence the model was loaded
     with, ``load(n_parallel=...)``). Local paths (images, volumes, slides) are read only under
     ``allowed_roots``; ``allow_local_files`` without roots allows the working directory. The slots start
-    with the app (its lifespan) and stop with it."""
+    with the app (its lifespan) and stop with it. ``audit_log``: one JSON line per request (``runtime.audit``)."""
     limits = limits or ServerLimits()
     roots = tuple(Path(r) for r in allowed_roots) or ((Path.cwd(),) if allow_local_files else ())
     check_binding("127.0.0.1", api_key)  # an empty key is refused, never read as "no key"
@@ -182,6 +184,8 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     app.add_middleware(_Counting, counts=http_counts)
+    if audit_log is not None:
+        app.add_middleware(AuditMiddleware, log=audit_log, api_key=api_key)
     created = int(time.time())
     image_options = model.image_options(max_pixels=limits.max_image_pixels, allow_local_files=False,
                                         allowed_roots=roots, max_images=limits.max_images,
@@ -202,7 +206,9 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
 
     async def json_body(request: Request) -> Any:
         authorize(request)
-        return parse_json(await read_body(request, limits.http), limits.http)
+        body = parse_json(await read_body(request, limits.http), limits.http)
+        content_log("request %s %s: %s", request_id(request), request.url.path, loggable(body))  # --log-content
+        return body
 
     # --- the page and its helpers ----------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -318,11 +324,14 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
             watcher.cancel()
             raise _job_error(kind, value, rid)
         model_id = model.model_ids.reply_id(req.model)
+        audit = request.scope.setdefault("state", {}).setdefault(AUDIT_STATE_KEY, {})
+        audit["model"] = model_id
         completion_id = (f"chatcmpl-{uuid.uuid4().hex}" if shape == "chat" else f"cmpl-{uuid.uuid4().hex}")
         if req.stream:
             from sse_starlette.sse import EventSourceResponse
 
-            return EventSourceResponse(_stream(events, job, watcher, req, shape, completion_id, model_id, rid))
+            return EventSourceResponse(_stream(events, job, watcher, req, shape, completion_id, model_id, rid,
+                                               audit))
         try:
             logprobs: list[TokenLogprob] = []
             while True:
@@ -338,6 +347,7 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
             watcher.cancel()
         if value is None or value.finish_reason == "cancelled":
             return Response(status_code=499)  # nobody is listening any more
+        _record(audit, rid, value)
         return _full_reply(shape, completion_id, model_id, value, logprobs if req.top_logprobs is not None else None)
 
     @app.post("/v1/chat/completions")
@@ -383,6 +393,12 @@ def _job_error(kind: str, value: Any, rid: str) -> ApiError:
     return ApiError(500, internal_error_message(rid), "server_error")
 
 
+def _record(audit: dict[str, Any], rid: str, result: ChatResult) -> None:
+    """The reply's token counts for the audit log; its text only for ``--log-content``."""
+    audit["prompt_tokens"], audit["completion_tokens"] = result.prompt_tokens, result.completion_tokens
+    content_log("request %s: reply %s", rid, loggable(result.text))
+
+
 def _usage(result: ChatResult) -> dict[str, Any]:
     usage = result.openai_usage()
     usage["prompt_tokens_details"] = {"cached_tokens": int(result.timings.get("prompt_positions_reused", 0))}
@@ -405,7 +421,8 @@ def _full_reply(shape: str, completion_id: str, model_id: str, result: ChatResul
 
 
 async def _stream(events: asyncio.Queue, job: Job, watcher: asyncio.Future, req: ParsedRequest, shape: str,
-                  completion_id: str, model_id: str, rid: str) -> AsyncIterator[dict[str, str]]:
+                  completion_id: str, model_id: str, rid: str,
+                  audit: dict[str, Any]) -> AsyncIterator[dict[str, str]]:
     """The job's events as OpenAI stream chunks; the generator closing (the client left) cancels the job."""
     chat = shape == "chat"
     kind_name = "chat.completion.chunk" if chat else "text_completion"
@@ -449,6 +466,7 @@ async def _stream(events: asyncio.Queue, job: Job, watcher: asyncio.Future, req:
                         yield chunk({"index": 0, "text": text, "logprobs": logprobs_field(), "finish_reason": None})
             elif kind == "done":
                 result: ChatResult = value
+                _record(audit, rid, result)
                 final = {"index": 0, "logprobs": logprobs_field() if pending else None,
                          "finish_reason": result.finish_reason}
                 yield chunk({**final, "delta": {}} if chat else {**final, "text": ""}, timings=result.timings)
@@ -471,8 +489,11 @@ def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_ke
           allow_local_files: bool = False, limits: ServerLimits | None = None,
           allowed_roots: Sequence[Path] = (), insecure_no_auth: bool = False, parallel: int | None = None,
           queue_size: int = DEFAULT_QUEUE, request_timeout: float | None = None,
-          cors_origins: Sequence[str] = ()) -> None:
-    """Serve ``model`` with uvicorn until interrupted (``runtime.http_limits``: binding rules, header timeout)."""
+          cors_origins: Sequence[str] = (), audit_log: AuditLog | None = None, log_content: bool = False) -> None:
+    """Serve ``model`` with uvicorn until interrupted (``runtime.http_limits``: binding rules, header timeout).
+
+    The log holds no request or reply content at any level unless ``log_content`` (``--log-content``: at DEBUG;
+    ``medgemma_gguf.privacy``)."""
     import uvicorn
 
     from medgemma_gguf.runtime.http_limits import log_config, protocol_class
@@ -481,6 +502,7 @@ def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_ke
     limits = limits or ServerLimits()
     app = create_app(model, api_key=api_key, allow_local_files=allow_local_files, limits=limits,
                      allowed_roots=allowed_roots, parallel=parallel, queue_size=queue_size,
-                     request_timeout=request_timeout, cors_origins=cors_origins)
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config(),
+                     request_timeout=request_timeout, cors_origins=cors_origins, audit_log=audit_log)
+    set_content_logging(log_content)
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config(log_content=log_content),
                 http=protocol_class(limits.header_timeout_s))
