@@ -247,7 +247,16 @@ def describe_exception(exc_info: Any) -> str:
 
 
 class SafeFormatter(logging.Formatter):
-    """A formatter whose tracebacks carry no exception messages unless content logging is on."""
+    """A formatter whose tracebacks carry no exception messages unless content logging is on. It never reuses
+    or leaves behind ``record.exc_text`` (logging's cache, which another handler may have filled)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_text
+        record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = saved
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return super().formatException(ei) if _Content.enabled else describe_exception(ei)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.atomic import StagedOutputs
+from medgemma_gguf.cache import cache_root
 from medgemma_gguf.quant_eval.metrics import ROUNDOFF_KL, brackets_overlap
 from medgemma_gguf.report_schema import EvalReport, ReportRow
 
@@ -206,7 +209,10 @@ def render_csv(rows: Sequence[ReportRow], slice_names: Sequence[str]) -> str:
 
 def plot_pareto(rows: Sequence[ReportRow], path: Path) -> None:
     """Scatter of file size vs mean KL (log scale) with the brackets as error bars, generation speed as marker
-    colour, quant type as label."""
+    colour, quant type as label. matplotlib keeps its font cache under this package's cache root (README
+    "Privacy"), not in ~/.config or ~/.cache, unless MPLCONFIGDIR says otherwise."""
+    if "matplotlib" not in sys.modules:
+        os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.privacy import enable_offline
 from medgemma_gguf.runtime.audit import DEFAULT_AUDIT_BACKUPS, DEFAULT_AUDIT_MAX_BYTES
 from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from medgemma_gguf.runtime.prompt import load_presets
@@ -346,7 +347,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
                   header_timeout: float, body_timeout: float, audit_log: Path | None, audit_log_max_bytes: int,
                   audit_log_backups: int, log_content: bool) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) and a web
-    chat page at http://HOST:PORT/.
+    chat page at http://HOST:PORT/. It runs offline: no connection leaves this machine (see --offline).
 
     --parallel requests run at once, each in its own slot of --ctx positions (the KV cache holds
     parallel x ctx positions; llama-server's -c is the total instead). With --lora adapters, GET /v1/models
@@ -355,6 +356,8 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
     from medgemma_gguf.runtime.audit import AuditLog
     from medgemma_gguf.runtime.http_limits import check_binding
     from medgemma_gguf.runtime.server import ServerLimits, serve
+
+    enable_offline()  # serve never needs the network: no Hub, no telemetry (medgemma_gguf.privacy)
 
     if api_key is None and os.environ.get("MEDGEMMA_API_KEY") is not None:
         api_key = os.environ["MEDGEMMA_API_KEY"]  # click reads an empty variable as unset; it is refused below

@@ -309,7 +309,7 @@ class _NoQueryString(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?…", *args[3:])
+            record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?<query>", *args[3:])
         return True
 
 

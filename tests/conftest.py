@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
+@pytest.fixture(autouse=True)
+def _offline_mode_ends_with_its_test():
+    """A test that turns offline mode on in this process (``serve`` in-process, ``--offline``) leaves it on for
+    itself only."""
+    yield
+    import sys
+
+    privacy = sys.modules.get("medgemma_gguf.privacy")
+    if privacy is not None:
+        privacy.disable_offline()
+        privacy.set_content_logging(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(variant) -> Path``: a tiny Gemma 3 checkpoint folder, built once per session."""
