@@ -90,11 +90,10 @@ def enable_offline(allow: Iterable[str] = ()) -> None:
         os.environ.update(OFFLINE_SWITCHES)
         os.environ[OFFLINE_ENV] = "1"
         constants = sys.modules.get("huggingface_hub.constants")
-        if constants is not None:
-            constants.HF_HUB_OFFLINE = True
-            constants.HF_HUB_DISABLE_TELEMETRY = True
-            if hasattr(constants, "HF_HUB_DISABLE_UPDATE_CHECK"):
-                constants.HF_HUB_DISABLE_UPDATE_CHECK = True
+        if constants is not None:  # read from the environment once, at import: set them where they live
+            for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_UPDATE_CHECK"):
+                if hasattr(constants, name):
+                    setattr(constants, name, True)
         if not _Guard.installed:
             sys.addaudithook(_audit)  # audit hooks cannot be removed; ``disable_offline`` makes it inert
             _Guard.installed = True
@@ -115,8 +114,9 @@ def disable_offline() -> None:
                 os.environ[name] = value
         constants = sys.modules.get("huggingface_hub.constants")
         if constants is not None:
-            constants.HF_HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
-            constants.HF_HUB_DISABLE_TELEMETRY = os.environ.get("HF_HUB_DISABLE_TELEMETRY", "").lower() in _TRUE
+            for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_UPDATE_CHECK"):
+                if hasattr(constants, name):
+                    setattr(constants, name, os.environ.get(name, "").strip().lower() in _TRUE)
 
 
 def allow_host(host: str) -> None:
