@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.errors import InputError, MismatchError, UnavailableError, setting
+from medgemma_gguf.privacy import allow_host
 from medgemma_gguf.sizes import format_size
 
 PROTOCOL = (7, 0, 0)  # RPC_PROTO_{MAJOR,MINOR,PATCH}_VERSION of the vendored ggml-rpc.h
@@ -85,6 +86,8 @@ def parse_endpoints(values: str | Iterable[str] | None) -> list[Endpoint]:
             endpoints.append(endpoint)
     if len(endpoints) > MAX_WORKERS:
         raise InputError(f"{setting('rpc')} names {len(endpoints)} workers; llama.cpp takes at most {MAX_WORKERS}")
+    for endpoint in endpoints:  # workers the user named stay reachable in offline mode (and only they)
+        allow_host(endpoint.host)
     return endpoints
 
 

@@ -178,6 +178,10 @@ GUARD_SCRIPT = textwrap.dedent("""
     attempt("httpx", lambda: httpx.get("https://huggingface.co", timeout=5))
     listener = socket.create_server(("127.0.0.1", 0))
     attempt("loopback", lambda: socket.create_connection(listener.getsockname(), timeout=5).close())
+    from medgemma_gguf.runtime.rpc import parse_endpoints
+    parse_endpoints(f"{host}:{port}")  # an RPC worker the user names stays reachable
+    attempt("named worker", lambda: socket.create_connection((host, port), timeout=5).close())
+    attempt("other port", lambda: socket.create_connection((host, port + 1), timeout=5).close())
     print(json.dumps(results))
 """)
 
@@ -196,12 +200,13 @@ def test_offline_mode_refuses_every_connection_beyond_this_machine(tmp_path):
     try:
         online = json.loads(subprocess.run([sys.executable, str(script), address, str(port), "online"],
                                            capture_output=True, text=True, timeout=120, check=True).stdout)
-        accepted_online = server.accept()[0]
-        accepted_online.close()
+        for _ in range(2):  # "stand-in" and "named worker"
+            server.accept()[0].close()
         offline = json.loads(subprocess.run([sys.executable, str(script), address, str(port), "offline"],
                                             capture_output=True, text=True, timeout=120, check=True).stdout)
+        server.accept()[0].close()  # the named worker's connection, the one that reached the stand-in
         with pytest.raises(TimeoutError):
-            server.accept()  # the offline process never reached the stand-in
+            server.accept()
     finally:
         server.close()
     assert online["stand-in"] == "ok" and online["udp"] == "ok" and online["loopback"] == "ok"
@@ -211,6 +216,8 @@ def test_offline_mode_refuses_every_connection_beyond_this_machine(tmp_path):
         assert offline[name].startswith("OfflineError: offline mode: refused to look up the address of "
                                         "huggingface.co"), offline[name]
     assert offline["loopback"] == "ok"  # this machine's own services stay reachable
+    assert offline["named worker"] == "ok" and online["named worker"] == "ok"
+    assert not offline["other port"].startswith("OfflineError")  # allowed by host (refused by the OS here)
 
 
 def test_offline_switches_reach_the_hugging_face_libraries_even_after_import():
