@@ -521,3 +521,32 @@ def test_chat_convert_and_eval_offline_open_no_socket_and_write_only_where_asked
     assert sorted(p.name for p in folders["cwd"].iterdir()) == [scan.name]
     home = sorted(str(p.relative_to(folders["home"])) for p in folders["home"].rglob("*") if p.is_file())
     assert all(p.startswith(".cache/medgemma-gguf/") for p in home), home
+
+
+def test_the_readme_privacy_section_uses_real_commands_and_flags():
+    import re
+    import shlex
+
+    import click
+
+    from medgemma_gguf.cli import cli
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Privacy"):readme.index("## Fine-tuned models")]
+    lines = re.findall(r"^(?:MEDGEMMA_GGUF_OFFLINE=1 )?medgemma-gguf [^\n#]*", section, flags=re.MULTILINE)
+    assert len(lines) == 3
+    for line in lines:
+        words = shlex.split(line)[1:] if line.startswith("MEDGEMMA") else shlex.split(line)
+        rest = words[1:]
+        if rest[0] == "--offline":  # the group's own flag
+            rest = rest[1:]
+        name, *rest = rest
+        command = cli.get_command(click.Context(cli), name)
+        known = {opt for param in command.params for opt in param.opts}
+        assert {w for w in rest if w.startswith("--")} <= known, line
+        command.make_context(name, rest, resilient_parsing=True)
+    serve = cli.get_command(click.Context(cli), "serve")
+    serve_flags = {opt for param in serve.params for opt in param.opts}
+    for flag in re.findall(r"`(--[a-z-]+)", section):
+        assert flag in serve_flags or flag in ("--offline", "--rpc", "--save-patches", "--cache-dir"), flag
+    assert "refused a network connection to" in section and "is not in the Hugging Face cache" in section
