@@ -43,7 +43,7 @@ from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
-from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload, read_vision_model
+from medgemma_gguf.runtime.offload import OffloadPlan, SplitPlan, plan_offload, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import choose_quant
 from medgemma_gguf.runtime.reply import CONTENT, Delta, ReasoningMarkers, ReplyText
@@ -157,7 +157,7 @@ class ChatStream(Iterator[str]):
 class ChatModel:
     """A loaded MedGemma text model (+ mmproj) ready to chat. Build it with ``load``."""
 
-    def __init__(self, engine: Engine, *, name: str, plan: OffloadPlan | None = None,
+    def __init__(self, engine: Engine, *, name: str, plan: OffloadPlan | SplitPlan | None = None,
                  allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
                  window: tuple[float, float] | None = None, adapters: Sequence[LoraFile] = (), mmproj_note: str = "",
                  choice_note: str = ""):

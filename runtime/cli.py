@@ -340,7 +340,8 @@ def default_parallel() -> int:
                    "logged without it at any level.")
 def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                   vram: str | None, threads: int | None, lora: tuple[Path, ...],
-                  lora_scaled: tuple[tuple[Path, float], ...], host: str, port: int, api_key: str | None,
+                  lora_scaled: tuple[tuple[Path, float], ...], rpc: tuple[str, ...], host: str, port: int,
+                  api_key: str | None,
                   insecure_no_auth: bool, parallel: int | None, queue_size: int, request_timeout: float | None,
                   cors_origins: tuple[str, ...], allow_local_files: bool, allow_dirs: tuple[Path, ...],
                   max_body_bytes: int, max_image_pixels: int, max_images: int, max_tokens_limit: int,
@@ -367,17 +368,35 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
                    "port can use the model", err=True)
     if log_content:
         click.echo("warning: --log-content writes prompts and replies to the server's log", err=True)
-    audit = AuditLog(audit_log, max_bytes=audit_log_max_bytes, backups=audit_log_backups) if audit_log else None
     parallel = parallel or default_parallel()
+    limits = ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit,
+                          header_timeout_s=header_timeout, body_timeout_s=body_timeout)
+    serve_options: dict[str, Any] = {"api_key": api_key, "allow_local_files": allow_local_files, "limits": limits,
+                     "allowed_roots": allow_dirs, "parallel": parallel, "queue_size": queue_size,
+                     "request_timeout": request_timeout, "cors_origins": cors_origins, "log_content": log_content}
+    if rpc:  # the model in an engine process of its own, behind this one (runtime.rpc_serve)
+        from medgemma_gguf.runtime.rpc import parse_endpoints
+        from medgemma_gguf.runtime.rpc_model import prepare_split
+        from medgemma_gguf.runtime.rpc_serve import serve_split
+
+        setup = prepare_split(model, mmproj, parse_endpoints(rpc), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram,
+                              quant=quant, n_parallel=parallel)
+        click.echo(setup.plan.describe(), err=True)
+        load_options = {"n_ctx": n_ctx, "n_threads": threads, "max_image_pixels": max_image_pixels,
+                        "n_parallel": parallel, "lora": [(path, 1.0) for path in lora] + list(lora_scaled)}
+        click.echo(f"{parallel} parallel slots of {n_ctx} positions each, queue of {queue_size}; the model runs in "
+                   "an engine process of its own, so a worker that stops answering does not stop this server",
+                   err=True)
+        audit_spec = (audit_log, audit_log_max_bytes, audit_log_backups) if audit_log else None
+        serve_split(setup, load_options, dict(serve_options, audit_spec=audit_spec), host=host, port=port,
+                    header_timeout_s=header_timeout)
+        return
+    audit = AuditLog(audit_log, max_bytes=audit_log_max_bytes, backups=audit_log_backups) if audit_log else None
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
                        max_image_pixels=max_image_pixels, n_parallel=parallel)
     click.echo(f"{parallel} parallel slots of {chat_model.n_ctx} positions each, queue of {queue_size}", err=True)
     with chat_model:
-        serve(chat_model, host=host, port=port, api_key=api_key, allow_local_files=allow_local_files,
-              limits=ServerLimits(max_body_bytes, max_image_pixels, max_images, max_tokens_limit,
-                                  header_timeout_s=header_timeout, body_timeout_s=body_timeout),
-              allowed_roots=allow_dirs, insecure_no_auth=insecure_no_auth, parallel=parallel, queue_size=queue_size,
-              request_timeout=request_timeout, cors_origins=cors_origins, audit_log=audit, log_content=log_content)
+        serve(chat_model, host=host, port=port, insecure_no_auth=insecure_no_auth, audit_log=audit, **serve_options)
 
 
 @click.command("fit")

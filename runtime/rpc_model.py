@@ -68,6 +68,69 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, rpc: str | Sequ
     return RpcChatModel(model, mmproj, endpoints=endpoints, **options)
 
 
+# --- planning and loading (shared by the engine process and serve's) -------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitSetup:
+    """The checked workers, the files and the split, decided in the calling process before anything loads."""
+
+    endpoints: tuple[Endpoint, ...]
+    workers: tuple[WorkerInfo, ...]
+    files: ModelFiles
+    plan: SplitPlan
+
+
+def prepare_split(model: str | Path, mmproj: str | Path | None, endpoints: Sequence[Endpoint], *,
+                  n_gpu_layers: str | int = "auto", n_ctx: int = 4096, vram: str | int | None = None,
+                  quant: str | None = None, n_parallel: int = 1) -> SplitSetup:
+    """Probe every worker (``runtime.rpc.probe``), choose the files, and plan the split from the memory the
+    workers and this machine's GPUs report (RPC devices first, local GPUs last, as llama.cpp orders them)."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
+        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
+    n_gpu = _gpu_layers(n_gpu_layers)
+    workers = probe_all(endpoints)
+    vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
+    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
+    from medgemma_gguf.runtime.devices import gpu_devices
+
+    local = gpu_devices()
+    remote = [(w, d) for w in workers for d in w.devices]
+    targets = [SplitTarget(f"RPC{k} on {d.endpoint}" + (f" (device {d.index})" if len(w.devices) > 1 else ""),
+                           d.free_bytes, remote=True) for k, (w, d) in enumerate(remote)]
+    if local and vram_bytes is not None and len(local) == 1:
+        targets.append(SplitTarget(f"{local[0].name} (local)", vram_bytes))
+    else:
+        targets += [SplitTarget(f"{d.name} (local)", d.free_bytes) for d in local]
+    n_ubatch = DEFAULT_N_UBATCH
+    if files.mmproj_path is not None:
+        n_ubatch = max(n_ubatch, read_vision_model(files.mmproj_path).n_image_tokens or 0)
+    plan = plan_split(files.model_path, targets, n_ctx=n_ctx * n_parallel, mmproj_path=files.mmproj_path,
+                      n_ubatch=n_ubatch, local_gpu=bool(local), n_gpu_layers=None if n_gpu == "auto" else int(n_gpu))
+    log.info("split plan:\n%s", plan.describe())
+    return SplitSetup(tuple(endpoints), tuple(workers), files, plan)
+
+
+def load_split(setup: SplitSetup, **options: Any) -> ChatModel:
+    """Register the workers and load the model split across them IN THIS PROCESS (``runtime.chat.load``'s other
+    options): a worker that dies later ends this process (llama.cpp aborts). ``RpcChatModel`` and
+    ``serve --rpc`` call it in a process of its own."""
+    from medgemma_gguf.runtime.devices import gpu_devices
+    from medgemma_gguf.runtime.rpc import local_gpu_handles, register_workers
+
+    os.environ["GGML_NO_BACKTRACE"] = "1"  # llama.cpp's abort: one line, no debugger attached
+    local = local_gpu_handles()
+    remote = register_workers(setup.endpoints, probed=True)
+    n_gpu_layers = setup.plan.n_gpu_layers
+    model = load_local(setup.files.model_path, setup.files.mmproj_path, n_gpu_layers=n_gpu_layers,
+                       devices=remote + local, tensor_split=setup.plan.tensor_split,
+                       mmproj_gpu=bool(gpu_devices()) and n_gpu_layers > 0, **options)
+    model.name, model.choice_note, model.mmproj_note = setup.files.name, setup.files.choice_note, \
+        setup.files.mmproj_note
+    model.plan = setup.plan
+    return model
+
+
 # --- the child ------------------------------------------------------------------------------------------
 
 
@@ -88,23 +151,14 @@ def _error_payload(exc: BaseException) -> tuple[str, str]:
     return "", f"{type(exc).__name__}: {exc}"
 
 
-def _child_main(conn: Connection, files: ModelFiles, endpoints: list[Endpoint], n_gpu_layers: int,
-                tensor_split: tuple[float, ...], options: dict[str, Any]) -> None:
-    """Runs in the engine process (``runtime.rpc_engine``): register the workers, load, then answer requests
-    until told to close. Its stderr goes to a file the parent quotes when the process ends."""
-    from medgemma_gguf.runtime.devices import gpu_devices
-    from medgemma_gguf.runtime.rpc import local_gpu_handles, register_workers
-
+def _child_main(conn: Connection, setup: SplitSetup, options: dict[str, Any]) -> None:
+    """Runs in the engine process (``runtime.rpc_engine``): load the split model, then answer requests until
+    told to close. Its stderr goes to a file the parent quotes when the process ends."""
     try:
-        local = local_gpu_handles()
-        has_local_gpu = bool(gpu_devices())
-        remote = register_workers(endpoints, probed=True)
-        model = load_local(files.model_path, files.mmproj_path, n_gpu_layers=n_gpu_layers, devices=remote + local,
-                           tensor_split=tensor_split, mmproj_gpu=has_local_gpu and n_gpu_layers > 0, **options)
+        model = load_split(setup, **options)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
         conn.send(("error", *_error_payload(exc)))
         return
-    model.name, model.choice_note, model.mmproj_note = files.name, files.choice_note, files.mmproj_note
     conn.send(("ready", _Ready(model.n_ctx, model.has_vision, model.image_size, model.image_tokens,
                                tuple(model.adapters))))
     with model:
@@ -161,29 +215,9 @@ class RpcChatModel:
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, window: tuple[float, float] | None = None,
                  lora: Sequence[LoraSpec] | None = None, n_parallel: int = 1):
         self.endpoints = list(endpoints)
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-            raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
-        n_gpu = _gpu_layers(n_gpu_layers)
-        self.workers: list[WorkerInfo] = probe_all(self.endpoints)
-        vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
-        files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
-        from medgemma_gguf.runtime.devices import gpu_devices
-
-        local = gpu_devices()
-        targets = [SplitTarget(f"RPC{k} on {d.endpoint}" + (f" (device {d.index})" if len(w.devices) > 1 else ""),
-                               d.free_bytes, remote=True)
-                   for k, (w, d) in enumerate((w, d) for w in self.workers for d in w.devices)]
-        if local and vram_bytes is not None and len(local) == 1:
-            targets.append(SplitTarget(f"{local[0].name} (local)", vram_bytes))
-        else:
-            targets += [SplitTarget(f"{d.name} (local)", d.free_bytes) for d in local]
-        n_ubatch = DEFAULT_N_UBATCH
-        if files.mmproj_path is not None:
-            n_ubatch = max(n_ubatch, read_vision_model(files.mmproj_path).n_image_tokens or 0)
-        self.plan: SplitPlan = plan_split(files.model_path, targets, n_ctx=n_ctx * n_parallel,
-                                          mmproj_path=files.mmproj_path, n_ubatch=n_ubatch, local_gpu=bool(local),
-                                          n_gpu_layers=None if n_gpu == "auto" else int(n_gpu))
-        log.info("split plan:\n%s", self.plan.describe())
+        setup = prepare_split(model, mmproj, self.endpoints, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram,
+                              quant=quant, n_parallel=n_parallel)
+        self.workers, self.plan, files = list(setup.workers), setup.plan, setup.files
         self.name, self.choice_note, self.mmproj_note = files.name, files.choice_note, files.mmproj_note
         self.model_path, self.mmproj_path = files.model_path, files.mmproj_path
         self.allow_local_files, self.max_image_pixels, self.window = allow_local_files, max_image_pixels, window
@@ -201,7 +235,7 @@ class RpcChatModel:
                 pass_fds=(child_socket.fileno(),), stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, env=env)
         os.close(handle)
         self._conn = Connection(parent_socket.detach())
-        self._conn.send((files, self.endpoints, self.plan.n_gpu_layers, self.plan.tensor_split, options))
+        self._conn.send((setup, options))
         try:
             ready = self._receive(LOAD_TIMEOUT_S, during="while loading the model")
         except BaseException:

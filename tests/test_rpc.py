@@ -246,3 +246,72 @@ def test_chat_cli_with_rpc_prints_the_local_reply(converted, workers):
     assert "split across 2 devices" in split.stderr and workers[1] in split.stderr
     dead = subprocess.run([*base, "--rpc", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=300)
     assert dead.returncode == 2 and dead.stderr.startswith("error: cannot reach RPC worker")
+
+
+def wait_for_server(process: subprocess.Popen, base: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "serve --rpc did not start"
+        time.sleep(0.5)
+
+
+@pytest.mark.e2e
+def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, workers, tmp_path):
+    import httpx
+    from openai import OpenAI
+
+    from medgemma_gguf import load
+
+    files = converted(VARIANT)
+    question = [{"role": "user", "content": "What is the normal adult resting heart rate?"}]
+    with load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=512, n_threads=1) as local:
+        expected = local.chat(question, max_tokens=12).text
+    port, doomed_port = free_port(), free_port()
+    doomed = start_worker(doomed_port)
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read after the server stops
+    server = subprocess.Popen([sys.executable, "-m", "medgemma_gguf", "serve", str(files.text_path), "--mmproj",
+                               str(files.mmproj_path), "--ctx", "512", "--threads", "1", "--parallel", "1", "--port",
+                               str(port), "--api-key", "k", "--rpc", f"{workers[0]},127.0.0.1:{doomed_port}"],
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_server(server, base)
+        health = httpx.get(f"{base}/health").json()
+        assert health["status"] == "ok" and health["rpc"] == {"workers": [workers[0], f"127.0.0.1:{doomed_port}"],
+                                                              "engine": "up"}
+        client = OpenAI(base_url=f"{base}/v1", api_key="k")
+        reply = client.chat.completions.create(model="m", messages=question, max_tokens=12)
+        assert reply.choices[0].message.content == expected
+        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": question}).status_code == 401
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                          json={"messages": question, "max_tokens": 400, "stream": True}, timeout=120) as events:
+            lines = events.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert "choices" in first
+            os.kill(doomed.pid, signal.SIGSTOP)
+            time.sleep(0.5)
+            os.kill(doomed.pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        error = json.loads(rest[-1][len("data: "):])["error"]
+        assert f"RPC worker 127.0.0.1:{doomed_port} stopped answering" in error["message"]
+        assert server.poll() is None  # this server is still up
+        down = httpx.get(f"{base}/health")
+        assert down.status_code == 503 and down.json()["rpc"]["engine"] == "down"
+        assert f"127.0.0.1:{doomed_port} stopped answering" in down.json()["error"]
+        again = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                           json={"messages": question})
+        assert again.status_code == 503 and "restarted" in again.json()["error"]["message"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        stop(doomed)
+        log.close()
+    assert server.returncode is not None
