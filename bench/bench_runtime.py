@@ -195,10 +195,8 @@ def loop_cost_us(model, prompt, tokens: list[int], n_tokens: int) -> float:
     """Microseconds per token that ChatModel's decode loop spends outside llama.cpp: the same ``generate``
     with llama.cpp's sampling and decoding replaced by no-ops (the stub replays ``tokens``, so the reply's
     text is built as in the real run)."""
-    from medgemma_gguf.runtime import chat
-
     class Replay:
-        def __init__(self, *_args, **_kwargs):
+        def __init__(self):
             self.i = -1
 
         def sample(self) -> int:
@@ -208,8 +206,8 @@ def loop_cost_us(model, prompt, tokens: list[int], n_tokens: int) -> float:
         def close(self) -> None:
             pass
 
-    real_sampler, engine = chat.Sampler, model.engine
-    chat.Sampler, engine.decode_next = Replay, lambda _token: None
+    engine = model.engine
+    engine.new_sampler, engine.decode_next = lambda *_args, **_kwargs: Replay(), lambda _token: None
     try:
         model.reset()
         stream = model.generate(prompt, max_tokens=n_tokens, ignore_eos=True)
@@ -217,8 +215,7 @@ def loop_cost_us(model, prompt, tokens: list[int], n_tokens: int) -> float:
         stream.collect()
         return (time.thread_time() - started) / n_tokens * 1e6
     finally:
-        chat.Sampler = real_sampler
-        del engine.decode_next  # the class's method again
+        del engine.new_sampler, engine.decode_next  # the class's methods again
         model.reset()
 
 
