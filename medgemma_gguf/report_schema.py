@@ -175,8 +175,37 @@ class DeltaPStats(_Stats):
 
 
 @dataclass(frozen=True)
-class SliceAccuracy:
+class _Numbers:
+    """A JSON object of numbers (null where not measured): ``INTEGERS`` are whole numbers, ``REQUIRED`` present."""
+
+    INTEGERS: ClassVar[frozenset[str]] = frozenset()
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def _values(cls, data: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ReportFormatError(f"{where} is not an object; re-run medgemma-gguf eval")
+        values = {f.name: _number(data.get(f.name), f"{where}.{f.name}", f.name in cls.INTEGERS)
+                  for f in fields(cls) if f.name not in skip}
+        missing = [name for name in cls.REQUIRED if values[name] is None]
+        if missing:
+            raise ReportFormatError(f"{where} has no {' / '.join(missing)}; re-run medgemma-gguf eval")
+        return values
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Any:
+        return cls(**cls._values(data, where))
+
+
+@dataclass(frozen=True)
+class SliceAccuracy(_Numbers):
     """Task accuracy on one slice, its 95 % Wilson interval and McNemar's exact test against the reference."""
+
+    INTEGERS: ClassVar[frozenset[str]] = frozenset({"n", "only_quant_right", "only_reference_right"})
+    REQUIRED: ClassVar[tuple[str, ...]] = ("accuracy", "ci95_low", "ci95_high", "n")
 
     accuracy: float
     ci95_low: float
@@ -187,24 +216,13 @@ class SliceAccuracy:
     only_quant_right: int | None = None
     only_reference_right: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> SliceAccuracy:
-        if not isinstance(data, dict):
-            raise ReportFormatError(f"{where} is not an object; re-run medgemma-gguf eval")
-        ints = {"n", "only_quant_right", "only_reference_right"}
-        values = {f.name: _number(data.get(f.name), f"{where}.{f.name}", f.name in ints) for f in fields(cls)}
-        for required in ("accuracy", "ci95_low", "ci95_high", "n"):
-            if values[required] is None:
-                raise ReportFormatError(f"{where} has no {required}; re-run medgemma-gguf eval")
-        return cls(**values)
-
 
 @dataclass(frozen=True)
-class PartStats:
+class PartStats(_Numbers):
     """KL and agreement over one part (the held-out text or one slice)."""
+
+    INTEGERS: ClassVar[frozenset[str]] = frozenset({"n_positions"})
+    REQUIRED: ClassVar[tuple[str, ...]] = ("kld_mean", "n_positions")
 
     n_positions: int
     kld_mean: float
@@ -212,19 +230,6 @@ class PartStats:
     kld_mean_high: float | None = None
     kld_max: float | None = None
     top1_agreement: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> PartStats:
-        if not isinstance(data, dict):
-            raise ReportFormatError(f"{where} is not an object; re-run medgemma-gguf eval")
-        values = {f.name: _number(data.get(f.name), f"{where}.{f.name}", f.name == "n_positions")
-                  for f in fields(cls)}
-        if values["kld_mean"] is None or values["n_positions"] is None:
-            raise ReportFormatError(f"{where} has no kld_mean / n_positions; re-run medgemma-gguf eval")
-        return cls(**values)
 
 
 # scalar fields of a row: name -> (kind, required)
@@ -345,9 +350,12 @@ def _upgrade_v1_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Coverage:
+class Coverage(_Numbers):
     """How the reference was stored: coverage ``1 - epsilon`` by mass (``epsilon = 0``: every token), the set
     size bounds, what was stored, and the cache's size. Version-1 reports carry ``top_k`` instead."""
+
+    INTEGERS: ClassVar[frozenset[str]] = frozenset({"min_tokens", "max_tokens", "positions_at_cap", "n_positions",
+                                                    "vocab_size", "cache_bytes", "top_k"})
 
     epsilon: float | None = None
     full_vocab: bool = False
@@ -362,20 +370,12 @@ class Coverage:
     cache_bytes_per_position: float | None = None
     top_k: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _plain({f.name: getattr(self, f.name) for f in fields(self)})
-
     @classmethod
     def from_json(cls, data: Any, where: str = "coverage") -> Coverage:
         if data is None:
             return cls()
-        if not isinstance(data, dict):
-            raise ReportFormatError(f"{where} is not an object; re-run medgemma-gguf eval")
-        ints = {"min_tokens", "max_tokens", "positions_at_cap", "n_positions", "vocab_size", "cache_bytes", "top_k"}
-        values: dict[str, Any] = {f.name: _number(data.get(f.name), f"{where}.{f.name}", f.name in ints)
-                                  for f in fields(cls) if f.name != "full_vocab"}
-        values["full_vocab"] = bool(data.get("full_vocab", False))
-        return cls(**values)
+        values = cls._values(data, where, skip=("full_vocab",))
+        return cls(**values, full_vocab=bool(data.get("full_vocab", False)))
 
 
 @dataclass
