@@ -315,3 +315,24 @@ def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, w
         stop(doomed)
         log.close()
     assert server.returncode is not None
+
+
+def test_readme_commands_use_real_options():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from medgemma_gguf.runtime.cli import chat_command, serve_command, worker_command
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Across machines"):readme.index("## Fit a memory budget")]
+    commands = {"chat": chat_command, "serve": serve_command, "worker": worker_command}
+    lines = re.findall(r"^medgemma-gguf (chat|serve|worker) ([^\n#]*)", section, flags=re.MULTILINE)
+    assert sorted({name for name, _ in lines}) == ["chat", "serve", "worker"]
+    for name, rest in lines:
+        commands[name].make_context(name, shlex.split(rest), resilient_parsing=True)
+        known = {opt for param in commands[name].params for opt in param.opts}
+        assert {w for w in shlex.split(rest) if w.startswith("--")} <= known
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
+        compile(block, "README.md", "exec")
+    assert "--insecure-network" in section and "--insecure-no-auth" in section and "Never expose" in section
