@@ -550,3 +550,26 @@ def test_the_readme_privacy_section_uses_real_commands_and_flags():
     for flag in re.findall(r"`(--[a-z-]+)", section):
         assert flag in serve_flags or flag in ("--offline", "--rpc", "--save-patches", "--cache-dir"), flag
     assert "refused a network connection to" in section and "is not in the Hugging Face cache" in section
+
+
+def test_a_dicom_series_full_of_identifiers_opens_without_them(tmp_path, caplog):
+    """Volumes read only geometry and pixel elements: the description, warnings and slices carry no identifier."""
+    from imaging_data import ct_dataset, slice_hu
+
+    from medgemma_gguf.runtime.volumes import open_volume
+
+    folder = tmp_path / f"{MARKER}-study"
+    folder.mkdir()
+    for k in range(4):
+        ds = ct_dataset(slice_hu(k, 16, 16), series_uid="1.2.826.0.1.3680043.8.498.7", z=2.5 * k, instance=None)
+        for element in marker_dataset():
+            if element.tag.group in (0x0008, 0x0009, 0x0010, 0x0020) and element.keyword not in (
+                    "SOPClassUID", "SOPInstanceUID", "Modality"):
+                ds.add(element)
+        ds.save_as(folder / f"{MARKER}-{k}.dcm", enforce_file_format=True)
+    assert MARKER.encode() in (folder / f"{MARKER}-0.dcm").read_bytes()
+    with caplog.at_level(logging.DEBUG), open_volume(folder, label="the study") as volume:
+        slices = list(volume.images(32))
+        text = volume.info.describe() + repr(volume.info)
+    assert len(slices) == 4 and "ordered by InstanceNumber" not in text  # geometry was read
+    assert_no_marker(text + "".join(r.getMessage() for r in caplog.records), "the volume's description and log")
