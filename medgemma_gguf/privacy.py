@@ -9,7 +9,8 @@ Offline mode (``--offline``, ``MEDGEMMA_GGUF_OFFLINE=1``, ``enable_offline()``; 
 * installs a socket-level guard for the whole process: a ``sys.addaudithook`` hook on CPython's socket
   audit events (``socket.connect``, ``socket.sendto``, ``socket.sendmsg``, ``socket.getaddrinfo``,
   ``socket.gethostbyname``, ...) that raises ``OfflineError`` for any destination that is not this machine
-  (loopback addresses, ``localhost``, Unix sockets) or a host the caller allowed (``allow_host``), and for
+  (loopback addresses, ``localhost``, Unix sockets) or a host the caller allowed (``allow_host``; exported
+  in ``MEDGEMMA_GGUF_OFFLINE_ALLOW`` for child processes that turn offline mode on), and for
   any name lookup that would ask a DNS server. Every Python library goes through these calls, so no
   download, telemetry ping or update check can leave the process. Accepting connections (``serve``) is
   not affected. What the guard cannot see: sockets opened by native code directly (llama.cpp's own RPC
@@ -37,6 +38,7 @@ from typing import Any
 from medgemma_gguf.errors import UserError
 
 OFFLINE_ENV = "MEDGEMMA_GGUF_OFFLINE"
+ALLOW_ENV = "MEDGEMMA_GGUF_OFFLINE_ALLOW"  # hosts allowed in offline mode, comma-separated (child processes)
 # what each library reads (huggingface_hub, transformers, datasets; https://donottrack.sh)
 OFFLINE_SWITCHES = {
     "HF_HUB_OFFLINE": "1",
@@ -82,11 +84,14 @@ def enable_offline(allow: Iterable[str] = ()) -> None:
     """Turn offline mode on for this process (module docstring); ``allow``: hosts that may still be reached
     (e.g. RPC workers on the local network). Idempotent."""
     with _Guard.lock:
-        for host in allow:
+        inherited = [h for h in os.environ.get(ALLOW_ENV, "").split(",") if h.strip()]
+        for host in [*inherited, *allow]:
             _Guard.allowed.add(_normal_host(host))
         if _Guard.enforced:
+            _export_allowed()
             return
-        _Guard.saved_env = {name: os.environ.get(name) for name in (*OFFLINE_SWITCHES, OFFLINE_ENV)}
+        _Guard.saved_env = {name: os.environ.get(name) for name in (*OFFLINE_SWITCHES, OFFLINE_ENV, ALLOW_ENV)}
+        _export_allowed()
         os.environ.update(OFFLINE_SWITCHES)
         os.environ[OFFLINE_ENV] = "1"
         constants = sys.modules.get("huggingface_hub.constants")
@@ -120,9 +125,17 @@ def disable_offline() -> None:
 
 
 def allow_host(host: str) -> None:
-    """Let offline mode reach ``host`` (a name or address), e.g. an RPC worker the user named."""
+    """Let offline mode reach ``host`` (a name or address), e.g. an RPC worker the user named; child processes
+    that turn offline mode on inherit it (``MEDGEMMA_GGUF_OFFLINE_ALLOW``)."""
     with _Guard.lock:
         _Guard.allowed.add(_normal_host(host))
+        if _Guard.enforced:
+            _export_allowed()
+
+
+def _export_allowed() -> None:
+    if _Guard.allowed:
+        os.environ[ALLOW_ENV] = ",".join(sorted(_Guard.allowed))
 
 
 def _normal_host(host: Any) -> str:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
+    from medgemma_gguf.privacy import enable_offline, offline_requested
+
+    if offline_requested():  # the parent was offline (serve always is): so is its engine, with the same workers
+        enable_offline()
     if sys.argv[1] == "--serve":
         from medgemma_gguf.runtime.rpc_serve import engine_main
 

@@ -182,6 +182,14 @@ GUARD_SCRIPT = textwrap.dedent("""
     parse_endpoints(f"{host}:{port}")  # an RPC worker the user names stays reachable
     attempt("named worker", lambda: socket.create_connection((host, port), timeout=5).close())
     attempt("other port", lambda: socket.create_connection((host, port + 1), timeout=5).close())
+    import subprocess
+    child = ("import socket, sys; from medgemma_gguf.privacy import enable_offline, offline_requested\\n"
+             "if offline_requested(): enable_offline()\\n"
+             "socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()\\n"
+             "try:\\n    socket.create_connection(('192.0.2.77', 80), timeout=1); print('reached')\\n"
+             "except Exception as exc:\\n    print(type(exc).__name__)")
+    done = subprocess.run([sys.executable, "-c", child, host, str(port)], capture_output=True, text=True)
+    results["child"] = done.stdout.strip() or done.stderr.strip()[-300:]
     print(json.dumps(results))
 """)
 
@@ -200,11 +208,12 @@ def test_offline_mode_refuses_every_connection_beyond_this_machine(tmp_path):
     try:
         online = json.loads(subprocess.run([sys.executable, str(script), address, str(port), "online"],
                                            capture_output=True, text=True, timeout=120, check=True).stdout)
-        for _ in range(2):  # "stand-in" and "named worker"
+        for _ in range(3):  # "stand-in", "named worker" and the child's
             server.accept()[0].close()
         offline = json.loads(subprocess.run([sys.executable, str(script), address, str(port), "offline"],
                                             capture_output=True, text=True, timeout=120, check=True).stdout)
-        server.accept()[0].close()  # the named worker's connection, the one that reached the stand-in
+        for _ in range(2):  # the named worker's connections (the process's, its child's): all that reached it
+            server.accept()[0].close()
         with pytest.raises(TimeoutError):
             server.accept()
     finally:
@@ -218,6 +227,8 @@ def test_offline_mode_refuses_every_connection_beyond_this_machine(tmp_path):
     assert offline["loopback"] == "ok"  # this machine's own services stay reachable
     assert offline["named worker"] == "ok" and online["named worker"] == "ok"
     assert not offline["other port"].startswith("OfflineError")  # allowed by host (refused by the OS here)
+    assert offline["child"] == "OfflineError"  # a child process inherits offline mode and the named workers only
+    assert online["child"] != "OfflineError"
 
 
 def test_offline_switches_reach_the_hugging_face_libraries_even_after_import():
