@@ -181,7 +181,12 @@ def create_front(engine: Engine) -> Any:
         down = engine.check()
         if down:
             return _error(503, down)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        # the engine's uvicorn takes the client's address from X-Forwarded-For sent by 127.0.0.1 (its default
+        # forwarded_allow_ips): this front sets it to the real client, so the audit log records who asked
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("x-forwarded-for", "x-forwarded-proto")]
+        headers.append(("x-forwarded-for", request.client.host if request.client else "unknown"))
+        headers.append(("x-forwarded-proto", request.url.scheme))
         upstream = client.build_request(request.method, request.url.path, params=request.url.query or None,
                                         headers=headers, content=request.stream())
         try:

@@ -165,6 +165,31 @@ def test_worker_refuses_a_network_address_without_the_flag():
     assert "--insecure-network" in result.stderr and "no authentication" in result.stderr
 
 
+def test_worker_on_a_network_address_with_the_flag_prints_upstreams_warning():
+    host = own_address()
+    if host is None:
+        pytest.skip("this machine has no non-loopback address")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "medgemma_gguf", "worker", "--host", host, "--port", str(port),
+                                "--threads", "1", "--insecure-network"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        lines = [process.stderr.readline() for _ in range(4)]
+        assert lines[0] == f"WARNING: Host ('{host}') is != '127.0.0.1'\n"
+        assert "Never expose the RPC server to an open network!" in lines[1]
+        assert lines[3].startswith(f"medgemma-gguf worker on {host}:{port}, RPC protocol 7.0.0, offering CPU")
+        for _ in range(100):  # the native server listens just after the announcement
+            try:
+                info = probe(Endpoint(host, port), timeout=30)
+                break
+            except UnavailableError:
+                time.sleep(0.1)
+        assert info.version == (7, 0, 0) and len(info.devices) == 1 and info.devices[0].total_bytes > 0
+    finally:
+        stop(process)
+
+
 def test_load_refuses_a_bad_worker_before_loading(converted, fake_worker):
     from medgemma_gguf import load
 
@@ -248,6 +273,17 @@ def test_chat_cli_with_rpc_prints_the_local_reply(converted, workers):
     assert dead.returncode == 2 and dead.stderr.startswith("error: cannot reach RPC worker")
 
 
+def own_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (a client or worker "on the network" without a network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # UDP connect sends nothing; it picks the outgoing interface
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
 def wait_for_server(process: subprocess.Popen, base: str) -> None:
     import httpx
 
@@ -276,11 +312,13 @@ def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, w
         expected = local.chat(question, max_tokens=12).text
     port, doomed_port = free_port(), free_port()
     doomed = start_worker(doomed_port)
-    base = f"http://127.0.0.1:{port}"
+    host = own_address() or "127.0.0.1"  # a client beyond loopback: its X-Forwarded-For must not be believed
+    base = f"http://{host}:{port}"
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read after the server stops
     server = subprocess.Popen([sys.executable, "-m", "medgemma_gguf", "serve", str(files.text_path), "--mmproj",
                                str(files.mmproj_path), "--ctx", "512", "--threads", "1", "--parallel", "1", "--port",
-                               str(port), "--api-key", "k", "--rpc", f"{workers[0]},127.0.0.1:{doomed_port}"],
+                               str(port), "--host", host, "--api-key", "k", "--audit-log",
+                               str(tmp_path / "audit.jsonl"), "--rpc", f"{workers[0]},127.0.0.1:{doomed_port}"],
                               stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_server(server, base)
@@ -290,7 +328,13 @@ def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, w
         client = OpenAI(base_url=f"{base}/v1", api_key="k")
         reply = client.chat.completions.create(model="m", messages=question, max_tokens=12)
         assert reply.choices[0].message.content == expected
-        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": question}).status_code == 401
+        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": question},
+                          headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 401
+        audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        # the engine process records the client the front saw, never the front's own address; X-Forwarded-For is
+        # believed only from a proxy on this machine, as plain serve does
+        spoofed = "203.0.113.9" if host == "127.0.0.1" else host
+        assert [a["client"] for a in audit if a["path"] == "/v1/chat/completions"] == [host, spoofed]
         with httpx.stream("POST", f"{base}/v1/chat/completions", headers={"Authorization": "Bearer k"},
                           json={"messages": question, "max_tokens": 400, "stream": True}, timeout=120) as events:
             lines = events.iter_lines()
