@@ -6,7 +6,8 @@ listening on a private loopback port; this process listens where the user asked 
 through unchanged (bodies and server-sent events streamed both ways, the API key checked by the engine
 process). When the engine process ends, this one stays up: ``/health`` answers 503 with the worker that
 stopped answering, a reply being streamed ends with an error event, a reply being computed and every new
-request are answered 503 with the same message, until the server is restarted.
+request are answered 503 with the same message; every ``RETRY_S`` seconds the workers are probed, and once
+all answer the model is loaded again in a new engine process and served as before.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +32,7 @@ from medgemma_gguf.runtime.rpc import Endpoint, probe
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 5.0  # how often a front whose engine process ended checks whether the workers are back
 START_TIMEOUT_S = 3600.0  # the engine process loads the model and sends the weights to the workers
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -56,8 +58,8 @@ class Engine:
             except UserError:
                 dead.append(str(endpoint))
         who = f"RPC worker {', '.join(dead)} stopped answering" if dead else "the engine process ended"
-        self.down = (f"{who} (the engine process exited with {self.process.returncode}); this server cannot answer "
-                     "until it is restarted after the worker is back")
+        self.down = (f"{who} (the engine process exited with {self.process.returncode}); this server loads the "
+                     f"model again once every worker answers (checked every {RETRY_S:g} s); retry later")
         log.error("%s", self.down)
         return self.down
 
@@ -151,33 +153,74 @@ def _error(status: int, message: str) -> Any:
     return JSONResponse({"error": {"message": message, "type": "unavailable_error"}}, status_code=status)
 
 
-def create_front(engine: Engine) -> Any:
-    """The ASGI app that passes requests to the engine process, and answers for it once it is gone."""
+class Front:
+    """The engine process behind the front, replaced by a new one when the workers answer again."""
+
+    def __init__(self, engine: Engine, restart: Callable[[], Engine] | None = None):
+        import httpx
+
+        self.engine = engine
+        self.restart = restart
+        self.reloading = False
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.port}", timeout=None)
+
+    async def watch(self) -> None:
+        """While the engine process is down: every ``RETRY_S`` seconds probe the workers; when all answer, start
+        a new engine process (the model is loaded and the weights sent again) and pass requests to it."""
+        import httpx
+
+        while self.restart is not None:
+            await asyncio.sleep(RETRY_S)
+            if not self.engine.check():
+                continue
+            try:
+                await asyncio.to_thread(lambda: [probe(e, timeout=2.0) for e in self.engine.endpoints])
+            except UserError:
+                continue
+            log.info("every RPC worker answers again: loading the model in a new engine process")
+            self.reloading = True
+            try:
+                engine = await asyncio.to_thread(self.restart)
+            except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                log.error("loading the model again failed: %s", exc)
+                continue
+            finally:
+                self.reloading = False
+            old, self.client = self.client, httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.port}",
+                                                              timeout=None)
+            self.engine = engine
+            await old.aclose()
+            log.info("the model is served again")
+
+
+def create_front(front: Front) -> Any:
+    """The ASGI app that passes requests to the engine process, and answers for it while it is gone."""
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.port}", timeout=None)
+    def down_body(message: str) -> dict[str, Any]:
+        state = "loading" if front.reloading else "down"
+        return {"status": "error", "error": message,
+                "rpc": {"workers": [str(e) for e in front.engine.endpoints], "engine": state}}
 
     async def health(request: Request) -> Response:
+        engine, client = front.engine, front.client
         down = engine.check()
         if down:
-            return JSONResponse({"status": "error", "error": down,
-                                 "rpc": {"workers": [str(e) for e in engine.endpoints], "engine": "down"}},
-                                status_code=503)
+            return JSONResponse(down_body(down), status_code=503)
         try:
             answer = await client.get("/health")
         except httpx.HTTPError:
-            return JSONResponse({"status": "error", "error": engine.check() or "the engine process does not answer",
-                                 "rpc": {"workers": [str(e) for e in engine.endpoints], "engine": "down"}},
-                                status_code=503)
+            return JSONResponse(down_body(engine.check() or "the engine process does not answer"), status_code=503)
         body = answer.json()
         body["rpc"] = {"workers": [str(e) for e in engine.endpoints], "engine": "up"}
         return JSONResponse(body, status_code=answer.status_code)
 
     async def forward(request: Request) -> Response:
+        engine, client = front.engine, front.client
         down = engine.check()
         if down:
             return _error(503, down)
@@ -223,10 +266,12 @@ def create_front(engine: Engine) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(front.watch())
         try:
             yield
         finally:
-            await client.aclose()
+            watcher.cancel()
+            await front.client.aclose()
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
     return Starlette(routes=[Route("/health", health, methods=["GET"]),
@@ -241,12 +286,13 @@ def serve_split(setup: Any, load_options: dict[str, Any], serve_options: dict[st
 
     from medgemma_gguf.runtime.http_limits import log_config, protocol_class
 
-    engine = start_engine(setup, load_options, serve_options)
+    front = Front(start_engine(setup, load_options, serve_options),
+                  restart=lambda: start_engine(setup, load_options, serve_options))
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end this process
     # before the engine process is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_front(engine), host=host, port=port, log_level="info", log_config=log_config(),
+        uvicorn.run(create_front(front), host=host, port=port, log_level="info", log_config=log_config(),
                     http=protocol_class(header_timeout_s))
     finally:
-        stop_engine(engine)
+        stop_engine(front.engine)

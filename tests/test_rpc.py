@@ -300,7 +300,7 @@ def wait_for_server(process: subprocess.Popen, base: str) -> None:
 
 
 @pytest.mark.e2e
-def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, workers, tmp_path):
+def test_serve_with_rpc_answers_as_local_survives_a_dead_worker_and_recovers(converted, workers, tmp_path):
     import httpx
     from openai import OpenAI
 
@@ -352,7 +352,17 @@ def test_serve_with_rpc_answers_as_local_and_survives_a_dead_worker(converted, w
         assert f"127.0.0.1:{doomed_port} stopped answering" in down.json()["error"]
         again = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": "Bearer k"},
                            json={"messages": question})
-        assert again.status_code == 503 and "restarted" in again.json()["error"]["message"]
+        assert again.status_code == 503 and "loads the model again once every worker answers" in \
+            again.json()["error"]["message"]
+        stop(doomed)
+        doomed = start_worker(doomed_port)  # the worker is back: the model is loaded again and served
+        deadline = time.monotonic() + 300
+        while (health := httpx.get(f"{base}/health")).status_code != 200:
+            assert time.monotonic() < deadline, health.text
+            time.sleep(1)
+        assert health.json()["rpc"]["engine"] == "up"
+        assert client.chat.completions.create(model="m", messages=question, max_tokens=12).choices[0].message.content \
+            == expected
     finally:
         server.terminate()
         server.wait(timeout=60)
