@@ -165,6 +165,7 @@ def test_worker_refuses_a_network_address_without_the_flag():
     assert "--insecure-network" in result.stderr and "no authentication" in result.stderr
 
 
+@pytest.mark.integration
 def test_worker_on_a_network_address_with_the_flag_prints_upstreams_warning():
     host = own_address()
     if host is None:
