@@ -91,7 +91,7 @@ def engine_main(fd: int) -> None:
     conn.send(("loaded", model.n_ctx))
     conn.close()
     with model:
-        serve(model, **serve_options)
+        serve(model, **serve_options, trust_forwarded_for=True)  # the front sets X-Forwarded-For
 
 
 def start_engine(setup: Any, load_options: dict[str, Any], serve_options: dict[str, Any]) -> Engine:
@@ -224,8 +224,8 @@ def create_front(front: Front) -> Any:
         down = engine.check()
         if down:
             return _error(503, down)
-        # the engine's uvicorn takes the client's address from X-Forwarded-For sent by 127.0.0.1 (its default
-        # forwarded_allow_ips): this front sets it to the real client, so the audit log records who asked
+        # the engine process takes the client's address from X-Forwarded-For (serve's trust_forwarded_for):
+        # this front sets it to the real client, so the audit log records who asked
         headers = [(k, v) for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and k.lower() not in ("x-forwarded-for", "x-forwarded-proto")]
         headers.append(("x-forwarded-for", request.client.host if request.client else "unknown"))

@@ -489,8 +489,13 @@ def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_ke
           allow_local_files: bool = False, limits: ServerLimits | None = None,
           allowed_roots: Sequence[Path] = (), insecure_no_auth: bool = False, parallel: int | None = None,
           queue_size: int = DEFAULT_QUEUE, request_timeout: float | None = None,
-          cors_origins: Sequence[str] = (), audit_log: AuditLog | None = None, log_content: bool = False) -> None:
+          cors_origins: Sequence[str] = (), audit_log: AuditLog | None = None, log_content: bool = False,
+          trust_forwarded_for: bool = False) -> None:
     """Serve ``model`` with uvicorn until interrupted (``runtime.http_limits``: binding rules, header timeout).
+
+    The client's address (access log, audit log) is the connection's own: uvicorn would take it from
+    ``X-Forwarded-For`` sent from 127.0.0.1, which any local process can forge. ``trust_forwarded_for``:
+    take it from there (the ``serve --rpc`` engine process, whose one client is its front, which sets it).
 
     The log holds no request or reply content at any level unless ``log_content`` (``--log-content``: at DEBUG;
     ``medgemma_gguf.privacy``)."""
@@ -505,4 +510,4 @@ def serve(model: ChatModel, *, host: str = "127.0.0.1", port: int = 8080, api_ke
                      request_timeout=request_timeout, cors_origins=cors_origins, audit_log=audit_log)
     set_content_logging(log_content)
     uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config(log_content=log_content),
-                http=protocol_class(limits.header_timeout_s))
+                http=protocol_class(limits.header_timeout_s), proxy_headers=trust_forwarded_for)

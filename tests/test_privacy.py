@@ -467,6 +467,8 @@ def test_serve_logs_no_content_opens_no_outbound_socket_and_audits_each_request(
             ]}]}),
             httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {MARKER}"}),
             httpx.get(f"{base}/v1/models?note={MARKER}", headers=headers),
+            # a local process forging its address: the audit log keeps the connection's own
+            httpx.get(f"{base}/v1/models", headers={**headers, "X-Forwarded-For": "203.0.113.9"}),
         ]
         assert [r.status_code for r in sent[:4]] == [200, 200, 200, 200], [r.text[:300] for r in sent[:4]]
         assert all(400 <= r.status_code < 500 for r in sent[4:8]), [(r.status_code, r.text) for r in sent[4:8]]
@@ -497,6 +499,7 @@ def test_serve_logs_no_content_opens_no_outbound_socket_and_audits_each_request(
     assert first["model"] and first["prompt_tokens"] > 0 and first["completion_tokens"] == 3
     assert first["client"] == "127.0.0.1" and first["key_id"].startswith("sha256:") and first["duration_ms"] > 0
     assert posts[1]["completion_tokens"] == 3 and posts[7]["key_id"] is None  # the stream; the bad key
+    assert posts[9]["client"] == "127.0.0.1"  # not the forged X-Forwarded-For
     assert set(first) == {"time", "request_id", "client", "method", "path", "key_id", "model", "prompt_tokens",
                           "completion_tokens", "status", "duration_ms"}
 
