@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fit": "medgemma_gguf.runtime.cli:fit_command",
     "worker": "medgemma_gguf.runtime.cli:worker_command",
     "eval": "medgemma_gguf.quant_eval.cli:eval_command",
+    "check": "medgemma_gguf.quant_eval.cli:check_command",
     "demo": "medgemma_gguf.fixtures.cli:demo_command",
 }
 
@@ -73,11 +74,12 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning a UserError into one line on stderr and exit status 2."""
+    """Entry point: run the CLI, turning a UserError into one line on stderr and exit status 2. A command that
+    ends with ``ctx.exit(code)`` (``check`` when a probe fails: 1) exits with that code."""
     if offline_requested():
         enable_offline()  # before any command imports the Hugging Face libraries
     try:
-        cli.main(args=argv, prog_name="medgemma-gguf", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="medgemma-gguf", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc.for_cli()}", err=True)
         return exc.exit_code
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ SETTINGS: dict[str, Spelling] = {
     "api_key": Spelling("--api-key", "api_key", "the server's API key (serve --api-key)"),
     "insecure_no_auth": Spelling("--insecure-no-auth", "insecure_no_auth=True",
                                  "the server's --insecure-no-auth"),
+    "check_memory": Spelling("--memory", "memory_bytes", "'memory'"),
+    "greedy_tokens": Spelling("--greedy-tokens", "greedy_tokens", "'greedy_tokens'"),
     "header_timeout": Spelling("--header-timeout", "header_timeout_s", "the server's header timeout"),
     "body_timeout": Spelling("--body-timeout", "body_timeout_s", "the server's body timeout"),
     "parallel": Spelling("--parallel", "n_parallel", "the server's parallel slots (serve --parallel)"),

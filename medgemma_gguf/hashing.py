@@ -13,7 +13,7 @@ from medgemma_gguf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json",
+FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json",
                          "added_tokens.json", "chat_template.*", "preprocessor_config.json", "processor_config.json")
 
 
@@ -53,7 +53,7 @@ def cached_file_sha256(path: Path, cache_dir: Path) -> str:
 
 def folder_sha256(folder: Path, cache_dir: Path) -> str:
     """One sha256 over the weight, config and tokenizer files of a checkpoint folder (names + file hashes)."""
-    files = sorted({p for pattern in _FOLDER_HASH_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in FOLDER_HASH_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
     if not any(p.suffix == ".safetensors" for p in files):
         raise UserError(f"{folder} holds no .safetensors weights; pass a checkpoint folder or a BF16/F32 GGUF")
     digest = hashlib.sha256(b"medgemma-gguf folder v1\n")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from medgemma_gguf.quant_eval.equivalence import DEFAULT_GREEDY_TOKENS
+
 
 @click.command("eval")
 @click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -73,3 +75,44 @@ def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_
         kept = "every token" if cov.full_vocab else f"ε = {cov.epsilon:g}, {cov.mean_set_size:.1f} tokens a position"
         click.echo(f"reference cache: {kept}, {cov.cache_bytes_per_position / 1024:.1f} KiB a position")
     click.echo(f"wrote {outdir / 'report.md'} ({len(report.rows) - len(failed)} evaluated, {len(failed)} failed)")
+
+
+@click.command("check")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--reference", "reference", required=True,
+              help="The checkpoint it was converted from: Hugging Face repo id or local folder (run in transformers).")
+@click.option("--mmproj", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The mmproj to check with the text GGUF (default: the one beside it / in the folder).")
+@click.option("--dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
+              help="Precision of the transformers reference (f32 needs twice the memory; f16 overflows in Gemma 3).")
+@click.option("--memory", "memory", default=None,
+              help="Memory the reference may use, e.g. 32GiB (default: the memory available now).")
+@click.option("--greedy-tokens", default=DEFAULT_GREEDY_TOKENS, show_default=True, type=click.IntRange(min=1),
+              help="Length of the greedy reply compared.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and llama.cpp).")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Layers of the GGUF to run on a GPU (the reference always runs on the CPU).")
+@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for a gated Hub reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.pass_context
+def check_command(ctx: click.Context, target: Path, reference: str, mmproj: Path | None, dtype: str,
+                  memory: str | None, greedy_tokens: int, threads: int | None, n_gpu_layers: int, token: str | None,
+                  as_json: bool) -> None:
+    """Prove TARGET (a GGUF, or a convert folder) is the --reference checkpoint: tokens, logits, image
+    embeddings and a greedy reply compared in transformers and llama.cpp. Exit 0 only when every probe passes
+    (1 when one fails)."""
+    import json
+
+    from medgemma_gguf.quant_eval.check import run_check
+    from medgemma_gguf.sizes import parse_size
+
+    report = run_check(target, reference, mmproj=mmproj, dtype=dtype,
+                       memory_bytes=parse_size(memory) if memory else None, n_threads=threads,
+                       n_gpu_layers=n_gpu_layers, greedy_tokens=greedy_tokens, token=token,
+                       echo=lambda line: None if as_json else click.echo(line, err=True))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(report.table())
+    if not report.passed:
+        ctx.exit(1)

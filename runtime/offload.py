@@ -316,7 +316,7 @@ def gpu_offload_supported() -> tuple[bool, str]:
         import llama_cpp
     except ImportError:
         return False, "llama-cpp-python is not installed: planning for CPU only"
-    from medgemma_gguf.runtime.devices import gpu_devices
+    from medgemma_gguf.devices import gpu_devices
 
     if llama_cpp.llama_supports_gpu_offload() and gpu_devices():
         return True, ""

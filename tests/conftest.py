@@ -94,20 +94,15 @@ def peft_adapter(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def hf_model():
-    """``hf_model(folder) -> transformers model`` in float32, eager attention, cached per folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+    """``hf_model(folder) -> transformers model`` in float32, eager attention, cached per folder (loaded as
+    ``medgemma-gguf check`` loads its reference: ``quant_eval.equivalence.load_transformers``)."""
+    from medgemma_gguf.quant_eval.equivalence import load_transformers
 
     cache: dict[Path, object] = {}
 
     def get(folder: Path):
         if folder not in cache:
-            import json
-
-            arch = json.loads((folder / "config.json").read_text())["architectures"][0]
-            cls = Gemma3ForConditionalGeneration if arch == "Gemma3ForConditionalGeneration" else AutoModelForCausalLM
-            model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-            cache[folder] = model.eval()
+            cache[folder] = load_transformers(folder, "f32")
         return cache[folder]
 
     return get

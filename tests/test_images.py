@@ -471,12 +471,17 @@ def hf_processor_factory():
 def test_prepare_for_model_matches_hf_gemma3_processor(hf_processor_factory, width, height, size) -> None:
     rng = np.random.default_rng(width * height)
     source = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    from medgemma_gguf.quant_eval.equivalence import PixelNormalization
+
     ours = prepare_for_model(source, size)
     assert ours.mode == "RGB" and ours.size == (size, size)  # stretched, no aspect ratio kept
-    ours_pixels = (image_to_rgb_array(ours).astype(np.float32) / 255 - 0.5) / 0.5
-    hf = hf_processor_factory(size)(images=[source], return_tensors="np")["pixel_values"]
+    processor = hf_processor_factory(size)
+    normalization = PixelNormalization.of(processor)
+    assert normalization == PixelNormalization(1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    ours_pixels = normalization.apply(image_to_rgb_array(ours))  # what medgemma-gguf check compares
+    hf = processor(images=[source], return_tensors="np")["pixel_values"]
     assert hf.shape == (1, 3, size, size)
-    diff = np.abs(ours_pixels.transpose(2, 0, 1) - hf[0])
+    diff = np.abs(ours_pixels - hf[0])
     assert diff.max() <= 1e-5  # same Pillow resize on the same uint8 image: only float32 rounding
     # and the difference is what is documented: far below one 8-bit level
     assert diff.max() < 1 / 255

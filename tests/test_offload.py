@@ -486,7 +486,7 @@ def test_explicit_pattern_array_and_no_sliding_window(tmp_path: Path) -> None:
 
 
 def test_cpu_only_build_plans_zero_layers(model_4b: Path, mmproj: Path) -> None:
-    from medgemma_gguf.runtime.devices import gpu_devices
+    from medgemma_gguf.devices import gpu_devices
 
     if gpu_devices():
         pytest.skip("needs a llama-cpp-python build without a GPU backend")

@@ -21,8 +21,9 @@ def _run(capsys, *args):
 def test_every_subcommand_is_listed_and_has_help(capsys):
     code, out, _ = _run(capsys, "--help")
     assert code == 0
-    for name in ("convert", "imatrix", "quantize", "chat", "serve", "fit", "eval", "demo"):
-        assert name in SUBCOMMANDS and f"  {name}" in out
+    assert set(SUBCOMMANDS) >= {"convert", "imatrix", "quantize", "chat", "serve", "fit", "eval", "demo", "check"}
+    for name in SUBCOMMANDS:
+        assert f"  {name}" in out
         code, sub_help, _ = _run(capsys, name, "--help")
         assert code == 0 and "Usage:" in sub_help, name
 

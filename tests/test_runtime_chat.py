@@ -14,11 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.quant_eval.equivalence import (
+    hf_generate,
+    hf_greedy,
+    hf_inputs,
+    hf_inputs_logits,
+    image_size,
+    image_token_id,
+    native_image,
+)
 from medgemma_gguf.quant_eval.metrics import kl_divergence_full
 
 VARIANT = "mm-deep"
@@ -26,60 +33,8 @@ GREEDY_TOKENS = 16
 
 
 # --- helpers shared with test_server.py ----------------------------------------------------------------
-
-
-def native_image(size: int, seed: int) -> Image.Image:
-    """A smooth, non-trivial RGB image at the model's native size (no resampling on either side)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    channels = [np.sin(2 * np.pi * (x * rng.uniform(1, 4) + y * rng.uniform(1, 4)) + rng.uniform(0, 6))
-                for _ in range(3)]
-    pixels = (np.stack(channels, axis=-1) * 0.5 + 0.5) * 200 + rng.uniform(0, 55, size=(size, size, 3))
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-
-def image_size(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
-
-
-def image_token_id(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["image_token_index"]
-
-
-def hf_inputs(folder: Path, messages: list[dict]) -> dict:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder)
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt")
-
-
-def hf_greedy(model, inputs: dict, n_tokens: int) -> tuple[list[int], np.ndarray]:
-    """HF's argmax continuation for ``n_tokens`` steps, end-of-turn ignored, and the logits of each step."""
-    ids = inputs["input_ids"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
-    tokens, rows = [], []
-    with torch.no_grad():
-        for _ in range(n_tokens):
-            logits = model(input_ids=ids, token_type_ids=_token_types(ids, inputs), **extra).logits[0, -1].float()
-            rows.append(logits.numpy())
-            tokens.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
-    return tokens, np.stack(rows)
-
-
-def _token_types(ids: torch.Tensor, inputs: dict) -> torch.Tensor:
-    base = inputs.get("token_type_ids")
-    if base is None:
-        return torch.zeros_like(ids)
-    return torch.cat([base, torch.zeros((1, ids.shape[1] - base.shape[1]), dtype=base.dtype)], dim=1)
-
-
-def hf_generate(model, inputs: dict, n_tokens: int) -> list[int]:
-    """HF ``generate`` greedy, stopping at the generation config's end-of-generation ids (included)."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+# the transformers side of the probes (native_image, image_size, image_token_id, hf_inputs, hf_greedy,
+# hf_generate) is medgemma_gguf.quant_eval.equivalence's, the module medgemma-gguf check runs
 
 
 def text_of(chat_model, ids: list[int]) -> str:
@@ -198,8 +153,7 @@ def test_text_model_prompt_equals_hf_tokenizer(tiny_checkpoint, converted):
 def test_next_token_distribution_equals_hf(case, folder, chat_model, hf_model):
     messages = _conversations(folder)[case]
     inputs = hf_inputs(folder, messages)
-    with torch.no_grad():
-        reference = hf_model(folder)(**inputs).logits[0, -1:].float().numpy()
+    reference = hf_inputs_logits(hf_model(folder), inputs)[-1:]
     chat_model.reset()
     ours = chat_model.next_token_logits(chat_model.prompt(messages))[None]
     assert kl_divergence_full(reference, ours).max() <= 1e-4
@@ -223,8 +177,7 @@ def test_multi_turn_reuses_the_cached_prefix_and_matches_hf(folder, chat_model, 
     # the cache after a reply is trimmed back when the next conversation differs earlier
     other = [{"role": "user", "content": "A different first turn"}]
     logits = chat_model.next_token_logits(chat_model.prompt(other))[None]
-    with torch.no_grad():
-        expected = hf_model(folder)(**hf_inputs(folder, other)).logits[0, -1:].float().numpy()
+    expected = hf_inputs_logits(hf_model(folder), hf_inputs(folder, other))[-1:]
     assert kl_divergence_full(expected, logits).max() <= 1e-4
 
 

@@ -1,4 +1,5 @@
-"""The compute devices llama.cpp's ggml backends registered: which are GPUs, and their memory.
+"""The compute devices llama.cpp's ggml backends registered (which are GPUs, their memory) and which llama.cpp
+build runs.
 
 ``llama_supports_gpu_offload()`` is also True for a CPU-only build with the RPC backend compiled in
 (llama.cpp's ``llama_supports_gpu_offload`` counts ``llama_supports_rpc()``), so it cannot tell whether
@@ -33,16 +34,21 @@ class Device:
         return self.type in ("GPU", "IGPU")
 
 
-@cache
-def _libggml() -> ctypes.CDLL:
+def _shipped_library(stem: str) -> ctypes.CDLL:
+    """One of the ggml libraries llama-cpp-python ships (``libggml``, ``libggml-base``)."""
     import llama_cpp
 
     folder = Path(llama_cpp.__file__).parent / "lib"
-    candidates = sorted(folder.glob("libggml.so*")) + sorted(folder.glob("libggml.dylib")) + sorted(
-        folder.glob("ggml.dll"))
+    candidates = sorted(folder.glob(f"lib{stem}.so*")) + sorted(folder.glob(f"lib{stem}.dylib")) + sorted(
+        folder.glob(f"{stem}.dll"))
     if not candidates:
-        raise OSError(f"libggml not found in {folder}")
-    lib = ctypes.CDLL(str(candidates[0]))
+        raise OSError(f"lib{stem} not found in {folder}")
+    return ctypes.CDLL(str(candidates[0]))
+
+
+@cache
+def _libggml() -> ctypes.CDLL:
+    lib = _shipped_library("ggml")
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -79,3 +85,32 @@ def list_devices() -> list[Device]:
 def gpu_devices() -> list[Device]:
     """The GPUs (dedicated or integrated) llama.cpp can offload to; empty on a CPU-only build."""
     return [device for device in list_devices() if device.is_gpu]
+
+
+@dataclass(frozen=True)
+class LlamaBuild:
+    """Which llama.cpp runs: llama-cpp-python's version, ggml's version and commit, the CPU features compiled in."""
+
+    llama_cpp_python: str
+    ggml_version: str
+    ggml_commit: str
+    system_info: str
+
+
+@cache
+def llama_build() -> LlamaBuild:
+    """The installed llama.cpp build: ``ggml_version``/``ggml_commit`` (libggml-base), ``llama_print_system_info``."""
+    import llama_cpp
+
+    version = commit = "unknown"
+    try:
+        base = _shipped_library("ggml-base")
+        for name in ("ggml_version", "ggml_commit"):
+            getattr(base, name).restype = ctypes.c_char_p
+        version = (base.ggml_version() or b"unknown").decode()
+        commit = (base.ggml_commit() or b"unknown").decode()
+    except (OSError, AttributeError):  # an older build without the two functions
+        pass
+    info = (llama_cpp.llama_print_system_info() or b"").decode(errors="replace").strip().rstrip("|").strip()
+    return LlamaBuild(llama_cpp_python=str(getattr(llama_cpp, "__version__", "unknown")), ggml_version=version,
+                      ggml_commit=commit, system_info=info)
