@@ -391,6 +391,7 @@ class EvalReport:
     recommendations: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # medgemma_gguf.provenance.Provenance.to_json()
 
     def row(self, file: str) -> ReportRow | None:
         """The row of ``file`` (matched by file name), or None."""
@@ -401,7 +402,8 @@ class EvalReport:
         return _plain({"schema_version": REPORT_SCHEMA_VERSION, "reference": self.reference,
                        "coverage": self.coverage.to_json(), "slices": self.slices, "heldout": self.heldout,
                        "cache": self.cache, "rows": [r.to_json() for r in self.rows],
-                       "recommendations": self.recommendations, **self.extra})
+                       "recommendations": self.recommendations, **self.extra,
+                       **({"provenance": self.provenance} if self.provenance else {})})
 
     @classmethod
     def from_json(cls, data: Any, where: str = "report") -> EvalReport:
@@ -424,12 +426,12 @@ class EvalReport:
         if version == 1 and data.get("top_k") is not None:
             coverage = Coverage(top_k=_number(data.get("top_k"), f"{where}.top_k", True))
         known = {"schema_version", "reference", "coverage", "slices", "heldout", "cache", "rows", "recommendations",
-                 "top_k"}
+                 "top_k", "provenance"}
         return cls(reference=dict(data.get("reference") or {}),
                    rows=[ReportRow.from_json(r, f"{where}.rows[{i}]", version) for i, r in enumerate(rows)],
                    coverage=coverage, slices=list(data.get("slices") or []), heldout=data.get("heldout"),
                    cache=dict(data.get("cache") or {}), recommendations=list(data.get("recommendations") or []),
-                   schema_version=REPORT_SCHEMA_VERSION,
+                   schema_version=REPORT_SCHEMA_VERSION, provenance=dict(data.get("provenance") or {}),
                    extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod

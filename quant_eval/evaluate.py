@@ -198,7 +198,7 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
         all_positions = text_positions(tokens.size, span)
         if all_logits.shape[0] != all_positions.size:
             raise RuntimeError(f"{part.name}: got {all_logits.shape[0]} logit rows for {all_positions.size} positions")
-        if item_index >= 0:
+        if item_index >= 0 and part.answer_index[item_index] >= 0:  # a closed question: the chosen option
             last = log_softmax(all_logits[-1].astype(np.float64))
             options = part.option_tokens[item_index]
             lps = np.where(options >= 0, last[np.clip(options, 0, None)], np.nan)
@@ -249,9 +249,9 @@ def _aggregate(parts: Sequence[ReferencePart], scores: Sequence[_PartScores]) ->
             fields.update(ppl_ratio=float(np.exp(ln_ratio)), ln_ppl_ratio=ln_ratio, ln_ppl_ratio_stderr=stderr)
     accuracy: dict[str, SliceAccuracy] = {}
     for part, score in zip(parts, scores, strict=True):
-        if part.kind != "task" or score.choices is None:
-            continue
-        correct = score.choices == part.answer_index
+        if part.kind != "task" or score.choices is None or not part.closed.any():
+            continue  # free-text items: KL only
+        correct = score.choices[part.closed] == part.answer_index[part.closed]
         acc, low, high = accuracy_with_ci(correct)
         test = paired_test(correct, part.reference_correct())
         accuracy[part.name] = SliceAccuracy(accuracy=acc, ci95_low=low, ci95_high=high, n=int(correct.size),
@@ -407,7 +407,7 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     """
     from medgemma_gguf.quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
     from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
-    from medgemma_gguf.quant_eval.slices import load_heldout_text, slice_hash
+    from medgemma_gguf.quant_eval.slices import load_heldout_text
 
     outdir = Path(outdir)
     spec = CoverageSpec.make(coverage, full_vocab)
@@ -436,13 +436,32 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     report = EvalReport(
         reference=reference.describe(),
         coverage=Coverage(**coverage_summary(parts)),
-        slices=[{"spec": s.spec, "n_items": len(s), "hash": slice_hash(s), "has_images": s.has_images,
-                 "reference_accuracy": float(p.reference_correct().mean())}
+        slices=[{**s.describe(), "reference_accuracy": float(p.reference_correct().mean()) if p.closed.any() else None}
                 for s, p in zip(loaded, [p for p in parts if p.kind == "task"], strict=True)],
         heldout={"n_chunks": len(chunks), "n_positions": int(parts[0].pos_seq.size)} if chunks else None,
         cache={"dir": str(cache.cache_dir), "hits": cache.hits, "misses": cache.misses,
                "stale_removed": cache.stale_removed},
         rows=rows,
+        provenance=eval_provenance(candidates, reference, loaded, n_threads).to_json(),
     )
     write_report(report, outdir, force=force)
     return report
+
+
+def eval_provenance(candidates: Sequence[Candidate], reference: Any, slices: Sequence[Slice],
+                    n_threads: int | None):
+    """The report's provenance record: every quant and mmproj file, the reference (its content hash), own
+    evaluation files, the slices' sampling seeds."""
+    from medgemma_gguf.provenance import InputHash, collect_provenance, hash_input
+    from medgemma_gguf.quant_eval.slices import parse_spec
+
+    inputs = [hash_input("model", c.path) for c in candidates if c.path.is_file()]
+    mmprojs = sorted({c.mmproj for c in candidates if c.mmproj is not None and c.mmproj.is_file()})
+    inputs += [hash_input("mmproj", m) for m in mmprojs]
+    inputs.append(InputHash("reference", str(reference.source), reference.content_hash))
+    inputs += [InputHash("slice", s.source["file"], s.source["sha256"], Path(s.source["file"]).stat().st_size)
+               for s in slices if s.source]
+    seeds = {s.spec: parse_spec(s.spec).seed for s in slices if parse_spec(s.spec).seed is not None}
+    libraries = ("torch", "transformers") if getattr(reference, "kind", "") == "hf" else ()
+    return collect_provenance(threads=n_threads, seeds={"slice sampling": seeds, "sampling": None}, inputs=inputs,
+                              libraries=libraries)

@@ -1,5 +1,6 @@
 """Evaluation items: one closed question with its options, answer and optional image (file bytes, a file,
-or a synthetic image drawn here from a few parameters, so a slice needs no image files)."""
+or a synthetic image drawn here from a few parameters, so a slice needs no image files), or a free-text
+question (no options; scored by KL only, along its reference answer when it has one)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,28 @@ class ImageRef:
             raise ValueError("ImageRef needs exactly one of data, path, synthetic")
 
     def load(self) -> Image.Image:
-        """The image as an RGB PIL image."""
+        """The image as an RGB PIL image. DICOM (``.dcm``/``.dicom``, or the ``DICM`` marker) is read by the
+        runtime's loader (``runtime.images.load_image``: rescale, the file's window, MONOCHROME1), as chat
+        reads it; other files by Pillow."""
         if self.synthetic is not None:
             return render_synthetic(self.synthetic).convert("RGB")
         try:
             raw = self.data if self.data is not None else Path(self.path).read_bytes()  # type: ignore[arg-type]
+            if self.is_dicom(raw):
+                from medgemma_gguf.runtime.images import load_image
+
+                return load_image(self.path if self.path is not None else raw)
             with Image.open(io.BytesIO(raw)) as image:
                 return image.convert("RGB")
         except OSError as exc:
             where = self.path or "embedded image bytes"
             raise UserError(f"cannot read image {where}: {exc}; check the dataset files") from exc
+
+    def is_dicom(self, raw: bytes) -> bool:
+        """Whether the image is a DICOM file (by suffix or by the ``DICM`` marker at byte 128)."""
+        from medgemma_gguf.runtime.images import DICOM_SUFFIXES
+
+        return raw[128:132] == b"DICM" or (self.path is not None and Path(self.path).suffix.lower() in DICOM_SUFFIXES)
 
     def encoded_bytes(self) -> bytes:
         """The image file's bytes (PNG for a synthetic image)."""
@@ -63,7 +76,8 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Item:
-    """One closed question: ``options[answer_index]`` is the right answer."""
+    """One closed question (``options[answer_index]`` is the right answer), or a free-text question: no
+    options, ``answer_index`` -1, and an optional ``reference_answer`` whose tokens are scored by KL."""
 
     id: str
     question: str
@@ -71,9 +85,16 @@ class Item:
     answer_index: int
     image: ImageRef | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    reference_answer: str | None = None
+
+    @property
+    def free_text(self) -> bool:
+        return not self.options
 
     @property
     def answer(self) -> str:
+        if self.free_text:
+            return self.reference_answer or ""
         return self.options[self.answer_index]
 
 

@@ -154,9 +154,17 @@ class ReferencePart:
         """Indices into the position arrays that belong to sequence ``index`` (in token order)."""
         return np.flatnonzero(self.pos_seq == index)
 
+    @property
+    def closed(self) -> NDArray[np.bool_]:
+        """Which items are closed questions (free-text items have no options and answer_index -1)."""
+        return self.answer_index >= 0
+
     def reference_correct(self) -> NDArray[np.bool_]:
-        """Whether the reference's highest-scoring option is the right one, per item."""
-        return option_choices(self.option_logprobs) == self.answer_index
+        """Whether the reference's highest-scoring option is the right one, per closed item."""
+        closed = self.closed
+        if self.option_logprobs.shape[1] == 0:
+            return np.zeros(0, dtype=bool)
+        return option_choices(self.option_logprobs[closed]) == self.answer_index[closed]
 
     @property
     def file_bytes(self) -> int | None:
@@ -257,7 +265,10 @@ def llama_perplexity_chunks(tokens: Sequence[int], n_ctx: int, bos_token: int | 
 
 
 def item_user_text(item: Item) -> str:
-    """The user turn of a multiple-choice item: question, lettered options, instruction."""
+    """The user turn of a multiple-choice item: question, lettered options, instruction; of a free-text item:
+    the question as written."""
+    if item.free_text:
+        return item.question.strip()
     if len(item.options) > len(LETTERS):
         raise UserError(f"item {item.id!r} has {len(item.options)} options; at most {len(LETTERS)} are supported")
     options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item.options))
@@ -287,6 +298,7 @@ def native_pixels(item: Item, size: int) -> NDArray[np.uint8]:
 
 
 def _first_tokens(tokenize, item: Item) -> list[int]:
+    """The first token of each option letter (none for a free-text item)."""
     ids = []
     for letter in LETTERS[: len(item.options)]:
         pieces = tokenize(letter)
@@ -564,6 +576,8 @@ class HFReference(Reference):
         else:
             text = self._tokenizer.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False)
             tokens, span = self._encode(text), None
+        if item.reference_answer:
+            tokens += self._encode(item.reference_answer)
         _check_length(tokens, f"item {item.id}")
         return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
 
@@ -679,6 +693,8 @@ class GGUFReference(Reference):
             soft = engine.tokenize("<image_soft_token>")
             placeholder = soft[0] if len(soft) == 1 else 0
             tokens, span = head + [placeholder] * n_image + tail, (len(head), len(head) + n_image)
+        if item.reference_answer:
+            tokens += engine.tokenize(item.reference_answer)
         _check_length(tokens, f"item {item.id}")
         return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
 

@@ -132,6 +132,16 @@ def _coverage_line(report: EvalReport) -> str:
             f"{_fmt(cov.max_tail_mass, 2)}{cap}){size}.")
 
 
+def _provenance_line(record: dict) -> str:
+    llama = record.get("llama_cpp") or {}
+    hardware = record.get("hardware") or {}
+    gpus = ", ".join(hardware.get("gpus") or []) or "no GPU"
+    return (f"Produced by medgemma-gguf {record.get('tool_version')} with llama-cpp-python "
+            f"{llama.get('llama_cpp_python')} (ggml {llama.get('ggml_version')}, {llama.get('ggml_commit')}) on "
+            f"{hardware.get('cpu')} ({gpus}), {record.get('threads')} threads, {record.get('created')}; input sha256s "
+            "in report.json's provenance.")
+
+
 def render_markdown(report: EvalReport) -> str:
     """The human-readable report: reference, coverage, slices, one table row per quant, whether the KL
     brackets settle the ranking, budget recommendations."""
@@ -141,8 +151,12 @@ def render_markdown(report: EvalReport) -> str:
     lines = ["# Quantization report", "",
              f"Reference: `{ref.get('source')}` ({ref.get('kind')}, {ref.get('dtype')}, sha256 "
              f"{str(ref.get('sha256'))[:12]}…).", "", _coverage_line(report), ""]
+    if report.provenance:
+        lines[-1:-1] = [_provenance_line(report.provenance), ""]
     for part in report.slices:
-        lines.append(f"- slice `{part['spec']}`: {part['n_items']} items, hash {part['hash'][:12]}…")
+        free = f" ({part['n_free_text']} free text, KL only)" if part.get("n_free_text") else ""
+        own = f"; file {part['file']}, sha256 {part['sha256']}" if part.get("sha256") else ""
+        lines.append(f"- slice `{part['spec']}`: {part['n_items']} items{free}, hash {part['hash'][:12]}…{own}")
     if report.heldout:
         lines.append(f"- held-out text: {report.heldout['n_chunks']} chunks")
     lines += ["", "KL in nats: mean [bracket]. The mean is exact over the stored tokens with the rest of the "
