@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "medgemma_gguf.runtime.cli:serve_command",
     "fit": "medgemma_gguf.runtime.cli:fit_command",
     "worker": "medgemma_gguf.runtime.cli:worker_command",
+    "batch": "medgemma_gguf.runtime.cli:batch_command",
     "eval": "medgemma_gguf.quant_eval.cli:eval_command",
     "check": "medgemma_gguf.quant_eval.cli:check_command",
     "demo": "medgemma_gguf.fixtures.cli:demo_command",

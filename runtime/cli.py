@@ -467,3 +467,54 @@ def worker_command(host: str, port: int, threads: int | None, devices: tuple[str
 
     serve_worker(host, port, threads=threads, cache_dir=cache_dir, devices=devices,
                  insecure_network=insecure_network, announce=lambda line: click.echo(line, err=True))
+@click.command("batch")
+@_model_options
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Output JSONL, one line per input line; an existing one is resumed (its ids are skipped).")
+@click.option("--force", is_flag=True, help="Start the output over instead of resuming it.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad line (before the model loads when it can).")
+@click.option("--system", help="System prompt for lines without their own.")
+@click.option("--max-tokens", default=256, show_default=True, type=int, help="Default for lines without their own.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="Default (0 = greedy).")
+@click.option("--top-k", type=int, help="Default top-k (0 = off; default: the model's).")
+@click.option("--top-p", type=float, help="Default top-p (default: the model's).")
+@click.option("--min-p", type=float, help="Default min-p.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Base seed: a line without its own samples with a seed from this and its id.")
+@click.option("--think", is_flag=True, help="Default: MedGemma's 'think silently if needed' system prefix.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def batch_command(ctx: click.Context, model: Path, mmproj: Path | None, quant: str | None, n_ctx: int,
+                  n_gpu_layers: str, vram: str | None, threads: int | None, lora: tuple[Path, ...],
+                  lora_scaled: tuple[tuple[Path, float], ...], input_path: Path, out: Path, force: bool, strict: bool,
+                  system: str | None, seed: int, think: bool, quiet: bool, **defaults: Any) -> None:
+    """Run every conversation of IN.jsonl through MODEL and write one JSONL line per input line to --out.
+    Resumable (ids already in --out are skipped), reproducible (a seed per line), kill-safe (each line is on
+    disk before the next starts). Exit 0 when every line was answered, 1 when lines were skipped, 2 with --strict
+    at the first bad line."""
+    from medgemma_gguf.runtime.batch import done_ids, read_input, run_batch
+
+    defaults = {**defaults, "system": system, "think": think}
+    lines, bad = read_input(input_path, defaults, seed)
+    for number, line_id, problem in bad:
+        where = f"line {number}" + (f" (id {line_id})" if line_id else "")
+        if strict:
+            raise UserError(f"{input_path} {where}: {problem}; fix it, or drop --strict to skip bad lines")
+        click.echo(f"{input_path} {where}: {problem}; skipped", err=True)
+    if force and out.exists():
+        out.unlink()
+    done = done_ids(out)
+    if done:
+        click.echo(f"resuming {out}: {len([x for x in lines if x.id in done])} of {len(lines)} lines already done",
+                   err=True)
+    if not lines:
+        raise UserError(f"{input_path} has no usable line; fix the lines above")
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled)
+    with chat_model:
+        summary = run_batch(chat_model, lines, bad, out, input_path=input_path, base_seed=seed, n_threads=threads,
+                            strict=strict, progress=not quiet, echo=lambda text: click.echo(text, err=True))
+    click.echo(f"wrote {summary.written} lines to {out} ({summary.already_done} already there, "
+               f"{len(summary.skipped)} skipped); provenance in {summary.provenance}", err=True)
+    if summary.skipped:
+        ctx.exit(1)
