@@ -187,12 +187,13 @@ class PixelNormalization:
 
     def apply(self, pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
         """uint8 [height, width, 3] to the processor's float32 [3, height, width]."""
-        x = pixels.astype(np.float32) * np.float32(self.rescale)
-        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return x.transpose(2, 0, 1)
+        scaled = pixels.astype(np.float32) * np.float32(self.rescale)
+        x = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return x.astype(np.float32).transpose(2, 0, 1)
 
 
-def hf_logits(model: Any, ids: Sequence[int], positions: Sequence[int] | None = None) -> NDArray[np.float32]:
+def hf_logits(model: Any, ids: Sequence[int], positions: Sequence[int] | NDArray[np.int64] | None = None
+              ) -> NDArray[np.float32]:
     """float32 logits of ``ids`` (one forward pass): every position, or only ``positions`` (sorted)."""
     import torch
 
@@ -203,7 +204,8 @@ def hf_logits(model: Any, ids: Sequence[int], positions: Sequence[int] | None = 
         return model(**kwargs).logits[0].float().numpy()
 
 
-def hf_inputs_logits(model: Any, inputs: Mapping[str, Any], positions: Sequence[int] | None = None) -> NDArray:
+def hf_inputs_logits(model: Any, inputs: Mapping[str, Any], positions: Sequence[int] | NDArray[np.int64] | None = None
+                     ) -> NDArray:
     """float32 logits of processor ``inputs`` (images in the model's dtype): every position or ``positions``."""
     import torch
 
@@ -574,7 +576,7 @@ def compare_to_reference(reference: ReferenceOutputs, chat_model: Any, threshold
     # text logits
     echo(f"GGUF: text logits over {len(reference.text_ids)} tokens")
     chat_model.reset()
-    rows = []
+    rows: list[NDArray[np.float32]] = []
     wanted = set(reference.text_positions.tolist())
     for start in range(0, len(reference.text_ids), engine.n_batch):
         chunk = reference.text_ids[start : start + engine.n_batch]

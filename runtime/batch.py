@@ -290,7 +290,8 @@ def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[i
     from medgemma_gguf.provenance import collect_provenance, hash_input
 
     out = Path(out)
-    summary = BatchSummary(out=out, provenance=Path(f"{out}{PROVENANCE_SUFFIX}"), skipped=list(bad))
+    provenance_path = Path(f"{out}{PROVENANCE_SUFFIX}")
+    summary = BatchSummary(out=out, provenance=provenance_path, skipped=list(bad))
     done = done_ids(out)
     todo = [line for line in lines if line.id not in done]
     summary.already_done = len(lines) - len(todo)
@@ -300,14 +301,14 @@ def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[i
     run = collect_provenance(threads=n_threads, seeds={"batch": base_seed}, inputs=inputs).to_json()
     run.update(lines_already_done=summary.already_done, lines_written=0, finished=False)
     previous: dict[str, Any] = {}
-    if summary.provenance.is_file() and done:
+    if provenance_path.is_file() and done:
         try:
-            previous = json.loads(summary.provenance.read_text(encoding="utf-8"))
+            previous = json.loads(provenance_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             previous = {}
     runs = [*(previous.get("runs") or []), run]
     document = {"output": str(out), "runs": runs}
-    write_provenance(summary.provenance, document)
+    write_provenance(provenance_path, document)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(out, "a", encoding="utf-8") as handle, \
@@ -331,5 +332,5 @@ def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[i
         run["finished"] = True
     finally:
         run["lines_skipped"] = [{"line": n, "id": i, "error": e} for n, i, e in summary.skipped]
-        write_provenance(summary.provenance, document)
+        write_provenance(provenance_path, document)
     return summary
