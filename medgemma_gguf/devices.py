@@ -47,7 +47,8 @@ def _shipped_library(stem: str) -> ctypes.CDLL:
 
 
 @cache
-def _libggml() -> ctypes.CDLL:
+def libggml() -> ctypes.CDLL:
+    """llama-cpp-python's libggml with the device functions typed (``runtime.rpc`` adds its own)."""
     lib = _shipped_library("ggml")
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -68,7 +69,7 @@ def list_devices() -> list[Device]:
     import llama_cpp
 
     llama_cpp.llama_backend_init()
-    lib = _libggml()
+    lib = libggml()
     devices = []
     for index in range(lib.ggml_backend_dev_count()):
         device = lib.ggml_backend_dev_get(index)

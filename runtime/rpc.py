@@ -204,9 +204,9 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     if not llama_cpp.llama_supports_rpc():
         raise UnavailableError("this llama-cpp-python build has no RPC backend; rebuild it with bash "
                                "scripts/setup.sh (which builds with -DGGML_RPC=ON)")
-    from medgemma_gguf.runtime.devices import _libggml
+    from medgemma_gguf.devices import libggml
 
-    ggml = _libggml()
+    ggml = libggml()
     folder = _lib_folder()
     base = ctypes.CDLL(str(next(iter(sorted(folder.glob("libggml-base.so*")) + sorted(
         folder.glob("libggml-base.dylib")) + sorted(folder.glob("ggml-base.dll"))))))
@@ -267,10 +267,10 @@ def local_gpu_handles() -> list[int]:
     """``ggml_backend_dev_t`` handles of this machine's GPUs (RPC devices left out), in llama.cpp's order."""
     import llama_cpp
 
-    from medgemma_gguf.runtime.devices import _libggml
+    from medgemma_gguf.devices import libggml
 
     llama_cpp.llama_backend_init()
-    lib = _libggml()
+    lib = libggml()
     handles = []
     for index in range(lib.ggml_backend_dev_count()):
         handle = lib.ggml_backend_dev_get(index)
@@ -288,10 +288,10 @@ def worker_devices(names: Sequence[str] = ()) -> list[tuple[int, str, str, int, 
     upstream rpc-server's default. Each as (handle, name, description, free, total)."""
     import llama_cpp
 
-    from medgemma_gguf.runtime.devices import DEVICE_TYPES, _libggml
+    from medgemma_gguf.devices import DEVICE_TYPES, libggml
 
     llama_cpp.llama_backend_init()
-    lib = _libggml()
+    lib = libggml()
     found = []
     for index in range(lib.ggml_backend_dev_count()):
         handle = lib.ggml_backend_dev_get(index)

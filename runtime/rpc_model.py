@@ -92,7 +92,7 @@ def prepare_split(model: str | Path, mmproj: str | Path | None, endpoints: Seque
     workers = probe_all(endpoints)
     vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
     files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
-    from medgemma_gguf.runtime.devices import gpu_devices
+    from medgemma_gguf.devices import gpu_devices
 
     local = gpu_devices()
     remote = [(w, d) for w in workers for d in w.devices]
@@ -115,7 +115,7 @@ def load_split(setup: SplitSetup, **options: Any) -> ChatModel:
     """Register the workers and load the model split across them IN THIS PROCESS (``runtime.chat.load``'s other
     options): a worker that dies later ends this process (llama.cpp aborts). ``RpcChatModel`` and
     ``serve --rpc`` call it in a process of its own."""
-    from medgemma_gguf.runtime.devices import gpu_devices
+    from medgemma_gguf.devices import gpu_devices
     from medgemma_gguf.runtime.rpc import local_gpu_handles, register_workers
 
     os.environ["GGML_NO_BACKTRACE"] = "1"  # llama.cpp's abort: one line, no debugger attached
