@@ -549,3 +549,53 @@ def test_server_lists_adapters_and_a_request_picks_one_by_model_id(tmp_path, pef
         server.should_exit = True
         thread.join(timeout=30)
         model.close()
+
+
+def test_parallel_slots_give_each_request_its_own_adapter_set(tmp_path, peft_adapter, converted):
+    """Continuous batching puts only slots with the same adapter set in one batch (as llama-server does): requests
+    for the base, an adapter and the adapter again, sent at once to two slots, each get their solo reply."""
+    import threading
+
+    import httpx
+    from test_server import run_uvicorn
+
+    from medgemma_gguf.runtime.chat import load
+    from medgemma_gguf.runtime.server import create_app
+
+    base = converted(VARIANT)
+    lora = convert_adapter(str(peft_adapter(VARIANT, **CHAT_ADAPTER)), str(base.text_path), tmp_path, name="cardio",
+                           progress=False).path
+    sampling = {**SAMPLING, "max_tokens": 24}
+    questions = [MESSAGES, [{"role": "user", "content": "List three causes of anemia."}]]
+    solo = {}
+    for which, adapters in (("base", None), ("cardio", [lora])):
+        with load(base.text_path, n_gpu_layers=0, n_ctx=256, n_threads=1, lora=adapters) as model:
+            solo[which] = [model.chat(question, **sampling).text for question in questions]
+    assert solo["base"] != solo["cardio"]
+
+    model = load(base.text_path, n_gpu_layers=0, n_ctx=256, n_threads=1, lora=[lora], n_parallel=2)
+    url, stop = run_uvicorn(create_app(model))
+    name = model.name
+    requests = [(f"{name}+base", 0), (f"{name}+cardio", 1), (f"{name}+cardio", 0), (f"{name}+base", 1)]
+    replies: dict[int, str] = {}
+    start = threading.Barrier(len(requests))
+
+    def send(index: int) -> None:
+        model_id, question = requests[index]
+        start.wait()
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                              json={"model": model_id, "messages": questions[question], **sampling})
+        assert response.status_code == 200, response.text
+        replies[index] = response.json()["choices"][0]["message"]["content"]
+
+    try:
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        stop()
+        model.close()
+    assert replies == {i: solo["base" if model_id.endswith("+base") else "cardio"][question]
+                       for i, (model_id, question) in enumerate(requests)}
