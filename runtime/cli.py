@@ -171,6 +171,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
         flag = "--prior" if task.input == "longitudinal" else f"--{task.input}"
         raise UserError(f"preset {preset} lays out a {task.input} prompt; pass {flag}")
     preset = None if task is not None else preset
+    _check_input_paths(images, study)
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled, rpc,
                        window=window)
     sampling = dict(sampling_options, think=think)
@@ -194,6 +195,18 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
             _print_reply(result, as_json, show_thinking)
             return
         _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling, show_thinking=show_thinking)
+
+
+def _check_input_paths(images: tuple[Path, ...], study: dict[str, Any]) -> None:
+    """Refuse a missing --image/--prior/--volume/--slide before the model loads (a 27B load takes minutes); what
+    each file holds is checked when it is read."""
+    from medgemma_gguf.runtime.sources import check_local_path
+
+    studies = (("prior image", "prior"), ("volume", "volume"), ("slide", "slide"))
+    named = [("image", path) for path in images] + [(what, study[key]) for what, key in studies
+                                                     if study.get(key) is not None]
+    for what, path in named:
+        check_local_path(path, what=what, allow_local_files=True)
 
 
 def _print_reply(result, as_json: bool, show_thinking: bool = False) -> None:

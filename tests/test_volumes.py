@@ -416,3 +416,18 @@ def test_the_readme_study_commands_use_real_chat_options():
         assert flags <= known, flags - known
         context = chat_command.make_context("chat", words[2:], resilient_parsing=True)
         assert context.params["model"] == Path("out/")
+
+
+def test_the_cli_refuses_missing_inputs_before_loading(tmp_path, capsys):
+    from medgemma_gguf.cli import main
+
+    model = str(tmp_path / "not-loaded.gguf")  # never opened: the input paths are checked first
+    image = tmp_path / "cxr.png"
+    image.write_bytes(b"checked when read")
+    for args, message in ((["--image", "nope.png"], "error: image nope.png does not exist; check the path"),
+                          (["--image", str(image), "--prior", "old.png"], "error: prior image old.png does not exist"),
+                          (["--volume", "ct/"], "error: volume ct does not exist; check the path"),
+                          (["--slide", "biopsy.svs"], "error: slide biopsy.svs does not exist; check the path")):
+        assert main(["chat", model, "--prompt", "x", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [message] or (len(err) == 1 and err[0].startswith(message)), err
