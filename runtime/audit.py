@@ -55,6 +55,10 @@ class AuditLog:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
+            folder = Path(self.path).parent
+            if not folder.is_dir():
+                raise UserError(f"cannot open the audit log {self.path}: its folder {folder} does not exist; create "
+                                f"it (mkdir -p {folder}) or choose another file for {setting('audit_log')}") from exc
             raise UserError(f"cannot open the audit log {self.path} ({exc.strerror}); choose a writable file for "
                             f"{setting('audit_log')}") from exc
 

@@ -332,7 +332,8 @@ def default_parallel() -> int:
               help="Accept local paths (images, series folders, slides) under this folder; repeat for several.")
 @click.option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1024),
               help="Request size limit (the default fits an 85-slice 512x512 CT series zipped as base64).")
-@click.option("--max-image-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-image-pixels", default=25_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Width x height an image may have, checked from its header before decoding (bomb guard).")
 @click.option("--max-images", default=DEFAULT_MAX_IMAGES, show_default=True, type=click.IntRange(min=0),
               help="Images per request; a volume counts its slices, a slide its patches.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1))

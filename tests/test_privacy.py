@@ -365,8 +365,15 @@ def test_the_audit_log_appends_rotates_by_size_and_is_private(tmp_path):
     fresh.close()
     assert stat.S_IMODE((tmp_path / "new.jsonl").stat().st_mode) == 0o600
     assert key_id("secret") == "sha256:2bb80d537b1d" and "secret" not in key_id("secret")
-    with pytest.raises(UserError, match="cannot open the audit log"):
+    with pytest.raises(UserError) as caught:
         AuditLog(tmp_path / "missing" / "audit.jsonl")
+    assert str(caught.value) == (f"cannot open the audit log {tmp_path / 'missing' / 'audit.jsonl'}: its folder "
+                                 f"{tmp_path / 'missing'} does not exist; create it (mkdir -p {tmp_path / 'missing'}) "
+                                 "or choose another file for audit_log")
+    assert caught.value.for_cli().endswith("or choose another file for --audit-log")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(UserError, match="cannot open the audit log .*choose a writable file for"):
+        AuditLog(tmp_path / "folder.jsonl")
 
 
 # --- end to end: serve, chat, convert, eval ---------------------------------------------------------------
