@@ -87,6 +87,8 @@ SETTINGS: dict[str, Spelling] = {
     "magnification": Spelling("--magnification", "magnification", "the slide item's 'magnification'"),
     "mpp": Spelling("--mpp", "mpp", "the slide item's 'mpp'"),
     "max_images": Spelling("--max-images", "max_images", "the server's image limit (serve --max-images)"),
+    "max_image_pixels": Spelling("--max-image-pixels", "max_image_pixels",
+                                 "the server's pixel limit (serve --max-image-pixels)"),
     "allow_dir": Spelling("--allow-dir", "allowed_roots", "a folder the server allows (serve --allow-dir)"),
     "prior": Spelling("--prior", "prior", "the longitudinal item's 'prior'"),
     "coverage": Spelling("--coverage", "coverage", "'coverage'"),

@@ -145,14 +145,16 @@ def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu
               help="Start the system prompt with MedGemma's 'think silently if needed' instruction.")
 @click.option("--show-thinking", is_flag=True, help="Print the model's reasoning block (on stderr); hidden otherwise.")
 @click.option("--window", callback=_parse_window, help="CENTER,WIDTH grayscale window for 16-bit/DICOM images.")
+@click.option("--max-image-pixels", default=50_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Width x height an image may have, checked from its header before decoding (bomb guard).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (needs --prompt); 'reasoning' apart.")
 @study_options
 def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str,
                  vram: str | None, threads: int | None, lora: tuple[Path, ...],
                  lora_scaled: tuple[tuple[Path, float], ...], rpc: tuple[str, ...], images: tuple[Path, ...],
                  prompt: str | None,
-                 system: str | None, preset: str | None, window: tuple[float, float] | None, as_json: bool,
-                 **options: Any) -> None:
+                 system: str | None, preset: str | None, window: tuple[float, float] | None,
+                 max_image_pixels: int, as_json: bool, **options: Any) -> None:
     """Chat with MODEL: a GGUF file, or a folder of GGUFs (its manifest's, or as published by Unsloth,
     bartowski or ggml-org), where the default rule picks the quant (see --quant)."""
     from medgemma_gguf.runtime.sampling import sampling_settings
@@ -173,7 +175,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     preset = None if task is not None else preset
     _check_input_paths(images, study)
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled, rpc,
-                       window=window)
+                       window=window, max_image_pixels=max_image_pixels)
     sampling = dict(sampling_options, think=think)
     with chat_model:
         turn = build_study_turn(chat_model, prompt=prompt, images=images, preset=task, study=study) if is_study(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_MAGIC = b"DICM"
@@ -124,7 +124,7 @@ def _read_dicom_frame(data: bytes, label: str, *, frame: int, max_pixels: int, f
     if rows * cols > max_pixels:
         raise UserError(
             f"DICOM file {label} is {cols}x{rows} = {rows * cols} pixels, more than the limit of {max_pixels} "
-            "(decompression-bomb guard); downscale it or raise max_pixels"
+            f"(decompression-bomb guard); downscale it or raise {setting('max_image_pixels')}"
         )
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 0 <= frame < n_frames:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.runtime.dicom_image import DicomFrame, has_dicom_magic, read_dicom_frame
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_FILE_BYTES, read_regular_file
 
@@ -341,7 +341,7 @@ def _check_size(img: Image.Image, label: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise UserError(
             f"image {label} is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{max_pixels} (decompression-bomb guard); downscale it or raise max_pixels"
+            f"{max_pixels} (decompression-bomb guard); downscale it or raise {setting('max_image_pixels')}"
         )
 
 

@@ -157,7 +157,7 @@ def _check_pixels(width: int, height: int, label: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise UserError(
             f"{label} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
-            "downscale it first"
+            f"downscale it or raise {setting('max_image_pixels')}"
         )
 
 

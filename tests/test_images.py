@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, gen
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.images import (
+    DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
     load_image,
     load_image_from_data_uri,
@@ -386,13 +387,24 @@ def test_zero_size_and_decompression_bombs() -> None:
     with pytest.raises(UserError, match="not a readable image"):  # Pillow refuses a 0x0 IHDR
         load_image(_png_with_header(0, 0))
     data = _pil_bytes(Image.new("RGB", (100, 100)), "PNG")
-    with pytest.raises(UserError, match="100x100 = 10000 pixels, more than the limit of 9999"):
+    with pytest.raises(UserError, match="100x100 = 10000 pixels, more than the limit of 9999") as caught:
         load_image(data, max_pixels=9999)
+    assert caught.value.for_cli().endswith("downscale it or raise --max-image-pixels")  # chat and serve both have it
+    assert caught.value.for_http().endswith("raise the server's pixel limit (serve --max-image-pixels)")
     assert load_image(data, max_pixels=10000).size == (100, 100)
     with pytest.raises(UserError, match="9000x9000 = 81000000 pixels, more than the limit of 50000000"):
         load_image(_png_with_header(9000, 9000))  # header only: refused before any decoding
     with pytest.raises(UserError, match="too large to decode safely"):  # beyond Pillow's own hard limit
         load_image(_png_with_header(20000, 20000), max_pixels=10**9)
+
+
+def test_chat_and_serve_have_the_pixel_limit_the_error_names() -> None:
+    from medgemma_gguf.runtime.cli import chat_command, serve_command
+
+    def default(command) -> int:
+        return next(p.default for p in command.params if "--max-image-pixels" in p.opts)
+
+    assert default(chat_command) == DEFAULT_MAX_PIXELS and default(serve_command) == 25_000_000
 
 
 @pytest.mark.parametrize(

@@ -220,6 +220,8 @@ def test_cli_volume_slide_and_prior(folder, files, chat_model, series, long_seri
             (["--save-patches", str(tmp_path / "x"), "--prompt", "x"], "pass --slide too"),
             (["--volume", str(series), "--windows", "1:2", "--prompt", "x"], "pass e.g. --windows"),
             (["--volume", str(long_series), "--ctx", "256", "--prompt", "x"], "pass --slices 63 or raise --ctx"),
+            (["--image", str(tmp_path / "current.png"), "--max-image-pixels", "100", "--prompt", "x"],
+             "more than the limit of 100 (decompression-bomb guard); downscale it or raise --max-image-pixels"),
     ):
         assert cli_main([*base, *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
