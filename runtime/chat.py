@@ -22,8 +22,9 @@ logits, and with the same seed the same reply, whether its prefix was re-used or
 limits are in ``runtime.sampling``). Not covered either: a prefix cached by another conversation (its
 tokens were decoded in other batch shapes).
 
-``ChatModel`` is not thread-safe: one conversation at a time (the server serializes requests). Starting
-a new ``chat`` ends any unfinished stream of the previous one.
+``ChatModel`` is not thread-safe on its own: one conversation at a time; starting a new ``chat`` ends any
+unfinished stream of the previous one. While a server runs on it (``runtime.batching``, ``load(n_parallel=N)``)
+the server owns the context, and ``chat``/``generate`` from any thread run as requests in its slots.
 """
 
 from __future__ import annotations

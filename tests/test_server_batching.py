@@ -388,3 +388,47 @@ def test_request_timeout_ends_a_reply_and_cors_is_off_by_default(files):
             assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
             other = client.get("/health", headers={"Origin": "http://elsewhere.test"})
             assert "access-control-allow-origin" not in other.headers
+
+
+def test_requests_with_different_lora_sets_batch_apart_and_each_equals_its_solo_run(peft_adapter, converted, tmp_path):
+    """Adapters belong to the context: slots with different adapter sets never share a decode (as llama-server
+    batches them), so each request's log-probabilities are its adapter's, under load as when alone."""
+    from test_lora import CHAT_ADAPTER
+    from test_lora import VARIANT as LORA_VARIANT
+
+    from medgemma_gguf.convert.lora_gguf import convert_adapter
+    from medgemma_gguf.runtime.chat import load
+    from medgemma_gguf.runtime.server import create_app
+
+    base = converted(LORA_VARIANT)
+    lora = convert_adapter(str(peft_adapter(LORA_VARIANT, **CHAT_ADAPTER)), str(base.text_path), tmp_path,
+                           name="cardio", progress=False).path
+    model = load(base.text_path, n_gpu_layers=0, n_ctx=512, n_threads=1, lora=[lora], n_parallel=4)
+    url, stop = run_uvicorn(create_app(model))
+    try:
+        name = model.name
+        bodies = [{"model": f"{name}+{which}", "max_tokens": 40, "ignore_eos": True, "logprobs": True,
+                   "top_logprobs": 2, "messages": [{"role": "user", "content": text}]}
+                  for which, text in (("base", "What is the normal adult resting heart rate?"),
+                                      ("cardio", "What is the normal adult resting heart rate?"),
+                                      ("base", "List three causes of anemia."), ("cardio", "Describe an ECG."))]
+        records = [{} for _ in bodies]
+        threads = [threading.Thread(target=stream_events, args=(url, body, record))
+                   for body, record in zip(bodies, records, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        alone = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["logprobs"]
+                 ["content"] for body in bodies]
+        for record, solo in zip(records, alone, strict=True):
+            together = logprob_entries(record["chunks"])
+            assert agree_until_near_tie(together, solo) >= 1
+            for got, want in zip(together, solo, strict=False):
+                if got["bytes"] != want["bytes"]:
+                    break
+                assert abs(got["logprob"] - want["logprob"]) < 1e-3
+        assert [e["logprob"] for e in alone[0][:5]] != pytest.approx([e["logprob"] for e in alone[1][:5]], abs=1e-3)
+    finally:
+        stop()
+        model.close()
