@@ -45,27 +45,35 @@ MEDGEMMA_VOCAB = 262208
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
-def build_llama_perplexity(vendor: Path, jobs: int) -> Path:
-    """``llama-perplexity`` built from ``vendor`` (configured like scripts/setup.sh's wheel: portable x86-64-v3)."""
+def build_llama_tool(target: str, vendor: Path = VENDOR, jobs: int = 2) -> Path:
+    """A llama.cpp tool (``llama-perplexity``, ``llama-server``, ...) built once from ``vendor`` into
+    ``<cache root>/llama-tools/llama-cpp-python-<version>/bin`` (configured like scripts/setup.sh's wheel:
+    portable x86-64-v3; the server without its web UI, which would be downloaded)."""
     import llama_cpp
 
     from medgemma_gguf.cache import cache_root
 
     build = cache_root() / "llama-tools" / f"llama-cpp-python-{llama_cpp.__version__}"
-    binary = build / "bin" / "llama-perplexity"
+    binary = build / "bin" / target
     if binary.is_file():
         return binary
     if not (vendor / "tools" / "perplexity").is_dir():
         sys.exit(f"error: {vendor} is not llama.cpp's source; pass --vendor (the sdist's vendor/llama.cpp) or "
-                 "--llama-perplexity")
-    print(f"building llama-perplexity from {vendor} into {build} (once; ~10 min on 2 cores)", flush=True)
+                 f"the {target} binary")
+    print(f"building {target} from {vendor} into {build} (once; ~10 min on 2 cores)", flush=True)
     subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                    *PORTABLE, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"],
+                    *PORTABLE, "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity", "-j", str(jobs)], check=True,
+    subprocess.run(["cmake", "--build", str(build), "--target", target, "-j", str(jobs)], check=True,
                    stdout=subprocess.DEVNULL)
     return binary
+
+
+def build_llama_perplexity(vendor: Path, jobs: int) -> Path:
+    """``llama-perplexity`` (see ``build_llama_tool``)."""
+    return build_llama_tool("llama-perplexity", vendor, jobs)
 
 
 STAT_LINES = {"mean": r"Mean\s+KLD:\s+([-\d.e+]+)\s+±\s+([-\d.e+]+)", "max": r"Maximum KLD:\s+([-\d.e+]+)",

@@ -136,6 +136,11 @@ def test_openai_client_gets_hf_greedy_reply_streaming_and_not(served, client, ti
         data_lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert data_lines[-1] == "data: [DONE]"
     assert json.loads(data_lines[0][6:])["object"] == "chat.completion.chunk"
+    import openai
+
+    stranger = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        stranger.chat.completions.create(model="medgemma", messages=_request(img), max_tokens=1)
 
 
 def test_sampling_fields_are_honoured(served, solo, client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 
@@ -186,34 +187,33 @@ def test_the_queue_bound_answers_429_and_a_queued_client_leaving_drops_its_work(
         readers = [response.iter_lines() for response in responses]
         for lines in readers:  # every slot busy
             next(line for line in lines if line.startswith("data: "))
-        queued_error: list[BaseException] = []
-
-        def queued() -> None:
-            try:
-                httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False},
-                           timeout=httpx.Timeout(60, read=3.0))
-            except BaseException as exc:  # noqa: BLE001
-                queued_error.append(exc)
-
-        waiting = threading.Thread(target=queued)
-        waiting.start()
+        # the queued client: a raw connection, closed when the test decides (no timing involved)
+        host, port = base.removeprefix("http://").split(":")
+        payload = json.dumps({**body, "stream": False}).encode()
+        waiting = socket.create_connection((host, int(port)))
+        waiting.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload))
         wait_for(base, "queue", 1)
         refused = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        import openai
+
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.RateLimitError, match="queue is full"):  # the SDK's type for 429
+            sdk.chat.completions.create(model="m", messages=body["messages"], max_tokens=2)
         assert refused.status_code == 429, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert "queue" in refused.json()["error"]["message"] and refused.json()["error"]["type"] == "rate_limit_error"
-        waiting.join()
-        assert isinstance(queued_error[0], httpx.ReadTimeout)
+        waiting.close()  # the queued client leaves
         wait_for(base, "queue", 0)  # dropped, while the slots are still busy
         assert httpx.get(f"{base}/health").json()["slots_busy"] == SLOTS
         for stream in streams:
             stream.__exit__(None, None, None)
     wait_idle(base)
     after = metrics(base)
-    assert after["medgemma_gguf_requests_rejected_total"] - before["medgemma_gguf_requests_rejected_total"] == 1
+    assert after["medgemma_gguf_requests_rejected_total"] - before["medgemma_gguf_requests_rejected_total"] == 2
     cancelled = 'medgemma_gguf_requests_total{finish="cancelled"}'
     assert after[cancelled] - before[cancelled] == SLOTS + 1
-    assert after['medgemma_gguf_http_requests_total{endpoint="/v1/chat/completions",status="429"}'] == 1
+    assert after['medgemma_gguf_http_requests_total{endpoint="/v1/chat/completions",status="429"}'] == 2
 
 
 REFUSED = [
@@ -334,6 +334,62 @@ def test_completions_take_a_raw_prompt(batched, reference):
     assert chunks[-1].usage.completion_tokens == expected.completion_tokens
     bad = httpx.post(f"{base}/v1/completions", json={"prompt": [10**9]}, timeout=60)
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
+def test_the_openai_client_speaks_the_whole_surface(batched, reference):
+    """The real ``openai`` client: chat streamed and not with logprobs and usage, completions with logprobs,
+    ``n``, and each refusal raised as the SDK's error type with the field named."""
+    import openai
+
+    base, _ = batched
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "What does an elevated troponin mean?"}]
+    expected = reference.generate(reference.prompt(question), max_tokens=6, ignore_eos=True).collect()
+    whole = client.chat.completions.create(model="m", messages=question, max_tokens=6, logprobs=True,
+                                           top_logprobs=3, n=1, user="clinic-7", extra_body={"ignore_eos": True})
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected.text and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 6 and whole.usage.total_tokens == whole.usage.prompt_tokens + 6
+    assert [len(e.top_logprobs) for e in whole.choices[0].logprobs.content] == [3] * 6
+
+    chunks = list(client.chat.completions.create(
+        model="m", messages=question, max_tokens=6, logprobs=True, top_logprobs=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.bytes for e in streamed] == [e.bytes for e in whole.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content],
+                                                          abs=1e-4)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+
+    prompt = reference.prompt(question).text
+    legacy = client.completions.create(model="m", prompt=prompt, max_tokens=4, logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    assert legacy.choices[0].text == reference.generate(reference.prompt(question), max_tokens=4,
+                                                        ignore_eos=True).collect().text
+    assert len(legacy.choices[0].logprobs.tokens) == 4 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
+    assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text
+
+    refusals = [
+        (dict(n=2), "'n'"),
+        (dict(top_logprobs=3), "'top_logprobs'"),
+        (dict(tool_choice="auto"), "'tool_choice'"),
+        (dict(extra_body={"mirostat": 2}), "'mirostat'"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+         "response_format"),
+    ]
+    for fields, name in refusals:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="m", messages=question, max_tokens=2, **fields)
+        assert raised.value.status_code == 400 and name in raised.value.message, (fields, raised.value.message)
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        client.completions.create(model="m", prompt="Hi", max_tokens=2, n=3)
+    with pytest.raises(openai.BadRequestError, match="'echo'"):
+        client.completions.create(model="m", prompt="Hi", max_tokens=2, echo=True)
+    with pytest.raises(openai.BadRequestError, match="'n'"):  # streaming: refused before the stream starts
+        client.chat.completions.create(model="m", messages=question, max_tokens=2, n=2, stream=True)
 
 
 def test_metrics_count_what_was_sent(batched):
