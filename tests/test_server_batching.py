@@ -477,14 +477,19 @@ def test_requests_with_different_lora_sets_batch_apart_and_each_equals_its_solo_
             thread.join()
         alone = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["logprobs"]
                  ["content"] for body in bodies]
+        noise = []  # batched vs alone at the first token: only the batch shape differs there
         for record, solo in zip(records, alone, strict=True):
             together = logprob_entries(record["chunks"])
-            assert agree_until_near_tie(together, solo) >= 1
-            for got, want in zip(together, solo, strict=False):
-                if got["bytes"] != want["bytes"]:
-                    break
-                assert abs(got["logprob"] - want["logprob"]) < 1e-3
-        assert [e["logprob"] for e in alone[0][:5]] != pytest.approx([e["logprob"] for e in alone[1][:5]], abs=1e-3)
+            agreed = agree_until_near_tie(together, solo)
+            assert agreed >= 1
+            for got, want in zip(together[:agreed], solo[:agreed], strict=True):  # drift through the KV cache
+                assert abs(got["logprob"] - want["logprob"]) < 1e-2
+            noise.append(max(abs(a["logprob"] - b["logprob"]) for a, b in zip(
+                [together[0], *together[0]["top_logprobs"]], [solo[0], *solo[0]["top_logprobs"]], strict=True)))
+        # the same prompt with and without the adapter: a mixed-up batch would show this much, not the noise
+        effect = max(abs(a["logprob"] - b["logprob"]) for a, b in zip(
+            alone[0][0]["top_logprobs"], alone[1][0]["top_logprobs"], strict=True))
+        assert max(noise) < 1e-3 and effect > 10 * max(noise), (noise, effect)
     finally:
         stop()
         model.close()
