@@ -8,9 +8,10 @@ bytes are only touched when :meth:`Checkpoint.load` is called for it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from medgemma_gguf.errors import UserError
@@ -36,15 +37,35 @@ class TensorInfo:
         return count
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+
+    Shard names must stay inside the checkpoint folder: relative, without ``..`` (a Hub snapshot's
+    shards are symlinks into the cache's blobs, so names are checked as written, not resolved).
+    """
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{index_path} is not a valid safetensors index (not JSON); re-download it") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise UserError(f"{index_path} is not a valid safetensors index (no 'weight_map' of tensor names to shard "
+                        "files); re-download it")
+    for name in sorted(set(weight_map.values())):
+        pure = PurePosixPath(name.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", name) or "\0" in name:
+            raise UserError(f"{index_path} names shard {name!r}, which is outside the checkpoint folder; "
+                            "re-download the checkpoint (shards live beside the index)")
+    return weight_map
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, validated against its index when sharded."""
     folder = Path(folder)
     index_path = folder / INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise UserError(f"{index_path} is not a valid safetensors index; re-download it") from exc
+        weight_map = read_weight_map(index_path)
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -95,7 +116,7 @@ class Checkpoint:
         index_path = self.folder / INDEX_NAME
         if not index_path.is_file():
             return
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_weight_map(index_path)
         absent = sorted(set(weight_map) - set(self.tensors))
         if absent:
             raise UserError(f"{len(absent)} tensor(s) listed in {INDEX_NAME} are missing from the shards "

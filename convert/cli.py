@@ -50,10 +50,11 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
     result = convert_checkpoint(source, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
                                 force=force, token=token, revision=revision, progress=not quiet,
                                 adapter=adapter, adapter_revision=adapter_revision)
-    click.echo(f"wrote {result.text_path}")
+    state = "up to date" if result.skipped else "wrote"
+    click.echo(f"{state} {result.text_path}")
     if result.mmproj_path:
-        click.echo(f"wrote {result.mmproj_path}")
-    click.echo(f"wrote {result.manifest_path}")
+        click.echo(f"{state} {result.mmproj_path}")
+    click.echo(f"{state} {result.manifest_path}")
     if quantizing:
         from medgemma_gguf.convert.quantize.cli import echo_results
         from medgemma_gguf.convert.quantize.folder import quantize_folder

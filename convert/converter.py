@@ -42,6 +42,7 @@ from medgemma_gguf.convert.vocab import Vocab, read_vocab
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.hub import ResolvedSource, resolve_source
+from medgemma_gguf.integrity import record_then_commit, recover_folder
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ConvertResult:
     text_path: Path
     mmproj_path: Path | None
     manifest_path: Path
+    skipped: bool = False  # the folder already held this conversion (same inputs, files intact)
 
 
 def output_paths(outdir: Path, name: str, text_type: GGMLQuantizationType,
@@ -192,6 +194,7 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
     if peft is not None:
         text_plan, tensors = _merge_plan(peft, config, checkpoint, text_plan, mmproj_plan, text_type, source)
     vocab = read_vocab(resolved.folder, config.text.vocab_size)
+    _check_chat_template(vocab, resolved.folder)
     sampling = sampling_defaults(_json_file(resolved.folder / "generation_config.json"))
     name = name or default_model_name(resolved) + (f"-{peft.name}" if peft is not None else "")
     n_params = sum(math.prod(t.shape) for t in (*text_plan, *mmproj_plan))
@@ -199,8 +202,15 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
                         source_repo=resolved.repo_or_path if resolved.is_hub else None,
                         revision=resolved.revision, n_params=n_params)
     text_path, mmproj_path = output_paths(outdir, name, text_type, vision_type, config.is_multimodal)
+    recover_folder(outdir)  # finish or undo what a killed run left (medgemma_gguf.integrity)
     manifest = _load_or_new_manifest(outdir, name, resolved, force,
                                      adapter=peft.provenance() if peft is not None else None)
+    outputs = [(path, role, type_label(qtype)) for path, role, qtype in
+               ((text_path, "text", text_type), (mmproj_path, "mmproj", vision_type)) if path is not None]
+    inputs = _conversion_inputs(resolved, peft, outputs)
+    if not force and _up_to_date(outdir, manifest, outputs, inputs):
+        log.info("%s already holds this conversion (same source and types, files intact); skipped", outdir)
+        return ConvertResult(name, text_path, mmproj_path, outdir / MANIFEST_NAME, skipped=True)
 
     with StagedOutputs(force=force) as staged:
         text_tmp = staged.stage(text_path)
@@ -213,16 +223,74 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
                        mmproj_plan, tensors, progress=progress, label=mmproj_path.name)
         if isinstance(tensors, MergedTensors) and (left := list(tensors.iter_unmerged())):
             raise RuntimeError(f"adapted tensors not merged: {left}")  # a planning bug; nothing is committed
-        staged.commit()
-
-    for path, role, label in ((text_path, "text", type_label(text_type)),
-                              (mmproj_path, "mmproj", type_label(vision_type) if mmproj_path else None)):
-        if path is not None and label is not None:
-            written = read_gguf_info(path)
-            manifest.upsert(entry_for(outdir, path, role, label, bits_per_weight=round(written.bits_per_weight, 4),
-                                      tensor_types=written.quantizable_type_counts()))
-    manifest_path = manifest.save(outdir)
+        rows = []
+        temporaries = [text_tmp] if mmproj_tmp is None else [text_tmp, mmproj_tmp]
+        for (path, role, label), temporary in zip(outputs, temporaries, strict=True):
+            written = read_gguf_info(temporary)
+            rows.append(entry_for(outdir, temporary, role, label, stored_as=path, inputs=inputs,
+                                  bits_per_weight=round(written.bits_per_weight, 4),
+                                  tensor_types=written.quantizable_type_counts()))
+        manifest_path = record_then_commit(outdir, manifest, rows, staged.commit)
     return ConvertResult(name, text_path, mmproj_path, manifest_path)
+
+
+def _conversion_inputs(resolved: ResolvedSource, peft: PeftAdapter | None,
+                       outputs: list[tuple[Path, str, str]]) -> dict:
+    """What a conversion is made from: the source (a Hub commit, or a local folder's file names, sizes and
+    modification times), the adapter's provenance and the output types. A rerun with the same inputs whose
+    files are intact is skipped (so a command killed after converting resumes without ``--force``)."""
+    import hashlib
+
+    if resolved.is_hub and resolved.revision:
+        fingerprint = f"hub:{resolved.repo_or_path}@{resolved.revision}"
+    else:
+        digest = hashlib.sha256(b"medgemma-gguf source files v1\n")
+        for path in sorted(p for p in Path(resolved.folder).iterdir() if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        fingerprint = "files:" + digest.hexdigest()
+    return {"source": fingerprint, "adapter": peft.provenance() if peft is not None else None,
+            "types": {role: label for _, role, label in outputs}}
+
+
+def _up_to_date(outdir: Path, manifest: Manifest, outputs: list[tuple[Path, str, str]], inputs: dict) -> bool:
+    """Whether every output exists, is recorded with these inputs and still has its recorded sha256."""
+    from medgemma_gguf.hashing import sha256_of
+
+    rows = {row.path: row for row in manifest.files}
+    for path, role, label in outputs:
+        row = rows.get(path.name)
+        if (row is None or row.role != role or row.type != label or row.inputs != inputs or not path.is_file()
+                or path.stat().st_size != row.bytes):
+            return False
+    return all(sha256_of(path) == rows[path.name].sha256 for path, _, _ in outputs)
+
+
+def _check_chat_template(vocab: Vocab, folder: Path) -> None:
+    """Refuse a chat template that does not render a standard conversation within the runtime's limits
+    (``runtime.prompt.check_template``): written into the GGUF, it would hang ``chat`` and block ``serve``.
+    A template that merely rejects the conversation (a role it does not support) is written with a warning."""
+    from medgemma_gguf.errors import ResourceError
+    from medgemma_gguf.runtime.prompt import (
+        TEMPLATE_MAX_CHARS,
+        TEMPLATE_MAX_SECONDS,
+        TemplateLimitError,
+        check_template,
+    )
+
+    if not vocab.chat_template:
+        return
+    bos = vocab.tokens[vocab.special_ids["bos"]] if "bos" in vocab.special_ids else ""
+    try:
+        check_template(vocab.chat_template, bos_token=bos)
+    except TemplateLimitError as exc:
+        raise ResourceError(f"the chat template of {folder} {exc.what} on a standard four-message conversation "
+                            f"(limits: {TEMPLATE_MAX_SECONDS:g} s, {TEMPLATE_MAX_CHARS} characters); fix the "
+                            "checkpoint's chat_template (chat_template.jinja/.json or tokenizer_config.json) and "
+                            "convert again") from exc
+    except UserError as exc:
+        log.warning("%s: the chat template does not render a standard conversation (%s); written as it is", folder,
+                    exc)
 
 
 def _text_metadata(writer, config: ModelConfig, vocab: Vocab, info: GeneralInfo,

@@ -40,6 +40,7 @@ from medgemma_gguf.convert.tensor_types import ADAPTER_OUTTYPES, F16, FILE_TYPES
 from medgemma_gguf.errors import InputError, MismatchError, NotFoundError, setting
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.hub import resolve_source
+from medgemma_gguf.integrity import record_then_commit, recover_folder
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,14 @@ def convert_adapter(adapter: str, base: str, outdir: Path, *, outtype: str = "f1
         if "revision" in shapes.record and shapes.record["revision"]:
             writer.add_base_model_repo_url(0, f"https://huggingface.co/{shapes.description}")
 
+    recover_folder(outdir)  # finish or undo what a killed run left (medgemma_gguf.integrity)
     manifest = Manifest.load(outdir) if (outdir / MANIFEST_NAME).is_file() else Manifest(
         model=name, source={"repo_or_path": peft.repo_or_path, "revision": peft.revision, "adapter": provenance})
     with StagedOutputs(force=force) as staged:
         temporary = staged.stage(path)
         write_gguf(temporary, TEXT_ARCH, metadata, plan, _AdapterTensors(peft, sources), progress=progress,
                    label=path.name)
-        staged.commit()
-    manifest.upsert(entry_for(outdir, path, "adapter", type_label(qtype), adapter=provenance, base=shapes.record,
-                              lora_alpha=alpha, tensors=len(plan)))
-    return AdapterResult(name, path, manifest.save(outdir), alpha)
+        row = entry_for(outdir, temporary, "adapter", type_label(qtype), stored_as=path, adapter=provenance,
+                        base=shapes.record, lora_alpha=alpha, tensors=len(plan))
+        manifest_path = record_then_commit(outdir, manifest, [row], staged.commit)
+    return AdapterResult(name, path, manifest_path, alpha)

@@ -8,7 +8,9 @@ and is imported only when used, so ``medgemma-gguf --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -30,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "medgemma_gguf.quant_eval.cli:eval_command",
     "check": "medgemma_gguf.quant_eval.cli:check_command",
     "demo": "medgemma_gguf.fixtures.cli:demo_command",
+    "verify": "medgemma_gguf.cli:verify_command",
 }
 
 
@@ -72,6 +75,43 @@ class LazyGroup(click.Group):
               help=f"No network for any command (as each command's --offline; env {OFFLINE_ENV}=1).")
 def cli() -> None:
     """Run Google's MedGemma locally as GGUF: convert, quantize, chat, evaluate."""
+
+
+@click.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only what does not match.")
+def verify_command(folder: Path, as_json: bool, quiet: bool) -> None:
+    """Re-hash every file FOLDER's manifest.json lists; list what is missing, changed or extra.
+
+    Exit status 0 when every listed file is present with its recorded size and sha256, 1 otherwise
+    (2 when the manifest itself cannot be read).
+    """
+    from medgemma_gguf.integrity import verify_folder
+
+    report = verify_folder(folder, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        for check in report.files:
+            if check.status != "ok" or not quiet:
+                click.echo(f"  {check.status:<8} {check.path}" + (f" ({check.detail})" if check.detail else ""))
+        for path in report.extra:
+            click.echo(f"  {'extra':<8} {path} (not described by manifest.json)")
+        for path, alive in report.partial:
+            why = "being written by a running process" if alive else \
+                "left by an interrupted run; the next convert or quantize removes or completes it"
+            click.echo(f"  {'partial':<8} {path} ({why})")
+        listed = len(report.files)
+        if report.ok:
+            click.echo(f"all {listed} files listed in {folder / 'manifest.json'} match")
+        else:
+            bad = ", ".join(f"{report.count(s)} {s}" for s in ("changed", "missing") if report.count(s))
+            click.echo(f"{listed - report.count('ok')} of {listed} files do not match {folder / 'manifest.json'} "
+                       f"({bad}); restore them, or rebuild them with `medgemma-gguf convert`/`quantize` and --force",
+                       err=True)
+    if not report.ok:
+        raise click.exceptions.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

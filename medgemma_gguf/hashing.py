@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ FOLDER_HASH_PATTERNS = ("*.safetensors", "config.json", "tokenizer*", "special_t
                          "added_tokens.json", "chat_template.*", "preprocessor_config.json", "processor_config.json")
 
 
-def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
+def sha256_of(path: Path, chunk_bytes: int = 1 << 22, on_progress: Callable[[int], Any] | None = None) -> str:
+    """Hex sha256 of a file, read in chunks; ``on_progress(n_bytes)`` after each chunk (a progress bar)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
+            if on_progress is not None:
+                on_progress(len(chunk))
     return digest.hexdigest()
 
 

@@ -330,15 +330,16 @@ class Manifest:
     def load(cls, folder: Path) -> Manifest:
         target = Path(folder) / MANIFEST_NAME
         try:
-            data = json.loads(target.read_bytes().decode("utf-8"))
+            data = json.loads(target.read_bytes().decode("utf-8"), parse_constant=_not_json)
         except FileNotFoundError as exc:
             raise NotFoundError(f"{target} not found; run `medgemma-gguf convert` into {folder} first") from exc
         except IsADirectoryError as exc:
             raise IntegrityError(f"{target} is a folder, not a file; {_fix(target)}") from exc
         except UnicodeDecodeError as exc:
             raise IntegrityError(f"{target} is not UTF-8 text; {_fix(target)}") from exc
-        except (json.JSONDecodeError, RecursionError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else (
+                "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
             raise IntegrityError(f"{target} is not valid JSON ({reason}); {_fix(target)}") from exc
         return cls.from_json(data, target)
 
@@ -397,10 +398,16 @@ def _discovered_row(folder: Path, info: GgufInfo) -> FileEntry:
                      tensor_types=info.quantizable_type_counts(), parts=parts)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def entry_for(folder: Path, file: Path, role: str, type_name: str, *, parts: list[Path] | None = None,
-              **values: Any) -> FileEntry:
+              stored_as: Path | None = None, **values: Any) -> FileEntry:
     """A manifest row for a finished file, with size and sha256 measured from disk.
 
+    ``stored_as``: the file's final path when ``file`` is still its temporary name (the row is recorded
+    before the rename: ``medgemma_gguf.integrity.record_then_commit``).
     ``parts``: every part of a split model (``file`` is the first): the row's ``bytes`` is their sum, its
     ``sha256`` the first part's, and ``parts`` lists each. ``values``: ``FileEntry`` fields
     (``bits_per_weight=…``); other keys go to ``extra``.
@@ -411,7 +418,7 @@ def entry_for(folder: Path, file: Path, role: str, type_name: str, *, parts: lis
     rows: list[dict[str, Any]] = [
         {"path": Path(part).relative_to(folder).as_posix(), "bytes": Path(part).stat().st_size,
          "sha256": sha256_of(Path(part))} for part in parts] if parts and len(parts) > 1 else []
-    return FileEntry(path=file.relative_to(folder).as_posix(), role=role, type=type_name,
+    return FileEntry(path=Path(stored_as or file).relative_to(folder).as_posix(), role=role, type=type_name,
                      bytes=sum(r["bytes"] for r in rows) if rows else file.stat().st_size,
                      sha256=rows[0]["sha256"] if rows else sha256_of(file), parts=rows,
                      **{k: v for k, v in values.items() if k in known},

@@ -23,20 +23,22 @@ _SIZE_UNITS = {
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str | None = None) -> int:
     """Bytes in a size such as ``"6GiB"``, ``"6GB"``, ``"6000MB"``, ``"512MiB"`` (KiB/MiB/GiB/TiB are
-    powers of 1024, KB/MB/GB/TB powers of 1000); UserError for anything else."""
+    powers of 1024, KB/MB/GB/TB powers of 1000); UserError for anything else, naming ``what`` (a
+    ``setting()``) when given."""
     match = _SIZE_PATTERN.match(str(text))
     hint = "write a number and a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB"
+    where = f"{what}: " if what else ""
     if match is None:
-        raise UserError(f"cannot read the size {text!r}; {hint}")
+        raise UserError(f"{where}cannot read the size {text!r}; {hint}")
     number, unit = match.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise UserError(f"unknown size unit {unit!r} in {text!r}; {hint}")
+        raise UserError(f"{where}unknown size unit {unit!r} in {text!r}; {hint}")
     size = int(float(number) * factor)
     if size <= 0:
-        raise UserError(f"the size {text!r} must be more than 0 bytes; {hint}")
+        raise UserError(f"{where}the size {text!r} must be more than 0 bytes; {hint}")
     return size
 
 

@@ -94,7 +94,8 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
     an importance matrix: a glob like ``out/*.gguf`` catches them) are skipped.
     """
     from medgemma_gguf.gguf_info import read_gguf_info
-    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, Manifest
+    from medgemma_gguf.integrity import check_file_against_folder, check_sizes, open_manifest
+    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER
     from medgemma_gguf.quant_eval.reference import mmproj_from_manifest
 
     found: list[Candidate] = []
@@ -103,12 +104,13 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
         if not path.exists():
             raise UserError(f"{path} does not exist; pass GGUF files or a folder of GGUFs")
         if path.is_dir():
-            manifest = Manifest.for_folder(path)
+            manifest = open_manifest(path)  # recovers what a killed convert/quantize left
             rows = manifest.present(path, "text")
             if not rows:
                 why = f" ({'; '.join(manifest.problems)})" if manifest.problems else ""
                 raise UserError(f"{path} holds no text model{why}; run medgemma-gguf convert, or pass a folder of "
                                 "MedGemma GGUFs")
+            check_sizes(path, rows)  # cheap: each file's recorded size (verify re-hashes)
             for row in rows:
                 chosen = mmproj or (path / row.mmproj if row.mmproj else
                                     manifest.mmproj_for(path, path / row.path, MMPROJ_PRECISION_ORDER).path)
@@ -120,6 +122,7 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
                 kind = "text"  # unreadable: evaluated, so the report says why it failed
             if kind != "text":
                 continue  # a glob like out/*.gguf also matches the projector: it is not a quant
+            check_file_against_folder(path)
             found.append(Candidate(path, mmproj or mmproj_from_manifest(path), None))
     if not found:
         raise UserError("no quants to evaluate; pass GGUF files or a folder of GGUFs")

@@ -40,6 +40,7 @@ import numpy as np
 
 from medgemma_gguf.errors import InputError, NotFoundError, ResourceError, UserError, setting
 from medgemma_gguf.gguf_info import check_model_pair, read_gguf_info
+from medgemma_gguf.integrity import check_file_against_folder
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
@@ -486,6 +487,8 @@ def _has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
     from medgemma_gguf.runtime.prompt import STUDY_ITEM_TYPES
 
     kinds = ("image", "image_url", *STUDY_ITEM_TYPES)
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        return False  # not messages at all: normalize_messages says so
     for message in messages:
         content = message.get("content") if isinstance(message, Mapping) else None
         if isinstance(content, list | tuple) and any(isinstance(item, Mapping) and item.get("type") in kinds
@@ -564,6 +567,8 @@ def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: 
     if mmproj_path is not None and not mmproj_path.is_file():
         raise NotFoundError(f"mmproj {mmproj_path} not found; check the path")
     for path in (model_path, mmproj_path):
+        if path is not None:
+            check_file_against_folder(path)  # the size its folder's manifest records (cheap; verify re-hashes)
         if path is not None and not _is_gguf(path):
             raise UserError(f"{path} is not a GGUF file; pass files made by medgemma-gguf convert")
     check_model_pair(model_path, mmproj_path)
@@ -605,7 +610,7 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     vision encoder may use a GPU (default: when layers are offloaded).
     To split a model across machines, use ``medgemma_gguf.load(..., rpc=[...])`` (``runtime.rpc_model``).
     """
-    vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
+    vram_bytes = parse_size(vram, setting("vram")) if isinstance(vram, str) else vram
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
         raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
     if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.privacy import enable_offline
 from medgemma_gguf.runtime.audit import DEFAULT_AUDIT_BACKUPS, DEFAULT_AUDIT_MAX_BYTES
 from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
@@ -428,7 +428,8 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
     from medgemma_gguf.runtime.quant_choice import rank_quants
     from medgemma_gguf.sizes import format_size, parse_size
 
-    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=parse_size(vram) if vram else None, report=report)
+    vram_bytes = parse_size(vram, setting("vram")) if vram else None
+    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=vram_bytes, report=report)
     rows: list[dict[str, Any]] = [
         {"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),
          "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
@@ -439,7 +440,7 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
          "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
             for c in ranked]
     if as_json:
-        click.echo(json.dumps({"context": n_ctx, "vram_bytes": parse_size(vram) if vram else None, "quants": rows}))
+        click.echo(json.dumps({"context": n_ctx, "vram_bytes": vram_bytes, "quants": rows}))
         return
     gpu = ranked[0].plan.gpu_available
     budget = f"{vram} of GPU memory" if vram else ("the free GPU memory" if gpu else "the available RAM")

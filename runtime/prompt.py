@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +52,8 @@ from medgemma_gguf.runtime.images import (
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_FILE_BYTES
 from medgemma_gguf.runtime.studies import STUDY_ITEM_TYPES, expand_item
 
+TEMPLATE_MAX_SECONDS = 5.0  # a chat template renders a conversation in milliseconds
+TEMPLATE_MAX_CHARS = 8 * 2**20  # far beyond a 128k-token context
 IMAGE_START = "<start_of_image>"
 IMAGE_END = "<end_of_image>"
 PRESETS_PATH = Path(__file__).with_name("presets.toml")
@@ -336,26 +340,107 @@ def _compiled_template(template: str):
                separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        """Refuses ``*`` and ``**`` whose result would be enormous (``"x" * 10**9``, ``10 ** 10 ** 10``): they
+        run inside one C call, where the render's time limit cannot stop them."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if (isinstance(sequence, str | list | tuple) and isinstance(count, int)
+                            and len(sequence) * count > TEMPLATE_MAX_CHARS):
+                        raise _limit(f"builds a sequence of {len(sequence) * count} items")
+            elif operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(right) > 4096:
+                raise _limit(f"raises a number to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
+class TemplateLimitError(ResourceError):
+    """A chat template went past ``TEMPLATE_MAX_SECONDS`` or ``TEMPLATE_MAX_CHARS``; ``what`` says how."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"the model's chat template {what}, beyond its limits ({TEMPLATE_MAX_SECONDS:g} s, "
+                         f"{TEMPLATE_MAX_CHARS} characters); shorten the conversation, or fix the template "
+                         "(tokenizer.chat_template)")
+
+
+def _limit(what: str) -> TemplateLimitError:
+    return TemplateLimitError(what)
+
+
+def _limited_render(compiled: Any, context: dict[str, Any]) -> str:
+    """``compiled.generate(**context)`` joined, stopped with ResourceError past ``TEMPLATE_MAX_SECONDS`` or
+    ``TEMPLATE_MAX_CHARS``. The time is checked on every line the template's own code runs (a trace on the
+    frames jinja2 compiles, "<template>"; other code runs untraced), so a loop that writes nothing is
+    stopped too. The caller's trace function (a debugger, coverage) is restored afterwards."""
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def local(_frame: Any, event: str, _arg: Any) -> Any:
+        if event == "line" and time.monotonic() > deadline:
+            raise _limit(f"ran for more than {TEMPLATE_MAX_SECONDS:g} s")
+        return local
+
+    def calls(frame: Any, _event: str, _arg: Any) -> Any:
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        pieces, total = [], 0
+        for piece in compiled.generate(**context):
+            total += len(piece)
+            if total > TEMPLATE_MAX_CHARS:
+                raise _limit(f"wrote more than {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        sys.settrace(previous)
+
+
 def render_template(template: str, messages: Sequence[Mapping[str, Any]], *, bos_token: str,
                     eos_token: str = "", add_generation_prompt: bool = True) -> str:
-    """The chat template's text for normalized ``messages`` (each image item rendered as the template does)."""
+    """The chat template's text for normalized ``messages`` (each image item rendered as the template does).
+
+    Rendering is limited to ``TEMPLATE_MAX_SECONDS`` and ``TEMPLATE_MAX_CHARS`` (ResourceError, HTTP 413,
+    past either): a template from a checkpoint is code, and one that loops for ever must not hang ``chat``
+    or block ``serve``. ``convert`` refuses a template that exceeds them on a standard conversation.
+    """
     import jinja2
 
     plain = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
               [{"type": "image"} if item["type"] == "image" else dict(item) for item in m["content"]]}
              for m in messages]
     try:
-        return _compiled_template(template).render(messages=plain, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt)
+        return _limited_render(_compiled_template(template), dict(
+            messages=plain, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt))
     except jinja2.TemplateError as exc:
         raise UserError(f"the model's chat template rejected the conversation: {exc}") from exc
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise _limit(f"failed ({type(exc).__name__})") from exc
+
+
+# a conversation every chat template must render within the limits (checked by convert)
+STANDARD_CONVERSATION = (
+    {"role": "system", "content": [{"type": "text", "text": "You are an expert radiologist."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Describe this X-ray."}, {"type": "image"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A normal chest X-ray."}]},
+    {"role": "user", "content": [{"type": "text", "text": "Any effusion?"}]},
+)
+
+
+def check_template(template: str, *, bos_token: str = "<bos>") -> None:
+    """Render ``STANDARD_CONVERSATION`` with ``template``: ResourceError when it exceeds the limits,
+    UserError when it fails (what ``convert`` refuses to write)."""
+    render_template(template, STANDARD_CONVERSATION, bos_token=bos_token)
 
 
 # --- tokens -------------------------------------------------------------------------------------------

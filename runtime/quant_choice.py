@@ -33,6 +33,7 @@ from pathlib import Path
 
 from medgemma_gguf.errors import NotFoundError, UserError, setting
 from medgemma_gguf.gguf_info import SPLIT_NAME, check_model_pair, read_gguf_info
+from medgemma_gguf.integrity import check_sizes, open_manifest
 from medgemma_gguf.manifest import Manifest, MmprojChoice
 from medgemma_gguf.report_schema import EvalReport
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload
@@ -110,7 +111,8 @@ def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu:
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFoundError(f"{folder} is not a folder; pass a folder of GGUF files (or a .gguf file)")
-    manifest = Manifest.for_folder(folder)
+    manifest = open_manifest(folder)  # recovers what a killed convert/quantize left (medgemma_gguf.integrity)
+    check_sizes(folder, [*manifest.present(folder, "text"), *manifest.present(folder, "mmproj")])
     if report is None and (folder / "report" / "report.json").is_file():
         report = folder / "report" / "report.json"
     quality = read_report(report) if report is not None else {}

@@ -86,13 +86,20 @@ def test_mmproj_q8_0_falls_back_where_rows_do_not_fit_blocks(tiny_checkpoint, tm
 
 
 def test_existing_outputs_need_force(tiny_checkpoint, tmp_path, capsys):
-    source = tiny_checkpoint("text")
-    assert _run(capsys, source, "--outdir", tmp_path, "--name", "t")[0] == 0
-    before = sha256_of(tmp_path / "t-BF16.gguf")
-    code, _, err = _run(capsys, source, "--outdir", tmp_path, "--name", "t")
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint("text"), source)
+    out = tmp_path / "out"
+    assert _run(capsys, source, "--outdir", out, "--name", "t")[0] == 0
+    before = sha256_of(out / "t-BF16.gguf")
+    code, printed, err = _run(capsys, source, "--outdir", out, "--name", "t")  # same inputs: nothing to do
+    assert code == 0 and f"up to date {out / 't-BF16.gguf'}" in printed, err
+    (source / "config.json").write_text((source / "config.json").read_text() + "\n")  # the source changed
+    code, _, err = _run(capsys, source, "--outdir", out, "--name", "t")
     assert code == 2 and "--force" in err and err.count("\n") == 1
-    assert sha256_of(tmp_path / "t-BF16.gguf") == before
-    assert _run(capsys, source, "--outdir", tmp_path, "--name", "t", "--force")[0] == 0
+    assert sha256_of(out / "t-BF16.gguf") == before
+    assert _run(capsys, source, "--outdir", out, "--name", "t", "--force")[0] == 0
 
 
 def _break_missing_config(folder):

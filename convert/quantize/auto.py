@@ -574,7 +574,7 @@ def parse_budget(target_size: str | None = None, target_bpw: float | None = None
         raise UserError(f"{setting('auto_ctx')} only applies with {setting('vram_budget')}; drop it or add "
                         f"{setting('vram_budget')}")
     if target_size is not None:
-        return SizeBudget(parse_size(target_size))
+        return SizeBudget(parse_size(target_size, setting("target_size")))
     if target_bpw is not None:
         if isinstance(target_bpw, bool) or not isinstance(target_bpw, int | float) or not 0 < target_bpw <= 32:
             raise UserError(f"{setting('target_bpw')} must be a number of bits above 0 and at most 32, got "
@@ -585,7 +585,7 @@ def parse_budget(target_size: str | None = None, target_bpw: float | None = None
                         "run with), e.g. 8192")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise UserError(f"{setting('auto_ctx')} must be a positive number of tokens, got {ctx!r}")
-    return VramBudget(parse_size(str(vram)), ctx, Path(mmproj) if mmproj is not None else None)
+    return VramBudget(parse_size(str(vram), setting("vram_budget")), ctx, Path(mmproj) if mmproj is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,11 +90,15 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
                         f"calibration set; pass {setting('force')} to recompute it")
     computed = compute_imatrix(folder / source.path, folder / mmproj.path if mmproj else None,
                                calibration=calibration, progress=progress, n_threads=n_threads)
-    write_imatrix_gguf(computed, path, force=True)
-    manifest.upsert(entry_for(folder, path, "imatrix", "F32", source=source.path, source_sha256=source.sha256,
-                              calibration_sha256=described["sha256"], calibration=computed.calibration,
-                              chunks=computed.chunk_count, chunk_size=computed.chunk_size))
-    manifest.save(folder)
+
+    def record(temporary: Path) -> None:  # the row is saved before the file gets its name (integrity)
+        manifest.upsert(entry_for(folder, temporary, "imatrix", "F32", stored_as=path, source=source.path,
+                                  source_sha256=source.sha256, calibration_sha256=described["sha256"],
+                                  calibration=computed.calibration, chunks=computed.chunk_count,
+                                  chunk_size=computed.chunk_size))
+        manifest.save(folder)
+
+    write_imatrix_gguf(computed, path, force=True, on_written=record)
     return computed, path
 
 
@@ -110,7 +114,8 @@ def _inputs(source: Any, spec: QuantSpec, imatrix_path: Path | None) -> dict[str
 def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, imatrix: str | Path | None = None,
                     recipe_files: Sequence[Path | str] = (), force: bool = False, progress: bool = True,
                     n_threads: int | None = None, calibration: Any | None = None,
-                    row_extra: dict[str, dict[str, Any]] | None = None) -> list[QuantResult]:
+                    row_extra: dict[str, dict[str, Any]] | None = None, recipes: Sequence[Any] = ()
+                    ) -> list[QuantResult]:
     """Quantize the folder's unquantized text GGUF to each of ``quants`` (+ each recipe file's recipe).
 
     Outputs are ``<model>-<TYPE>.gguf`` beside it, recorded in ``manifest.json`` (role, type, bytes, bpw,
@@ -118,16 +123,19 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     ``imatrix``: None, an imatrix file, or ``"auto"`` (computed on ``calibration`` — default the bundled
     set — into ``imatrix-<model>.gguf`` once and reused). A quant whose file still matches its manifest
     row and inputs is skipped; ``force`` rebuilds. Every request is checked before any file is written.
-    ``row_extra``: more manifest fields per quant name (how an AUTO recipe was chosen).
+    ``row_extra``: more manifest fields per quant name (how an AUTO recipe was chosen). ``recipes``: parsed
+    recipes, built like ``recipe_files``. Each file's manifest row is saved before the file is renamed
+    into place, and the folder is recovered from killed runs first (``medgemma_gguf.integrity``).
     """
     from medgemma_gguf.convert.quantize.model_card import write_model_card
     from medgemma_gguf.convert.quantize.recipe import load_recipe
     from medgemma_gguf.hashing import sha256_of
-    from medgemma_gguf.manifest import Manifest, entry_for
+    from medgemma_gguf.integrity import open_manifest
+    from medgemma_gguf.manifest import entry_for
 
     folder = Path(outdir)
-    manifest = Manifest.load(folder)
-    recipes = [load_recipe(path) for path in recipe_files]
+    manifest = open_manifest(folder)
+    recipes = [*(load_recipe(path) for path in recipe_files), *recipes]
     specs = resolve_quants(parse_quant_list(quants), recipes)
     if not specs:
         raise UserError(f"no quant types given; pass {setting('quants')} with some of: "
@@ -181,17 +189,21 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
             if progress:
                 log.info("%s is up to date; skipped", path.name)
             continue
+        def record(temporary: Path, result: QuantResult, spec: QuantSpec = spec, path: Path = path,
+                   inputs: dict[str, Any] = inputs) -> None:  # saved before the file gets its name (integrity)
+            manifest.upsert(entry_for(
+                folder, temporary, "text", spec.name, stored_as=path, bits_per_weight=round(result.bpw, 4),
+                tensor_types=result.tensor_type_counts, inputs=inputs,
+                recipe=spec.recipe.name if spec.recipe else None,
+                imatrix=imatrix_path.name if imatrix_path else None, mmproj=mmproj.path if mmproj else None,
+                fallbacks=[f.__dict__ for f in result.fallbacks], quantizer=_quantizer_version(),
+                **(row_extra or {}).get(spec.name, {})))
+            manifest.save(folder)
+
         result = quantize_file(source_path, path, spec, imatrix=imatrix_data,
                                imatrix_name=imatrix_path.name if imatrix_path else None, force=True,
-                               n_threads=n_threads, progress=progress)
+                               n_threads=n_threads, progress=progress, on_written=record)
         result.imatrix = imatrix_path
-        manifest.upsert(entry_for(
-            folder, path, "text", spec.name, bits_per_weight=round(result.bpw, 4),
-            tensor_types=result.tensor_type_counts, inputs=inputs, recipe=spec.recipe.name if spec.recipe else None,
-            imatrix=imatrix_path.name if imatrix_path else None, mmproj=mmproj.path if mmproj else None,
-            fallbacks=[f.__dict__ for f in result.fallbacks], quantizer=_quantizer_version(),
-            **(row_extra or {}).get(spec.name, {})))
-        manifest.save(folder)
         results[spec.name] = result
     write_model_card(folder, manifest)
     return [results[spec.name] for spec in specs]
@@ -273,10 +285,10 @@ def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw:
     """
     from medgemma_gguf.convert.quantize.auto import check_budget, feasible_range, model_facts, parse_budget
     from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
-    from medgemma_gguf.manifest import Manifest
+    from medgemma_gguf.integrity import open_manifest
 
     folder = Path(outdir)
-    manifest = Manifest.load(folder)
+    manifest = open_manifest(folder)
     source = source_entry(folder, manifest)
     source_path = folder / source.path
     mmproj = _mmproj_entry(folder, manifest)
@@ -365,16 +377,9 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
     text = mix_to_recipe_toml(mix, name, description=f"Chosen by medgemma-gguf from measured sensitivity "
                                                        f"({sensitivity.meta['method']}); {mix.summary()}")
     recipe_path = folder / f"{manifest.model}-{name}.toml"
-    parse_recipe(text, str(recipe_path))  # the written recipe must read back as a recipe
-    created = False
-    if recipe_path.exists():
-        if recipe_path.read_text(encoding="utf-8") != text:
-            if not force:
-                raise UserError(f"{recipe_path} exists with another mix; pass {setting('force')} to replace it")
-            write_text_atomic(recipe_path, text)
-    else:
-        write_text_atomic(recipe_path, text)
-        created = True
+    recipe = parse_recipe(text, str(recipe_path))  # the written recipe must read back as a recipe
+    if recipe_path.exists() and recipe_path.read_text(encoding="utf-8") != text and not force:
+        raise UserError(f"{recipe_path} exists with another mix; pass {setting('force')} to replace it")
     how = {"budget": capacity.label, "budget_used": capacity.user_value(mix.counted_bytes),
            "predicted_delta_kl": mix.predicted_delta_kl, "allocator": mix.method,
            "sensitivity_method": sensitivity.meta["method"], "sensitivity_candidates": sensitivity.meta["candidates"],
@@ -382,14 +387,13 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
            "sensitivity_cache": str(sensitivity.cache_path) if sensitivity.cache_path else None,
            "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name,
            "imatrix": imatrix_path.name if imatrix_path else None}
-    try:
-        [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
-                                   recipe_files=[recipe_path], force=force, progress=progress, n_threads=n_threads,
-                                   row_extra={name: {"auto": how}})
-    except BaseException:
-        if created:
-            recipe_path.unlink(missing_ok=True)
-        raise
+    [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
+                               recipes=[recipe], force=force, progress=progress, n_threads=n_threads,
+                               row_extra={name: {"auto": how}})
+    # the recipe file is written once the quant and its row (which names it) are in place, so a killed run
+    # never leaves a recipe no row describes; a rerun finds the quant up to date and writes it then
+    if not recipe_path.exists() or recipe_path.read_text(encoding="utf-8") != text:
+        write_text_atomic(recipe_path, text)
     limit = getattr(plan.budget, "total_bytes", None)
     if limit is not None and result.bytes > limit:
         log.warning("%s is %d bytes, %d over the budget: the header estimate was short", result.path.name,

@@ -28,7 +28,7 @@ import ctypes
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -461,8 +461,12 @@ def calibration_description(calibration: Path | str | None = None, *,
 
 
 # --- files ----------------------------------------------------------------------------------------------------
-def write_imatrix_gguf(imatrix: Imatrix, path: Path | str, force: bool = False) -> Path:
-    """Write ``imatrix`` in llama.cpp's GGUF imatrix format (atomically: nothing is left on failure)."""
+def write_imatrix_gguf(imatrix: Imatrix, path: Path | str, force: bool = False,
+                       on_written: Callable[[Path], Any] | None = None) -> Path:
+    """Write ``imatrix`` in llama.cpp's GGUF imatrix format (atomically: nothing is left on failure).
+
+    ``on_written(temporary_path)`` runs when the file is complete, before it is renamed to ``path``.
+    """
     import gguf
 
     path = Path(path)
@@ -493,6 +497,8 @@ def write_imatrix_gguf(imatrix: Imatrix, path: Path | str, force: bool = False) 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if on_written is not None:
+            on_written(tmp)
     return path
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,11 +333,13 @@ def _reason(match: re.Match[str] | None) -> str:
 
 def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any | None = None,
                   imatrix_name: str | None = None, force: bool = False, n_threads: int | None = None,
-                  progress: bool = True) -> QuantResult:
+                  progress: bool = True,
+                  on_written: Callable[[Path, QuantResult], Any] | None = None) -> QuantResult:
     """Quantize ``source`` (an unquantized text GGUF) to ``output`` as ``spec``; written atomically.
 
     Refuses, before writing anything, an imatrix type without ``imatrix`` and an imatrix that does not
-    match the model.
+    match the model. ``on_written(temporary_path, result)`` runs once the file is complete and before it
+    is renamed to ``output`` (to record it in the manifest first: ``medgemma_gguf.integrity``).
     """
     from tqdm import tqdm
 
@@ -386,9 +388,12 @@ def quantize_file(source: Path, output: Path, spec: QuantSpec, *, imatrix: Any |
         with atomic_output(output, force=force) as tmp:
             text = run_llama_quantize(source, tmp, ftype, imatrix=imatrix, overrides=overrides, metadata=metadata,
                                       n_threads=n_threads, progress=bar)
+            result = read_back(tmp, spec.name, plan, text)
+            result.path = output
+            if on_written is not None:
+                on_written(tmp, result)
     finally:
         bar.close()
-    result = read_back(output, spec.name, plan, text)
     if result.fallbacks:
         first = result.fallbacks[0]
         log.warning("%s: %d tensor(s) got another type than asked for, e.g. %s is %s, not %s (%s)", output.name,
