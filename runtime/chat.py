@@ -45,12 +45,12 @@ from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
-from medgemma_gguf.runtime.offload import OffloadPlan, SplitPlan, plan_offload, read_vision_model
+from medgemma_gguf.runtime.offload import OffloadPlan, SplitPlan, plan_offload, read_text_model, read_vision_model
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
-from medgemma_gguf.runtime.quant_choice import choose_quant
+from medgemma_gguf.runtime.quant_choice import available_memory_bytes, choose_quant
 from medgemma_gguf.runtime.reply import CONTENT, Delta, ReasoningMarkers, ReplyText
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings, model_sampling, sampling_settings
-from medgemma_gguf.sizes import parse_size
+from medgemma_gguf.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -619,6 +619,10 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
     model_path, mmproj_path, name = files.model_path, files.mmproj_path, files.name
     mmproj_note, choice_note = files.mmproj_note, files.choice_note
+    trained = read_text_model(model_path).context_length
+    if trained and n_ctx > trained:  # llama.cpp would allocate it (a KV cache of any size), then degrade
+        raise InputError(f"{setting('n_ctx')} {n_ctx} is beyond the {trained}-token context {model_path.name} was "
+                         f"trained for; pass at most {trained}")
     adapters = check_lora_files(parse_lora_specs(lora), model_path)
     n_ubatch = DEFAULT_N_UBATCH
     if mmproj_path is not None:
@@ -628,6 +632,10 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
         plan = plan_offload(model_path, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, mmproj_path=mmproj_path,
                             n_ubatch=n_ubatch)
         log.info("offload plan:\n%s", plan.describe())
+        if plan.cpu_kv > (free := available_memory_bytes()):  # weights are mapped from the file; the cache is not
+            raise ResourceError(f"the KV cache for {setting('n_ctx')} {n_ctx} x {n_parallel} needs "
+                                f"{format_size(plan.cpu_kv)} of memory and {format_size(free)} is available; "
+                                f"lower {setting('n_ctx')}")
         gpu_layers = plan.n_gpu_layers
     else:
         gpu_layers = int(n_gpu_layers)

@@ -58,6 +58,12 @@ MAX_FOLDER_FILES = 20_000
 DEFAULT_MAX_FILE_BYTES = 1 * GiB  # one image file read from a path (the CLI and the Python API)
 
 
+def _check_no_nul(text: str | bytes, what: str) -> None:
+    """InputError for a path with a NUL character (no file has one; the OS calls would raise ValueError)."""
+    if (b"\0" in text) if isinstance(text, bytes) else ("\0" in text):
+        raise InputError(f"{what} path {text!r:.80} contains a NUL character; pass a real path")
+
+
 def within(path: Path, roots: Sequence[Path]) -> bool:
     """True when the resolved ``path`` is one of ``roots`` (resolved) or lies below one."""
     resolved = Path(os.path.realpath(path))
@@ -72,6 +78,7 @@ def check_local_path(path: str | os.PathLike[str], *, what: str, allow_local_fil
                      allowed_roots: Sequence[Path] = ()) -> Path:
     """``path`` as a Path when it may be read here; AccessError otherwise, NotFoundError when it is missing."""
     text = os.fspath(path)
+    _check_no_nul(text, what)
     if text.startswith("file://"):
         text = text[len("file://"):]
     candidate = Path(text).expanduser()
@@ -100,6 +107,7 @@ def read_regular_file(path: str | os.PathLike[str], *, what: str, max_bytes: int
     ResourceError, each naming the path and the fix.
     """
     shown = os.fspath(path)
+    _check_no_nul(shown, what)
     real = os.path.realpath(shown)
     if allowed_roots and not within(Path(real), allowed_roots):
         raise AccessError(f"{what} path {shown} is outside the allowed folders; put it under one of "
