@@ -152,7 +152,7 @@ def render_markdown(report: EvalReport) -> str:
              f"Reference: `{ref.get('source')}` ({ref.get('kind')}, {ref.get('dtype')}, sha256 "
              f"{str(ref.get('sha256'))[:12]}…).", "", _coverage_line(report), ""]
     if report.provenance:
-        lines[-1:-1] = [_provenance_line(report.provenance), ""]
+        lines += [_provenance_line(report.provenance), ""]
     for part in report.slices:
         free = f" ({part['n_free_text']} free text, KL only)" if part.get("n_free_text") else ""
         own = f"; file {part['file']}, sha256 {part['sha256']}" if part.get("sha256") else ""
