@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (raw prompt; plain JSON or
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus text), and the web chat page at ``/`` (static files in
-``runtime/web``; ``GET /api/presets`` and ``POST /api/thumbnail`` serve it).
+``runtime/web``; ``GET /api/presets`` and ``POST /api/thumbnail`` serve it; it sends volumes and slides as
+the study items below).
 
 Requests run in parallel slots with continuous batching (``runtime.batching``: ``serve --parallel N``, each
 slot ``--ctx`` positions); requests beyond the slots wait in a queue of ``queue_size`` (``--queue``), and a
@@ -225,11 +226,14 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
 
     @app.get("/api/presets")
     async def presets(request: Request) -> dict[str, Any]:
+        """The page's settings: the presets (task presets with their input kind and texts, which the page lays
+        out as ``runtime.studies.task_layout`` does) and the limits it checks before sending."""
         authorize(request)
-        return {"presets": [{"name": p.name, "description": p.description, "system": p.system}
-                            for p in load_presets().values() if p.system is not None],
+        return {"presets": [{"name": p.name, "description": p.description, "system": p.system, "input": p.input,
+                             "instruction": p.instruction, "question": p.question, "prompt_hint": p.prompt_hint}
+                            for p in load_presets().values()],
                 "model": model.name, "vision": model.has_vision, "max_tokens_limit": limits.max_tokens_limit,
-                "max_images": limits.max_images, "n_ctx": model.n_ctx}
+                "max_images": limits.max_images, "n_ctx": model.n_ctx, "max_body_bytes": limits.max_body_bytes}
 
     @app.post("/api/thumbnail")
     async def thumbnail(request: Request) -> dict[str, Any]:

@@ -214,3 +214,118 @@ def test_the_reasoning_block_is_folded(page, site):
     details.locator("summary").click()
     assert "Consider the lung fields." in details.inner_text()
     assert "12.5 tokens/s" in page.inner_text(".message.assistant .stats")
+
+
+def _zip_of(folder: Path, path: Path) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member in sorted(folder.iterdir()):
+            archive.write(member, member.name)
+    return path
+
+
+def _reply_matches(page, base: str, body: dict, index: int) -> None:
+    """The reply shown in the ``index``-th assistant message is the server's own non-streamed reply to ``body``."""
+    _wait(page, f"document.querySelectorAll('.message.assistant .stats')[{index}]?.textContent.includes('tokens')")
+    shown = page.evaluate(f"() => document.querySelectorAll('.message.assistant .content')[{index}].textContent")
+    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=120,
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reference.status_code == 200, reference.text
+    assert shown == reference.json()["choices"][0]["message"]["content"] != ""
+
+
+def test_a_volume_and_a_slide_go_as_study_items_with_their_presets(page, site, tmp_path):
+    from imaging_data import write_series, write_slide
+
+    from medgemma_gguf.runtime.prompt import load_presets
+
+    presets = load_presets()
+    base, _ = site
+    series = tmp_path / "series"
+    write_series(series, n=3, rows=16, cols=16)
+    volume = _zip_of(series, tmp_path / "ct.zip")
+    slide = tmp_path / "biopsy.tiff"
+    write_slide(slide, 2688, 1792, levels=3)
+    page.goto(base + "/")
+    _enter_key(page)
+    page.set_input_files("#file-input", str(volume))
+    _wait(page, "document.querySelectorAll('#attachments li.study').length === 1")
+    assert "CT/MR volume" in page.inner_text("#attachments") and "ct.zip" in page.inner_text("#attachments")
+    assert page.input_value("#preset") == "ct-findings"  # the notebook's layout for a volume, chosen for it
+    assert page.input_value("#system") == "" and "CT/MR volume" in page.inner_text("#preset-hint")
+    page.fill("#attachments input.count", "2")
+    page.fill("#max-tokens", "8")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.fill("#message", "Is the liver normal?")
+        page.press("#message", "Enter")
+    body = json.loads(sent.value.post_data)
+    content = body["messages"][0]["content"]
+    assert [item["type"] for item in content] == ["text", "volume", "text"] and len(body["messages"]) == 1
+    assert content[0]["text"] == presets["ct-findings"].instruction and content[2]["text"] == "Is the liver normal?"
+    assert content[1]["slices"] == 2 and content[1]["data"].startswith("data:") and ";base64," in content[1]["data"]
+    _reply_matches(page, base, body, 0)
+    assert "CT/MR volume: ct.zip" in page.inner_text(".message.user .images")
+    with page.expect_request("**/v1/chat/completions") as sent:  # a follow-up: plain text after the study turn
+        page.fill("#message", "And the spleen?")
+        page.press("#message", "Enter")
+    body = json.loads(sent.value.post_data)
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    assert body["messages"][2]["content"] == "And the spleen?" and body["messages"][0]["content"] == content
+    _reply_matches(page, base, body, 1)
+
+    page.click("#new-chat")
+    page.set_input_files("#file-input", str(slide))
+    _wait(page, "document.querySelectorAll('#attachments li.study').length === 1")
+    assert "pathology slide" in page.inner_text("#attachments")
+    page.fill("#message", "colon, biopsy:")
+    page.press("#message", "Enter")  # the preset is still ct-findings: refused in the page, nothing sent
+    _wait(page, "!document.getElementById('composer-error').hidden")
+    assert "preset ct-findings takes a CT/MR volume" in page.inner_text("#composer-error")
+    assert page.input_value("#message") == "colon, biopsy:" and page.locator(".message").count() == 0
+    page.select_option("#preset", "pathology-patches")
+    page.fill("#attachments input.count", "2")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.press("#message", "Enter")
+    body = json.loads(sent.value.post_data)
+    content = body["messages"][0]["content"]
+    assert [item["type"] for item in content] == ["text", "slide"] and page.locator("#composer-error").is_hidden()
+    assert content[0]["text"] == presets["pathology-patches"].instruction.replace("{prompt}", "colon, biopsy:")
+    assert content[1]["patches"] == 2 and content[1]["suffix"] == ".tiff"
+    _reply_matches(page, base, body, 0)
+
+    page.click("#new-chat")  # the server's one-line error, shown in the page
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"PK\x03\x04junk")
+    page.select_option("#preset", "ct-findings")
+    page.set_input_files("#file-input", str(broken))
+    _wait(page, "document.querySelectorAll('#attachments li.study').length === 1")
+    page.fill("#message", "Findings?")
+    page.press("#message", "Enter")
+    _wait(page, "document.querySelector('.message.assistant .error')")
+    assert "not a readable zip" in page.inner_text(".message.assistant .error")
+    _only_this_server(page, base)
+
+
+def test_a_study_over_the_body_limit_is_refused_in_the_page(page, site, tmp_path):
+    """The page reads the limit from /api/presets (here lowered to 2 KB on its way to the page)."""
+    from imaging_data import write_series
+
+    base, _ = site
+
+    def lowered(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "max_body_bytes": 2048})
+
+    page.route("**/api/presets", lowered)
+    series = tmp_path / "series"
+    write_series(series, n=4, rows=24, cols=24)
+    volume = _zip_of(series, tmp_path / "big.zip")
+    assert volume.stat().st_size * 4 / 3 > 2048
+    page.goto(base + "/")
+    _enter_key(page)
+    page.set_input_files("#file-input", str(volume))
+    _wait(page, "!document.getElementById('composer-error').hidden")
+    error = page.inner_text("#composer-error")
+    assert "big.zip is too large" in error and "at most 2 KB per request" in error and "--max-body-bytes" in error
+    assert page.locator("#attachments li").count() == 0

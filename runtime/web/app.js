@@ -1,5 +1,8 @@
 // The web chat page of `medgemma-gguf serve`: talks only to this server's own OpenAI endpoints
 // (POST /v1/chat/completions, streamed) and to /api/presets and /api/thumbnail. No other requests.
+// Images go as image_url items; CT/MR volumes and pathology slides as the server's study items
+// ({"type": "volume"|"slide", "data": <data URI>, ...}, runtime/studies.py), laid out for a task preset as
+// runtime.studies.task_layout does (instruction, the study, the question or the user's text).
 "use strict";
 
 const KEY_STORAGE = "medgemma-api-key";
@@ -7,12 +10,35 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   messages: [],        // the conversation sent with each turn: {role, content}
-  attachments: [],     // pending items for the next message: {kind, name, uri, thumbnail}
+  attachments: [],     // pending items for the next message: {kind, name, uri, thumbnail?, count?}
   controller: null,    // AbortController of the reply being streamed
   presets: [],
   model: "",
   maxImages: null,
+  maxBodyBytes: null,  // the server's request body limit (serve --max-body-bytes)
 };
+
+// study files the page sends as the server's study items; anything else is an image
+const STUDIES = {
+  volume: { pattern: /\.(zip|nii|nii\.gz)$/i, label: "CT/MR volume", count: "slices", countLabel: "Slices",
+            files: "a .zip of a DICOM series, a .nii or a .nii.gz file" },
+  slide: { pattern: /\.(svs|tiff?|ndpi)$/i, label: "pathology slide", count: "patches", countLabel: "Patches",
+           files: "an .svs, .tif, .tiff or .ndpi slide" },
+};
+const INPUT_WORDS = { volume: "a CT/MR volume", slide: "a pathology slide", longitudinal: "two images (prior, then current)" };
+
+function megabytes(bytes) {
+  return bytes < 1024 ** 2 ? `${Math.ceil(bytes / 1024)} KB` : `${(bytes / 1024 ** 2).toFixed(1)} MB`;
+}
+
+function base64Size(bytes) {  // what a file becomes in the request: a base64 data URI
+  return Math.ceil(bytes / 3) * 4 + 64;
+}
+
+function showError(text) {  // one line under the message box, read out by screen readers
+  $("composer-error").textContent = text;
+  $("composer-error").hidden = !text;
+}
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -80,10 +106,13 @@ async function loadPresets() {
   state.model = info.model;
   state.presets = info.presets;
   state.maxImages = info.max_images;
+  state.maxBodyBytes = info.max_body_bytes || null;
   const select = $("preset");
   select.replaceChildren(new Option("None", ""));
   for (const preset of info.presets) {
-    const option = new Option(preset.name, preset.name);
+    if (preset.input && !info.vision) continue;  // task presets need images
+    const option = new Option(preset.input ? `${preset.name} (${INPUT_WORDS[preset.input] || preset.input})` : preset.name,
+                              preset.name);
     option.title = preset.description;
     select.append(option);
   }
@@ -93,9 +122,22 @@ async function loadPresets() {
   setStatus("ready");
 }
 
+function currentPreset() {
+  return state.presets.find((p) => p.name === $("preset").value) || null;
+}
+
 $("preset").addEventListener("change", () => {
-  const preset = state.presets.find((p) => p.name === $("preset").value);
-  $("system").value = preset ? preset.system : "";
+  const preset = currentPreset();
+  $("system").value = preset && preset.system ? preset.system : "";
+  let hint = "";
+  if (preset && preset.input) {
+    const files = STUDIES[preset.input] ? `: attach ${STUDIES[preset.input].files}` : "";
+    hint = `Takes ${INPUT_WORDS[preset.input] || preset.input}${files}. `
+      + (preset.prompt_hint ? `Type ${preset.prompt_hint} as the message.`
+        : "Your message replaces the notebook's question; leave it empty to ask that question.");
+  }
+  $("preset-hint").textContent = hint;
+  $("preset-hint").hidden = !hint;
 });
 
 $("temperature").addEventListener("input", () => {
@@ -132,7 +174,42 @@ function isDicom(file) {
   return /\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom" || file.type === "";
 }
 
+function studyKind(file) {
+  return Object.keys(STUDIES).find((kind) => STUDIES[kind].pattern.test(file.name)) || null;
+}
+
+function tooLarge(file) {  // checked before the file is read: the server would answer 413
+  if (!state.maxBodyBytes || base64Size(file.size) <= state.maxBodyBytes) return "";
+  return `${file.name} is too large: ${megabytes(file.size)} is ${megabytes(base64Size(file.size))} as base64 and `
+    + `this server accepts at most ${megabytes(state.maxBodyBytes)} per request (serve --max-body-bytes)`;
+}
+
+async function attachStudy(file, kind) {
+  const uri = await readAsDataUri(file);
+  const study = STUDIES[kind];
+  const suffix = kind === "slide" ? file.name.slice(file.name.lastIndexOf(".")).toLowerCase() : null;
+  state.attachments.push({
+    kind, name: file.name, uri, bytes: file.size, count: null,
+    content() {
+      const item = { type: kind, data: this.uri };
+      if (this.count) item[study.count] = this.count;
+      if (suffix) item.suffix = suffix;
+      return item;
+    },
+  });
+  const match = state.presets.find((p) => p.input === kind);
+  if ($("preset").value === "" && match) {  // the notebook's layout for this input, unless a preset is chosen
+    $("preset").value = match.name;
+    $("preset").dispatchEvent(new Event("change"));
+  }
+  renderAttachments();
+}
+
 async function attach(file) {
+  const large = tooLarge(file);
+  if (large) throw new Error(large);
+  const kind = studyKind(file);
+  if (kind) return attachStudy(file, kind);
   let uri = await readAsDataUri(file);
   const dicom = isDicom(file) && !/^image\/(png|jpeg)$/.test(file.type);
   if (dicom) uri = uri.replace(/^data:[^;,]*/, "data:application/dicom");
@@ -154,11 +231,36 @@ function renderAttachments() {
   list.replaceChildren();
   state.attachments.forEach((item, index) => {
     const li = document.createElement("li");
-    const img = document.createElement("img");
-    img.src = item.thumbnail;
-    img.alt = `attached: ${item.name}`;
     const name = document.createElement("span");
     name.textContent = item.name;
+    if (STUDIES[item.kind]) {
+      li.className = "study";
+      const kind = document.createElement("span");
+      kind.className = "kind";
+      kind.textContent = `${STUDIES[item.kind].label}, ${megabytes(item.bytes)}`;
+      const count = document.createElement("input");
+      count.type = "number";
+      count.min = "1";
+      count.step = "1";
+      count.className = "count";
+      count.placeholder = "default";
+      count.value = item.count || "";
+      count.title = `${STUDIES[item.kind].countLabel} to send (empty: the server's default)`;
+      count.setAttribute("aria-label", `${STUDIES[item.kind].countLabel} of ${item.name}`);
+      count.addEventListener("input", () => {
+        const value = Number(count.value);
+        item.count = Number.isInteger(value) && value > 0 ? value : null;
+      });
+      const label = document.createElement("label");
+      label.textContent = `${STUDIES[item.kind].countLabel} `;
+      label.append(count);
+      li.append(kind, name, label);
+    } else {
+      const img = document.createElement("img");
+      img.src = item.thumbnail;
+      img.alt = `attached: ${item.name}`;
+      li.append(img, name);
+    }
     const remove = document.createElement("button");
     remove.type = "button";
     remove.textContent = "Remove";
@@ -168,7 +270,7 @@ function renderAttachments() {
       renderAttachments();
       $("file-input").focus();
     });
-    li.append(img, name, remove);
+    li.append(remove);
     list.append(li);
   });
 }
@@ -176,12 +278,14 @@ function renderAttachments() {
 $("file-input").addEventListener("change", async () => {
   const files = Array.from($("file-input").files);
   $("file-input").value = "";
+  showError("");
   for (const file of files) {
     try {
       await attach(file);
       setStatus(`attached ${file.name}`);
     } catch (error) {
-      setStatus(`not attached: ${error.message}`);
+      setStatus(`not attached: ${file.name}`);
+      showError(`Not attached: ${error.message}`);
     }
   }
 });
@@ -208,6 +312,13 @@ function showUser(text, attachments) {
     const images = document.createElement("div");
     images.className = "images";
     for (const item of attachments) {
+      if (STUDIES[item.kind]) {
+        const chip = document.createElement("span");
+        chip.className = "study";
+        chip.textContent = `${STUDIES[item.kind].label}: ${item.name}`;
+        images.append(chip);
+        continue;
+      }
       const img = document.createElement("img");
       img.src = item.thumbnail;
       img.alt = item.name;
@@ -282,16 +393,71 @@ async function* serverEvents(response) {
   }
 }
 
+function textItems(text) {
+  return text ? [{ type: "text", text }] : [];
+}
+
+// A later question about the study already in the conversation: plain text, outside the preset's layout.
+function isFollowUp(attachments) {
+  return attachments.length === 0 && state.messages.length > 0;
+}
+
+// What a task preset needs; "" when the message fits it.
+function presetProblem(preset, text, attachments) {
+  if (!preset || !preset.input || isFollowUp(attachments)) return "";
+  const kinds = attachments.map((a) => a.kind);
+  const want = preset.input === "longitudinal" ? ["image", "image"] : [preset.input];
+  if (kinds.length !== want.length || kinds.some((k, i) => k !== want[i])) {
+    const files = STUDIES[preset.input] ? ` (${STUDIES[preset.input].files})` : "";
+    return `preset ${preset.name} takes ${INPUT_WORDS[preset.input] || preset.input}${files} and nothing else; `
+      + "attach it, or choose another preset";
+  }
+  if ((preset.instruction || "").includes("{prompt}") && !text) {
+    return `preset ${preset.name} needs ${preset.prompt_hint || "a prompt"}: type it as the message`;
+  }
+  return "";
+}
+
+// The user turn's content, in the layout of runtime.studies (task_layout, volume_messages, slide_messages).
+function turnContent(preset, text, attachments) {
+  const items = attachments.map((a) => a.content());
+  if (preset && preset.input && !isFollowUp(attachments)) {
+    let before = preset.instruction || "";
+    let after = preset.question || "";
+    if (before.includes("{prompt}")) before = before.replaceAll("{prompt}", text);
+    else if (text) after = text;
+    const body = preset.input === "longitudinal"
+      ? [{ type: "longitudinal", prior: attachments[0].uri, current: attachments[1].uri }] : items;
+    return [...textItems(before), ...body, ...textItems(after)];
+  }
+  if (!items.length) return text;
+  if (attachments.some((a) => a.kind === "volume")) return [...items, ...textItems(text)];  // slices, then the question
+  return [...textItems(text), ...items];
+}
+
 async function send(text) {
-  const attachments = state.attachments.splice(0);
-  renderAttachments();
-  const content = attachments.length
-    ? [{ type: "text", text }, ...attachments.map((a) => a.content())]
-    : text;
-  const turn = { role: "user", content };
-  showUser(text, attachments);
+  const preset = currentPreset();
+  const problem = presetProblem(preset, text, state.attachments);
+  if (problem) {
+    showError(problem);
+    return false;
+  }
+  const turn = { role: "user", content: turnContent(preset, text, state.attachments) };
   const system = $("system").value.trim();
   const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.messages, turn];
+  const payload = JSON.stringify({ model: state.model || "medgemma", messages, stream: true,
+                                   stream_options: { include_usage: true }, ...samplingFields() });
+  const size = new Blob([payload]).size;
+  if (state.maxBodyBytes && size > state.maxBodyBytes) {
+    showError(`The message is too large: ${megabytes(size)} with the conversation so far, and this server accepts `
+      + `at most ${megabytes(state.maxBodyBytes)} per request (serve --max-body-bytes); remove a file or start a `
+      + "new chat");
+    return false;
+  }
+  showError("");
+  const attachments = state.attachments.splice(0);
+  renderAttachments();
+  showUser(text, attachments);
   const view = assistantView();
   const controller = new AbortController();
   state.controller = controller;
@@ -303,11 +469,7 @@ async function send(text) {
   let finish = null;
   let stopped = false;
   try {
-    const response = await request("/v1/chat/completions", {
-      method: "POST", signal: controller.signal,
-      body: JSON.stringify({ model: state.model || "medgemma", messages, stream: true,
-                             stream_options: { include_usage: true }, ...samplingFields() }),
-    });
+    const response = await request("/v1/chat/completions", { method: "POST", signal: controller.signal, body: payload });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const data of serverEvents(response)) {
       if (data === "[DONE]") break;
@@ -354,14 +516,17 @@ async function send(text) {
     state.messages.push(turn, { role: "assistant", content: view.content.textContent });
   }
   $("message").focus();
+  return true;
 }
 
-$("composer").addEventListener("submit", (event) => {
+$("composer").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("message").value.trim();
-  if (!text || state.controller) return;
+  const preset = currentPreset();
+  const asksItsQuestion = preset && preset.input && preset.question && state.attachments.length;
+  if ((!text && !asksItsQuestion) || state.controller) return;
   $("message").value = "";
-  send(text);
+  if (!(await send(text))) $("message").value = text;  // not sent: keep what was typed
 });
 
 $("message").addEventListener("keydown", (event) => {
@@ -385,6 +550,7 @@ $("new-chat").addEventListener("click", () => {
   state.messages = [];
   state.attachments = [];
   renderAttachments();
+  showError("");
   $("conversation").replaceChildren();
   $("message").focus();
 });
