@@ -329,3 +329,35 @@ def test_a_study_over_the_body_limit_is_refused_in_the_page(page, site, tmp_path
     error = page.inner_text("#composer-error")
     assert "big.zip is too large" in error and "at most 2 KB per request" in error and "--max-body-bytes" in error
     assert page.locator("#attachments li").count() == 0
+
+
+def test_two_images_go_as_a_longitudinal_pair_with_its_preset(page, site, tmp_path):
+    from medgemma_gguf.runtime.prompt import load_presets
+
+    base, _ = site
+    paths = []
+    for seed, name in ((3, "prior.png"), (4, "current.png")):
+        native_image(112, seed).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    page.goto(base + "/")
+    _enter_key(page)
+    page.select_option("#preset", "cxr-longitudinal")
+    assert "two images" in page.inner_text("#preset-hint")
+    page.set_input_files("#file-input", paths[:1])
+    _wait(page, "document.querySelectorAll('#attachments img').length === 1")
+    page.fill("#max-tokens", "8")
+    page.fill("#message", "What changed?")
+    page.press("#message", "Enter")  # one image only: refused in the page
+    _wait(page, "!document.getElementById('composer-error').hidden")
+    assert "takes two images" in page.inner_text("#composer-error") and page.locator(".message").count() == 0
+    page.set_input_files("#file-input", paths[1:])
+    _wait(page, "document.querySelectorAll('#attachments img').length === 2")
+    page.fill("#message", "")
+    with page.expect_request("**/v1/chat/completions") as sent:  # an empty message asks the notebook's question
+        page.click("#send")
+    body = json.loads(sent.value.post_data)
+    content = body["messages"][0]["content"]
+    assert [item["type"] for item in content] == ["longitudinal", "text"]
+    assert content[0]["prior"].startswith("data:image/png") and content[0]["prior"] != content[0]["current"]
+    assert content[1]["text"] == load_presets()["cxr-longitudinal"].question
+    _reply_matches(page, base, body, 0)
