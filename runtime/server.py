@@ -276,7 +276,8 @@ def create_app(model: ChatModel, *, api_key: str | None = None, allow_local_file
             for model_id in ids.listed()]}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        authorize(request)  # as llama-server: request counts and timings are for the operator
         from medgemma_gguf.runtime.metrics import render_metrics
 
         body, content_type = render_metrics(state.get("batcher"), http_counts, queue_size)

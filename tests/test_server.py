@@ -264,6 +264,7 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
          "alternate"),
         (httpx.get(f"{base}/v1/nothing-here"), 404, "Not Found"),
         (httpx.get(f"{base}/v1/models"), 401, "API key"),
+        (httpx.get(f"{base}/metrics"), 401, "API key"),
     ]
     for response, status, message in cases:
         assert response.status_code == status, response.text
@@ -273,6 +274,8 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_keeps_serving(served, c
         {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}]}]})
     assert streamed_error.status_code == 400 and "never fetched" in streamed_error.json()["error"]["message"]
     assert _post(base, good).json()["choices"][0]["message"]["content"] == expected
+    metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert metrics.status_code == 200 and "llamacpp:requests_processing" in metrics.text
     import openai
 
     with pytest.raises(openai.BadRequestError, match="never fetched"):

@@ -158,7 +158,7 @@ def test_stop_ends_a_reply_and_frees_its_slot(page, site):
     while httpx.get(f"{base}/health").json()["slots_busy"]:
         assert time.monotonic() < deadline, "the stopped reply kept its slot"
         time.sleep(0.05)
-    metrics = httpx.get(f"{base}/metrics").text
+    metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert 'medgemma_gguf_requests_total{finish="cancelled"} 1.0' in metrics
     _only_this_server(page, base)
 
