@@ -29,19 +29,24 @@ from medgemma_gguf.errors import UserError
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=Path),
               help="With or without --quants: also quantize with your own recipe TOML. May be repeated.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantizing (default: all cores).")
+@click.option("--split-max-size", "split_max_size", metavar="SIZE",
+              help="Write models bigger than SIZE (e.g. 45GB) as llama.cpp split parts NAME-0000i-of-0000N.gguf; "
+                   "0 never splits. Default: 45GB parts for files over 49GB (the Hub's per-file limit is 50GB).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, name: str | None,
                     token: str | None, revision: str | None, adapter: str | None, adapter_revision: str | None,
                     quants: tuple[str, ...], imatrix: str | None, recipes: tuple[Path, ...], threads: int | None,
-                    force: bool, quiet: bool) -> None:
+                    split_max_size: str | None, force: bool, quiet: bool) -> None:
     """Convert SOURCE (a Hub repo id like google/medgemma-4b-it, or a local folder) to GGUF, then quantize.
 
     With --adapter, a PEFT LoRA adapter is merged into the weights as they are converted (text and
     vision tower alike); the result is a model like any other (quantize, chat, eval).
     """
     from medgemma_gguf.convert.converter import convert_checkpoint
+    from medgemma_gguf.gguf_split import parse_split_size
 
+    split = parse_split_size(split_max_size)
     quantizing = bool(quants or recipes)
     if quantizing:
         check_quant_request(quants, recipes, imatrix)  # before the long conversion, not after it
@@ -49,7 +54,7 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
         raise UserError("--imatrix only applies with --quants or --recipe; add --quants Q4_K_M,... or drop it")
     result = convert_checkpoint(source, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
                                 force=force, token=token, revision=revision, progress=not quiet,
-                                adapter=adapter, adapter_revision=adapter_revision)
+                                adapter=adapter, adapter_revision=adapter_revision, split_max_size=split)
     state = "up to date" if result.skipped else "wrote"
     click.echo(f"{state} {result.text_path}")
     if result.mmproj_path:
@@ -58,9 +63,11 @@ def convert_command(source: str, outdir: Path, outtype: str, mmproj_type: str, n
     if quantizing:
         from medgemma_gguf.convert.quantize.cli import echo_results
         from medgemma_gguf.convert.quantize.folder import quantize_folder
+        from medgemma_gguf.errors import render
 
         results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
-                                  progress=not quiet, n_threads=threads)
+                                  progress=not quiet, n_threads=threads, split_max_size=split,
+                                  report=lambda line: click.echo(render(line, "cli")))
         echo_results(results)
         click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 from medgemma_gguf.atomic import StagedOutputs
 from medgemma_gguf.convert.checkpoint import Checkpoint, TensorInfo
 from medgemma_gguf.convert.config import ModelConfig, read_config
-from medgemma_gguf.convert.gguf_stream import PlannedTensor, write_gguf
+from medgemma_gguf.convert.gguf_stream import PlannedTensor, stored_nbytes, write_gguf
 from medgemma_gguf.convert.metadata import (
     TEXT_ARCH,
     GeneralInfo,
@@ -40,8 +40,9 @@ from medgemma_gguf.convert.tensor_types import (
 )
 from medgemma_gguf.convert.vocab import Vocab, read_vocab
 from medgemma_gguf.errors import UserError, setting
-from medgemma_gguf.gguf_info import read_gguf_info
-from medgemma_gguf.hub import ResolvedSource, resolve_source
+from medgemma_gguf.gguf_info import read_gguf_header, read_gguf_info
+from medgemma_gguf.gguf_split import part_paths, same_model_file, split_size
+from medgemma_gguf.hub import ResolvedSource, resolve_source, snapshot_repo
 from medgemma_gguf.integrity import record_then_commit, recover_folder
 from medgemma_gguf.manifest import MANIFEST_NAME, Manifest, entry_for
 
@@ -165,19 +166,25 @@ def _check_tensor(info: TensorInfo, gguf_name: str, expected: dict[str, tuple[in
 
 
 def default_model_name(resolved: ResolvedSource) -> str:
-    """``medgemma-4b-it`` for ``google/medgemma-4b-it``; the folder name for a local folder."""
-    return resolved.repo_or_path.rstrip("/").split("/")[-1] if resolved.is_hub else resolved.folder.name
+    """``medgemma-4b-it`` for ``google/medgemma-4b-it`` (or its Hub-cache snapshot folder); the folder name for
+    another local folder."""
+    if resolved.is_hub:
+        return resolved.repo_or_path.rstrip("/").split("/")[-1]
+    snapshot = snapshot_repo(resolved.folder)
+    return snapshot[0].split("/")[-1] if snapshot else resolved.folder.name
 
 
 def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmproj_type: str = "f16",
                        name: str | None = None, force: bool = False, token: str | None = None,
                        revision: str | None = None, progress: bool = True, adapter: str | None = None,
-                       adapter_revision: str | None = None) -> ConvertResult:
+                       adapter_revision: str | None = None, split_max_size: int | None = None) -> ConvertResult:
     """Convert a Hub repo id or local folder into ``outdir``; see the README for the file layout.
 
     ``adapter``: a PEFT LoRA adapter (folder or Hub repo id) merged into the weights while they stream:
     each adapted tensor is written as ``W + scale · B·A`` computed in float32 (``convert.peft_adapter``);
     the default name is then ``<base>-<adapter>`` and the manifest records both sources.
+    ``split_max_size``: write the text GGUF in llama.cpp's split format, parts of at most that many bytes (0:
+    never; None: the default rule of ``medgemma_gguf.gguf_split``, 45 GB parts for files over 49 GB).
     """
     text_type = parse_outtype(outtype, TEXT_OUTTYPES, "--outtype")
     vision_type = parse_outtype(mmproj_type, MMPROJ_OUTTYPES, "--mmproj-type")
@@ -198,9 +205,10 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
     sampling = sampling_defaults(_json_file(resolved.folder / "generation_config.json"))
     name = name or default_model_name(resolved) + (f"-{peft.name}" if peft is not None else "")
     n_params = sum(math.prod(t.shape) for t in (*text_plan, *mmproj_plan))
+    snapshot = None if resolved.is_hub else snapshot_repo(resolved.folder)
     info = general_info(name, read_card_metadata(resolved.folder),
-                        source_repo=resolved.repo_or_path if resolved.is_hub else None,
-                        revision=resolved.revision, n_params=n_params)
+                        source_repo=resolved.repo_or_path if resolved.is_hub else snapshot[0] if snapshot else None,
+                        revision=resolved.revision or (snapshot[1] if snapshot else None), n_params=n_params)
     text_path, mmproj_path = output_paths(outdir, name, text_type, vision_type, config.is_multimodal)
     recover_folder(outdir)  # finish or undo what a killed run left (medgemma_gguf.integrity)
     manifest = _load_or_new_manifest(outdir, name, resolved, force,
@@ -210,13 +218,24 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
     inputs = _conversion_inputs(resolved, peft, outputs)
     if not force and _up_to_date(outdir, manifest, outputs, inputs):
         log.info("%s already holds this conversion (same source and types, files intact); skipped", outdir)
-        return ConvertResult(name, text_path, mmproj_path, outdir / MANIFEST_NAME, skipped=True)
+        return ConvertResult(name, _recorded_path(outdir, manifest, text_path), mmproj_path, outdir / MANIFEST_NAME,
+                             skipped=True)
 
+    unsplit = text_path
+    part_size = split_size(sum(stored_nbytes(t) for t in text_plan), split_max_size)
+    text_parts: list[Path] = []  # a split text model's parts: final names, and the staged files written
+    staged_parts: list[Path] = []
     with StagedOutputs(force=force) as staged:
-        text_tmp = staged.stage(text_path)
+        def name_parts(count: int) -> list[Path]:
+            text_parts[:] = part_paths(text_path, count)
+            staged_parts[:] = [staged.stage(part) for part in text_parts]
+            return staged_parts
+
+        text_tmp = staged.stage(text_path) if not part_size else text_path
         mmproj_tmp = staged.stage(mmproj_path) if mmproj_path else None
         write_gguf(text_tmp, TEXT_ARCH, lambda w: _text_metadata(w, config, vocab, info, text_type, sampling),
-                   text_plan, tensors, progress=progress, label=text_path.name)
+                   text_plan, tensors, progress=progress, label=text_path.name, split_max_size=part_size,
+                   name_parts=name_parts)
         if mmproj_tmp is not None and mmproj_path is not None:
             preprocessor = _preprocessor_config(resolved.folder)
             write_gguf(mmproj_tmp, "clip", lambda w: _mmproj_metadata(w, config, preprocessor, info, vision_type),
@@ -226,11 +245,25 @@ def convert_checkpoint(source: str, outdir: Path, *, outtype: str = "bf16", mmpr
         rows = []
         temporaries = [text_tmp] if mmproj_tmp is None else [text_tmp, mmproj_tmp]
         for (path, role, label), temporary in zip(outputs, temporaries, strict=True):
+            if role == "text" and text_parts:  # split: the staged parts' headers, recorded under the final names
+                headers = [read_gguf_header(part) for part in staged_parts]
+                written = replace(headers[0], tensors=tuple(t for h in headers for t in h.tensors))
+                row = entry_for(outdir, staged_parts[0], role, label, parts=staged_parts, stored_as=text_parts[0],
+                                inputs=inputs, bits_per_weight=round(written.bits_per_weight, 4),
+                                tensor_types=written.quantizable_type_counts())
+                rows.append(replace(row, parts=[dict(part, path=final.relative_to(outdir).as_posix())
+                                                for part, final in zip(row.parts, text_parts, strict=True)]))
+                continue
             written = read_gguf_info(temporary)
             rows.append(entry_for(outdir, temporary, role, label, stored_as=path, inputs=inputs,
                                   bits_per_weight=round(written.bits_per_weight, 4),
                                   tensor_types=written.quantizable_type_counts()))
+        kept = text_parts[0].name if text_parts else text_path.name
+        manifest.files = [row for row in manifest.files if row.path == kept
+                          or not same_model_file(row.path, unsplit.name)]  # the other layout's row, from before
         manifest_path = record_then_commit(outdir, manifest, rows, staged.commit)
+    if text_parts:
+        text_path = text_parts[0]
     return ConvertResult(name, text_path, mmproj_path, manifest_path)
 
 
@@ -254,16 +287,26 @@ def _conversion_inputs(resolved: ResolvedSource, peft: PeftAdapter | None,
 
 
 def _up_to_date(outdir: Path, manifest: Manifest, outputs: list[tuple[Path, str, str]], inputs: dict) -> bool:
-    """Whether every output exists, is recorded with these inputs and still has its recorded sha256."""
+    """Whether every output exists (a split model: every part), is recorded with these inputs and still has its
+    recorded size and sha256."""
     from medgemma_gguf.hashing import sha256_of
 
-    rows = {row.path: row for row in manifest.files}
     for path, role, label in outputs:
-        row = rows.get(path.name)
-        if (row is None or row.role != role or row.type != label or row.inputs != inputs or not path.is_file()
-                or path.stat().st_size != row.bytes):
+        row = next((r for r in manifest.files if same_model_file(r.path, path.name)), None)
+        if row is None or row.role != role or row.type != label or row.inputs != inputs:
             return False
-    return all(sha256_of(path) == rows[path.name].sha256 for path, _, _ in outputs)
+        recorded = [(p["path"], p["bytes"], p["sha256"]) for p in row.parts] or [(row.path, row.bytes, row.sha256)]
+        if not all((outdir / name).is_file() and (outdir / name).stat().st_size == size for name, size, _ in recorded):
+            return False
+        if not all(sha256_of(outdir / name) == sha for name, _, sha in recorded):
+            return False
+    return True
+
+
+def _recorded_path(outdir: Path, manifest: Manifest, path: Path) -> Path:
+    """Where the manifest records the model ``path`` names: itself, or the first part of its split form."""
+    row = next((r for r in manifest.files if same_model_file(r.path, path.name)), None)
+    return outdir / row.path if row is not None else path
 
 
 def _check_chat_template(vocab: Vocab, folder: Path) -> None:

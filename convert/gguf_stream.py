@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from medgemma_gguf.convert.tensor_types import BF16, F16, F32, Q8_0
+from medgemma_gguf.gguf_split import SplitWriter
 
 
 class TensorSource(Protocol):
@@ -58,9 +59,19 @@ def stored_nbytes(planned: PlannedTensor) -> int:
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: Sequence[PlannedTensor], checkpoint: TensorSource, *, progress: bool = True,
-               label: str = "") -> None:
-    """Write a complete GGUF at ``path`` (callers pass a temporary path and rename it afterwards)."""
-    writer = gguf.GGUFWriter(path=None, arch=arch)
+               label: str = "", split_max_size: int = 0,
+               name_parts: Callable[[int], Sequence[Path]] | None = None) -> None:
+    """Write a complete GGUF at ``path`` (callers pass a temporary path and rename it afterwards).
+
+    ``split_max_size`` > 0: llama.cpp's split format (``medgemma_gguf.gguf_split``), parts of at most that many
+    bytes of tensor data, written where ``name_parts(count)`` says (``path`` is then only the model's name).
+    """
+    if split_max_size > 0:
+        if name_parts is None:
+            raise ValueError("a split GGUF needs name_parts")
+        writer: gguf.GGUFWriter = SplitWriter(arch, name_parts, split_max_size)
+    else:
+        writer = gguf.GGUFWriter(path=None, arch=arch)
     add_metadata(writer)
     for planned in tensors:
         stored_dtype = {F32: np.float32, F16: np.float16, BF16: np.uint16}.get(planned.qtype, np.uint8)

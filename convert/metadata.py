@@ -5,6 +5,7 @@ Key names come from gguf-py's writer methods, so they are the ones llama.cpp rea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from medgemma_gguf.convert.config import ModelConfig
 from medgemma_gguf.convert.vocab import Vocab
 
 TEXT_ARCH = "gemma3"
+QUANTIZED_BY = "medgemma-gguf"  # general.quantized_by, copied into every quant by llama.cpp's quantizer
+BASE_TAGS = ("medical",)  # general.tags besides the source card's
+_SIZE_LABEL = re.compile(r"^\d+(\.\d+)?[bmk]$", re.IGNORECASE)
 # Gemma 3's image processor normalises with mean = std = 0.5 (preprocessor_config.json).
 DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
@@ -34,6 +38,19 @@ class GeneralInfo:
     base_models: list[str] = field(default_factory=list)
     source_repo: str | None = None  # Hub repo id, or None for a local folder
     source_revision: str | None = None
+    finetune: str | None = None
+    quantized_by: str | None = QUANTIZED_BY
+    tags: list[str] = field(default_factory=list)
+
+
+def finetune_of(name: str) -> str | None:
+    """llama.cpp's naming ``<basename>-<size>-<finetune>``: what follows the size label (``it`` for
+    ``medgemma-4b-it``, ``text-it`` for ``medgemma-27b-text-it``), or None when the name has no size label."""
+    words = name.split("-")
+    for i, word in enumerate(words):
+        if _SIZE_LABEL.match(word):
+            return "-".join(words[i + 1:]) or None
+    return None
 
 
 def read_card_metadata(folder: Path) -> dict[str, Any]:
@@ -55,10 +72,13 @@ def general_info(name: str, card: dict[str, Any], *, source_repo: str | None, re
     base = card.get("base_model") or []
     base_models = [base] if isinstance(base, str) else [str(b) for b in base]
     basename = name.split("-")[0] if "-" in name else name
+    card_tags = card.get("tags") or []
+    tags = list(dict.fromkeys([*BASE_TAGS, *(str(t) for t in (card_tags if isinstance(card_tags, list) else []))]))
     return GeneralInfo(
         name=name, basename=basename, size_label=gguf.size_label(n_params, 0, 0, 0),
         license=card.get("license"), license_name=card.get("license_name"), license_link=card.get("license_link"),
-        base_models=base_models, source_repo=source_repo, source_revision=revision,
+        base_models=base_models, source_repo=source_repo, source_revision=revision, finetune=finetune_of(name),
+        tags=tags,
     )
 
 
@@ -67,6 +87,12 @@ def add_general(writer: gguf.GGUFWriter, info: GeneralInfo, file_type: int) -> N
     writer.add_basename(info.basename)
     if info.size_label:
         writer.add_size_label(info.size_label)
+    if info.finetune:
+        writer.add_finetune(info.finetune)
+    if info.quantized_by:
+        writer.add_quantized_by(info.quantized_by)
+    if info.tags:
+        writer.add_tags(info.tags)
     if info.license:
         writer.add_license(info.license)
     if info.license_name:

@@ -64,6 +64,7 @@ SETTINGS: dict[str, Spelling] = {
     "outdir": Spelling("--outdir", "outdir", "'outdir'"),
     "force": Spelling("--force", "force=True", "'force'"),
     "imatrix": Spelling("--imatrix", "imatrix", "'imatrix'"),
+    "no_imatrix": Spelling("--no-imatrix", "imatrix=\"none\"", "'imatrix': 'none'"),
     "quants": Spelling("--quants", "quants", "'quants'"),
     "recipe": Spelling("--recipe", "recipe_files", "'recipe'"),
     "token": Spelling("--token", "token", "a Hugging Face token"),
@@ -130,6 +131,12 @@ def setting(name: str) -> str:
     return f"{_OPEN}{name}{_CLOSE}"
 
 
+def render(text: str, interface: str = "python") -> str:
+    """``text`` with its ``setting()`` markers worded for ``interface`` ("python", "cli" or "http"): for notes
+    that are not errors (what a command chose and how to change it)."""
+    return _MARKER.sub(lambda match: getattr(SETTINGS[match.group(1)], interface), text)
+
+
 class UserError(Exception):
     """A problem with the user's input or environment, with the fix, worded per interface (module docstring).
 
@@ -144,7 +151,7 @@ class UserError(Exception):
         super().__init__(self.for_python())
 
     def _render(self, interface: str) -> str:
-        return _MARKER.sub(lambda match: getattr(SETTINGS[match.group(1)], interface), self.template)
+        return render(self.template, interface)
 
     def for_python(self) -> str:
         return self._render("python")

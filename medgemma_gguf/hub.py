@@ -32,6 +32,15 @@ NEEDED_FILES = [
     "README.md",
 ]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# a snapshot folder of the Hub cache: .../models--OWNER--NAME/snapshots/<commit>
+_SNAPSHOT = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})[/\\]*$")
+
+
+def snapshot_repo(path: str | Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a Hub-cache snapshot folder (``…/models--google--medgemma-4b-it/snapshots/<sha>``,
+    as huggingface_hub lays it out); None for any other path."""
+    match = _SNAPSHOT.search(str(path))
+    return (f"{match.group('owner')}/{match.group('name')}", match.group("sha")) if match else None
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,16 @@ def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu:
         gpu = True
     ram = None
     candidates = []
+    damaged: list[UserError] = []
     for row in manifest.present(folder, "text"):
         path = folder / row.path
         info = read_gguf_info(path)
+        try:
+            info.check_complete()  # a truncated or missing part: not a candidate
+        except UserError as exc:
+            log.warning("not ranking %s: %s", row.path, exc)
+            damaged.append(exc)
+            continue
         mmproj = manifest.mmproj_for(folder, path)
         plan = plan_offload(path, n_ctx=n_ctx, vram_bytes=vram_bytes, mmproj_path=mmproj.path, gpu_available=gpu)
         if plan.gpu_available:
@@ -136,6 +143,8 @@ def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu:
             kld_mean=quality[path.name][0] if path.name in quality else None, fits=fits, plan=plan,
             kld_bracket=quality[path.name][1] if path.name in quality else None, mmproj_note=mmproj.note))
     if not candidates:
+        if damaged:
+            raise damaged[0]
         if manifest.discovered:
             found = f"; {'; '.join(manifest.problems)}" if manifest.problems else ""
             raise NotFoundError(f"{folder} holds no readable Gemma 3 text GGUF{found}")

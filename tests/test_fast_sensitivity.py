@@ -267,7 +267,7 @@ def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
     assert folder_default_imatrix(folder, manifest, source) is None
     plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
     assert plan.imatrix == IMATRIX_AUTO and plan.job.imatrix_pending
-    assert "computing imatrix-" in "\n".join(plan.lines())
+    assert f"computing {manifest.model}.imatrix" in "\n".join(plan.lines())
     assert "IQ2_XXS" in plan.job.plan.types  # planned with the matrix it is about to compute
     # a matrix recorded for this source is the folder's default
     path = write_imatrix_gguf(compute_imatrix(folder / source.path, calibration=model["calibration"], max_chunks=1,
@@ -276,7 +276,7 @@ def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
     manifest.save(folder)
     assert folder_default_imatrix(folder, Manifest.load(folder), source) == path
     plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
-    assert plan.imatrix == path and not plan.job.imatrix_pending and "the folder's imatrix-x.gguf" in plan.lines()[1]
+    assert plan.imatrix == path and not plan.job.imatrix_pending and "imatrix-x.gguf, the folder's" in plan.lines()[1]
     none = plan_auto(folder, target_bpw=4.0, imatrix="none", timing=False, cache_dir=tmp_path / "cache")
     assert none.imatrix is None and "IQ2_XXS" not in none.job.plan.types
 

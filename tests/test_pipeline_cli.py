@@ -65,7 +65,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     gguf_dir = demo / "gguf"
     names = {p.name for p in gguf_dir.iterdir()}
     assert {"tiny-medgemma-BF16.gguf", "mmproj-tiny-medgemma-F16.gguf", "tiny-medgemma-Q8_0.gguf",
-            "tiny-medgemma-Q4_K_M.gguf", "tiny-medgemma-UD-Q4_K_XL.gguf", "imatrix-tiny-medgemma.gguf",
+            "tiny-medgemma-Q4_K_M.gguf", "tiny-medgemma-UD-Q4_K_XL.gguf", "tiny-medgemma.imatrix",
             "manifest.json", "README.md"} <= names
     with Image.open(demo / "images" / "demo-xray.png") as image:
         assert image.mode == "L" and image.size == (256, 256)

@@ -147,14 +147,14 @@ def test_folder_quantize_manifest_card_skip_and_force(k256, calibration, tmp_pat
     assert [r.path.name for r in results] == [f"{model}-Q4_K_M.gguf", f"{model}-UD-Q4_K_XL.gguf"]
     manifest = Manifest.load(folder)
     rows = {row.path: row for row in manifest.files}
-    imatrix_row = rows[f"imatrix-{model}.gguf"]
+    imatrix_row = rows[f"{model}.imatrix"]
     assert imatrix_row.role == "imatrix" and imatrix_row.source == k256.text_path.name
     for result in results:
         row = rows[result.path.name]
         assert row.role == "text" and row.type == result.type_name and row.bytes == result.path.stat().st_size
         assert row.sha256 == sha256_of(result.path) and row.tensor_types == result.tensor_type_counts
         assert row.bits_per_weight == pytest.approx(result.bpw, abs=1e-4)
-        assert row.imatrix == f"imatrix-{model}.gguf" and row.mmproj == k256.mmproj_path.name
+        assert row.imatrix == f"{model}.imatrix" and row.mmproj == k256.mmproj_path.name
     # bpw: 8 x bytes / weights of the 2-D tensors, from the header
     header = read_gguf_info(results[0].path)
     matrices = [t for t in header.tensors if len(t.shape) >= 2]
@@ -196,8 +196,8 @@ def test_cli_quantize_and_list(k256, tmp_path):
     counts = Manifest.load(folder)
     assert {row.path: row.tensor_types for row in counts.find("text")}[f"{k256.name}-MINE.gguf"] == {
         "Q5_K": 42, "Q8_0": 1}
-    listed = CliRunner().invoke(quantize_command, [str(folder), "--list"])
-    assert "Q4_K_M" in listed.output and "UD-Q4_K_XL" in listed.output
+    listed = CliRunner().invoke(quantize_command, ["--list"])
+    assert listed.exit_code == 0 and "Q4_K_M" in listed.output and "UD-Q4_K_XL" in listed.output
 
 
 # --- bad inputs: a clear error, and the folder unchanged ---------------------------------------------------

@@ -20,18 +20,36 @@ def echo_results(results: list, echo=click.echo) -> None:
             echo(f"  ... and {len(result.fallbacks) - 5} more fallbacks (listed in manifest.json)")
 
 
+def echo_listing(rows: list, echo=click.echo) -> None:
+    """``quantize --list``: name, kind, bits per weight, imatrix need, description."""
+    echo(f"{'quant':<12} {'kind':<10} {'bits/weight':<22} {'imatrix':<9} description")
+    for row in rows:
+        bits = f"{row.bits:.2f} (MedGemma 4B)" if row.exact else f"{row.bits:.2f} (main type)"
+        echo(f"{row.name:<12} {row.kind:<10} {bits:<22} {'needed' if row.needs_imatrix else 'optional':<9} "
+             f"{row.description}")
+    echo("imatrix: needed = llama.cpp refuses the type without one; optional = used when given (by default the "
+         "folder's), and it lowers the error of every type.")
+
+
 @click.command("quantize")
-@click.argument("outdir", type=click.Path(path_type=Path))
+@click.argument("outdir", type=click.Path(path_type=Path), required=False)
 @click.option("--quants", "-q", multiple=True,
               help="Comma-separated types: llama.cpp's (Q8_0, Q4_K_M, IQ2_XXS, ...) or recipes (UD-Q4_K_XL, ...).")
 @click.option("--imatrix",
-              help="Importance matrix file, or 'auto' to compute one on the bundled calibration set. AUTO uses the "
-                   "folder's matrix by default and computes one when there is none; 'none' for no matrix.")
+              help="Importance matrix file, or 'auto' to compute one on the bundled calibration set (saved as "
+                   "OUTDIR/<model>.imatrix). Default: the folder's own, for every type and recipe; AUTO computes one "
+                   "when there is none.")
+@click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (same as --imatrix none).")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=Path),
               help="Your own recipe TOML (built in addition to --quants). May be repeated.")
+@click.option("--split-max-size", "split_max_size", metavar="SIZE",
+              help="Write quants bigger than SIZE (e.g. 45GB) as llama.cpp split parts; 0 never splits. Default: "
+                   "45GB parts for files over 49GB.")
 @click.option("--force", is_flag=True, help="Rebuild outputs that are up to date or were made from other inputs.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores).")
-@click.option("--list", "list_types", is_flag=True, help="List the quant types and recipes, then exit.")
+@click.option("--list", "list_types", is_flag=True,
+              help="List the quant types and recipes with bits per weight and imatrix need, then exit (no OUTDIR "
+                   "needed).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--target-bpw", type=float,
               help="AUTO: the best mix (from measured sensitivity) within this many bits per weight.")
@@ -54,23 +72,30 @@ def echo_results(results: list, echo=click.echo) -> None:
 @click.option("--workers", type=click.IntRange(min=1),
               help="AUTO fast: threads quantizing tensors in parallel, one tensor each (default: --threads, "
                    "else all cores).")
-def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None, recipes: tuple[Path, ...],
-                     force: bool, threads: int | None, list_types: bool, quiet: bool, target_bpw: float | None,
-                     target_size: str | None, vram: str | None, ctx: int | None, sensitivity_method: str,
-                     dry_run: bool, cache_dir: Path | None, sensitivity_sample: int | None,
+def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str | None, no_imatrix: bool,
+                     recipes: tuple[Path, ...], split_max_size: str | None, force: bool, threads: int | None,
+                     list_types: bool, quiet: bool,
+                     target_bpw: float | None, target_size: str | None, vram: str | None, ctx: int | None,
+                     sensitivity_method: str, dry_run: bool, cache_dir: Path | None, sensitivity_sample: int | None,
                      workers: int | None) -> None:
     """Quantize the unquantized text GGUF in OUTDIR (written by convert) with llama.cpp's quantizer.
 
     With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
     sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
     """
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, plan_auto, quantize_folder
-    from medgemma_gguf.convert.quantize.llama_quantize import valid_quant_names
-    from medgemma_gguf.errors import UserError
+    from medgemma_gguf.convert.quantize.folder import IMATRIX_NONE, auto_quantize_folder, plan_auto, quantize_folder
+    from medgemma_gguf.convert.quantize.llama_quantize import quant_listing
+    from medgemma_gguf.errors import UserError, render
 
     if list_types:
-        click.echo(" ".join(valid_quant_names()))
+        echo_listing(quant_listing())
         return
+    if outdir is None:
+        raise click.UsageError("missing OUTDIR (the folder convert wrote); only --list runs without one")
+    if no_imatrix:
+        if imatrix is not None:
+            raise UserError("pass either --imatrix or --no-imatrix, not both")
+        imatrix = IMATRIX_NONE
     auto = any(v is not None for v in (target_bpw, target_size, vram, ctx))
     if auto:
         if quants or recipes:
@@ -81,7 +106,7 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
                              imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
                              max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
                              n_threads=threads, workers=workers)
-            for line in plan.lines():
+            for line in plan.lines("cli"):
                 click.echo(line)
             click.echo("dry run: nothing measured or written")
             return
@@ -104,8 +129,11 @@ def quantize_command(outdir: Path, quants: tuple[str, ...], imatrix: str | None,
             or workers is not None):
         raise UserError("--sensitivity, --sensitivity-sample, --cache-dir, --workers and --dry-run apply to AUTO; "
                         "add --target-bpw, --target-size or --vram")
+    from medgemma_gguf.gguf_split import parse_split_size
+
     results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
-                              progress=not quiet, n_threads=threads)
+                              progress=not quiet, n_threads=threads, split_max_size=parse_split_size(split_max_size),
+                              report=lambda line: click.echo(render(line, "cli")))
     echo_results(results)
     click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")
 
@@ -137,3 +165,4 @@ def imatrix_command(model: Path, mmproj: Path | None, output: Path, calibration:
     click.echo(f"wrote {output} ({len(imatrix.tensor_names)} matrices, {imatrix.chunk_count} chunks, "
                f"{described.get('items')} items, {described.get('positions')} positions of which "
                f"{described.get('image_positions')} image positions)")
+

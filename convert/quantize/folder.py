@@ -2,6 +2,14 @@
 matrix (``--imatrix auto``: computed once, reused), AUTO mixes chosen from measured sensitivity, manifest
 rows and the model card.
 
+* The importance matrix: ``imatrix_choice`` is the one policy every command follows — an explicit file,
+  ``auto`` (computed once on the bundled calibration set, reused while the source and calibration set are
+  unchanged) or ``none``; by default the folder's own (``folder_default_imatrix``: the one the manifest
+  records for the source model), for every type and recipe, said in the output. It is saved as
+  ``<model>.imatrix`` (llama.cpp's GGUF imatrix format inside; llama.cpp's tools read the format from the
+  content), so globs of models (``*.gguf``: LM Studio, llama.cpp's ``-hf``, Ollama's folder import) do not
+  take it for a model.
+
 * AUTO (``auto_quantize_folder``, ``quantize --target-bpw/--target-size/--vram``): a recipe chosen by
   ``convert.quantize.auto`` from the sensitivity table of ``convert.quantize.sensitivity``, written as
   ``<model>-AUTO-<bpw>.toml`` beside ``<model>-AUTO-<bpw>.gguf`` and quantized like any other recipe; the
@@ -12,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,13 @@ log = logging.getLogger(__name__)
 
 # --- an output folder -----------------------------------------------------------------------------------
 IMATRIX_AUTO = "auto"
+IMATRIX_NONE = "none"
+IMATRIX_SUFFIX = ".imatrix"
+
+
+def imatrix_file(folder: Path, model: str) -> Path:
+    """Where ``--imatrix auto`` saves the folder's importance matrix: ``<model>.imatrix`` (GGUF inside)."""
+    return Path(folder) / f"{model}{IMATRIX_SUFFIX}"
 
 
 def source_entry(folder: Path, manifest: Any) -> Any:
@@ -59,10 +74,19 @@ def quant_path(folder: Path, model: str, spec: QuantSpec) -> Path:
     return Path(folder) / f"{model}-{spec.name}.gguf"
 
 
+def _computed_row(folder: Path, manifest: Any, source: Any, calibration_sha256: str | None = None) -> Any | None:
+    """The manifest row of an imatrix ``--imatrix auto`` computed for ``source`` (and this calibration set, when
+    given) whose file is still there, under its current or an earlier name; None."""
+    rows = [row for row in manifest.present(folder, "imatrix") if row.source_sha256 == source.sha256
+            and row.calibration_sha256 and (calibration_sha256 is None or row.calibration_sha256 == calibration_sha256)]
+    return rows[-1] if rows else None
+
+
 def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, source: Any, mmproj: Any | None,
                      calibration: Any | None, force: bool, progress: bool, n_threads: int | None
                      ) -> tuple[Any | None, Path | None]:
-    """(Imatrix, file) for ``--imatrix``: None, a file, or ``auto`` (computed once into the folder, reused)."""
+    """(Imatrix, file) for a resolved choice (``imatrix_choice``): None, a file, or ``auto`` (computed once into
+    the folder, reused)."""
     from medgemma_gguf.convert.quantize.imatrix import (
         calibration_description,
         compute_imatrix,
@@ -72,19 +96,17 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
     from medgemma_gguf.hashing import sha256_of
     from medgemma_gguf.manifest import entry_for
 
-    if imatrix is None:
+    if imatrix is None or str(imatrix) == IMATRIX_NONE:
         return None, None
     if str(imatrix) != IMATRIX_AUTO:
         path = Path(imatrix)
         return read_imatrix(path), path
-    path = folder / f"imatrix-{manifest.model}.gguf"
+    path = imatrix_file(folder, manifest.model)
     described = calibration_description(calibration)
-    for row in manifest.find("imatrix"):
-        if (row.path == path.name and path.is_file() and row.source_sha256 == source.sha256
-                and row.calibration_sha256 == described["sha256"] and not force
-                and sha256_of(path) == row.sha256):
-            log.info("reusing %s", path.name)
-            return read_imatrix(path), path
+    row = None if force else _computed_row(folder, manifest, source, described["sha256"])
+    if row is not None and sha256_of(folder / row.path) == row.sha256:
+        log.info("reusing %s", row.path)
+        return read_imatrix(folder / row.path), folder / row.path
     if path.exists() and not force:
         raise UserError(f"{path} exists but the manifest does not record it for {source.path} and this "
                         f"calibration set; pass {setting('force')} to recompute it")
@@ -114,21 +136,27 @@ def _inputs(source: Any, spec: QuantSpec, imatrix_path: Path | None) -> dict[str
 def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, imatrix: str | Path | None = None,
                     recipe_files: Sequence[Path | str] = (), force: bool = False, progress: bool = True,
                     n_threads: int | None = None, calibration: Any | None = None,
-                    row_extra: dict[str, dict[str, Any]] | None = None, recipes: Sequence[Any] = ()
-                    ) -> list[QuantResult]:
+                    row_extra: dict[str, dict[str, Any]] | None = None, recipes: Sequence[Any] = (),
+                    report: Callable[[str], Any] | None = None,
+                    split_max_size: int | None = None) -> list[QuantResult]:
     """Quantize the folder's unquantized text GGUF to each of ``quants`` (+ each recipe file's recipe).
 
     Outputs are ``<model>-<TYPE>.gguf`` beside it, recorded in ``manifest.json`` (role, type, bytes, bpw,
     sha256, per-tensor type counts, fallbacks, inputs) and described in a generated ``README.md``.
-    ``imatrix``: None, an imatrix file, or ``"auto"`` (computed on ``calibration`` — default the bundled
-    set — into ``imatrix-<model>.gguf`` once and reused). A quant whose file still matches its manifest
-    row and inputs is skipped; ``force`` rebuilds. Every request is checked before any file is written.
-    ``row_extra``: more manifest fields per quant name (how an AUTO recipe was chosen). ``recipes``: parsed
-    recipes, built like ``recipe_files``. Each file's manifest row is saved before the file is renamed
-    into place, and the folder is recovered from killed runs first (``medgemma_gguf.integrity``).
+    ``imatrix`` (``imatrix_choice``): None — the folder's importance matrix, when it has one for the source
+    model; an imatrix file; ``"auto"`` (computed on ``calibration`` — default the bundled set — into
+    ``<model>.imatrix`` once and reused); ``"none"``. ``report`` gets a line saying which matrix is used
+    (settings marked for ``errors.render``).
+    A quant whose file still matches its manifest row and inputs is skipped; ``force`` rebuilds. Every
+    request is checked before any file is written. ``row_extra``: more manifest fields per quant name (how
+    an AUTO recipe was chosen). ``recipes``: parsed recipes, built like ``recipe_files``. Each file's manifest
+    row is saved before the file is renamed into place, and the folder is recovered from killed runs first
+    (``medgemma_gguf.integrity``). ``split_max_size``: parts of at most that many bytes in llama.cpp's split
+    format (``medgemma_gguf.gguf_split``: None = its default rule, 45 GB parts for files over 49 GB; 0 = never).
     """
     from medgemma_gguf.convert.quantize.model_card import write_model_card
     from medgemma_gguf.convert.quantize.recipe import load_recipe
+    from medgemma_gguf.gguf_split import same_model_file, split_gguf, split_size
     from medgemma_gguf.hashing import sha256_of
     from medgemma_gguf.integrity import open_manifest
     from medgemma_gguf.manifest import entry_for
@@ -145,12 +173,13 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     mmproj = _mmproj_entry(folder, manifest)
     info = read_gguf_info(source_path)
     plans = {spec.name: plan_recipe(spec.recipe, info.tensors) for spec in specs if spec.recipe}
+    imatrix, note = imatrix_choice(folder, manifest, source, imatrix)
     if imatrix is None:
         for spec in specs:
             needing = needs_imatrix(spec, info.tensors)
             if needing:
                 raise UserError(f"{spec.name} needs an importance matrix (llama.cpp refuses {needing[0]} without "
-                                f"one); {imatrix_help(source_path, folder / mmproj.path if mmproj else None)}")
+                                f"one; {note}); {imatrix_help(source_path, folder / mmproj.path if mmproj else None)}")
     elif str(imatrix) != IMATRIX_AUTO:
         from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
 
@@ -164,14 +193,16 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
             results[spec.name] = read_back(path, spec.name, None)
             results[spec.name].skipped = True
             continue
-        row = next((r for r in manifest.files if r.path == path.name), None)
-        if path.exists() and not force:
+        row = next((r for r in manifest.files if same_model_file(r.path, path.name)), None)
+        if (path.exists() or (row is not None and (folder / row.path).exists())) and not force:
             if row is None or row.role != "text":
                 raise UserError(f"{path} exists but the manifest does not record it; pass {setting('force')} to "
                                 "rebuild it")
             pending_inputs[spec.name] = row
         todo.append(spec)
 
+    if report is not None:
+        report(f"importance matrix: {note}")
     imatrix_data, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force,
                                                   progress, n_threads)
     for spec in todo:
@@ -179,10 +210,10 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
         inputs = _inputs(source, spec, imatrix_path)
         row = pending_inputs.get(spec.name)
         if row is not None:
-            if row.inputs != inputs or sha256_of(path) != row.sha256:
-                raise UserError(f"{path.name} was built from other inputs (source, recipe or imatrix) or changed "
+            if row.inputs != inputs or sha256_of(folder / row.path) != row.sha256:
+                raise UserError(f"{row.path} was built from other inputs (source, recipe or imatrix) or changed "
                                 f"since; pass {setting('force')} to rebuild it")
-            result = read_back(path, spec.name, plans.get(spec.name))
+            result = read_back(folder / row.path, spec.name, plans.get(spec.name))
             result.fallbacks = [Fallback(**f) for f in row.fallbacks] or result.fallbacks
             result.skipped = True
             results[spec.name] = result
@@ -204,6 +235,21 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
                                imatrix_name=imatrix_path.name if imatrix_path else None, force=True,
                                n_threads=n_threads, progress=progress, on_written=record)
         result.imatrix = imatrix_path
+        part_size = split_size(result.bytes, split_max_size)
+        parts = split_gguf(path, part_size, force=True) if part_size else [path]
+        if len(parts) > 1:  # the row recorded for the whole file now describes its parts
+            result.path, result.bytes = parts[0], sum(part.stat().st_size for part in parts)
+            whole = next(r for r in manifest.files if r.path == path.name)
+            split = entry_for(folder, parts[0], "text", spec.name, parts=parts)
+            manifest.files.remove(whole)
+            manifest.upsert(replace(whole, path=split.path, bytes=split.bytes, sha256=split.sha256, parts=split.parts))
+        for stale in [r for r in manifest.files if same_model_file(r.path, path.name)
+                      and r.path != parts[0].name]:  # the other layout's row and files, from an earlier run
+            for name in stale.part_paths:
+                if folder / name not in parts:
+                    (folder / name).unlink(missing_ok=True)
+            manifest.files.remove(stale)
+        manifest.save(folder)
         results[spec.name] = result
     write_model_card(folder, manifest)
     return [results[spec.name] for spec in specs]
@@ -216,18 +262,35 @@ def _quantizer_version() -> str:
 
 
 # --- the folder's importance matrix -----------------------------------------------------------------------
-IMATRIX_NONE = "none"
-
-
 def folder_default_imatrix(folder: Path, manifest: Any, source: Any) -> Path | None:
-    """THE policy for using a folder's importance matrix by default: the imatrix the manifest records for
-    ``source`` (same sha256) whose file is still there, the latest such row; None when there is none.
-
-    One function for every command that defaults to the folder's matrix (AUTO today), so the rule changes in
-    one place.
-    """
+    """Which importance matrix a folder uses by default: the imatrix the manifest records for ``source`` (same
+    sha256) whose file is still there, the latest such row; None when there is none."""
     rows = [row for row in manifest.present(folder, "imatrix") if row.source_sha256 == source.sha256]
     return Path(folder) / rows[-1].path if rows else None
+
+
+def imatrix_choice(folder: Path, manifest: Any, source: Any, requested: str | Path | None
+                   ) -> tuple[str | Path | None, str]:
+    """THE policy for the importance matrix of ``quantize``, recipes and AUTO: ``(choice, note)``, the choice a
+    file, ``IMATRIX_AUTO`` or None, and a line saying what is used and how to change it.
+
+    ``requested``: None (the default: the folder's matrix, ``folder_default_imatrix``), ``"none"``
+    (``--no-imatrix``), ``"auto"`` (compute one, or reuse the one computed before), or a file. AUTO asks for
+    one to be computed when the default finds none (``plan_auto``).
+    """
+    if requested is None:
+        found = folder_default_imatrix(folder, manifest, source)
+        if found is not None:
+            return found, (f"{found.name}, the folder's (computed for {source.path}); used by default for every type "
+                           f"and recipe — {setting('no_imatrix')} to quantize without it")
+        return None, (f"none ({folder} has no importance matrix for {source.path}; {setting('imatrix')} auto "
+                      "computes one)")
+    if str(requested) == IMATRIX_NONE:
+        return None, f"none ({setting('no_imatrix')})"
+    if str(requested) == IMATRIX_AUTO:
+        return IMATRIX_AUTO, (f"{imatrix_file(folder, manifest.model).name}, computed on the bundled calibration set "
+                              "(reused while the model and calibration set are unchanged)")
+    return requested, f"{Path(requested).name} (given)"
 
 
 # --- AUTO: a recipe chosen from measured sensitivity ----------------------------------------------------
@@ -250,11 +313,13 @@ class AutoPlan:
     job: Any  # convert.quantize.sensitivity.SensitivityJob
     feasible: tuple[str, str]
 
-    def lines(self) -> list[str]:
-        """The plan as printed before any work."""
+    def lines(self, interface: str = "python") -> list[str]:
+        """The plan as printed before any work, settings worded for ``interface`` (``errors.render``)."""
+        from medgemma_gguf.errors import render
+
         low, high = self.feasible
-        return [f"AUTO: {self.capacity.label} (feasible {low} .. {high})", f"  importance matrix: {self.imatrix_note}",
-                *self.job.plan.lines()]
+        return [f"AUTO: {self.capacity.label} (feasible {low} .. {high})",
+                f"  importance matrix: {render(self.imatrix_note, interface)}", *self.job.plan.lines()]
 
 
 @dataclass
@@ -294,25 +359,18 @@ def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw:
     mmproj = _mmproj_entry(folder, manifest)
     mmproj_path = folder / mmproj.path if mmproj else None
     budget = parse_budget(target_size, target_bpw, vram, ctx, mmproj_path)  # bad options fail before any work
-    if imatrix is None:
-        found = folder_default_imatrix(folder, manifest, source)
-        if found is not None:
-            imatrix, note = found, f"the folder's {found.name}"
-        else:
-            imatrix = IMATRIX_AUTO
-            note = (f"none in {folder} for {source.path}: computing imatrix-{manifest.model}.gguf on the bundled "
-                    "calibration set first")
-    elif str(imatrix) == IMATRIX_NONE:
-        imatrix, note = None, "none (types that need one are not candidates)"
-    elif str(imatrix) == IMATRIX_AUTO:
-        note = f"imatrix-{manifest.model}.gguf, computed on the bundled calibration set (reused when up to date)"
-    else:
-        note = str(imatrix)
+    requested = imatrix
+    imatrix, note = imatrix_choice(folder, manifest, source, requested)
+    if imatrix is None and requested is None:  # AUTO's own step: a matrix is computed when the folder has none
+        imatrix = IMATRIX_AUTO
+        note = (f"none in {folder} for {source.path}: computing {imatrix_file(folder, manifest.model).name} on the "
+                "bundled calibration set first")
+    elif imatrix is None:
+        note += "; types that need one are not candidates"
     pending = str(imatrix) == IMATRIX_AUTO
-    existing = folder / f"imatrix-{manifest.model}.gguf"
-    if pending and not force and any(row.path == existing.name and row.source_sha256 == source.sha256
-                                     for row in manifest.present(folder, "imatrix")):
-        imatrix, pending = existing, False  # "auto" with a matrix computed before: reuse it (as quantize does)
+    computed = _computed_row(folder, manifest, source)
+    if pending and not force and computed is not None:
+        imatrix, pending = folder / computed.path, False  # "auto" with a matrix computed before: reuse it
     job = plan_sensitivity(
         source_path, mmproj_path, None if pending else imatrix, method=sensitivity_method,
         candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES, probes=tuple(probes) if probes else None,
@@ -350,7 +408,7 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
                      probes=probes, max_text=max_text, max_images=max_images, calibration=calibration, force=force,
                      n_threads=n_threads, workers=workers, sampling=sampling, timing=report is not None)
     if report is not None:
-        for line in plan.lines():
+        for line in plan.lines("cli"):
             report(line)
     folder, manifest, source, mmproj = plan.folder, plan.manifest, plan.source, plan.mmproj
     source_path = folder / source.path
@@ -387,7 +445,7 @@ def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, 
            "sensitivity_cache": str(sensitivity.cache_path) if sensitivity.cache_path else None,
            "sensitivity_cost": sensitivity.cost, "recipe_file": recipe_path.name,
            "imatrix": imatrix_path.name if imatrix_path else None}
-    [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else None,
+    [result] = quantize_folder(folder, [], imatrix=str(imatrix_path) if imatrix_path else IMATRIX_NONE,
                                recipes=[recipe], force=force, progress=progress, n_threads=n_threads,
                                row_extra={name: {"auto": how}})
     # the recipe file is written once the quant and its row (which names it) are in place, so a killed run

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from medgemma_gguf.atomic import atomic_output
 from medgemma_gguf.convert.quantize.recipe import (
     QuantPlan,
     Recipe,
+    TensorSpec,
     builtin_recipe,
     builtin_recipe_names,
     is_quantizable,
@@ -154,6 +156,56 @@ def resolve_quants(names: Iterable[str], recipes: Sequence[Recipe] = ()) -> list
         if recipe.name not in [s.name for s in specs]:
             specs.append(QuantSpec(recipe.name, recipe=recipe))
     return specs
+
+
+def medgemma_4b_tensors() -> list[TensorSpec]:
+    """The quantizable tensors of MedGemma 4B's text model (34 layers, width 2560, 8 query and 4 key/value heads
+    of 256, feed-forward 10240, the 262,208-row vocabulary tied to the output), in ggml shape order."""
+    width, heads, kv_heads, head, ff, vocab = 2560, 8, 4, 256, 10240, 262208
+    tensors = [TensorSpec("token_embd.weight", (width, vocab))]
+    for i in range(34):
+        tensors += [TensorSpec(f"blk.{i}.attn_q.weight", (width, heads * head)),
+                    TensorSpec(f"blk.{i}.attn_k.weight", (width, kv_heads * head)),
+                    TensorSpec(f"blk.{i}.attn_v.weight", (width, kv_heads * head)),
+                    TensorSpec(f"blk.{i}.attn_output.weight", (heads * head, width)),
+                    TensorSpec(f"blk.{i}.ffn_gate.weight", (width, ff)),
+                    TensorSpec(f"blk.{i}.ffn_up.weight", (width, ff)),
+                    TensorSpec(f"blk.{i}.ffn_down.weight", (ff, width))]
+    return tensors
+
+
+@dataclass(frozen=True)
+class QuantListing:
+    """One row of ``quantize --list``."""
+
+    name: str
+    kind: str  # "llama.cpp" (a standard mix) or "recipe"
+    bits: float
+    exact: bool  # bits computed for the model's tensors (recipes); else the mix's main type's bits
+    needs_imatrix: bool
+    description: str
+
+
+def quant_listing(tensors: Sequence[Any] | None = None) -> list[QuantListing]:
+    """Every name ``--quants`` accepts with its bits per weight and whether it needs an importance matrix.
+
+    Recipes are planned on ``tensors`` (default: MedGemma 4B's, ``medgemma_4b_tensors``), so their bits per
+    weight are exact for that model; llama.cpp's own mixes are decided by llama.cpp tensor by tensor, so
+    their main type's bits are shown (k-quant mixes keep some tensors at more bits)."""
+    from medgemma_gguf.quant_types import TENSOR_TYPE
+
+    tensors = list(tensors) if tensors is not None else medgemma_4b_tensors()
+    rows = [QuantListing(row.name, "llama.cpp", TENSOR_TYPE[row.default].bits, False, row.needs_imatrix,
+                         row.description) for row in FILE_TYPES]
+    for name in builtin_recipe_names():
+        recipe = builtin_recipe(name)
+        plan = plan_recipe(recipe, tensors)
+        sizes = {t.name: math.prod(t.shape) for t in tensors}
+        weights = sum(sizes[n] for n in plan.types)
+        bits = sum(TENSOR_TYPE[q].bits * sizes[n] for n, q in plan.types.items()) / weights
+        rows.append(QuantListing(name, "recipe", bits, True, bool(needs_imatrix(QuantSpec(name, recipe=recipe),
+                                                                                tensors)), recipe.description))
+    return rows
 
 
 # --- what a quantization needs --------------------------------------------------------------------------
