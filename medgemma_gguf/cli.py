@@ -33,6 +33,9 @@ SUBCOMMANDS: dict[str, str] = {
     "check": "medgemma_gguf.quant_eval.cli:check_command",
     "demo": "medgemma_gguf.fixtures.cli:demo_command",
     "verify": "medgemma_gguf.cli:verify_command",
+    "pull": "medgemma_gguf.hub_cli:pull_command",
+    "push": "medgemma_gguf.convert.quantize.cli:push_command",
+    "export": "medgemma_gguf.convert.quantize.cli:export_group",
 }
 
 

@@ -42,6 +42,7 @@ from medgemma_gguf.errors import InputError, NotFoundError, ResourceError, UserE
 from medgemma_gguf.gguf_info import check_model_pair, read_gguf_info
 from medgemma_gguf.integrity import check_file_against_folder
 from medgemma_gguf.manifest import Manifest
+from medgemma_gguf.pull import is_hub_spec, pull
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
@@ -542,6 +543,11 @@ def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: 
     """The files ``load`` runs for ``model`` (a GGUF or a folder: ``choose_quant``) and ``mmproj`` (else the one
     beside the model), checked to belong together and be complete; nothing is loaded."""
     mmproj_note = choice_note = ""
+    if is_hub_spec(str(model)):  # hf:REPO[:QUANT]: that quant and its mmproj, downloaded into the Hub cache
+        pulled = pull(str(model), quant=quant)
+        model, quant, choice_note = pulled.model, None, f"{pulled.repo}:{pulled.quant} (commit {pulled.revision[:12]})"
+        if mmproj is None:
+            mmproj, mmproj_note = pulled.mmproj, pulled.mmproj_note
     model = Path(model)
     name = model.stem
     if model.is_dir():

@@ -155,8 +155,9 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
                  prompt: str | None,
                  system: str | None, preset: str | None, window: tuple[float, float] | None,
                  max_image_pixels: int, as_json: bool, **options: Any) -> None:
-    """Chat with MODEL: a GGUF file, or a folder of GGUFs (its manifest's, or as published by Unsloth,
-    bartowski or ggml-org), where the default rule picks the quant (see --quant)."""
+    """Chat with MODEL: a GGUF file, a folder of GGUFs (its manifest's, or as published by Unsloth,
+    bartowski or ggml-org), where the default rule picks the quant (see --quant), or hf:REPO[:QUANT] (that
+    quant and its mmproj downloaded from the Hub first, as `pull` does)."""
     from medgemma_gguf.runtime.sampling import sampling_settings
 
     study = {name: options.pop(name) for name in STUDY_OPTION_NAMES}
@@ -424,11 +425,16 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
 def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None, as_json: bool) -> None:
     """Rank the quants in FOLDER that fit a memory budget, best first (by KL where a report exists, else by
-    bits per weight); FOLDER may be any folder of GGUFs."""
+    bits per weight); FOLDER may be any folder of GGUFs, or hf:REPO[:QUANT] (that quant is pulled first and
+    the quants downloaded from REPO are ranked)."""
+    from medgemma_gguf.pull import is_hub_spec, pull
     from medgemma_gguf.runtime.quant_choice import rank_quants
     from medgemma_gguf.sizes import format_size, parse_size
 
     vram_bytes = parse_size(vram, setting("vram")) if vram else None
+    if is_hub_spec(str(folder)):  # hf:REPO[:QUANT]: rank what has been downloaded of it, after pulling that quant
+        pulled = pull(str(folder), report=lambda line: click.echo(line, err=True))
+        folder = pulled.folder
     ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=vram_bytes, report=report)
     rows: list[dict[str, Any]] = [
         {"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),

@@ -166,3 +166,53 @@ def imatrix_command(model: Path, mmproj: Path | None, output: Path, calibration:
                f"{described.get('items')} items, {described.get('positions')} positions of which "
                f"{described.get('image_positions')} image positions)")
 
+
+@click.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist yet).")
+@click.option("--revision", help="Branch to commit to (created when missing; default: main).")
+@click.option("--yes", is_flag=True, help="Upload. Without it, a dry run lists what would be uploaded.")
+@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token with write access (default: $HF_TOKEN or "
+                                                 "`hf auth login`).")
+def push_command(folder: Path, repo: str, private: bool, revision: str | None, yes: bool, token: str | None) -> None:
+    """Publish FOLDER (written by convert/quantize) to the Hub model repository REPO (OWNER/NAME): the models
+    (every part of a split model), mmproj, importance matrix, recipes, evaluation report and a model card with
+    the Hub's metadata. A dry run by default; --yes uploads, in one commit."""
+    from medgemma_gguf.convert.quantize.publish import push
+
+    push(folder, repo, private=private, revision=revision, yes=yes, token=token, report=click.echo)
+
+
+@click.group("export")
+def export_group() -> None:
+    """Files for other tools: an Ollama Modelfile, a stock llama-quantize command."""
+
+
+@export_group.command("ollama")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--quant", help="The quant to export, by type or file name (default: chat's default rule).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Where to write it (default: FOLDER/Modelfile).")
+@click.option("--force", is_flag=True, help="Replace a Modelfile that medgemma-gguf did not write.")
+def export_ollama_command(folder: Path, quant: str | None, output: Path | None, force: bool) -> None:
+    """Write an Ollama Modelfile for one quant of FOLDER and the mmproj beside it; then
+    `ollama create NAME -f FOLDER/Modelfile`."""
+    from medgemma_gguf.convert.quantize.export import export_ollama
+
+    result = export_ollama(folder, quant=quant, output=output, force=force)
+    click.echo(f"wrote {result.path} ({result.model.name}" + (f" + {result.mmproj.name})" if result.mmproj else ")"))
+    click.echo(f"then: ollama create {result.name} -f {result.path}")
+
+
+@export_group.command("llama-quantize")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--recipe", required=True,
+              help="A bundled recipe (UD-Q4_K_XL, ...) or a recipe TOML (e.g. FOLDER/<model>-AUTO-4.50.toml).")
+@click.option("--no-imatrix", is_flag=True, help="Leave the folder's importance matrix out of the command.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="The output GGUF the command names.")
+def export_llama_quantize_command(folder: Path, recipe: str, no_imatrix: bool, output: Path | None) -> None:
+    """Print the stock llama-quantize command that reproduces RECIPE's per-tensor types on FOLDER's
+    unquantized text GGUF (one --tensor-type per tensor kind and type)."""
+    from medgemma_gguf.convert.quantize.export import llama_quantize_command
+
+    click.echo(llama_quantize_command(folder, recipe, use_imatrix=not no_imatrix, output=output).shell)

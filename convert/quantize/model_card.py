@@ -243,7 +243,7 @@ def _usage_lines(folder: Path, manifest: Manifest, texts: list[Any], mmprojs: li
     if repo_id:
         lines.append(f"llama-server -hf {repo_id}:{quant}")
     lines += [f"llama-server -m {model}" + (f" --mmproj {mmproj}" if mmproj else ""), "```", ""]
-    lmstudio = f"`lms get {repo_id}`, or " if repo_id else ""
+    lmstudio = f"search for `{repo_id}` in LM Studio's model search, or " if repo_id else ""
     lines += [f"With LM Studio: {lmstudio}put `{model}`" + (f" and `{mmproj}`" if mmproj else "")
               + " together in one folder two levels under LM Studio's models folder "
               f"(`~/.lmstudio/models/<publisher>/{here}/`); LM Studio recognises the projector by `mmproj` in its "
