@@ -184,9 +184,29 @@ def _pick_mmproj(repo: str, files: list[str], model: str, include: str | None) -
     return ordered[0], note
 
 
+def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path | None) -> Path | None:
+    """The Hub cache's snapshot folder of ``repo`` at ``revision`` (a branch or tag the cache recorded, or a
+    commit; default main), or None. Read with ``scan_cache_dir``: ``snapshot_download(local_files_only=True)``
+    refuses a snapshot that holds only some of the repository's files, which is what ``pull`` leaves."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    wanted = revision or "main"
+    try:
+        cache = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return None
+    for cached in cache.repos:
+        if cached.repo_id == repo and cached.repo_type == "model":
+            for rev in cached.revisions:
+                if wanted in rev.refs or rev.commit_hash == wanted:
+                    return Path(rev.snapshot_path)
+    return None
+
+
 def _repo_files(repo: str, revision: str | None, token: str | None, cache_dir: Path | None) -> tuple[str, list[str]]:
-    """(commit, file paths) of the repository: from the Hub, else — offline — from the Hub cache."""
-    from huggingface_hub import HfApi, snapshot_download
+    """(commit, file paths) of the repository: from the Hub, else — offline — what the Hub cache holds of it."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
@@ -196,12 +216,11 @@ def _repo_files(repo: str, revision: str | None, token: str | None, cache_dir: P
             raise UserError(f"the Hub did not say which commit of {repo} it lists; re-run")
         return info.sha, [sibling.rfilename for sibling in info.siblings or []]
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        try:
-            folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True))
-        except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = _cached_snapshot(repo, revision, cache_dir)
+        if folder is None:
             raise UserError(f"cannot reach the Hub for {repo} ({type(exc).__name__}) and the Hub cache has no copy; "
                             "connect and run again") from exc
-        log.warning("the Hub is unreachable; using the copy of %s in the Hub cache", repo)
+        log.warning("offline or the Hub is unreachable: using the copy of %s in the Hub cache", repo)
         return folder.name, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
@@ -214,22 +233,30 @@ def pull(spec: str | HubSpec, *, quant: str | None = None, revision: str | None 
     ``revision``: a branch, tag or commit; ``token``: for gated or private repositories (default:
     ``HF_TOKEN`` or ``hf auth login``'s). ``report`` gets a line per file before it is downloaded.
     """
-    from huggingface_hub import hf_hub_download
+    import glob
+
+    from huggingface_hub import snapshot_download
 
     hub = parse_hub_spec(spec) if isinstance(spec, str) else spec
     quant = quant or hub.quant
-    commit, files = _repo_files(hub.repo, revision, token, cache_dir)
+    _listed, files = _repo_files(hub.repo, revision, token, cache_dir)
     plan = plan_pull(hub.repo, files, quant, include_mmproj)
-    local: dict[str, Path] = {}
-    for name in (*plan.model_files, *([plan.mmproj] if plan.mmproj else [])):
-        if report is not None:
+    wanted = [*plan.model_files, *([plan.mmproj] if plan.mmproj else [])]
+    if report is not None:
+        for name in wanted:
             report(f"fetching {hub.repo}/{name}")
-        with hub_errors(hub.repo, revision):
-            local[name] = Path(hf_hub_download(hub.repo, name, revision=commit, token=token, cache_dir=cache_dir))
-    parts = tuple(local[name] for name in plan.model_files)
-    mmproj = local[plan.mmproj] if plan.mmproj else None
-    first = plan.model_files[0]
-    folder = parts[0].parents[len(PurePosixPath(first).parts) - 1]
+    # snapshot_download, not one hf_hub_download per file: it records the branch -> commit ref in the cache (so a
+    # later pull works offline) and downloads every file from one commit
+    with hub_errors(hub.repo, revision):
+        folder = Path(snapshot_download(hub.repo, revision=revision, token=token, cache_dir=cache_dir,
+                                        allow_patterns=[glob.escape(name) for name in wanted]))
+    commit = folder.name
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{hub.repo} at commit {commit[:12]} has no {missing[0]} (the repository changed while "
+                        "pulling); run the command again")
+    parts = tuple(folder / name for name in plan.model_files)
+    mmproj = folder / plan.mmproj if plan.mmproj else None
     info = read_gguf_info(parts[0])
     info.check_complete()
     check_model_pair(parts[0], mmproj)

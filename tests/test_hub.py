@@ -77,10 +77,11 @@ def hub(store, converted, tmp_path_factory):
         yield stand_in
 
 
-def run(hub: HubStandIn, home: Path, *args: str, token: str | None = "hf_reader") -> subprocess.CompletedProcess:
+def run(hub: HubStandIn, home: Path, *args: str, token: str | None = "hf_reader",
+        **extra_env: str) -> subprocess.CompletedProcess:
     """``medgemma-gguf ARGS`` in a fresh process whose huggingface_hub talks to the stand-in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(hub.client_env(home, token))
+    env.update(hub.client_env(home, token), **extra_env)
     return subprocess.run([sys.executable, "-m", "medgemma_gguf", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=home)
 
@@ -109,6 +110,11 @@ def test_pull_one_quant_and_its_mmproj_into_the_hub_cache(hub, tmp_path):
     again = run(hub, tmp_path, "pull", f"{UNSLOTH}:Q4_K_M")
     assert again.returncode == 0 and _paths(again.stdout)["model"] == [model]
     assert len(hub.gets("/mmproj-F16.gguf")) == fetched
+    # offline: from the cache, nothing sent
+    sent = len(hub.requests)
+    offline = run(hub, tmp_path, "pull", UNSLOTH, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert _paths(offline.stdout)["model"] == [model] and len(hub.requests) == sent
     # a recipe label, another mmproj type; nothing else of the repo is downloaded
     other = run(hub, tmp_path, "pull", f"{UNSLOTH}:UD-Q4_K_XL", "--include-mmproj", "BF16")
     assert other.returncode == 0, other.stderr

@@ -54,7 +54,7 @@ GEMMA3_TEMPLATE = """{{- $system := "" }}
 {{- else if eq .Role "assistant" }}<start_of_turn>model
 {{ .Content }}<end_of_turn>
 {{ end }}
-{{- if $last }}<start_of_turn>model
+{{- if and $last (ne .Role "assistant") }}<start_of_turn>model
 {{ end }}
 {{- end }}"""
 _OLLAMA_PARAMETERS = (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
