@@ -4,8 +4,8 @@ upload a model repository (see /work/notes/ecosystem-lora.md §1), served on loo
 Downloads: ``GET /api/models/{repo}[/revision/{rev}]`` (sha, siblings, gated), ``HEAD|GET
 /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ETag``/``X-Linked-Etag`` = sha256, ``X-Linked-Size``,
 HTTP Range → 206). Uploads (legacy path, ``HF_HUB_DISABLE_XET=1``): ``whoami-v2``, ``repos/create``,
-``validate-yaml``, ``preupload``, the LFS batch API, ``PUT`` of LFS objects, ``commit`` (NDJSON). Errors carry
-``X-Error-Code`` (RepoNotFound, GatedRepo, EntryNotFound, RevisionNotFound) as the Hub sends them.
+``validate-yaml``, ``preupload``, the LFS batch API, ``PUT`` of LFS objects, ``commit`` (NDJSON), ``branch``.
+Errors carry ``X-Error-Code`` (RepoNotFound, GatedRepo, EntryNotFound, RevisionNotFound) as the Hub sends them.
 
 Test hooks: ``drop_once[path] = n`` closes the connection after ``n`` bytes of that file's first GET (a dropped
 download), ``requests`` records every request (method, path, headers), ``tokens`` maps a token to its user.
@@ -39,6 +39,7 @@ class Repo:
     owner_token: str | None = None
     commits: list[str] = field(default_factory=list)
     private: bool = False
+    branches: dict[str, dict[str, bytes]] = field(default_factory=dict)  # other branches than main: their files
 
     @property
     def sha(self) -> str:
@@ -202,7 +203,9 @@ class HubStandIn:
                 elif match := re.match(r"^/api/models/([^/]+/[^/]+)/preupload/([^/]+)$", path):
                     self._preupload(match.group(1))
                 elif match := re.match(r"^/api/models/([^/]+/[^/]+)/commit/([^/]+)$", path):
-                    self._commit(match.group(1))
+                    self._commit(match.group(1), match.group(2))
+                elif match := re.match(r"^/api/models/([^/]+/[^/]+)/branch/([^/]+)$", path):
+                    self._branch(match.group(1), match.group(2))
                 elif match := re.match(r"^/([^/]+/[^/]+)\.git/info/lfs/objects/batch$", path):
                     self._lfs_batch(match.group(1))
                 elif match := re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path):
@@ -350,22 +353,36 @@ class HubStandIn:
                 self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
                            content_type="application/vnd.git-lfs+json")
 
-            def _commit(self, repo_id: str):
+            def _branch(self, repo_id: str, branch: str):
                 repo = self._writable(repo_id)
                 if repo is None:
                     return
+                if branch in repo.branches:
+                    self._error(409, None, "Reference already exists")
+                    return
+                repo.branches[branch] = dict(repo.files)
+                self._json(200, {})
+
+            def _commit(self, repo_id: str, revision: str):
+                repo = self._writable(repo_id)
+                if repo is None:
+                    return
+                if revision != "main" and revision not in repo.branches:
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                    return
+                files = repo.files if revision == "main" else repo.branches[revision]
                 for line in self._body().decode().splitlines():
                     item = json.loads(line)
                     value = item["value"]
                     if item["key"] == "file":
-                        repo.files[value["path"]] = base64.b64decode(value["content"])
+                        files[value["path"]] = base64.b64decode(value["content"])
                     elif item["key"] == "lfsFile":
                         if value["oid"] not in hub.lfs:
                             self._error(422, None, f"LFS object {value['oid']} was not uploaded")
                             return
-                        repo.files[value["path"]] = hub.lfs[value["oid"]]
+                        files[value["path"]] = hub.lfs[value["oid"]]
                     elif item["key"] == "deletedFile":
-                        repo.files.pop(value["path"], None)
+                        files.pop(value["path"], None)
                 sha = repo.commit()
                 self._json(200, {"commitOid": sha, "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}"})
 

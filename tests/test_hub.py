@@ -223,7 +223,13 @@ def test_push_uploads_to_the_hub_in_one_commit(hub, out_folder, tmp_path):
     assert card.startswith("---\n") and not hub.yaml_errors
     assert f"medgemma-gguf chat hf:{repo_id}:" in card and "not a medical device" in card
     assert str(out_folder) not in repo.files["report/report.json"].decode()  # local paths cut to file names
+    assert Manifest.load(out_folder).source["repo_or_path"] not in card  # the local source folder by name only
     assert [r for r in hub.requests if r[0] == "PUT"]  # the GGUFs went through the LFS upload
+    # to a branch: created, committed there, main unchanged
+    main_files = dict(repo.files)
+    branch = run(hub, tmp_path, "push", str(out_folder), repo_id, "--yes", "--revision", "v1-test", token=WRITER)
+    assert branch.returncode == 0, branch.stderr
+    assert repo.files == main_files and set(repo.branches["v1-test"]) == _expected(out_folder)
     # pull what was pushed
     pulled = run(hub, tmp_path, "pull", f"{repo_id}:Q4_K_M")
     assert pulled.returncode == 0, pulled.stderr

@@ -71,8 +71,9 @@ def card_metadata(folder: Path, manifest: Manifest) -> tuple[dict[str, Any], lis
     if base:
         data.update(base_model=base, base_model_relation="quantized")
     else:
-        missing.append(f"base_model (the source, `{manifest.source.get('repo_or_path')}`, is a local folder, not a "
-                       "Hub repo: add `base_model: OWNER/NAME` and `base_model_relation: quantized` by hand)")
+        local = Path(str(manifest.source.get("repo_or_path") or "?")).name
+        missing.append(f"base_model (the source, the local folder `{local}`, is not a Hub repo: add "
+                       "`base_model: OWNER/NAME` and `base_model_relation: quantized` by hand)")
     license_id = metadata.get("general.license")
     if license_id:
         data["license"] = str(license_id)
@@ -184,10 +185,11 @@ def render_model_card(folder: Path, manifest: Manifest, *, repo_id: str | None =
     metadata = read_gguf_info(folder / texts[0].path).metadata if texts else {}
     data, missing = card_metadata(folder, manifest)
     kl = _report_kl(folder)
-    source = manifest.source.get("repo_or_path", "unknown")
+    source = str(manifest.source.get("repo_or_path", "unknown"))
+    shown = data.get("base_model") or Path(source).name  # a local folder by its name only: cards get published
     revision = manifest.source.get("revision")
     lines = [f"# {manifest.model} — GGUF", "",
-             f"GGUF files of `{data.get('base_model') or source}`{f' (revision `{revision}`)' if revision else ''}, "
+             f"GGUF files of `{shown}`{f' (revision `{revision}`)' if revision else ''}, "
              "converted and quantized with medgemma-gguf using llama.cpp's quantizer. The "
              "text model and the vision projector (mmproj) are separate files; image input needs both.", "",
              f"> {NOTICE}", "", *_adapter_lines(manifest.source.get("adapter"))]
@@ -232,8 +234,8 @@ def _usage_lines(folder: Path, manifest: Manifest, texts: list[Any], mmprojs: li
     mmproj = mmprojs[0].path if mmprojs else None
     image = " --image xray.png" if mmproj else ""
     here = folder.name
-    lines = ["## Run", "", "With medgemma-gguf (`pip install medgemma-gguf`; given a folder it picks the best quant "
-             "that fits, and the mmproj beside it):", "", "```sh"]
+    lines = ["## Run", "", "With medgemma-gguf (given a folder it picks the best quant that fits, and the mmproj "
+             "beside it):", "", "```sh"]
     if repo_id:
         lines += [f"medgemma-gguf pull {repo_id}:{quant}",
                   f"medgemma-gguf chat hf:{repo_id}:{quant}{image} --prompt \"Describe this X-ray\""]
@@ -242,7 +244,10 @@ def _usage_lines(folder: Path, manifest: Manifest, texts: list[Any], mmprojs: li
               "```sh"]
     if repo_id:
         lines.append(f"llama-server -hf {repo_id}:{quant}")
-    lines += [f"llama-server -m {model}" + (f" --mmproj {mmproj}" if mmproj else ""), "```", ""]
+    lines += [f"llama-server -m {model}" + (f" --mmproj {mmproj}" if mmproj else ""), "```", "",
+              "With llama.cpp's command line:", "", "```sh",
+              f"llama-mtmd-cli -m {model} --mmproj {mmproj} --image xray.png -p \"Describe this X-ray\"" if mmproj
+              else f"llama-cli -m {model} -cnv", "```", ""]
     lmstudio = f"search for `{repo_id}` in LM Studio's model search, or " if repo_id else ""
     lines += [f"With LM Studio: {lmstudio}put `{model}`" + (f" and `{mmproj}`" if mmproj else "")
               + " together in one folder two levels under LM Studio's models folder "
