@@ -144,8 +144,12 @@ class HubStandIn:
                 self._json(status, {"error": message}, headers)
 
             def _body(self) -> bytes:
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+                """The request body, read once (every POST/PUT reads it first, so an early error reply leaves no
+                unread bytes on a kept-alive connection)."""
+                if getattr(self, "_read", None) is None:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    self._read = self.rfile.read(length) if length else b""
+                return self._read
 
             def _record(self):
                 with hub._lock:
@@ -168,10 +172,14 @@ class HubStandIn:
                 self._route()
 
             def do_POST(self):
+                self._read = None
+                self._body()
                 self._record()
                 self._route()
 
             def do_PUT(self):
+                self._read = None
+                self._body()
                 self._record()
                 path = urlparse(self.path).path
                 if path.startswith("/lfs-upload/"):
