@@ -597,10 +597,10 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     ``model``: a text GGUF (the first part of a split model), a folder — an output folder of
     ``medgemma-gguf convert`` or any folder of GGUFs (Unsloth's, bartowski's, ggml-org's) — or
     ``"hf:REPO[:QUANT]"`` (that quant and its mmproj downloaded into the Hub cache first, ``medgemma_gguf.pull``;
-    ``quant`` may name the quant instead). From a folder the default rule of ``runtime.quant_choice.choose_quant`` picks the quant (GPU:
-    the best that fits ``vram``; CPU: the best of at most 5.5 bits per weight that fits in RAM; ranked by a
-    report's KL when the folder has one, else by bits per weight); ``quant="Q4_K_M"`` picks one by type or
-    name. Without ``mmproj``, the mmproj is found beside the text model (the manifest's, else an mmproj GGUF
+    ``quant`` may name the quant instead). From a folder the default rule of ``runtime.quant_choice.choose_quant``
+    picks the quant (GPU: the best that fits ``vram``; CPU: the best of at most 5.5 bits per weight that fits in
+    RAM; ranked by a report's KL when the folder has one, else by bits per weight); ``quant="Q4_K_M"`` picks one
+    by type or name. Without ``mmproj``, the mmproj is found beside the text model (the manifest's, else an mmproj GGUF
     of the folder that fits the model: F16 before BF16, F32, Q8_0), and ``ChatModel.mmproj_note`` says which.
     A mismatched mmproj (another model's width, or not a Gemma 3 projector) is refused here.
     ``n_gpu_layers="auto"`` plans with ``runtime.offload.plan_offload`` (logged at INFO and kept in
