@@ -21,7 +21,8 @@ def _run(capsys, *args):
 def test_every_subcommand_is_listed_and_has_help(capsys):
     code, out, _ = _run(capsys, "--help")
     assert code == 0
-    assert set(SUBCOMMANDS) >= {"convert", "imatrix", "quantize", "chat", "serve", "fit", "eval", "demo", "check"}
+    assert set(SUBCOMMANDS) >= {"convert", "imatrix", "quantize", "chat", "serve", "fit", "eval", "demo", "check",
+                                "pull", "push", "export"}
     for name in SUBCOMMANDS:
         assert f"  {name}" in out
         code, sub_help, _ = _run(capsys, name, "--help")
