@@ -112,7 +112,7 @@ def test_pull_one_quant_and_its_mmproj_into_the_hub_cache(hub, tmp_path):
     assert len(hub.gets("/mmproj-F16.gguf")) == fetched
     # offline: from the cache, nothing sent
     sent = len(hub.requests)
-    offline = run(hub, tmp_path, "pull", UNSLOTH, HF_HUB_OFFLINE="1")
+    offline = run(hub, tmp_path, "pull", "--offline", UNSLOTH)
     assert offline.returncode == 0, offline.stderr
     assert _paths(offline.stdout)["model"] == [model] and len(hub.requests) == sent
     # a recipe label, another mmproj type; nothing else of the repo is downloaded
