@@ -65,6 +65,7 @@ SETTINGS: dict[str, Spelling] = {
     "force": Spelling("--force", "force=True", "'force'"),
     "imatrix": Spelling("--imatrix", "imatrix", "'imatrix'"),
     "no_imatrix": Spelling("--no-imatrix", "imatrix=\"none\"", "'imatrix': 'none'"),
+    "split_max_size": Spelling("--split-max-size", "split_max_size", "'split_max_size'"),
     "quants": Spelling("--quants", "quants", "'quants'"),
     "recipe": Spelling("--recipe", "recipe_files", "'recipe'"),
     "token": Spelling("--token", "token", "a Hugging Face token"),

@@ -20,7 +20,7 @@ from typing import Any
 import gguf
 
 from medgemma_gguf.atomic import StagedOutputs
-from medgemma_gguf.errors import InputError, UserError
+from medgemma_gguf.errors import InputError, UserError, setting
 from medgemma_gguf.gguf_info import SPLIT_NAME, read_gguf_info, split_part_name
 from medgemma_gguf.sizes import parse_size
 
@@ -35,11 +35,11 @@ def parse_split_size(text: str | int | None) -> int | None:
         return None
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise InputError(f"the split size must be 0 (no split) or more, got {text}")
+            raise InputError(f"{setting('split_max_size')} must be 0 (no split) or a size, got {text}")
         return text
     if str(text).strip() in ("0", "none"):
         return 0
-    return parse_size(str(text))
+    return parse_size(str(text), setting("split_max_size"))
 
 
 def split_size(file_bytes: int, requested: int | None) -> int:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PARTIAL_NAME = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>\d+){re.escape(TEMP_SUFFIX)}$")
 # files a folder may hold besides its manifest's rows: the model card, and the evaluation report folder
-COMPANIONS = ("README.md",)
+COMPANIONS = ("README.md", "Modelfile")  # the model card; export ollama's Modelfile
 COMPANION_FOLDERS = ("report",)
 
 

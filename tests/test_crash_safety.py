@@ -31,8 +31,8 @@ QUANTS = "Q8_0,Q4_K_M"
 # (kind, file): where a kill is aimed, in the order a run reaches them
 TRIGGERS = [
     ("start", ""), ("partial", f"{NAME}-BF16.gguf"), ("partial", f"mmproj-{NAME}-F16.gguf"),
-    ("row", f"{NAME}-BF16.gguf"), ("final", f"{NAME}-BF16.gguf"), ("partial", f"imatrix-{NAME}.gguf"),
-    ("row", f"imatrix-{NAME}.gguf"), ("partial", f"{NAME}-Q8_0.gguf"), ("row", f"{NAME}-Q8_0.gguf"),
+    ("row", f"{NAME}-BF16.gguf"), ("final", f"{NAME}-BF16.gguf"), ("partial", f"{NAME}.imatrix"),
+    ("row", f"{NAME}.imatrix"), ("partial", f"{NAME}-Q8_0.gguf"), ("row", f"{NAME}-Q8_0.gguf"),
     ("partial", f"{NAME}-Q4_K_M.gguf"), ("row", f"{NAME}-Q4_K_M.gguf"), ("partial", "README.md"),
 ]
 
