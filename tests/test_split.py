@@ -105,7 +105,7 @@ def test_a_missing_part_is_one_line_before_loading(copy, cli_main, capsys):
         read_gguf_info(_first(copy))
     assert cli_main(["chat", str(_first(copy)), "--prompt", "x", "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is missing" in err[0]
+    assert len(err) == 1 and "-00002-of-00003.gguf" in err[0] and "missing" in err[0]
 
 
 def test_a_truncated_part_is_one_line_before_loading(copy, cli_main, capsys):
@@ -114,9 +114,13 @@ def test_a_truncated_part_is_one_line_before_loading(copy, cli_main, capsys):
     part.write_bytes(data[: len(data) // 2])
     assert cli_main(["chat", str(_first(copy)), "--prompt", "x", "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "-00003-of-00003.gguf is truncated" in err[0] and "download or write it again" in err[0]
+    assert len(err) == 1 and "-00003-of-00003.gguf is" in err[0] and "truncated" in err[0]
     assert cli_main(["fit", str(copy)]) == 2  # the folder's only text model is the damaged one
     assert "truncated" in capsys.readouterr().err
+    (copy / "manifest.json").unlink()  # without a manifest the header check finds it
+    assert cli_main(["chat", str(_first(copy)), "--prompt", "x", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-00003-of-00003.gguf is truncated" in err[0] and "download or write it again" in err[0]
 
 
 def test_a_part_of_another_split_or_a_later_part_is_refused(copy):
