@@ -405,15 +405,16 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
              progress: bool = True) -> EvalReport:
     """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``.
 
-    ``coverage``: the reference mass left out per position (ε, default 1e-4); ``full_vocab``: keep every
-    logit instead (llama.cpp's method; 1 MiB a position at Gemma 3's vocabulary).
+    ``coverage``: the reference mass left out per position (ε; default: the one chosen for the reference's
+    model family, ``reference.model_coverage``); ``full_vocab``: keep every logit instead (llama.cpp's method;
+    1 MiB a position at Gemma 3's vocabulary).
     """
     from medgemma_gguf.quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
     from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
     from medgemma_gguf.quant_eval.slices import load_heldout_text
 
     outdir = Path(outdir)
-    spec = CoverageSpec.make(coverage, full_vocab)
+    spec = CoverageSpec.make(coverage, full_vocab)  # checked before any work
     if not force:
         existing = [outdir / name for name in REPORT_FILES if (outdir / name).exists()]
         if existing:
@@ -423,6 +424,7 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
     cache = ReferenceCache(cache_dir or default_cache_dir())
     reference = open_reference(reference_source, cache_dir=cache.cache_dir, dtype=reference_dtype,
                                mmproj=reference_mmproj, token=token, n_threads=n_threads)
+    spec = CoverageSpec.make(coverage, full_vocab, model=reference.signature)  # the model's ε by default
     if slices is None:
         slices = ["medqa-mini", "vqa-mini"] if reference.has_vision else ["medqa-mini"]
     loaded = load_slices(slices, data_dir=data_dir, max_items=max_items)

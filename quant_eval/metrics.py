@@ -8,7 +8,8 @@ Conventions
   leaves true log-probabilities unchanged.
 * The reference cache keeps the reference's distribution by probability *mass*, not by count
   (:class:`CoveredLogProbs`): per position the smallest set of most likely tokens covering ``1 - ε``
-  (default ε = 1e-4, with a floor and a cap on the set size), as the model's float32 logits, plus the exact
+  (default ε = 1e-4, or the ε chosen for the model family, ``reference.MODEL_COVERAGE``; with a floor and a cap
+  on the set size), as the model's float32 logits, plus the exact
   float64 log-sum-exp of the whole row (so the stored probabilities are exact) and the leftover tail mass.
   Gemma 3's 262,208-entry rows are 1 MiB each as float32; a covered row is a few KiB. ε = 0 stores every
   logit (``--full-vocab``, llama.cpp's method).

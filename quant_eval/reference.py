@@ -75,6 +75,24 @@ class StaleCacheError(UserError):
     """A reference cache file in an older format that cannot give what this version computes."""
 
 
+# The default ε per model family, (architecture, vocabulary) -> ε. The bracket's width at a position is at most
+# P_T * (ln m - ln min_T q + ln(Q_T / P_T)) (metrics.kl_divergence_covered: P_T <= ε the reference's tail mass, m
+# its smallest stored probability, q the candidate), a few tens of nats times ε for float32 logits. Gemma 3
+# (MedGemma 4B, 27B, 1.5 4B; 262,208 tokens): ε = 1e-6 keeps that under 2.5 % of any KL above 1e-3 nats
+# even at 25 nats a position, so two Q4-class quants (KL ~1e-2 and up) whose KL differs by 5 % never have
+# overlapping brackets; at 1e-4 the worst case is wider than a Q8_0-class KL. Other models: DEFAULT_COVERAGE.
+# Ranking finer quants (Q8_0-class) can still need a smaller ε or --full-vocab; the report says when two
+# quants' brackets overlap. Measured bracket widths per ε: BENCHMARKS.md (bench/bench_eval_vs_llama.py).
+MODEL_COVERAGE: dict[tuple[str, int], float] = {("gemma3", 262208): 1e-6}
+
+
+def model_coverage(signature: ModelSignature | None) -> float:
+    """The default ε for the reference ``signature`` (:data:`MODEL_COVERAGE`, else :data:`DEFAULT_COVERAGE`)."""
+    if signature is None:
+        return DEFAULT_COVERAGE
+    return MODEL_COVERAGE.get((signature.architecture, signature.n_vocab), DEFAULT_COVERAGE)
+
+
 @dataclass(frozen=True)
 class CoverageSpec:
     """How much of the reference's distribution the cache keeps per position.
@@ -88,14 +106,16 @@ class CoverageSpec:
     max_tokens: int = MAX_STORED_TOKENS
 
     @classmethod
-    def make(cls, coverage: float | None = None, full_vocab: bool = False) -> CoverageSpec:
-        """The spec for ``coverage`` (ε, default 1e-4) or ``full_vocab``; a clear error for a bad value."""
+    def make(cls, coverage: float | None = None, full_vocab: bool = False,
+             model: ModelSignature | None = None) -> CoverageSpec:
+        """The spec for ``coverage`` (ε; default: the one chosen for ``model``, :func:`model_coverage`) or
+        ``full_vocab``; a clear error for a bad value."""
         if full_vocab:
             if coverage is not None and coverage != 0:
                 raise UserError(f"{setting('full_vocab')} keeps every token; drop {setting('coverage')}")
             return cls(epsilon=0.0)
         if coverage is None:
-            return cls()
+            return cls(epsilon=model_coverage(model))
         if isinstance(coverage, bool) or not isinstance(coverage, int | float) or not 0 < coverage < 0.5:
             raise UserError(f"{setting('coverage')} must be a probability in (0, 0.5) such as 1e-4 (the reference "
                             f"mass left out per position), got {coverage!r}; for every token use "

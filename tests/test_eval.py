@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -362,6 +363,45 @@ def test_recommendations_pick_the_lowest_kl_that_fits_each_budget():
     mmproj_row = _row("Q4m", 3.5, 0.01, mmproj_bytes=int(0.6 * GIB))  # 4.1 GiB with its mmproj
     assert [r["file"] for r in recommendations([mmproj_row, *rows]) if r["budget_gib"] == 4] == ["Q4"]
     assert recommendations([rows[-1]]) == []
+
+
+def test_default_coverage_is_chosen_per_model_and_explicit_settings_win():
+    from medgemma_gguf.quant_eval.metrics import DEFAULT_COVERAGE
+    from medgemma_gguf.quant_eval.reference import MODEL_COVERAGE, ModelSignature, model_coverage
+
+    medgemma = ModelSignature("gemma3", 262208, 2560, 34)
+    other = ModelSignature("llama", 32000, 4096, 32)
+    assert model_coverage(medgemma) == MODEL_COVERAGE[("gemma3", 262208)] < DEFAULT_COVERAGE
+    assert model_coverage(other) == model_coverage(None) == DEFAULT_COVERAGE
+    assert CoverageSpec.make(model=medgemma).epsilon == MODEL_COVERAGE[("gemma3", 262208)]
+    assert CoverageSpec.make(model=other) == CoverageSpec.make() == CoverageSpec()
+    assert CoverageSpec.make(1e-3, model=medgemma).epsilon == 1e-3  # an explicit --coverage wins
+    assert CoverageSpec.make(None, True, model=medgemma).full_vocab
+
+
+def test_report_says_which_ranking_the_brackets_cannot_settle_and_what_would():
+    from medgemma_gguf.quant_eval.report import render_markdown, suggested_coverage, unresolved_pairs
+    from medgemma_gguf.report_schema import Coverage
+
+    def row(name: str, mean: float, high: float) -> ReportRow:
+        return dataclasses.replace(_row(name, 3.0, mean), kld=KLStats(mean=mean, mean_low=mean, mean_high=high))
+
+    q4_k_m, q4_k_s = row("Q4_K_M", 0.0200, 0.0230), row("Q4_K_S", 0.0210, 0.0240)  # 5 % apart, 15 % wide
+    q8_a, q8_b = row("Q8_0", 0.00040, 0.0030), row("Q8_0-b", 0.00040, 0.0031)  # equal means: only every token
+    q2 = row("Q2_K", 0.2, 0.21)  # far apart from the others: settled
+    assert unresolved_pairs([q2, q4_k_m, q8_a, q4_k_s, q8_b]) == [(q8_a, q8_b), (q4_k_m, q4_k_s)]
+    # the width shrinks about in proportion to ε: half the gap over the width, rounded down
+    assert suggested_coverage(q4_k_m, q4_k_s, 1e-4) == pytest.approx(1e-5)
+    assert suggested_coverage(q8_a, q8_b, 1e-4) is None
+    report = EvalReport(reference={"source": "x", "kind": "gguf", "dtype": "f32", "sha256": "0" * 64},
+                        coverage=Coverage(epsilon=1e-4, n_positions=10), rows=[q2, q4_k_m, q4_k_s, q8_a, q8_b])
+    text = render_markdown(report)
+    assert "## Ranking the coverage cannot settle" in text
+    assert "Q4_K_M and Q4_K_S: their KL brackets overlap" in text and "--coverage 1e-05 (or --full-vocab)" in text
+    assert "Q8_0 and Q8_0-b: their KL brackets overlap" in text and "re-run with --full-vocab" in text
+    assert "Q2_K and" not in text and "0.0200 [0.0200, 0.0230]" in text
+    settled = EvalReport(reference=report.reference, coverage=report.coverage, rows=[q2, q4_k_m])
+    assert "cannot settle" not in render_markdown(settled)
 
 
 def test_report_writes_all_files_or_none(tmp_path, monkeypatch):
