@@ -119,6 +119,11 @@ SETTINGS: dict[str, Spelling] = {
     "rpc": Spelling("--rpc", "rpc", "the server's RPC workers (serve --rpc)"),
     "insecure_network": Spelling("--insecure-network", "insecure_network=True", "the worker's --insecure-network"),
     "worker_port": Spelling("--port", "port", "the worker's port"),
+    "swa_full": Spelling("--swa-full", "swa_full=True", "the server's SWA cache (serve --swa-full)"),
+    "kv_type": Spelling("--kv-type", "kv_type", "the server's KV cache type (serve --kv-type)"),
+    "kv_type_k": Spelling("--kv-type-k", "kv_type_k", "the server's K cache type (serve --kv-type-k)"),
+    "kv_type_v": Spelling("--kv-type-v", "kv_type_v", "the server's V cache type (serve --kv-type-v)"),
+    "flash_attn": Spelling("--flash-attn", "flash_attn", "the server's flash attention (serve --flash-attn)"),
 }
 
 _OPEN, _CLOSE = "\ue000", "\ue001"

@@ -8,7 +8,8 @@ thread makes every llama.cpp call, in steps modelled on llama-server's ``update_
 
 1. Queued requests take free slots — the free slot whose cached tokens share the longest prefix with the
    request's prompt (same LoRA set), as llama-server picks by similarity; the rest of that slot's cache is
-   removed (``llama_memory_seq_rm``, checked: a cache that cannot be trimmed there is cleared).
+   removed (``runtime.kv_reuse.keep_prefix``: a cache that cannot continue there exactly — the sliding
+   window behind the kept prefix is gone — is cleared and the prompt evaluated from the start).
 2. Cancelled and timed-out requests leave their slots (``Job.cancelled``: a client that went away).
 3. At most one image of one slot is encoded and decoded (libmtmd) in decodes of its own: Gemma 3 attends to
    an image block non-causally, a switch that holds for the whole context, so no other sequence may share
@@ -52,6 +53,7 @@ import numpy as np
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.chat import ChatModel, ChatResult
 from medgemma_gguf.runtime.engine import ImagePart
+from medgemma_gguf.runtime.kv_reuse import keep_prefix
 from medgemma_gguf.runtime.prompt import Prompt, PromptImage
 from medgemma_gguf.runtime.reply import Delta, ReplyText
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings
@@ -184,7 +186,7 @@ class Batcher:
         self.queue_size = queue_size
         self.prefill_chunk = max(1, min(prefill_chunk, engine.n_batch))
         self.n_ctx = engine.n_ctx
-        self.n_swa = llama_cpp.llama_model_n_swa(llama_cpp.llama_get_model(engine.llama_context))
+        self.n_swa = engine.n_swa  # 0 with the full-size sliding-window cache
         self.stats = Stats()
         self._slots = [_Slot(i) for i in range(n_slots)]
         self._queue: collections.deque[Job] = collections.deque()
@@ -365,16 +367,9 @@ class Batcher:
         job.emit("started", None)
 
     def _trim(self, seq_id: int, keep: int) -> bool:
-        """Keep positions [0, keep) of a sequence; False (sequence cleared) when llama.cpp cannot serve them
-        afterwards — a sliding-window cache that lost the window (quant-kv-rpc notes, llama-server's test)."""
-        mem = self._mem
-        if keep > 0 and llama_cpp.llama_memory_seq_rm(mem, seq_id, keep, -1):
-            pos_min = llama_cpp.llama_memory_seq_pos_min(mem, seq_id)
-            pos_max = llama_cpp.llama_memory_seq_pos_max(mem, seq_id)
-            if pos_max == keep - 1 and (pos_min == 0 or pos_min < max(0, keep - self.n_swa)):
-                return True
-        llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
-        return False
+        """Keep positions [0, keep) of a sequence; False (sequence cleared) when llama.cpp cannot continue them
+        exactly afterwards — a sliding-window cache that lost the window (``runtime.kv_reuse.keep_prefix``)."""
+        return keep_prefix(self.engine.llama_context, seq_id, keep, self.n_swa)
 
     def _set_adapters(self, adapters: tuple[str, ...]) -> None:
         if adapters != self._context_adapters:

@@ -14,8 +14,10 @@ even when it spans tokens; a stream holds back only what could still become a st
 Context. A prompt that does not fit in the context (with room for one generated token) raises a
 ``UserError`` before anything is evaluated. Multi-turn: every call passes the whole conversation; the
 KV cache keeps what was evaluated last (prompt and generated tokens), and the new prompt re-uses its
-longest common prefix — images compared by pixel hash — so only the new turn is evaluated. When the
-cache cannot be trimmed, it is cleared and the prompt evaluated from the start (same result, slower).
+longest common prefix — images compared by pixel hash — so only the new turn is evaluated. With the small
+sliding-window cache (the default) a prefix is re-used only while the window behind it is still cached
+(``runtime.kv_reuse``: appending a turn always is); otherwise, and when the cache cannot be trimmed, it is
+cleared and the prompt evaluated from the start — the reply is then the one a fresh context gives.
 
 Seeds. The prompt's last token is always decoded in a batch of its own, so the same request gives the same
 logits, and with the same seed the same reply, whether its prefix was re-used or evaluated afresh (the
@@ -43,10 +45,20 @@ from medgemma_gguf.gguf_info import check_model_pair, read_gguf_info
 from medgemma_gguf.integrity import check_file_against_folder
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.pull import is_hub_spec, pull
+from medgemma_gguf.runtime.context_settings import DEFAULT_N_UBATCH, ContextSettings
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
-from medgemma_gguf.runtime.offload import OffloadPlan, SplitPlan, plan_offload, read_text_model, read_vision_model
+from medgemma_gguf.runtime.offload import (
+    OffloadPlan,
+    SplitPlan,
+    gpu_offload_supported,
+    largest_context,
+    plan_offload,
+    query_free_vram,
+    read_text_model,
+    read_vision_model,
+)
 from medgemma_gguf.runtime.prompt import ImageOptions, Prompt, PromptImage, build_prompt, resolve_system
 from medgemma_gguf.runtime.quant_choice import available_memory_bytes, choose_quant
 from medgemma_gguf.runtime.reply import CONTENT, Delta, ReasoningMarkers, ReplyText
@@ -55,8 +67,8 @@ from medgemma_gguf.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_N_UBATCH = 512
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+CONTEXT_STEP = 256  # llama.cpp pads contexts to a multiple of 256 cells
 
 
 def context_overflow_message(prompt: Prompt, n_ctx: int) -> str:
@@ -190,6 +202,7 @@ class ChatModel:
         self.allow_local_files = allow_local_files
         self.max_image_pixels = max_image_pixels
         self.window = window
+        self.context_settings = engine.settings  # the context as planned (created now, or by allocate_context)
         self._kv_units: list[int | tuple[str, str, int]] = []
         self._generation = 0
         self._closed = False
@@ -218,6 +231,25 @@ class ChatModel:
         why = f" ({self.mmproj_note})" if self.mmproj_note else ""
         return InputError(f"this model was loaded without an mmproj{why}; pass one with {setting('mmproj')} to send "
                           "images")
+
+    def allocate_context(self, n_positions: int | None = None) -> None:
+        """Create the context now, if ``load(lazy_context=True)`` left it for later: with ``n_positions``, the
+        smallest that holds them (a multiple of 256, within the planned size), else the planned size. A reply
+        creates it at the planned size when this was not called."""
+        self._check_open()
+        if self.engine.has_context:
+            return
+        settings = self.context_settings
+        if n_positions is not None:
+            needed = -(-max(1, n_positions) // CONTEXT_STEP) * CONTEXT_STEP
+            if needed > settings.n_ctx:
+                raise ResourceError(f"the conversation needs {n_positions} positions but at most {settings.n_ctx} fit "
+                                    f"in memory ({setting('n_ctx')} auto); shorten it, lower the reply's "
+                                    f"{setting('max_tokens')}, or use a quantized KV cache ({setting('kv_type')} q8_0)")
+            settings = settings.with_(n_ctx=needed)
+        self.engine.create_context(settings)
+        self._apply_adapters()
+        log.info("context created: %s", settings.describe())
 
     def image_options(self, *, window: tuple[float, float] | None = None, max_pixels: int | None = None,
                       allow_local_files: bool | None = None, allowed_roots: tuple[Path, ...] = (),
@@ -304,6 +336,7 @@ class ChatModel:
         elif fields:
             raise TypeError("pass either settings or sampling keywords, not both")
         self.check_fits(prompt)
+        self.allocate_context()
         sampler = self.engine.new_sampler(settings.resolve(self.sampling_defaults), reasoning=self.reasoning_markers)
         if self.served_by is not None:  # the server's batcher owns the context: the reply runs in one of its slots
             return ChatStream(self.served_by.generate(prompt, settings, sampler, adapters=self.active_adapters,
@@ -326,6 +359,7 @@ class ChatModel:
         """The logits after ``prompt`` (float32 [n_vocab]), evaluated as ``generate`` evaluates it."""
         self._check_not_served()
         self.check_fits(prompt)
+        self.allocate_context()
         self._generation += 1
         return self._evaluate_prompt(prompt, logits="last")[0][-1]
 
@@ -345,9 +379,8 @@ class ChatModel:
         if self.served_by is not None:  # the server applies each request's set to its own batches
             self.active_adapters = names
             return
-        scales = {a.name: a.scale for a in self.adapters}
-        self.engine.set_loras([(self._lora_handles[n], scales[n]) for n in names])
         self.active_adapters = names
+        self._apply_adapters()
         self.reset()
 
     def adapter_set(self, names: Sequence[str]) -> list[tuple[Any, float]]:
@@ -361,15 +394,21 @@ class ChatModel:
         refuses); afterwards they start from a cleared cache."""
         if owner is not None and self.served_by is not None and self.served_by is not owner:
             raise UserError("this model is already being served; stop that server first, or load the model again")
+        if owner is not None:
+            self.allocate_context()
         self.served_by = owner
         if owner is None and not self._closed:
             self.engine.set_loras(self.adapter_set(self.active_adapters))  # the server switched sets per batch
             self.reset()
 
+    def _apply_adapters(self) -> None:
+        if self.engine.has_context:
+            self.engine.set_loras(self.adapter_set(self.active_adapters))
+
     def reset(self) -> None:
         """Forget the cached conversation (the next chat evaluates its whole prompt)."""
         self._generation += 1
-        if not self._closed and self.served_by is None:  # a server keeps its slots' caches itself
+        if not self._closed and self.served_by is None and self.engine.has_context:
             self.engine.reset()
         self._kv_units = []
 
@@ -539,7 +578,7 @@ class ModelFiles:
 
 
 def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: str | None, n_ctx: int,
-                        vram_bytes: int | None) -> ModelFiles:
+                        vram_bytes: int | None, settings: ContextSettings | None = None) -> ModelFiles:
     """The files ``load`` runs for ``model`` (a GGUF or a folder: ``choose_quant``) and ``mmproj`` (else the one
     beside the model), checked to belong together and be complete; nothing is loaded."""
     mmproj_note = choice_note = ""
@@ -551,7 +590,7 @@ def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: 
     model = Path(model)
     name = model.stem
     if model.is_dir():
-        choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant)
+        choice = choose_quant(model, n_ctx=n_ctx, vram_bytes=vram_bytes, quant=quant, settings=settings)
         log.info("using %s (%s, %.2f bits per weight) from %s: %s", choice.path.name, choice.type, choice.bpw, model,
                  choice.why)
         manifest = Manifest.for_folder(model)
@@ -586,12 +625,14 @@ def resolve_model_files(model: str | Path, mmproj: str | Path | None, *, quant: 
     return ModelFiles(model_path, mmproj_path, name, choice_note, mmproj_note)
 
 
-def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto", n_ctx: int = 4096,
-         vram: str | int | None = None, n_threads: int | None = None, quant: str | None = None,
-         allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None,
-         n_parallel: int = 1, devices: Sequence[int] | None = None, tensor_split: Sequence[float] | None = None,
-         mmproj_gpu: bool | None = None) -> ChatModel:
+def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: str | int = "auto",
+         n_ctx: int | str = 4096, vram: str | int | None = None, n_threads: int | None = None,
+         quant: str | None = None, allow_local_files: bool = True, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+         window: tuple[float, float] | None = None, lora: Sequence[LoraSpec] | None = None, n_parallel: int = 1,
+         devices: Sequence[int] | None = None, tensor_split: Sequence[float] | None = None,
+         mmproj_gpu: bool | None = None, swa_full: bool = False, kv_type: str = "f16", kv_type_k: str | None = None,
+         kv_type_v: str | None = None, flash_attn: str = "auto", n_ubatch: int | None = None,
+         lazy_context: bool = False) -> ChatModel:
     """Load a MedGemma GGUF (or the best fitting quant of a folder) for chatting.
 
     ``model``: a text GGUF (the first part of a split model), a folder — an output folder of
@@ -616,39 +657,56 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     devices: ``runtime.rpc_model`` passes them, with a number of ``n_gpu_layers``); ``mmproj_gpu``: whether the
     vision encoder may use a GPU (default: when layers are offloaded).
     To split a model across machines, use ``medgemma_gguf.load(..., rpc=[...])`` (``runtime.rpc_model``).
+
+    The context (``runtime.context_settings``; every combination llama.cpp would refuse is refused here,
+    before anything is loaded): ``n_ctx`` positions, or ``"auto"`` — the largest that fits the GPU budget
+    with every layer offloaded (else the available RAM), capped at the model's training context (with a
+    folder, the quant is chosen for a 4096-token context first). ``swa_full``: keep every position in the
+    sliding-window layers (default: only their window, ``runtime.kv_reuse``). ``kv_type``: the K and V cache
+    type, f16, q8_0 or q4_0 (``kv_type_k`` / ``kv_type_v`` set one of them); a quantized V needs
+    ``flash_attn`` auto or on. ``n_ubatch``: the micro-batch (default 512, at least an image's positions).
+    ``lazy_context``: create the context at the first reply or ``ChatModel.allocate_context`` (so a one-shot
+    prompt can size it).
     """
     vram_bytes = parse_size(vram, setting("vram")) if isinstance(vram, str) else vram
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
-    if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:
-        raise UserError(f"{setting('parallel')} must be a whole number from 1 to {MAX_PARALLEL}, got {n_parallel!r}")
+    settings = context_settings(n_ctx, n_parallel=n_parallel, swa_full=swa_full, kv_type=kv_type, kv_type_k=kv_type_k,
+                                kv_type_v=kv_type_v, flash_attn=flash_attn, n_ubatch=n_ubatch)
+    auto_ctx = n_ctx == "auto"
     n_gpu_layers = _gpu_layers(n_gpu_layers)
-    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
+    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=settings.n_ctx, vram_bytes=vram_bytes,
+                                settings=settings)
     model_path, mmproj_path, name = files.model_path, files.mmproj_path, files.name
     mmproj_note, choice_note = files.mmproj_note, files.choice_note
-    trained = read_text_model(model_path).context_length
-    if trained and n_ctx > trained:  # llama.cpp would allocate it (a KV cache of any size), then degrade
-        raise InputError(f"{setting('n_ctx')} {n_ctx} is beyond the {trained}-token context {model_path.name} was "
-                         f"trained for; pass at most {trained}")
+    text_model = read_text_model(model_path)
+    trained = text_model.context_length
+    if trained and not auto_ctx and settings.n_ctx > trained:  # llama.cpp would allocate it, then degrade
+        raise InputError(f"{setting('n_ctx')} {settings.n_ctx} is beyond the {trained}-token context "
+                         f"{model_path.name} was trained for; pass at most {trained} (or auto)")
+    settings.check_model((text_model.key_length,), (text_model.value_length,))
     adapters = check_lora_files(parse_lora_specs(lora), model_path)
-    n_ubatch = DEFAULT_N_UBATCH
     if mmproj_path is not None:
-        n_ubatch = max(n_ubatch, read_vision_model(mmproj_path).n_image_tokens or 0)
+        image_tokens = read_vision_model(mmproj_path).n_image_tokens or 0
+        if settings.n_ubatch < image_tokens:
+            if n_ubatch is not None:
+                raise InputError(f"an image takes {image_tokens} positions, more than the micro-batch {n_ubatch}; "
+                                 f"use n_ubatch >= {image_tokens}")
+            settings = settings.with_(n_ubatch=image_tokens)
+    if auto_ctx:
+        settings = settings.with_(n_ctx=_auto_context(model_path, mmproj_path, settings, n_gpu_layers, vram_bytes))
     plan = None
     if n_gpu_layers == "auto":
-        plan = plan_offload(model_path, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes, mmproj_path=mmproj_path,
-                            n_ubatch=n_ubatch)
+        plan = plan_offload(model_path, vram_bytes=vram_bytes, mmproj_path=mmproj_path, settings=settings)
         log.info("offload plan:\n%s", plan.describe())
         if plan.cpu_kv > (free := available_memory_bytes()):  # weights are mapped from the file; the cache is not
-            raise ResourceError(f"the KV cache for {setting('n_ctx')} {n_ctx} x {n_parallel} needs "
+            raise ResourceError(f"the KV cache for {setting('n_ctx')} {settings.n_ctx} x {n_parallel} needs "
                                 f"{format_size(plan.cpu_kv)} of memory and {format_size(free)} is available; "
                                 f"lower {setting('n_ctx')}")
         gpu_layers = plan.n_gpu_layers
     else:
         gpu_layers = int(n_gpu_layers)
-    engine = Engine(model_path, mmproj_path, n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=n_threads,
-                    n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=n_parallel, devices=devices,
-                    tensor_split=tensor_split, mmproj_gpu=mmproj_gpu)
+    engine = Engine(model_path, mmproj_path, n_gpu_layers=gpu_layers, n_threads=n_threads, devices=devices,
+                    tensor_split=tensor_split, mmproj_gpu=mmproj_gpu, settings=settings,
+                    create_context=not lazy_context)
     try:
         return ChatModel(engine, name=name, plan=plan, allow_local_files=allow_local_files,
                          max_image_pixels=max_image_pixels, window=window, adapters=adapters,
@@ -656,3 +714,38 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_gpu_layers: s
     except BaseException:
         engine.close()
         raise
+
+
+def context_settings(n_ctx: int | str, *, n_parallel: int = 1, swa_full: bool = False, kv_type: str = "f16",
+                     kv_type_k: str | None = None, kv_type_v: str | None = None, flash_attn: str = "auto",
+                     n_ubatch: int | None = None) -> ContextSettings:
+    """``load``'s context arguments as ``ContextSettings`` (checked; ``n_ctx="auto"`` gives 4096 until
+    ``load`` knows the files), with one logits row per sequence and decode — the prompt's last token, one
+    token per slot, as llama-server sets it."""
+    auto_ctx = n_ctx == "auto"
+    if not auto_ctx and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
+        raise InputError(f"{setting('n_ctx')} must be 'auto' or a whole number of tokens >= 16, got {n_ctx!r}")
+    if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= MAX_PARALLEL:
+        raise InputError(f"{setting('parallel')} must be a whole number from 1 to {MAX_PARALLEL}, got {n_parallel!r}")
+    return ContextSettings(n_ctx=4096 if auto_ctx else int(n_ctx), n_seq=n_parallel, swa_full=bool(swa_full),
+                           type_k=kv_type_k or kv_type, type_v=kv_type_v or kv_type, flash_attn=flash_attn,
+                           n_ubatch=n_ubatch or DEFAULT_N_UBATCH, n_outputs_max=n_parallel)
+
+
+def _auto_context(model_path: Path, mmproj_path: Path | None, settings: ContextSettings, n_gpu_layers: str | int,
+                  vram_bytes: int | None) -> int:
+    """``n_ctx="auto"``: the largest context that fits (``runtime.offload.largest_context``)."""
+    gpu = n_gpu_layers != 0 and gpu_offload_supported()[0]
+    memory = (vram_bytes if vram_bytes is not None else query_free_vram()) if gpu else available_memory_bytes()
+    n_ctx = largest_context(model_path, memory_bytes=memory, gpu=gpu, settings=settings, mmproj_path=mmproj_path)
+    where = "the GPU budget" if gpu else "the available memory"
+    if n_ctx is None:
+        if gpu:  # not even a short context fits with every layer on the GPU: plan a partial offload
+            n_ctx = min(4096, read_text_model(model_path).context_length or 4096)
+            log.warning("%s auto: the whole model does not fit %s with any context; using %d positions and "
+                        "offloading part of the model", "n_ctx", where, n_ctx)
+            return n_ctx
+        raise ResourceError(f"{setting('n_ctx')} auto: not even 256 positions fit {where} next to the model; free "
+                            "memory, or use a smaller quant")
+    log.info("n_ctx auto: %d positions fit %s (%s)", n_ctx, where, settings.with_(n_ctx=n_ctx).describe())
+    return n_ctx

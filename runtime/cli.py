@@ -14,6 +14,7 @@ import click
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.privacy import enable_offline
 from medgemma_gguf.runtime.audit import DEFAULT_AUDIT_BACKUPS, DEFAULT_AUDIT_MAX_BYTES
+from medgemma_gguf.runtime.context_settings import FLASH_ATTN_MODES, KV_TYPES
 from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from medgemma_gguf.runtime.prompt import load_presets
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
@@ -70,6 +71,42 @@ def _read_json_schema(ctx: click.Context, param: click.Parameter, path: Path | N
                                  "file") from None
 
 
+class ContextSize(click.ParamType):
+    """``--ctx``: a whole number of tokens >= 16, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            self.fail(f"use a number of tokens or auto, got {value!r}", param, ctx)
+        if number < 16:
+            self.fail(f"use at least 16 tokens (or auto), got {number}", param, ctx)
+        return number
+
+
+def _context_options(command):
+    """Options that shape the context and its KV cache (runtime.context_settings), shared by chat, serve and fit."""
+    kv_types = click.Choice(list(KV_TYPES), case_sensitive=False)
+    for option in reversed([
+        click.option("--swa-full", is_flag=True,
+                     help="Keep every position in the sliding-window layers (default: only their window)."),
+        click.option("--kv-type", default="f16", show_default=True, type=kv_types,
+                     help="KV cache type for K and V (q8_0 halves the cache, q4_0 quarters it)."),
+        click.option("--kv-type-k", type=kv_types, help="K cache type (overrides --kv-type for K)."),
+        click.option("--kv-type-v", type=kv_types,
+                     help="V cache type (overrides --kv-type for V; a quantized V needs flash attention)."),
+        click.option("--flash-attn", default="auto", show_default=True,
+                     type=click.Choice(list(FLASH_ATTN_MODES), case_sensitive=False),
+                     help="Flash attention: auto (llama.cpp decides; on for Gemma 3 on CPU and CUDA), on, off."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _model_options(command):
     """Options shared by chat and serve: which files, where they run."""
     for option in reversed([
@@ -78,8 +115,9 @@ def _model_options(command):
                      help="Vision mmproj GGUF (default: the one beside the model that fits it; F16 preferred)."),
         click.option("--quant", help="With a folder: the quant type or file name to load (default: with a GPU the "
                                      "best that fits; without one the best of at most 5.5 bits per weight)."),
-        click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
-                     help="Context size in tokens (an image takes 256)."),
+        click.option("--ctx", "n_ctx", default="4096", show_default=True, type=ContextSize(),
+                     help="Context size in tokens (an image takes 256), or auto: a one-shot prompt gets what it "
+                          "needs, a chat or server the largest that fits the memory."),
         click.option("--n-gpu-layers", default="auto", show_default=True, help="'auto' (plan from --vram) or a count."),
         click.option("--vram", help="GPU memory to plan for, e.g. 6GiB (default: free memory of GPU 0)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)."),
@@ -91,12 +129,15 @@ def _model_options(command):
                      help="Split the model across these RPC workers (medgemma-gguf worker); repeatable."),
     ]):
         command = option(command)
-    return command
+    return _context_options(command)
 
 
-def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int, n_gpu_layers: str, vram: str | None,
-          threads: int | None, lora: tuple[Path, ...] = (), lora_scaled: tuple[tuple[Path, float], ...] = (),
-          rpc: tuple[str, ...] = (), **extra: Any):
+CONTEXT_OPTION_NAMES = ("swa_full", "kv_type", "kv_type_k", "kv_type_v", "flash_attn")
+
+
+def _load(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int | str, n_gpu_layers: str,
+          vram: str | None, threads: int | None, lora: tuple[Path, ...] = (),
+          lora_scaled: tuple[tuple[Path, float], ...] = (), rpc: tuple[str, ...] = (), **extra: Any):
     from medgemma_gguf.runtime.rpc_model import load
 
     adapters = [(path, 1.0) for path in lora] + list(lora_scaled)
@@ -161,6 +202,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     from medgemma_gguf.runtime.sampling import sampling_settings
 
     study = {name: options.pop(name) for name in STUDY_OPTION_NAMES}
+    context = {name: options.pop(name) for name in CONTEXT_OPTION_NAMES}
     think, show_thinking = options.pop("think"), options.pop("show_thinking")
     sampling_options = options
     task = load_presets()[preset] if preset is not None and load_presets()[preset].input else None
@@ -176,16 +218,23 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     preset = None if task is not None else preset
     _check_input_paths(images, study)
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled, rpc,
-                       window=window, max_image_pixels=max_image_pixels)
+                       window=window, max_image_pixels=max_image_pixels, lazy_context=n_ctx == "auto" and not rpc,
+                       **context)
     sampling = dict(sampling_options, think=think)
+
+    def one_shot(messages: list[dict[str, Any]], **fields: Any) -> None:
+        # --ctx auto: the context this prompt and its reply need (rounded up to 256)
+        positions = chat_model.prompt(messages, system=system, think=think, **fields).n_positions
+        chat_model.allocate_context(positions + sampling_options["max_tokens"])
+        result = chat_model.chat(messages, stream=not as_json, system=system, **fields, **sampling)
+        _print_reply(result, as_json, show_thinking)
+
     with chat_model:
         turn = build_study_turn(chat_model, prompt=prompt, images=images, preset=task, study=study) if is_study(
             study) else None
         if turn is not None and (prompt is not None or (task is not None and turn.after is not None)):
             content = turn.items + ([{"type": "text", "text": turn.after}] if turn.after else [])
-            result = chat_model.chat([{"role": "user", "content": content}], stream=not as_json, system=system,
-                                     **sampling)
-            _print_reply(result, as_json, show_thinking)
+            one_shot([{"role": "user", "content": content}])
             return
         if turn is not None:
             _repl(chat_model, [], system=system, preset=preset, sampling=sampling, first=turn.items,
@@ -193,9 +242,7 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
             return
         if prompt is not None:
             content = [{"type": "text", "text": prompt}] + [{"type": "image", "path": str(p)} for p in images]
-            messages = [{"role": "user", "content": content}]
-            result = chat_model.chat(messages, stream=not as_json, system=system, preset=preset, **sampling)
-            _print_reply(result, as_json, show_thinking)
+            one_shot([{"role": "user", "content": content}], preset=preset)
             return
         _repl(chat_model, list(images), system=system, preset=preset, sampling=sampling, show_thinking=show_thinking)
 
@@ -363,7 +410,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
                   cors_origins: tuple[str, ...], allow_local_files: bool, allow_dirs: tuple[Path, ...],
                   max_body_bytes: int, max_image_pixels: int, max_images: int, max_tokens_limit: int,
                   header_timeout: float, body_timeout: float, audit_log: Path | None, audit_log_max_bytes: int,
-                  audit_log_backups: int, log_content: bool) -> None:
+                  audit_log_backups: int, log_content: bool, **context: Any) -> None:
     """Serve MODEL with an OpenAI-compatible API (POST /v1/chat/completions, /v1/completions) and a web
     chat page at http://HOST:PORT/. It runs offline: no connection leaves this machine (see --offline).
 
@@ -397,10 +444,10 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
         from medgemma_gguf.runtime.rpc_serve import serve_split
 
         setup = prepare_split(model, mmproj, parse_endpoints(rpc), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram,
-                              quant=quant, n_parallel=parallel)
+                              quant=quant, n_parallel=parallel, **context)
         click.echo(setup.plan.describe(), err=True)
         load_options = {"n_ctx": n_ctx, "n_threads": threads, "max_image_pixels": max_image_pixels,
-                        "n_parallel": parallel, "lora": [(path, 1.0) for path in lora] + list(lora_scaled)}
+                        "n_parallel": parallel, "lora": [(path, 1.0) for path in lora] + list(lora_scaled), **context}
         click.echo(f"{parallel} parallel slots of {n_ctx} positions each, queue of {queue_size}; the model runs in "
                    "an engine process of its own, so a worker that stops answering does not stop this server",
                    err=True)
@@ -410,7 +457,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
         return
     audit = AuditLog(audit_log, max_bytes=audit_log_max_bytes, backups=audit_log_backups) if audit_log else None
     chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
-                       max_image_pixels=max_image_pixels, n_parallel=parallel)
+                       max_image_pixels=max_image_pixels, n_parallel=parallel, **context)
     click.echo(f"{parallel} parallel slots of {chat_model.n_ctx} positions each, queue of {queue_size}", err=True)
     with chat_model:
         serve(chat_model, host=host, port=port, insecure_no_auth=insecure_no_auth, audit_log=audit, **serve_options)
@@ -419,39 +466,70 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
 @click.command("fit")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--vram", help="GPU memory budget, e.g. 6GiB (default: free memory of GPU 0, or RAM without a GPU).")
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16))
+@click.option("--ctx", "n_ctx", default="4096", show_default=True, type=ContextSize(),
+              help="Context size in tokens, or auto: the largest context each quant fits with.")
+@click.option("--parallel", "n_seq", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Sequences the context holds (the server's slots), each with --ctx positions.")
 @click.option("--report", type=click.Path(path_type=Path),
               help="quant_eval report.json to rank by mean KL (default: FOLDER/report/report.json if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
-def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None, as_json: bool) -> None:
+@_context_options
+def fit_command(folder: Path, vram: str | None, n_ctx: int | str, n_seq: int, report: Path | None, as_json: bool,
+                **context: Any) -> None:
     """Rank the quants in FOLDER that fit a memory budget, best first (by KL where a report exists, else by
-    bits per weight); FOLDER may be any folder of GGUFs, or hf:REPO[:QUANT] (that quant is pulled first and
-    the quants downloaded from REPO are ranked)."""
+    bits per weight), with what the best one needs; FOLDER may be any folder of GGUFs, or hf:REPO[:QUANT] (that
+    quant is pulled first and the quants downloaded from REPO are ranked)."""
     from medgemma_gguf.pull import is_hub_spec, pull
-    from medgemma_gguf.runtime.quant_choice import rank_quants
+    from medgemma_gguf.runtime.context_settings import ContextSettings
+    from medgemma_gguf.runtime.offload import largest_context, plan_offload, query_free_vram
+    from medgemma_gguf.runtime.quant_choice import available_memory_bytes, rank_quants
     from medgemma_gguf.sizes import format_size, parse_size
 
+    auto = n_ctx == "auto"
+    settings = ContextSettings(n_ctx=256 if auto else int(n_ctx), n_seq=n_seq, swa_full=context["swa_full"],
+                               type_k=context["kv_type_k"] or context["kv_type"],
+                               type_v=context["kv_type_v"] or context["kv_type"], flash_attn=context["flash_attn"],
+                               n_outputs_max=n_seq)
     vram_bytes = parse_size(vram, setting("vram")) if vram else None
     if is_hub_spec(str(folder)):  # hf:REPO[:QUANT]: rank what has been downloaded of it, after pulling that quant
         pulled = pull(str(folder), report=lambda line: click.echo(line, err=True))
         folder = pulled.folder
-    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=vram_bytes, report=report)
-    rows: list[dict[str, Any]] = [
-        {"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes, "bpw": round(c.bpw, 3),
-         "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
-         "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
-         "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
-         "fits": c.fits,
-         "n_gpu_layers": c.plan.n_gpu_layers,
-         "gpu_bytes": c.plan.gpu_bytes if c.plan.gpu_available else None, "cpu_bytes": c.plan.cpu_bytes}
-            for c in ranked]
-    if as_json:
-        click.echo(json.dumps({"context": n_ctx, "vram_bytes": vram_bytes, "quants": rows}))
-        return
+    ranked = rank_quants(folder, n_ctx=settings.n_ctx, vram_bytes=vram_bytes, report=report, settings=settings)
     gpu = ranked[0].plan.gpu_available
+    plans = {c.path: c.plan for c in ranked}
+    max_context: dict[Path, int | None] = {}
+    if auto:
+        memory = (vram_bytes if vram_bytes is not None else query_free_vram()) if gpu else available_memory_bytes()
+        for c in ranked:
+            found = largest_context(c.path, memory_bytes=memory, gpu=gpu, settings=settings, mmproj_path=c.mmproj)
+            max_context[c.path] = found
+            if found is not None:
+                plans[c.path] = plan_offload(c.path, vram_bytes=vram_bytes, mmproj_path=c.mmproj, gpu_available=gpu,
+                                             settings=settings.with_(n_ctx=found))
+    rows = []
+    for c in ranked:
+        plan = plans[c.path]
+        rows.append({"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes,
+                     "bpw": round(c.bpw, 3),
+                     "mmproj": c.mmproj.name if c.mmproj else None, "kld_mean": c.kld_mean,
+                     "kld_mean_low": c.kld_bracket[0] if c.kld_bracket else None,
+                     "kld_mean_high": c.kld_bracket[1] if c.kld_bracket and math.isfinite(c.kld_bracket[1]) else None,
+                     "fits": c.fits and (not auto or max_context[c.path] is not None),
+                     "n_gpu_layers": plan.n_gpu_layers,
+                     "gpu_bytes": plan.gpu_bytes if plan.gpu_available else None, "cpu_bytes": plan.cpu_bytes,
+                     "context": max_context.get(c.path) if auto else plan.n_ctx,
+                     "breakdown": _breakdown(plan)})
+    if as_json:
+        click.echo(json.dumps({"context": n_ctx, "parallel": n_seq, "vram_bytes": vram_bytes,
+                               "settings": settings.describe() if not auto else settings.with_(
+                                   n_ctx=4096).describe().replace("context 4096", "context auto"),
+                               "quants": rows}))
+        return
     budget = f"{vram} of GPU memory" if vram else ("the free GPU memory" if gpu else "the available RAM")
     by = "mean KL divergence (report)" if any(r["kld_mean"] is not None for r in rows) else "bits per weight"
-    click.echo(f"quants for a {n_ctx}-token context within {budget}, ranked by {by}:")
+    slots = f" x {n_seq} slots" if n_seq > 1 else ""
+    what = "the largest context each fits" if auto else f"a {n_ctx}-token context{slots}"
+    click.echo(f"quants for {what} within {budget}, ranked by {by}:")
     previous = None
     for rank, row in enumerate(r for r in rows if r["fits"]):
         high = row["kld_mean_high"] if row["kld_mean_high"] is not None else math.inf
@@ -462,13 +540,34 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int, report: Path | None,
             kl += "  (bracket overlaps the one above: the order of the two is not established)"
         previous = high if row["kld_mean"] is not None else None
         need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
-        click.echo(f"{rank + 1:>3}. {row['file']}  {row['type']}  {row['bpw']:.2f} bpw  needs {format_size(need)}{kl}")
+        room = f"  context up to {row['context']}{slots}" if auto else ""
+        click.echo(f"{rank + 1:>3}. {row['file']}  {row['type']}  {row['bpw']:.2f} bpw  needs "
+                   f"{format_size(need)}{room}{kl}")
     too_big = [r for r in rows if not r["fits"]]
     if len(too_big) == len(rows):
-        click.echo("  none fits; the smallest would run partly offloaded (lower --ctx or quantize further)")
+        click.echo("  none fits; the smallest would run partly offloaded (lower --ctx, use --kv-type q8_0 or "
+                   "quantize further)")
     for row in too_big:
         need = row["gpu_bytes"] if gpu else row["cpu_bytes"]
         click.echo(f"  does not fit: {row['file']}  {row['type']}  needs {format_size(need)}")
+    best = next((c for c in ranked if c.fits and (not auto or max_context[c.path] is not None)), None)
+    if best is not None:
+        click.echo(f"\nwhat {best.path.name} needs:")
+        click.echo(plans[best.path].describe())
+
+
+def _breakdown(plan) -> dict[str, Any]:
+    """A plan's buffers in bytes, for ``fit --json``."""
+    return {"gpu": {"weights": plan.gpu_weights, "kv": plan.gpu_kv, "mmproj": plan.gpu_mmproj,
+                    "compute": plan.gpu_compute} if plan.gpu_available else None,
+            "cpu": {"weights": plan.cpu_weights, "kv": plan.cpu_kv, "mmproj": plan.cpu_mmproj,
+                    "compute": plan.cpu_compute, "logits": plan.cpu_output},
+            "kv_full_attention": plan.kv.full_bytes if plan.kv else None,
+            "kv_sliding_window": plan.kv.swa_bytes if plan.kv else None,
+            "cells_full_attention": plan.kv.cells_full if plan.kv else None,
+            "cells_sliding_window": plan.kv.cells_swa if plan.kv else None,
+            "text_compute": plan.text_compute, "vision_compute": plan.vision_compute,
+            "headroom": plan.headroom_bytes}
 
 
 @click.command("worker")

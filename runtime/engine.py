@@ -12,8 +12,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,96 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
-from medgemma_gguf.errors import MismatchError, UserError, setting
-from medgemma_gguf.runtime.llama_log import route_llama_logs
+from medgemma_gguf.errors import MismatchError, ResourceError, UserError, setting
+from medgemma_gguf.runtime.context_settings import ContextSettings
+from medgemma_gguf.runtime.kv_reuse import keep_prefix
+from medgemma_gguf.runtime.llama_log import record_log, route_llama_logs
 from medgemma_gguf.runtime.reply import ReasoningMarkers
 from medgemma_gguf.runtime.sampling import Sampler, SamplingSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvCacheReport:
+    """One ``llama_kv_cache: size = ...`` line: a cache llama.cpp allocated (sizes in MiB as printed)."""
+
+    mib: float
+    cells: int
+    layers: int
+    streams: int
+    k_type: str
+    k_mib: float
+    v_type: str
+    v_mib: float
+
+
+@dataclass(frozen=True)
+class Allocations:
+    """What llama.cpp reported allocating when the context was created (its INFO log lines, MiB with two
+    decimals as printed): the KV caches (for Gemma 3 the full-attention one, then the sliding-window one),
+    the compute and output buffers per buffer type, and whether flash attention ended up on."""
+
+    kv_caches: tuple[KvCacheReport, ...] = ()
+    compute_mib: dict[str, float] = field(default_factory=dict)
+    output_mib: dict[str, float] = field(default_factory=dict)
+    flash_attn: bool | None = None
+
+    @classmethod
+    def parse(cls, lines: Sequence[str], flash_attn_requested: str) -> Allocations:
+        caches, compute, output = [], {}, {}
+        flash = {"on": True, "off": False}.get(flash_attn_requested)
+        for line in lines:
+            found = _KV_LINE.search(line)
+            if found:
+                mib, cells, layers, _seqs, streams, k_type, k_mib, v_type, v_mib = found.groups()
+                caches.append(KvCacheReport(float(mib), int(cells), int(layers), int(streams), k_type, float(k_mib),
+                                            v_type, float(v_mib)))
+            elif (found := _BUFFER_LINE.search(line)) is not None:
+                target = compute if found.group(2) == "compute" else output
+                target[found.group(1)] = target.get(found.group(1), 0.0) + float(found.group(3))
+            elif "Flash Attention enabled" in line:
+                flash = True
+            elif "Flash Attention not supported" in line or "enabling flash_attn since it is required" in line:
+                flash = "enabling" in line
+        return cls(tuple(caches), compute, output, flash)
+
+
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers, +(\d+)/(\d+) seqs\), "
+                      r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
+_BUFFER_LINE = re.compile(r"(\S+) +(compute|output) buffer size = +([\d.]+) MiB")
+
+
+def dry_run_allocations(model_path: Path, settings: Sequence[ContextSettings], *,
+                        n_gpu_layers: int = 0) -> list[Allocations]:
+    """What llama.cpp would allocate for each of ``settings`` without allocating it: the model's metadata is
+    read once (``no_alloc``, no weights loaded) and each context reserved as a dry run — how llama.cpp's own
+    ``fit`` measures (common/fit.cpp). The KV and compute sizes are the real run's; the tests and
+    ``bench/bench_kv.py`` check ``runtime.offload``'s plan against them."""
+    route_llama_logs()
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.no_alloc = True
+    model_params.load_mode = 0  # LLAMA_LOAD_MODE_NONE: with mmap, no_alloc aborts (llama-model.cpp)
+    model_params.n_gpu_layers = n_gpu_layers
+    model = llama_cpp.llama_model_load_from_file(str(_check_file(model_path, "model")).encode(), model_params)
+    if not model:
+        raise UserError(f"llama.cpp could not read {model_path}; the file is damaged or not a text model")
+    try:
+        found = []
+        for one in settings:
+            params = llama_cpp.llama_context_default_params()
+            one.apply(params)
+            params.n_threads = params.n_threads_batch = 1
+            with record_log() as lines:
+                context = llama_cpp.llama_init_from_model(model, params)
+            if not context:
+                raise ResourceError(f"llama.cpp refused the context ({one.describe()}) for {model_path}")
+            llama_cpp.llama_free(context)
+            found.append(Allocations.parse(lines, one.flash_attn))
+        return found
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 @dataclass(frozen=True)
@@ -50,7 +135,7 @@ def _check_file(path: Path, what: str) -> Path:
 
 
 class Engine:
-    """A loaded text model (+ optional mmproj) with one context and one sequence."""
+    """A loaded text model (+ optional mmproj) with one context; its own evaluation methods use sequence 0."""
 
     def __init__(
         self,
@@ -68,12 +153,18 @@ class Engine:
         devices: Sequence[int] | None = None,
         tensor_split: Sequence[float] | None = None,
         mmproj_gpu: bool | None = None,
+        settings: ContextSettings | None = None,
+        create_context: bool = True,
     ):
         """Load ``model_path`` (and ``mmproj_path``).
 
-        ``n_ctx`` is per sequence: ``n_seq_max`` sequences (the server's parallel slots,
-        ``runtime.batching``) each get a KV stream of ``n_ctx`` cells (llama.cpp's non-unified cache,
-        ``kv_unified=False``; llama.cpp pads it to 256). This engine's own evaluation methods use sequence 0.
+        ``settings`` (``runtime.context_settings``): the context — per-sequence ``n_ctx``, sequences, KV
+        cache types, sliding-window cache size, flash attention, micro-batch, output rows; without it,
+        ``n_ctx``/``n_batch``/``n_ubatch``/``n_seq_max`` with the defaults there (small SWA cache, f16 KV,
+        flash attention auto, logits for every token). What llama.cpp then allocated is in ``allocations``.
+        ``n_ctx`` is per sequence: ``n_seq_max`` sequences (the server's parallel slots, ``runtime.batching``)
+        each get a KV stream of ``n_ctx`` cells (llama.cpp's non-unified cache, ``kv_unified=False``; llama.cpp
+        pads it to 256). This engine's own evaluation methods use sequence 0.
 
         ``eval_callback``: a ``llama_cpp.ggml_backend_sched_eval_callback`` called for every graph node
         (how llama.cpp's imatrix tool observes activations); the caller keeps it alive.
@@ -84,13 +175,19 @@ class Engine:
         splits by the devices' free memory when None). ``mmproj_gpu``: let libmtmd run the vision encoder on a GPU
         (default: when layers are offloaded); libmtmd takes the first GPU llama.cpp registered, which is an RPC
         worker's when no local GPU exists, so callers that use workers decide.
+        ``create_context=False``: load the files only; ``create_context`` makes the context later (its size
+        can then depend on a prompt tokenized with this engine).
         """
+        if settings is None:
+            settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq_max)
         route_llama_logs()
         llama_cpp.llama_backend_init()
         self.model_path = _check_file(model_path, "model")
         self.mmproj_path = _check_file(mmproj_path, "mmproj") if mmproj_path else None
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self.n_batch = n_batch
+        self.settings = settings
+        self.n_batch = settings.batch
+        self.allocations = Allocations()
         self._model = self._ctx = self._mtmd = None
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -118,33 +215,76 @@ class Engine:
         self._one: Any = None  # a one-token batch for decode_next
         if vocab_only:
             return
+        self._eval_callback = eval_callback
+        self.n_ctx = settings.n_ctx
+        self.n_seq_max = settings.n_seq
+        self.n_ubatch = settings.n_ubatch
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_swa = 0 if settings.swa_full else llama_cpp.llama_model_n_swa(self._model)
+        if create_context:
+            try:
+                self.create_context(settings)
+            except BaseException:
+                self.close()
+                raise
+        if self.mmproj_path is not None:
+            self._init_mtmd(n_gpu_layers > 0 if mmproj_gpu is None else mmproj_gpu)
+
+    def create_context(self, settings: ContextSettings) -> None:
+        """(Re)create the context with ``settings`` (the evaluated prompt and LoRA adapters are dropped);
+        ResourceError when llama.cpp cannot create it."""
+        n_layers = llama_cpp.llama_model_n_layer(self._model)
+        head_k = self.n_embd // max(1, llama_cpp.llama_model_n_head(self._model))
+        settings.check_model(*self._head_sizes(head_k, n_layers))
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._one is not None:
+            llama_cpp.llama_batch_free(self._one)
+            self._one = None
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx * n_seq_max
-        ctx_params.n_seq_max = n_seq_max
-        ctx_params.kv_unified = False
-        ctx_params.n_batch = n_batch
-        ctx_params.n_ubatch = n_ubatch
+        settings.apply(ctx_params)
         ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
-        if eval_callback is not None:
-            ctx_params.cb_eval = eval_callback
+        if self._eval_callback is not None:
+            ctx_params.cb_eval = self._eval_callback
             ctx_params.cb_eval_user_data = None
-        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        with record_log() as lines:
+            self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
-            self.close()
-            many = f" for each of {n_seq_max} parallel slots" if n_seq_max > 1 else ""
-            raise UserError(f"cannot create a context of {n_ctx} tokens{many} for {self.model_path}; lower "
-                            f"{setting('n_ctx')}" + (f" or {setting('parallel')}" if n_seq_max > 1 else ""))
+            many = f" for each of {settings.n_seq} parallel slots" if settings.n_seq > 1 else ""
+            smaller = f", use a quantized KV cache ({setting('kv_type')} q8_0)" if settings.type_k == "f16" else ""
+            raise ResourceError(f"llama.cpp could not create a context of {settings.n_ctx} tokens{many} "
+                                f"({settings.describe()}) for {self.model_path.name}; lower {setting('n_ctx')}"
+                                + smaller + (f" or lower {setting('parallel')}" if settings.n_seq > 1 else ""))
+        self.settings = settings
+        self.allocations = Allocations.parse(lines, settings.flash_attn)
+        self.n_batch = settings.batch
+        self.n_ubatch = settings.n_ubatch
         self.n_seq_max = llama_cpp.llama_n_seq_max(self._ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)  # per sequence
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)  # per sequence (llama.cpp pads it to 256)
+        self.n_swa = 0 if settings.swa_full else llama_cpp.llama_model_n_swa(self._model)
+        self.n_past = 0
         self._one = llama_cpp.llama_batch_init(1, 0, 1)
         self._one.n_tokens = 1
         self._one.n_seq_id[0] = 1
         self._one.seq_id[0][0] = 0
         self._one.logits[0] = True
-        self.n_ubatch = n_ubatch
-        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
-        if self.mmproj_path is not None:
-            self._init_mtmd(n_gpu_layers > 0 if mmproj_gpu is None else mmproj_gpu)
+
+    @property
+    def has_context(self) -> bool:
+        return bool(self._ctx)
+
+    def _head_sizes(self, fallback: int, n_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-layer K and V head sizes from the GGUF metadata (``<arch>.attention.key_length``/``value_length``)."""
+        values = []
+        for key in ("key_length", "value_length"):
+            buffer = ctypes.create_string_buffer(64)
+            arch = ctypes.create_string_buffer(64)
+            llama_cpp.llama_model_meta_val_str(self._model, b"general.architecture", arch, len(arch))
+            name = arch.value + b".attention." + key.encode()
+            found = llama_cpp.llama_model_meta_val_str(self._model, name, buffer, len(buffer))
+            values.append(int(buffer.value) if found > 0 and buffer.value.isdigit() else fallback)
+        return (values[0],) * n_layers, (values[1],) * n_layers
 
     def _init_mtmd(self, use_gpu: bool) -> None:
         params = mtmd.mtmd_context_params_default()
@@ -298,13 +438,16 @@ class Engine:
         self.n_past = 0
 
     def truncate(self, n_positions: int) -> bool:
-        """Forget every evaluated position from ``n_positions`` on; False when llama.cpp cannot remove them."""
+        """Keep the first ``n_positions`` evaluated positions when they can be continued exactly — with the
+        small SWA cache, only while the window behind them is still cached (``runtime.kv_reuse``); otherwise
+        clear the cache and return False (evaluate from the start)."""
         if not 0 <= n_positions <= self.n_past:
             raise ValueError(f"cannot keep {n_positions} positions of {self.n_past}")
-        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n_positions, -1):
-            return False
-        self.n_past = n_positions
-        return True
+        if keep_prefix(self._ctx, 0, n_positions, self.n_swa):
+            self.n_past = n_positions
+            return True
+        self.reset()
+        return False
 
     def _check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx:
@@ -314,7 +457,8 @@ class Engine:
             )
 
     def eval_tokens(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
-        """Decode ``tokens`` after what was evaluated so far.
+        """Decode ``tokens`` after what was evaluated so far (in decodes of ``n_batch`` tokens; of
+        ``n_outputs_max`` with ``logits="all"`` when the context returns fewer rows than that).
 
         ``logits``: "all" returns float32 [len(tokens), n_vocab], "last" returns [1, n_vocab], "none" [0, n_vocab];
         "context" computes the last token's logits but leaves them in the context for a sampler (returns
@@ -328,11 +472,14 @@ class Engine:
         elif logits in ("last", "context") and tokens:
             want[-1] = True
         copy = logits != "context"
+        # a context made for chat returns n_outputs_max logits rows per decode (runtime.context_settings):
+        # every token's logits then take decodes of that many tokens
+        step = self.n_batch if logits != "all" else min(self.n_batch, self.settings.n_outputs_max or self.n_batch)
         rows: list[np.ndarray] = []
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         try:
-            for start in range(0, len(tokens), self.n_batch):
-                chunk = tokens[start : start + self.n_batch]
+            for start in range(0, len(tokens), step):
+                chunk = tokens[start : start + step]
                 batch.n_tokens = len(chunk)
                 for i, token in enumerate(chunk):
                     batch.token[i] = token

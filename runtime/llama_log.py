@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 
 # llama.cpp warnings that are expected for Gemma 3 and need no action from the user: logged at DEBUG
 EXPECTED_LLAMA_WARNINGS = (
-    "llama_kv_cache_iswa: using full-size SWA cache",  # we keep the full SWA cache so prompts can be trimmed
+    "llama_kv_cache_iswa: using full-size SWA cache",  # asked for with swa_full=True (--swa-full)
 )
 
 
 _CAPTURED: list[str] | None = None  # set by native_errors()
+_RECORDED: list[str] | None = None  # set by record_log(): every line, also forwarded
 
 
 @llama_cpp.llama_log_callback
@@ -35,6 +36,8 @@ def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if not message:
         return
+    if _RECORDED is not None:
+        _RECORDED.append(message)
     if _CAPTURED is not None and level in (3, 4):
         _CAPTURED.append(message)
         return
@@ -81,6 +84,20 @@ def native_errors() -> Iterator[list[str]]:
             os.close(saved)
             spool.seek(0)
             lines += spool.read().decode("utf-8", errors="replace").splitlines()
+
+
+@contextlib.contextmanager
+def record_log() -> Iterator[list[str]]:
+    """Every llama.cpp log line while the block runs, INFO included (they are still forwarded to Python
+    logging): what ``runtime.engine.Allocations`` reads llama.cpp's buffer sizes from."""
+    global _RECORDED
+    route_llama_logs()
+    lines: list[str] = []
+    _RECORDED = lines
+    try:
+        yield lines
+    finally:
+        _RECORDED = None
 
 
 def restore_llama_log_routing() -> None:

@@ -11,39 +11,40 @@ the repeating layers from the last one backwards; ``n = L + 1`` offloads everyth
 ``output.weight``: llama.cpp loads ``token_embd`` a second time as the output matrix, so an offloaded
 output layer costs the full ``token_embd`` bytes on the GPU while the CPU copy stays.
 
-KV cache (src/llama-context.cpp, llama-kv-cache-iswa.cpp, llama-kv-cache.cpp): the context is padded,
-``n_ctx_pad = pad(n_ctx, 256)``. Full-attention layers get ``n_ctx_pad`` cells; sliding-window layers get
-``pad(min(n_ctx_pad, n_swa + n_ubatch), 256)`` cells, except with ``swa_full`` — llama.cpp's default
-(``llama_context_default_params().swa_full = true``, which llama-cpp-python keeps unless ``swa_full=False``
-is passed to ``Llama``) — where they get ``n_ctx_pad`` cells too. Per layer, K and V are each
-``n_head_kv × head_dim`` values per cell in the cache type (F16 by default); with ``offload_kqv`` (default)
-a layer's cache lives on the layer's device. Which layers slide: the per-layer bool array
+Context (``runtime.context_settings``, this runtime's defaults unless given): ``n_ctx`` per sequence, one
+KV stream per sequence (``n_seq``, the server's slots), small sliding-window cache, f16 K and V, flash
+attention "auto" (planned as on: llama.cpp resolves it so for Gemma 3 on the CPU and on CUDA), one logits row
+per sequence.
+
+KV cache (``kv_cache_layout``; src/llama-context.cpp, llama-kv-cache-iswa.cpp, llama-kv-cache.cpp): the total
+``n_ctx × n_seq`` is padded to 256 and each stream gets ``n_ctx_seq = pad(total / n_seq, 256)`` cells in the
+full-attention layers and ``pad(min(n_ctx_seq, n_swa + n_ubatch), 256)`` in the sliding ones (``n_ctx_seq``
+with ``swa_full``). Per layer, K and V are each ``n_head_kv × head_dim`` values per cell in their own type
+(``ggml_row_size``: a q8_0 block of 32 values is 34 bytes, q4_0 18). With ``offload_kqv`` (default) a
+layer's cache lives on the layer's device. Which layers slide: the per-layer bool array
 ``gemma3.attention.sliding_window_pattern`` when present, else an integer pattern ``p`` (default 6 for
 gemma3: layer ``il`` slides unless ``il % p == p - 1``); no ``sliding_window`` key means no sliding layers.
+The tests compare every one of these with llama.cpp's own ``llama_kv_cache: size = …`` lines.
 
-Compute buffers (an ESTIMATE, not measured on a GPU here; errs on the high side):
+Compute buffers:
 
-* text graph, reserved for one micro-batch of ``n_ub = min(n_ubatch, n_ctx)`` tokens with every token
-  an output (src/llama-context.cpp ``graph_reserve``):
-  ``max(logits, scores + activations) + masks + staging + 32 MiB``, where
-  ``logits = n_ub × n_vocab × 4``; ``scores = n_head × n_ub × n_kv × 4`` (the F32 attention matrix
-  without flash attention, llama-cpp-python's default; ``n_kv`` = the largest cache among GPU layers; 0
-  with flash attention or no repeating layer on the GPU);
-  ``activations = n_ub × (2·n_ff + 4·n_embd + 2·(n_head + 2·n_head_kv)·head_dim) × 4``;
-  ``masks = n_ub × (cells_full + cells_swa) × 4``. The max is there because ggml's graph allocator frees
-  a layer's tensors before the logits are computed: llama.cpp's Gemma (256k vocabulary) at ubatch 2048
-  reported a 2025 MiB CUDA compute buffer, 2000 MiB of it logits (ggml-org/llama.cpp PR #5631).
-  ``staging``: with ``op_offload`` (default) the CUDA backend also runs big-batch matmuls whose weights
-  stay on the CPU, copying each weight into its compute buffer (ggml-backend.cpp, one split per offloaded
-  weight), so while any layer stays on the CPU the largest CPU-resident matmul weight is added. For the
-  same reason the logits are on the GPU even with ``n_gpu_layers = 0``.
-* vision encoder (tools/mtmd/clip.cpp warm-up on one ``image_size²`` image, its own buffer):
-  ``n_head_v × P² × 4`` (attention without flash attention; llama-cpp-python passes the text model's
-  flash-attention setting) ``+ P × (n_ff_v + 3·width_v) × 4``, ``P = (image_size / patch_size)²``. For
-  Gemma 3's SigLIP (896 px, patch 14, width 1152, 16 heads, ff 4304) that is 1145 MiB, or 121 MiB with
-  flash attention, against 1132 / 121 MiB reported by llama.cpp (gpustack/gguf-parser-go issue #44).
-* ``headroom`` (default 1 GiB, llama.cpp's own ``--fit-target`` default) is kept free for the CUDA
-  context, cuBLAS workspaces and the CUDA memory pool, which no llama.cpp buffer report includes.
+* text graph: exactly what llama.cpp reserves on one backend — ``runtime.compute_graph`` rebuilds Gemma 3's
+  worst-case graph for the chosen micro-batch, cache sizes, flash attention, K/V types and output rows and
+  replays ggml's allocator on it (checked against llama.cpp for every setting on the fixtures and on MedGemma
+  4B's and 27B's shapes). With a whole model on the GPU that buffer is on the GPU (CUDA's 128-byte
+  alignment) and the token rows are gathered in a small host buffer. With ``op_offload`` (default) the CUDA
+  backend also runs big-batch matmuls whose weights stay on the CPU, copying each weight into its compute
+  buffer, so while any layer stays on the CPU the largest CPU-resident matmul weight is added, and the
+  layers left on the CPU get a CPU buffer; both are upper bounds (the real graph is split between devices).
+* logits (host): ``n_vocab × 4`` bytes per output row, one per sequence (``output buffer size``).
+* vision encoder (tools/mtmd/clip.cpp warm-up on one ``image_size²`` image, its own buffer), an ESTIMATE:
+  ``n_head_v × P² × 4`` (attention without flash attention) ``+ P × (n_ff_v + 3·width_v) × 4``,
+  ``P = (image_size / patch_size)²``. For Gemma 3's SigLIP (896 px, patch 14, width 1152, 16 heads, ff 4304)
+  that is 1145 MiB, or 121 MiB with flash attention, against 1132 / 121 MiB reported by llama.cpp
+  (gpustack/gguf-parser-go issue #44). The runtime creates the vision context with the text context's flash
+  attention setting.
+* ``headroom`` (default 1 GiB, llama.cpp's own ``--fit-target`` default) is kept free for the CUDA context,
+  cuBLAS workspaces and the CUDA memory pool, which no llama.cpp buffer report includes.
 
 The mmproj (vision encoder + projector) is loaded whole onto the GPU whenever llama-cpp-python can
 offload (its multimodal handlers create the mtmd context with ``use_gpu = True``).
@@ -62,10 +63,12 @@ import gguf
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import GgufInfo, TensorInfo, read_gguf_info, tensor_nbytes
+from medgemma_gguf.runtime.compute_graph import CPU_ALIGNMENT, CUDA_ALIGNMENT
+from medgemma_gguf.runtime.compute_graph import text_compute_bytes as graph_compute_bytes
+from medgemma_gguf.runtime.context_settings import KV_TYPES, ContextSettings, parse_kv_type
 from medgemma_gguf.sizes import GiB, MiB, format_size
 
 DEFAULT_HEADROOM_BYTES = 1 * GiB
-COMPUTE_CONSTANT_BYTES = 32 * MiB
 KV_CELL_PADDING = 256
 DEFAULT_SWA_PATTERN = {"gemma3": 6}
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.")
@@ -253,50 +256,62 @@ def read_vision_model(path: Path | str) -> VisionModel:
 
 @dataclass(frozen=True)
 class KvCacheLayout:
-    """Cells per layer of llama.cpp's KV cache for one context."""
+    """Cells and bytes of llama.cpp's KV cache for one context (every sequence's stream together)."""
 
-    n_ctx_padded: int
-    n_ubatch: int
-    cells_full: int
-    cells_swa: int
-    layer_bytes: tuple[int, ...]
+    n_ctx_seq: int  # cells per stream of the full-attention cache (n_ctx per sequence, padded to 256)
+    n_seq: int  # streams: one per sequence
+    n_ubatch: int  # the micro-batch llama.cpp uses (n_ubatch, at most n_batch and the context)
+    cells_full: int  # per stream
+    cells_swa: int  # per stream
+    layer_bytes: tuple[int, ...]  # K+V bytes of each layer, all streams
+    sliding: tuple[bool, ...]
+
+    @property
+    def full_bytes(self) -> int:
+        return sum(b for b, s in zip(self.layer_bytes, self.sliding, strict=True) if not s)
+
+    @property
+    def swa_bytes(self) -> int:
+        return sum(b for b, s in zip(self.layer_bytes, self.sliding, strict=True) if s)
 
 
-def kv_cache_layout(
-    model: TextModel, n_ctx: int, n_ubatch: int, swa_full: bool, kv_type: gguf.GGMLQuantizationType
-) -> KvCacheLayout:
-    """Cells and per-layer K+V bytes of the KV cache llama.cpp allocates for ``n_ctx``."""
-    n_ctx_padded = _pad(n_ctx, KV_CELL_PADDING)
-    n_ub = min(n_ubatch, n_ctx)
-    cells_swa = n_ctx_padded if swa_full else _pad(min(n_ctx_padded, model.n_swa + n_ub), KV_CELL_PADDING)
+def kv_cache_layout(model: TextModel, settings: ContextSettings) -> KvCacheLayout:
+    """Cells and per-layer K+V bytes of the KV cache llama.cpp allocates (``llama_context`` and
+    ``llama_kv_cache_iswa`` constructors): ``n_ctx × n_seq`` padded to 256, one stream per sequence of
+    ``n_ctx_seq = pad(total / n_seq, 256)`` cells for the full-attention layers and ``pad(min(n_ctx_seq, n_swa +
+    n_ubatch), 256)`` for the sliding ones (``n_ctx_seq`` with ``swa_full``); K and V rows in their types."""
+    n_ctx_total = _pad(settings.n_ctx_total, KV_CELL_PADDING)
+    n_ctx_seq = _pad(n_ctx_total // settings.n_seq, KV_CELL_PADDING)
+    n_batch = min(n_ctx_total, settings.batch)
+    n_ubatch = min(n_batch, settings.n_ubatch)
+    sliding = model.sliding_layers if model.n_swa > 0 else (False,) * model.n_layers
+    cells_swa = n_ctx_seq if settings.swa_full else _pad(min(n_ctx_seq, model.n_swa + n_ubatch), KV_CELL_PADDING)
+    type_k = gguf.GGMLQuantizationType(KV_TYPES[settings.type_k][0])
+    type_v = gguf.GGMLQuantizationType(KV_TYPES[settings.type_v][0])
     layer_bytes = []
     for il in range(model.n_layers):
-        cells = cells_swa if model.sliding_layers[il] else n_ctx_padded
-        k_bytes = tensor_nbytes(kv_type, (model.n_head_kv[il] * model.key_length, cells))
-        v_bytes = tensor_nbytes(kv_type, (model.n_head_kv[il] * model.value_length, cells))
-        layer_bytes.append(k_bytes + v_bytes)
-    return KvCacheLayout(n_ctx_padded, n_ub, n_ctx_padded, cells_swa, tuple(layer_bytes))
+        cells = (cells_swa if sliding[il] else n_ctx_seq) * settings.n_seq
+        layer_bytes.append(tensor_nbytes(type_k, (model.n_head_kv[il] * model.key_length, cells))
+                           + tensor_nbytes(type_v, (model.n_head_kv[il] * model.value_length, cells)))
+    return KvCacheLayout(n_ctx_seq, settings.n_seq, n_ubatch, n_ctx_seq, cells_swa, tuple(layer_bytes), sliding)
 
 
-def text_compute_bytes(model: TextModel, kv: KvCacheLayout, n_gpu_layers: int, flash_attn: bool) -> int:
-    """Estimated GPU compute buffer of the text graph with ``n_gpu_layers`` offloaded (module docstring)."""
-    n_ub = kv.n_ubatch
-    gpu_start = model.n_layers + 1 - n_gpu_layers
-    gpu_layers = range(max(gpu_start, 0), model.n_layers)
-    logits = n_ub * model.n_vocab * 4
-    scores = 0
-    if gpu_layers and not flash_attn:
-        n_kv = max(kv.cells_swa if model.sliding_layers[il] else kv.cells_full for il in gpu_layers)
-        scores = model.n_head * n_ub * n_kv * 4
-    n_head_kv = max(model.n_head_kv)
-    head_dim = max(model.key_length, model.value_length)
-    activations = n_ub * (2 * model.n_ff + 4 * model.n_embd + 2 * (model.n_head + 2 * n_head_kv) * head_dim) * 4
-    masks = n_ub * (kv.cells_full + kv.cells_swa) * 4
-    cpu_layers = range(0, min(max(gpu_start, 0), model.n_layers))
-    staging = max((model.layer_largest_tensor_bytes[il] for il in cpu_layers), default=0)
-    if n_gpu_layers < 1:
-        staging = max(staging, model.output_matrix_bytes)
-    return max(logits, scores + activations) + masks + staging + COMPUTE_CONSTANT_BYTES
+def text_compute_bytes(model: TextModel, kv: KvCacheLayout, settings: ContextSettings,
+                       alignment: int = CPU_ALIGNMENT) -> int:
+    """The compute buffer llama.cpp reserves for the text graph on one backend (``runtime.compute_graph``)."""
+    return graph_compute_bytes(n_embd=model.n_embd, n_ff=model.n_ff, n_head=model.n_head,
+                               n_head_kv=max(model.n_head_kv), head_dim=model.key_length, n_vocab=model.n_vocab,
+                               sliding=kv.sliding, n_ctx=kv.n_ctx_seq * kv.n_seq, n_ubatch=kv.n_ubatch,
+                               n_seqs=kv.n_seq, n_outputs_max=settings.n_outputs_max, cells_full=kv.cells_full,
+                               cells_swa=kv.cells_swa, flash_attn=settings.flash_attn_planned,
+                               k_quantized=settings.k_quantized, v_quantized=settings.v_quantized, alignment=alignment)
+
+
+def output_buffer_bytes(model: TextModel, settings: ContextSettings) -> int:
+    """The host buffer for logits: ``n_vocab`` floats per output row, reserved for one row per sequence
+    (``llama_context::output_reserve``); a decode asking for more rows (evaluation) grows it to ``n_batch``."""
+    rows = settings.n_seq if settings.n_outputs_max else max(settings.n_seq, min(settings.batch, settings.n_ctx_total))
+    return rows * model.n_vocab * 4
 
 
 def vision_compute_bytes(vision: VisionModel, flash_attn: bool) -> int:
@@ -372,7 +387,7 @@ def query_free_vram() -> int:
 
 @dataclass(frozen=True)
 class OffloadPlan:
-    """Where a model's memory goes for one ``n_gpu_layers`` value."""
+    """Where a model's memory goes for one ``n_gpu_layers`` value and one context (bytes)."""
 
     n_gpu_layers: int
     n_layers: int
@@ -388,6 +403,12 @@ class OffloadPlan:
     cpu_kv: int
     cpu_mmproj: int
     notes: tuple[str, ...] = field(default=())
+    cpu_compute: int = 0
+    cpu_output: int = 0
+    settings: ContextSettings = field(default_factory=ContextSettings)
+    kv: KvCacheLayout | None = None
+    text_compute: int = 0
+    vision_compute: int = 0
 
     @property
     def max_gpu_layers(self) -> int:
@@ -412,11 +433,30 @@ class OffloadPlan:
 
     @property
     def cpu_bytes(self) -> int:
-        return self.cpu_weights + self.cpu_kv + self.cpu_mmproj
+        return self.cpu_weights + self.cpu_kv + self.cpu_mmproj + self.cpu_compute + self.cpu_output
+
+    def kv_lines(self) -> list[str]:
+        """The KV cache per kind of layer: layers x cells (x sequences) and bytes."""
+        kv = self.kv
+        if kv is None:
+            return []
+        types = self.settings.type_k if self.settings.type_k == self.settings.type_v else \
+            f"K {self.settings.type_k}, V {self.settings.type_v}"
+        streams = f" x {kv.n_seq} sequences" if kv.n_seq > 1 else ""
+        full = sum(not s for s in kv.sliding)
+        parts = [f"{full} full-attention layers x {kv.cells_full} cells{streams} = {format_size(kv.full_bytes)}"]
+        if any(kv.sliding):
+            which = "full-size" if self.settings.swa_full else "window"
+            parts.append(f"{len(kv.sliding) - full} sliding-window layers x {kv.cells_swa} cells ({which}){streams} = "
+                         f"{format_size(kv.swa_bytes)}")
+        return [f"  KV cache ({types}): " + "; ".join(parts)]
 
     def describe(self) -> str:
-        """A short, human-readable account of the plan."""
+        """A human-readable account of the plan, with the breakdown of every buffer."""
         lines = [f"n_gpu_layers = {self.n_gpu_layers} (of {self.max_gpu_layers}: {self.n_layers} layers + output)"]
+        vision = f", vision {format_size(self.vision_compute)}" if self.vision_compute else ""
+        compute = f"  compute buffers: text {format_size(self.text_compute)} (micro-batch " \
+                  f"{self.kv.n_ubatch if self.kv else self.settings.n_ubatch}){vision}"
         if self.gpu_available:
             if self.fits_fully:
                 where = "whole model on the GPU"
@@ -426,11 +466,11 @@ class OffloadPlan:
                 where = "only the output layer on the GPU"
             else:
                 where = f"output layer and the last {self.repeating_layers_on_gpu} of {self.n_layers} layers on the GPU"
-            lines.append(f"{where}; context {self.n_ctx} tokens")
+            lines.append(f"{where}; {self.settings.describe()}")
             lines.append(
                 f"GPU: {format_size(self.gpu_bytes)} = weights {format_size(self.gpu_weights)} + KV "
                 f"{format_size(self.gpu_kv)} + mmproj {format_size(self.gpu_mmproj)} + compute "
-                f"{format_size(self.gpu_compute)} (estimate)"
+                f"{format_size(self.gpu_compute)}"
             )
             if self.budget_bytes is not None:
                 lines.append(
@@ -438,21 +478,22 @@ class OffloadPlan:
                     "kept free for the CUDA runtime"
                 )
         else:
-            lines.append(f"CPU only; context {self.n_ctx} tokens")
+            lines.append(f"CPU only; {self.settings.describe()}")
         lines.append(
             f"CPU: {format_size(self.cpu_bytes)} = weights {format_size(self.cpu_weights)} + KV "
             f"{format_size(self.cpu_kv)}" + (f" + mmproj {format_size(self.cpu_mmproj)}" if self.cpu_mmproj else "")
+            + (f" + compute {format_size(self.cpu_compute)}" if self.cpu_compute else "")
+            + f" + logits {format_size(self.cpu_output)}"
         )
+        lines.extend(self.kv_lines())
+        lines.append(compute)
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
 def kv_cache_type(name: str) -> gguf.GGMLQuantizationType:
-    """The ggml type of a KV cache type name (f16, bf16, q8_0, q4_0)."""
-    try:
-        return gguf.GGMLQuantizationType[name.upper()]
-    except KeyError:
-        raise UserError(f"unknown KV cache type {name!r}; use f16 (default), bf16, q8_0 or q4_0") from None
+    """The ggml type of a KV cache type name (f16, q8_0, q4_0)."""
+    return gguf.GGMLQuantizationType(KV_TYPES[parse_kv_type(name)][0])
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -463,43 +504,42 @@ def _check_positive(name: str, value: int) -> None:
 def plan_offload(
     gguf_path: Path | str,
     *,
-    n_ctx: int,
+    n_ctx: int | None = None,
     vram_bytes: int | None = None,
     mmproj_path: Path | str | None = None,
-    n_ubatch: int = 512,
+    n_ubatch: int | None = None,
     gpu_available: bool | None = None,
-    flash_attn: bool = False,
-    swa_full: bool = True,
-    kv_type: str = "f16",
+    flash_attn: bool | str | None = None,
+    swa_full: bool | None = None,
+    kv_type: str | None = None,
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+    settings: ContextSettings | None = None,
 ) -> OffloadPlan:
     """The largest ``n_gpu_layers`` whose weights, KV cache, mmproj and compute buffers fit in the GPU budget.
 
+    ``settings`` (``runtime.context_settings``) describe the context as it will be created — this runtime's
+    defaults unless given; the keywords ``n_ctx``, ``n_ubatch``, ``flash_attn``, ``swa_full`` and ``kv_type``
+    (both K and V) override single fields. ``n_ctx=0`` means the model's training context.
     ``vram_bytes=None`` asks pynvml / nvidia-smi for GPU 0's free memory. ``gpu_available=None`` asks
     llama-cpp-python whether it can offload at all; without offload the plan is CPU-only (0 layers).
-    ``n_ctx=0`` means the model's training context, as in llama-cpp-python. ``flash_attn``, ``swa_full``
-    and ``kv_type`` must match what the ``Llama`` object will be created with (llama-cpp-python's
-    defaults: no flash attention, full-size SWA cache, F16 cache).
     """
     model = read_text_model(gguf_path)
     vision = read_vision_model(mmproj_path) if mmproj_path is not None else None
-    if n_ctx == 0:
-        n_ctx = model.context_length
-    _check_positive("n_ctx", n_ctx)
-    _check_positive("n_ubatch", n_ubatch)
+    settings = _settings(model, settings, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, swa_full=swa_full,
+                         kv_type=kv_type)
     if vram_bytes is not None and (not isinstance(vram_bytes, int) or vram_bytes < 1):
         raise UserError(f"the GPU memory budget must be a positive number of bytes, got {vram_bytes!r}")
     if headroom_bytes < 0:
         raise UserError(f"headroom_bytes must not be negative, got {headroom_bytes}")
-    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, kv_cache_type(kv_type))
     notes: list[str] = []
-    if vision is not None and vision.n_image_tokens and min(n_ubatch, n_ctx) < vision.n_image_tokens:
+    if vision is not None and vision.n_image_tokens and min(settings.n_ubatch, settings.n_ctx_total) < \
+            vision.n_image_tokens:
         notes.append(
-            f"warning: n_ubatch {min(n_ubatch, n_ctx)} is below the {vision.n_image_tokens} tokens of one image; "
-            "an image must fit in one micro-batch, so raise n_ubatch (and n_batch)"
+            f"warning: n_ubatch {min(settings.n_ubatch, settings.n_ctx_total)} is below the {vision.n_image_tokens} "
+            "tokens of one image; an image must fit in one micro-batch, so raise n_ubatch (and n_batch)"
         )
-    if model.context_length and n_ctx > model.context_length:
-        notes.append(f"note: n_ctx {n_ctx} is beyond the model's training context {model.context_length}")
+    if model.context_length and settings.n_ctx > model.context_length:
+        notes.append(f"note: n_ctx {settings.n_ctx} is beyond the model's training context {model.context_length}")
 
     if gpu_available is None:
         gpu_available, reason = gpu_offload_supported()
@@ -508,40 +548,9 @@ def plan_offload(
     elif not gpu_available:
         notes.append("no GPU offload requested: everything runs on the CPU")
 
-    vision_weights = vision.weight_bytes if vision is not None else 0
-
-    def plan_for(n_gpu: int, budget: int | None) -> OffloadPlan:
-        gpu_start = max(model.n_layers + 1 - n_gpu, 0)
-        on_gpu = range(gpu_start, model.n_layers)
-        gpu_weights = sum(model.layer_bytes[il] for il in on_gpu) + (model.output_bytes if n_gpu >= 1 else 0)
-        gpu_kv = sum(kv.layer_bytes[il] for il in on_gpu)
-        cpu_weights = model.input_bytes + sum(model.layer_bytes[:gpu_start])
-        if n_gpu < 1:  # output layer on the CPU; a tied output matrix is token_embd itself, not a copy
-            cpu_weights += model.output_bytes - (model.output_matrix_bytes if model.tied_embeddings else 0)
-        compute = 0
-        if gpu_available:
-            compute = text_compute_bytes(model, kv, n_gpu, flash_attn)
-            if vision is not None:
-                compute += vision_compute_bytes(vision, flash_attn)
-        return OffloadPlan(
-            n_gpu_layers=n_gpu,
-            n_layers=model.n_layers,
-            n_ctx=n_ctx,
-            gpu_available=gpu_available,
-            budget_bytes=budget,
-            headroom_bytes=headroom_bytes if gpu_available else 0,
-            gpu_weights=gpu_weights,
-            gpu_kv=gpu_kv,
-            gpu_mmproj=vision_weights if gpu_available else 0,
-            gpu_compute=compute,
-            cpu_weights=cpu_weights,
-            cpu_kv=sum(kv.layer_bytes) - gpu_kv,
-            cpu_mmproj=0 if gpu_available else vision_weights,
-            notes=tuple(notes),
-        )
-
+    costs = MemoryModel(model, vision, settings, gpu_available, headroom_bytes)
     if not gpu_available:
-        return plan_for(0, None)
+        return costs.plan(0, None, notes)
 
     if vram_bytes is None:
         budget = query_free_vram()
@@ -550,23 +559,138 @@ def plan_offload(
         budget = vram_bytes
     usable = budget - headroom_bytes
     for n_gpu in range(model.n_layers + 1, -1, -1):
-        candidate = plan_for(n_gpu, budget)
+        candidate = costs.plan(n_gpu, budget, notes)
         if candidate.gpu_bytes <= usable:
             if n_gpu < model.n_layers + 1:
-                needed_all = plan_for(model.n_layers + 1, budget).gpu_bytes + headroom_bytes
-                hint = "lower n_ctx or use a smaller quant to offload more"
-                if swa_full and any(model.sliding_layers):
-                    hint += " (or create the Llama with swa_full=False: sliding layers then keep only their window)"
+                needed_all = costs.plan(model.n_layers + 1, budget, notes).gpu_bytes + headroom_bytes
+                hint = "lower n_ctx, use a quantized KV cache or a smaller quant to offload more"
+                if settings.swa_full and any(model.sliding_layers):
+                    hint += " (or drop swa_full: sliding layers then keep only their window)"
                 notes.append(f"the whole model needs about {format_size(needed_all)} of GPU memory; {hint}")
-                candidate = plan_for(n_gpu, budget)
+                candidate = costs.plan(n_gpu, budget, notes)
             return candidate
-    floor = plan_for(0, budget)
     notes.append(
-        f"warning: the budget {format_size(budget)} is below the {format_size(floor.gpu_bytes + headroom_bytes)} "
-        "needed before any layer is offloaded (mmproj, compute buffers, headroom): offloading no layer; "
-        "the GPU may still run out of memory — use a smaller n_ubatch or n_ctx, or a CPU-only build"
+        f"warning: the budget {format_size(budget)} is below the "
+        f"{format_size(costs.plan(0, budget, notes).gpu_bytes + headroom_bytes)} needed before any layer is offloaded "
+        "(mmproj, compute buffers, headroom): offloading no layer; the GPU may still run out of memory — use a "
+        "smaller n_ubatch or n_ctx, or a CPU-only build"
     )
-    return plan_for(0, budget)
+    return costs.plan(0, budget, notes)
+
+
+def _settings(model: TextModel, settings: ContextSettings | None, *, n_ctx: int | None = None,
+              n_ubatch: int | None = None, flash_attn: bool | str | None = None, swa_full: bool | None = None,
+              kv_type: str | None = None) -> ContextSettings:
+    settings = settings if settings is not None else ContextSettings(n_outputs_max=1)
+    changes: dict[str, object] = {}
+    if n_ctx is not None:
+        if n_ctx == 0:
+            n_ctx = model.context_length
+        _check_positive("n_ctx", n_ctx)
+        changes["n_ctx"] = n_ctx
+    if n_ubatch is not None:
+        _check_positive("n_ubatch", n_ubatch)
+        changes["n_ubatch"] = n_ubatch
+    if flash_attn is not None:
+        changes["flash_attn"] = flash_attn
+    if swa_full is not None:
+        changes["swa_full"] = swa_full
+    if kv_type is not None:
+        changes["type_k"] = changes["type_v"] = kv_type
+    return settings.with_(**changes) if changes else settings
+
+
+class MemoryModel:
+    """What one context of a model costs, computed once; ``plan(n_gpu_layers, ...)`` places it (``plan_offload``)."""
+
+    def __init__(self, model: TextModel, vision: VisionModel | None, settings: ContextSettings,
+                 gpu_available: bool, headroom_bytes: int):
+        settings.check_model((model.key_length,), (model.value_length,))
+        self.model, self.vision, self.settings = model, vision, settings
+        self.gpu_available, self.headroom = gpu_available, headroom_bytes
+        self.kv = kv_cache_layout(model, settings)
+        self.text_compute = text_compute_bytes(model, self.kv, settings,
+                                               CUDA_ALIGNMENT if gpu_available else CPU_ALIGNMENT)
+        self.vision_compute = vision_compute_bytes(vision, settings.flash_attn_planned) if vision is not None else 0
+        self.output = output_buffer_bytes(model, settings)
+
+    def plan(self, n_gpu: int, budget: int | None, notes: list[str] | tuple[str, ...] = ()) -> OffloadPlan:
+        model, kv = self.model, self.kv
+        gpu_start = max(model.n_layers + 1 - n_gpu, 0)
+        on_gpu = range(gpu_start, model.n_layers)
+        gpu_weights = sum(model.layer_bytes[il] for il in on_gpu) + (model.output_bytes if n_gpu >= 1 else 0)
+        gpu_kv = sum(kv.layer_bytes[il] for il in on_gpu)
+        cpu_weights = model.input_bytes + sum(model.layer_bytes[:gpu_start])
+        if n_gpu < 1:  # output layer on the CPU; a tied output matrix is token_embd itself, not a copy
+            cpu_weights += model.output_bytes - (model.output_matrix_bytes if model.tied_embeddings else 0)
+        vision_weights = self.vision.weight_bytes if self.vision is not None else 0
+        gpu_compute = cpu_compute = 0
+        if self.gpu_available:
+            # with op_offload the GPU also runs big-batch matmuls of CPU-resident weights, staging each weight in
+            # its compute buffer (an upper bound for partial offloads: the graph itself is split between devices)
+            cpu_layers = range(0, min(gpu_start, model.n_layers))
+            staging = max((model.layer_largest_tensor_bytes[il] for il in cpu_layers), default=0)
+            if n_gpu < 1:
+                staging = max(staging, model.output_matrix_bytes)
+            gpu_compute = self.text_compute + staging + self.vision_compute
+            # the token rows are gathered on the CPU (token_embd stays there); layers left on the CPU run there
+            n_rows = kv.n_ubatch
+            cpu_compute = self.text_compute if n_gpu < model.n_layers + 1 else model.n_embd * n_rows * 4
+        else:
+            cpu_compute = self.text_compute + self.vision_compute
+        return OffloadPlan(
+            n_gpu_layers=n_gpu,
+            n_layers=model.n_layers,
+            n_ctx=self.settings.n_ctx,
+            gpu_available=self.gpu_available,
+            budget_bytes=budget,
+            headroom_bytes=self.headroom if self.gpu_available else 0,
+            gpu_weights=gpu_weights,
+            gpu_kv=gpu_kv,
+            gpu_mmproj=vision_weights if self.gpu_available else 0,
+            gpu_compute=gpu_compute,
+            cpu_weights=cpu_weights,
+            cpu_kv=sum(kv.layer_bytes) - gpu_kv,
+            cpu_mmproj=0 if self.gpu_available else vision_weights,
+            notes=tuple(notes),
+            cpu_compute=cpu_compute,
+            cpu_output=self.output,
+            settings=self.settings,
+            kv=kv,
+            text_compute=self.text_compute,
+            vision_compute=self.vision_compute,
+        )
+
+
+def largest_context(gguf_path: Path | str, *, memory_bytes: int, gpu: bool, settings: ContextSettings,
+                    mmproj_path: Path | str | None = None, headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+                    at_most: int | None = None) -> int | None:
+    """``--ctx auto``: the largest ``n_ctx`` per sequence (a multiple of 256, at most the model's training
+    context and ``at_most``) whose whole plan fits ``memory_bytes`` less the headroom — on the GPU every layer
+    offloaded, on the CPU weights + KV + buffers in RAM. None when not even 256 positions fit."""
+    model = read_text_model(gguf_path)
+    vision = read_vision_model(mmproj_path) if mmproj_path is not None else None
+    limit = model.context_length or 131072
+    if at_most is not None:
+        limit = min(limit, at_most)
+    limit = max(KV_CELL_PADDING, limit // KV_CELL_PADDING * KV_CELL_PADDING)
+
+    def fits(n_ctx: int) -> bool:
+        plan = MemoryModel(model, vision, settings.with_(n_ctx=n_ctx), gpu, headroom_bytes).plan(
+            model.n_layers + 1 if gpu else 0, memory_bytes, [])
+        need = plan.gpu_bytes if gpu else plan.cpu_bytes
+        return need <= memory_bytes - headroom_bytes
+
+    if not fits(KV_CELL_PADDING):
+        return None
+    low, high = 1, limit // KV_CELL_PADDING  # in units of 256: low fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle * KV_CELL_PADDING):
+            low = middle
+        else:
+            high = middle - 1
+    return low * KV_CELL_PADDING
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -668,15 +792,16 @@ def plan_split(
     gguf_path: Path | str,
     targets: Sequence[SplitTarget],
     *,
-    n_ctx: int,
+    n_ctx: int | None = None,
     mmproj_path: Path | str | None = None,
-    n_ubatch: int = 512,
+    n_ubatch: int | None = None,
     local_gpu: bool = False,
     n_gpu_layers: int | None = None,
-    flash_attn: bool = False,
-    swa_full: bool = True,
-    kv_type: str = "f16",
+    flash_attn: bool | str | None = None,
+    swa_full: bool | None = None,
+    kv_type: str | None = None,
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
+    settings: ContextSettings | None = None,
 ) -> SplitPlan:
     """Split a model's layers across ``targets`` in proportion to the memory each reports free (less
     ``headroom_bytes``), as llama.cpp's ``tensor_split`` does; with ``n_gpu_layers=None`` the most layers
@@ -684,26 +809,24 @@ def plan_split(
 
     The output layer (the 262,208-row output matrix) goes to the last target: list the local GPU last to keep
     it, and the logits, local. ``local_gpu``: the mmproj runs on the local GPU (else the local CPU).
+    ``settings`` and the keywords describe the context as in ``plan_offload``. A device's compute buffer is
+    counted as the whole graph's (``runtime.compute_graph``, CUDA's alignment): an upper bound for its part.
     """
     if not targets:
         raise UserError("plan_split needs at least one device")
     model = read_text_model(gguf_path)
     vision = read_vision_model(mmproj_path) if mmproj_path is not None else None
-    if n_ctx == 0:
-        n_ctx = model.context_length
-    _check_positive("n_ctx", n_ctx)
-    kv = kv_cache_layout(model, n_ctx, n_ubatch, swa_full, kv_cache_type(kv_type))
+    settings = _settings(model, settings, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, swa_full=swa_full,
+                         kv_type=kv_type)
+    settings.check_model((model.key_length,), (model.value_length,))
+    kv = kv_cache_layout(model, settings)
+    graph_bytes = text_compute_bytes(model, kv, settings, CUDA_ALIGNMENT)
     budgets = [max(t.free_bytes - headroom_bytes, 0) for t in targets]
     total = sum(budgets)
     split = tuple(b / total if total else 1.0 / len(budgets) for b in budgets)
     notes: list[str] = []
     if any(t.remote for t in targets):
         notes.append("a CPU worker reports its machine's whole RAM as free; weights are sent to the workers at load")
-    n_ub = kv.n_ubatch
-    head_dim = max(model.key_length, model.value_length)
-    n_head_kv = max(model.n_head_kv)
-    activations = n_ub * (2 * model.n_ff + 4 * model.n_embd + 2 * (model.n_head + 2 * n_head_kv) * head_dim) * 4
-    masks = n_ub * (kv.cells_full + kv.cells_swa) * 4
 
     def plan_for(n_gpu: int) -> SplitPlan:
         where = assign_layers(model.n_layers, n_gpu, split)
@@ -714,21 +837,14 @@ def plan_split(
             weights = sum(model.layer_bytes[il] for il in repeating) + (
                 model.output_bytes if model.n_layers in layers else 0)
             kv_bytes = sum(kv.layer_bytes[il] for il in repeating)
-            compute = 0
-            if layers:
-                scores = 0
-                if repeating and not flash_attn:
-                    n_kv = max(kv.cells_swa if model.sliding_layers[il] else kv.cells_full for il in repeating)
-                    scores = model.n_head * n_ub * n_kv * 4
-                logits = n_ub * model.n_vocab * 4 if model.n_layers in layers else 0
-                compute = max(logits, scores + activations) + masks + COMPUTE_CONSTANT_BYTES
+            compute = graph_bytes if layers else 0
             shares.append(DeviceShare(target.name, layers, weights, kv_bytes, compute, budgets[index]))
         cpu_layers = tuple(il for il, device in enumerate(where) if device is None)
         cpu_repeating = [il for il in cpu_layers if il < model.n_layers]
         cpu_weights = model.input_bytes + sum(model.layer_bytes[il] for il in cpu_repeating)
         if model.n_layers in cpu_layers:
             cpu_weights += model.output_bytes - (model.output_matrix_bytes if model.tied_embeddings else 0)
-        return SplitPlan(n_gpu_layers=n_gpu, n_layers=model.n_layers, n_ctx=n_ctx, tensor_split=split,
+        return SplitPlan(n_gpu_layers=n_gpu, n_layers=model.n_layers, n_ctx=settings.n_ctx_total, tensor_split=split,
                          shares=tuple(shares), cpu_layers=cpu_layers, cpu_weights=cpu_weights,
                          cpu_kv=sum(kv.layer_bytes[il] for il in cpu_repeating),
                          mmproj_bytes=vision.weight_bytes if vision else 0,

@@ -15,7 +15,8 @@ Bits per weight = 8 x tensor bytes / weights, read from the GGUF header.
 
 Fitting: with a GPU budget, a quant fits when ``plan_offload`` puts every layer on the GPU within it
 (weights, KV cache for ``n_ctx``, mmproj, compute buffers and headroom). Without a GPU, it fits when its
-CPU footprint (weights + KV cache + mmproj) is below the memory available now (``MemAvailable``).
+CPU footprint (weights + KV cache + mmproj + compute and logits buffers) is below the memory available now
+(``MemAvailable``).
 
 The default choice (``choose_quant``; ``chat DIR``, ``serve DIR``, ``load(DIR)``): with a GPU, the best quant
 that fits; without one, the best that fits among those of at most ``CPU_MAX_BPW`` (5.5) bits per weight —
@@ -36,6 +37,7 @@ from medgemma_gguf.gguf_info import SPLIT_NAME, check_model_pair, read_gguf_info
 from medgemma_gguf.integrity import check_sizes, open_manifest
 from medgemma_gguf.manifest import Manifest, MmprojChoice
 from medgemma_gguf.report_schema import EvalReport
+from medgemma_gguf.runtime.context_settings import ContextSettings
 from medgemma_gguf.runtime.offload import OffloadPlan, plan_offload
 from medgemma_gguf.sizes import format_size
 
@@ -101,12 +103,14 @@ def read_report(path: Path) -> dict[str, tuple[float, tuple[float, float]]]:
 
 
 def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu: bool | None = None,
-                report: Path | None = None) -> list[QuantCandidate]:
+                report: Path | None = None, settings: ContextSettings | None = None) -> list[QuantCandidate]:
     """Every text GGUF of ``folder`` (its manifest's, or those found in it), fitting ones first, each group best
     first.
 
     ``gpu``: plan for a GPU of ``vram_bytes`` (None: a GPU when ``vram_bytes`` is given or llama-cpp-python
     can offload). ``report``: a quant_eval report.json; ``folder/report/report.json`` is used when present.
+    ``settings``: the context (KV types, SWA cache, flash attention, sequences; ``n_ctx`` is taken from
+    the argument), this runtime's defaults unless given.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -131,7 +135,8 @@ def rank_quants(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu:
             damaged.append(exc)
             continue
         mmproj = manifest.mmproj_for(folder, path)
-        plan = plan_offload(path, n_ctx=n_ctx, vram_bytes=vram_bytes, mmproj_path=mmproj.path, gpu_available=gpu)
+        plan = plan_offload(path, n_ctx=n_ctx, vram_bytes=vram_bytes, mmproj_path=mmproj.path, gpu_available=gpu,
+                            settings=settings)
         if plan.gpu_available:
             fits = plan.fits_fully
         else:
@@ -180,10 +185,10 @@ def select_quant(candidates: list[QuantCandidate], quant: str, where: str) -> Qu
 
 
 def choose_quant(folder: Path, *, n_ctx: int, vram_bytes: int | None = None, gpu: bool | None = None,
-                 quant: str | None = None) -> QuantCandidate:
+                 quant: str | None = None, settings: ContextSettings | None = None) -> QuantCandidate:
     """The quant of ``folder`` the default rule picks (module docstring), or the one named ``quant``; the
     smallest when none fits. ``why`` on the result says which rule chose it."""
-    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=vram_bytes, gpu=gpu)
+    ranked = rank_quants(folder, n_ctx=n_ctx, vram_bytes=vram_bytes, gpu=gpu, settings=settings)
     if quant is not None:
         return replace(select_quant(ranked, quant, str(folder)), why=f"asked for {quant}")
     cpu = not ranked[0].plan.gpu_available

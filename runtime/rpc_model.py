@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf import errors
-from medgemma_gguf.errors import UnavailableError, UserError, setting
+from medgemma_gguf.errors import InputError, UnavailableError, UserError, setting
 from medgemma_gguf.runtime.chat import (
-    DEFAULT_N_UBATCH,
     ChatModel,
     ChatResult,
     ChatStream,
     ModelFiles,
     _gpu_layers,
+    context_settings,
     resolve_model_files,
 )
 from medgemma_gguf.runtime.chat import load as load_local
@@ -83,15 +83,20 @@ class SplitSetup:
 
 def prepare_split(model: str | Path, mmproj: str | Path | None, endpoints: Sequence[Endpoint], *,
                   n_gpu_layers: str | int = "auto", n_ctx: int = 4096, vram: str | int | None = None,
-                  quant: str | None = None, n_parallel: int = 1) -> SplitSetup:
+                  quant: str | None = None, n_parallel: int = 1, **context: Any) -> SplitSetup:
     """Probe every worker (``runtime.rpc.probe``), choose the files, and plan the split from the memory the
-    workers and this machine's GPUs report (RPC devices first, local GPUs last, as llama.cpp orders them)."""
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-        raise UserError(f"the context must be a whole number of tokens >= 16, got {n_ctx!r}")
+    workers and this machine's GPUs report (RPC devices first, local GPUs last, as llama.cpp orders them).
+    ``context``: ``load``'s context arguments (``swa_full``, ``kv_type``, ``kv_type_k``, ``kv_type_v``,
+    ``flash_attn``, ``n_ubatch``); ``n_ctx="auto"`` is refused (the workers' memory is not this machine's)."""
+    if n_ctx == "auto":
+        raise InputError(f"{setting('n_ctx')} auto plans for this machine's memory; with {setting('rpc')} give the "
+                         "context as a number of tokens")
+    settings = context_settings(n_ctx, n_parallel=n_parallel, **context)
     n_gpu = _gpu_layers(n_gpu_layers)
     workers = probe_all(endpoints)
     vram_bytes = parse_size(vram) if isinstance(vram, str) else vram
-    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=n_ctx * n_parallel, vram_bytes=vram_bytes)
+    files = resolve_model_files(model, mmproj, quant=quant, n_ctx=settings.n_ctx, vram_bytes=vram_bytes,
+                                settings=settings)
     from medgemma_gguf.devices import gpu_devices
 
     local = gpu_devices()
@@ -102,11 +107,11 @@ def prepare_split(model: str | Path, mmproj: str | Path | None, endpoints: Seque
         targets.append(SplitTarget(f"{local[0].name} (local)", vram_bytes))
     else:
         targets += [SplitTarget(f"{d.name} (local)", d.free_bytes) for d in local]
-    n_ubatch = DEFAULT_N_UBATCH
-    if files.mmproj_path is not None:
-        n_ubatch = max(n_ubatch, read_vision_model(files.mmproj_path).n_image_tokens or 0)
-    plan = plan_split(files.model_path, targets, n_ctx=n_ctx * n_parallel, mmproj_path=files.mmproj_path,
-                      n_ubatch=n_ubatch, local_gpu=bool(local), n_gpu_layers=None if n_gpu == "auto" else int(n_gpu))
+    if files.mmproj_path is not None and not context.get("n_ubatch"):  # as load() does: an image in one micro-batch
+        image_tokens = read_vision_model(files.mmproj_path).n_image_tokens or 0
+        settings = settings.with_(n_ubatch=max(settings.n_ubatch, image_tokens))
+    plan = plan_split(files.model_path, targets, mmproj_path=files.mmproj_path, local_gpu=bool(local),
+                      n_gpu_layers=None if n_gpu == "auto" else int(n_gpu), settings=settings)
     log.info("split plan:\n%s", plan.describe())
     return SplitSetup(tuple(endpoints), tuple(workers), files, plan)
 
@@ -213,16 +218,18 @@ class RpcChatModel:
                  n_gpu_layers: str | int = "auto", n_ctx: int = 4096, vram: str | int | None = None,
                  n_threads: int | None = None, quant: str | None = None, allow_local_files: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, window: tuple[float, float] | None = None,
-                 lora: Sequence[LoraSpec] | None = None, n_parallel: int = 1):
+                 lora: Sequence[LoraSpec] | None = None, n_parallel: int = 1, **context: Any):
         self.endpoints = list(endpoints)
+        context.pop("lazy_context", None)  # the engine process creates its context at load
         setup = prepare_split(model, mmproj, self.endpoints, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, vram=vram,
-                              quant=quant, n_parallel=n_parallel)
+                              quant=quant, n_parallel=n_parallel, **context)
         self.workers, self.plan, files = list(setup.workers), setup.plan, setup.files
         self.name, self.choice_note, self.mmproj_note = files.name, files.choice_note, files.mmproj_note
         self.model_path, self.mmproj_path = files.model_path, files.mmproj_path
         self.allow_local_files, self.max_image_pixels, self.window = allow_local_files, max_image_pixels, window
         options = {"n_ctx": n_ctx, "n_threads": n_threads, "allow_local_files": allow_local_files,
-                   "max_image_pixels": max_image_pixels, "window": window, "lora": lora, "n_parallel": n_parallel}
+                   "max_image_pixels": max_image_pixels, "window": window, "lora": lora, "n_parallel": n_parallel,
+                   **context}
         handle, self._stderr_path = tempfile.mkstemp(prefix="medgemma-gguf-rpc-", suffix=".log")
         parent_socket, child_socket = socket.socketpair()
         env = dict(os.environ, GGML_NO_BACKTRACE="1")

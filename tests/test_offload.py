@@ -16,6 +16,8 @@ import pytest
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.runtime.compute_graph import CUDA_ALIGNMENT
+from medgemma_gguf.runtime.compute_graph import text_compute_bytes as graph_compute_bytes
 from medgemma_gguf.runtime.offload import plan_offload, query_free_vram
 from medgemma_gguf.sizes import parse_size
 
@@ -243,6 +245,7 @@ MMPROJ = (
 )
 # vision compute, no flash attention: 16 heads x 4096^2 patches x 4 bytes + 4096 x (4304 + 3*1152) x 4
 VISION_COMPUTE = 16 * 4096 * 4096 * 4 + 4096 * (4304 + 3 * 1152) * 4
+VISION_COMPUTE_FLASH = 4096 * (4304 + 3 * 1152) * 4  # flash attention (the default, "auto") has no score matrix
 
 
 def test_siglip_vision_compute_is_close_to_what_llama_cpp_reports() -> None:
@@ -254,7 +257,10 @@ def test_mmproj_bytes_are_the_whole_file(mmproj: Path, model_4b: Path) -> None:
     with_vision = plan_offload(model_4b, n_ctx=4096, vram_bytes=80 * GiB, mmproj_path=mmproj, gpu_available=True)
     without = plan_offload(model_4b, n_ctx=4096, vram_bytes=80 * GiB, gpu_available=True)
     assert with_vision.gpu_mmproj == MMPROJ
-    assert with_vision.gpu_compute - without.gpu_compute == VISION_COMPUTE
+    assert with_vision.gpu_compute - without.gpu_compute == VISION_COMPUTE_FLASH
+    no_flash = plan_offload(model_4b, n_ctx=4096, vram_bytes=80 * GiB, mmproj_path=mmproj, gpu_available=True,
+                            flash_attn="off")
+    assert no_flash.vision_compute == VISION_COMPUTE
 
 
 def kv_4b_layer(cells: int) -> int:
@@ -265,29 +271,20 @@ def kv_27b_layer(cells: int) -> int:
     return 2 * 16 * 128 * cells * 2
 
 
-def compute_text(
-    *,
-    n_vocab: int,
-    n_head: int,
-    n_head_kv: int,
-    head_dim: int,
-    n_embd: int,
-    n_ff: int,
-    n_ub: int,
-    n_kv: int,
-    cells_full: int,
-    cells_swa: int,
-    staging: int,
-) -> int:
-    logits = n_ub * n_vocab * 4
-    scores = n_head * n_ub * n_kv * 4
-    activations = n_ub * (2 * n_ff + 4 * n_embd + 2 * (n_head + 2 * n_head_kv) * head_dim) * 4
-    masks = n_ub * (cells_full + cells_swa) * 4
-    return max(logits, scores + activations) + masks + staging + 32 * MiB
+def compute_text(shape: dict, *, n_ctx: int, cells_full: int, cells_swa: int, flash_attn: bool = True,
+                 n_ubatch: int = 512) -> int:
+    """The text compute buffer, from runtime.compute_graph (checked against llama.cpp in test_kv_memory.py)."""
+    sliding = [(il + 1) % 6 != 0 for il in range(shape["n_layers"])]
+    return graph_compute_bytes(n_embd=shape["n_embd"], n_ff=shape["n_ff"], n_head=shape["n_head"],
+                               n_head_kv=shape["n_head_kv"], head_dim=shape["head_dim"], n_vocab=shape["n_vocab"],
+                               sliding=sliding, n_ctx=n_ctx, n_ubatch=n_ubatch, n_seqs=1, n_outputs_max=1,
+                               cells_full=cells_full, cells_swa=cells_swa, flash_attn=flash_attn, k_quantized=False,
+                               v_quantized=False, alignment=CUDA_ALIGNMENT)
 
 
-def expected_4b(n_gpu: int, n_ctx: int, *, swa_full: bool = True, mmproj: bool = False) -> int:
-    """GPU bytes for MedGemma 4B with ``n_gpu`` layers (34 repeating + output) at ``n_ctx``, worked by hand."""
+def expected_4b(n_gpu: int, n_ctx: int, *, swa_full: bool = False, mmproj: bool = False) -> int:
+    """GPU bytes for MedGemma 4B with ``n_gpu`` layers (34 repeating + output) at ``n_ctx``, worked by hand
+    (the compute graph's buffer from runtime.compute_graph)."""
     ctx = pad256(n_ctx)
     swa_cells = ctx if swa_full else pad256(min(ctx, 1024 + min(512, n_ctx)))
     global_layers = {5, 11, 17, 23, 29}  # one in six, the sixth
@@ -300,46 +297,22 @@ def expected_4b(n_gpu: int, n_ctx: int, *, swa_full: bool = True, mmproj: bool =
         staging = LARGEST_LAYER_TENSOR_4B
     else:
         staging = 0
-    n_kv = max((ctx if il in global_layers else swa_cells for il in on_gpu), default=0)
-    compute = compute_text(
-        n_vocab=262208,
-        n_head=8,
-        n_head_kv=4,
-        head_dim=256,
-        n_embd=2560,
-        n_ff=10240,
-        n_ub=min(512, n_ctx),
-        n_kv=n_kv,
-        cells_full=ctx,
-        cells_swa=swa_cells,
-        staging=staging,
-    )
+    compute = compute_text(MEDGEMMA_4B, n_ctx=ctx, cells_full=ctx, cells_swa=swa_cells) + staging
     if mmproj:
-        compute += VISION_COMPUTE
+        compute += VISION_COMPUTE_FLASH
     return weights + kv + compute + (MMPROJ if mmproj else 0)
 
 
-def expected_27b(n_gpu: int, n_ctx: int) -> int:
-    """GPU bytes for MedGemma 27B with ``n_gpu`` layers (62 repeating + output), full-size SWA cache."""
+def expected_27b(n_gpu: int, n_ctx: int, *, swa_full: bool = False) -> int:
+    """GPU bytes for MedGemma 27B with ``n_gpu`` layers (62 repeating + output)."""
     ctx = pad256(n_ctx)
+    swa_cells = ctx if swa_full else pad256(min(ctx, 1024 + min(512, n_ctx)))
+    global_layers = {il for il in range(62) if il % 6 == 5}
     on_gpu = range(max(63 - n_gpu, 0), 62)
     weights = len(on_gpu) * LAYER_27B + (OUTPUT_27B if n_gpu >= 1 else 0)
-    kv = len(on_gpu) * kv_27b_layer(ctx)
+    kv = sum(kv_27b_layer(ctx if il in global_layers else swa_cells) for il in on_gpu)
     staging = EMBD_27B if n_gpu == 0 else (LARGEST_LAYER_TENSOR_27B if n_gpu < 63 else 0)
-    compute = compute_text(
-        n_vocab=262208,
-        n_head=32,
-        n_head_kv=16,
-        head_dim=128,
-        n_embd=5376,
-        n_ff=21504,
-        n_ub=min(512, n_ctx),
-        n_kv=ctx if on_gpu else 0,
-        cells_full=ctx,
-        cells_swa=ctx,
-        staging=staging,
-    )
-    return weights + kv + compute
+    return weights + kv + compute_text(MEDGEMMA_27B, n_ctx=ctx, cells_full=ctx, cells_swa=swa_cells) + staging
 
 
 def best_n(expected, max_n: int, budget: int, headroom: int = 1 * GiB) -> int:
@@ -351,9 +324,9 @@ def best_n(expected, max_n: int, budget: int, headroom: int = 1 * GiB) -> int:
 # the plans
 
 
-@pytest.mark.parametrize("budget_gib", [2, 4, 6, 24])
+@pytest.mark.parametrize("budget_gib", [1.5, 2, 3, 24])
 def test_4b_plan_matches_hand_arithmetic(model_4b: Path, budget_gib: int) -> None:
-    budget = budget_gib * GiB
+    budget = int(budget_gib * GiB)
     plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=budget, gpu_available=True)
     n = best_n(lambda k: expected_4b(k, 8192), 35, budget)
     assert plan.n_gpu_layers == n
@@ -365,25 +338,24 @@ def test_4b_plan_matches_hand_arithmetic(model_4b: Path, budget_gib: int) -> Non
 
 
 def test_4b_budgets_land_where_expected(model_4b: Path) -> None:
-    """The budgets chosen above cover the interesting cases: nothing, partial, all."""
+    """The budgets cover the interesting cases: nothing, partial, all."""
     plans = {
-        gib: plan_offload(model_4b, n_ctx=8192, vram_bytes=gib * GiB, gpu_available=True).n_gpu_layers
-        for gib in (2, 4, 6, 24)
+        gib: plan_offload(model_4b, n_ctx=8192, vram_bytes=int(gib * GiB), gpu_available=True).n_gpu_layers
+        for gib in (1.5, 2, 3, 24)
     }
-    assert plans[2] == 0
-    assert 0 < plans[4] < 35
+    assert plans[1.5] == 0
+    assert 0 < plans[2] < plans[3] < 35
     assert plans[24] == 35
-    assert plans[4] <= plans[6]
 
 
 def test_4b_partial_plan_splits_weights_and_kv_by_hand(model_4b: Path) -> None:
-    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=4 * GiB, gpu_available=True)
+    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=3 * GiB, gpu_available=True, swa_full=True)
     n = plan.n_gpu_layers
     assert 1 < n < 35
     repeating = n - 1
     assert plan.repeating_layers_on_gpu == repeating and plan.output_on_gpu
     assert plan.gpu_weights == repeating * LAYER_4B + OUTPUT_4B
-    assert plan.gpu_kv == repeating * kv_4b_layer(8192)
+    assert plan.gpu_kv == repeating * kv_4b_layer(8192)  # the full-size SWA cache: 8192 cells in every layer
     # the CPU keeps token_embd (also copied to the GPU as the tied output matrix) and the first layers
     assert plan.cpu_weights == EMBD_4B + (34 - repeating) * LAYER_4B
     assert plan.cpu_kv == (34 - repeating) * kv_4b_layer(8192)
@@ -401,28 +373,33 @@ def test_output_layer_is_offloaded_first(model_4b: Path) -> None:
     assert "only the output layer on the GPU" in plan.describe()
     plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=1 * GiB + expected_4b(2, 8192), gpu_available=True)
     assert plan.n_gpu_layers == 2 and plan.gpu_weights == OUTPUT_4B + LAYER_4B
-    assert plan.gpu_kv == kv_4b_layer(8192)  # the last layer (33): global or not, 8192 cells with swa_full
+    assert plan.gpu_kv == kv_4b_layer(1536)  # the last layer (33) slides: pad256(1024 + 512) cells
     assert "the last 1 of 34 layers" in plan.describe()
 
 
 def test_4b_with_mmproj_reserves_vision_first(model_4b: Path, mmproj: Path) -> None:
-    for budget in (4 * GiB, 6 * GiB, 24 * GiB):
+    for budget in (3 * GiB, 4 * GiB, 24 * GiB):
         plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=budget, mmproj_path=mmproj, gpu_available=True)
         n = best_n(lambda k: expected_4b(k, 8192, mmproj=True), 35, budget)
         assert plan.n_gpu_layers == n
         assert plan.gpu_bytes == expected_4b(n, 8192, mmproj=True)
         assert plan.gpu_mmproj == MMPROJ
     assert (
-        plan_offload(model_4b, n_ctx=8192, vram_bytes=6 * GiB, mmproj_path=mmproj, gpu_available=True).n_gpu_layers
-        < plan_offload(model_4b, n_ctx=8192, vram_bytes=6 * GiB, gpu_available=True).n_gpu_layers
+        plan_offload(model_4b, n_ctx=8192, vram_bytes=3 * GiB, mmproj_path=mmproj, gpu_available=True).n_gpu_layers
+        < plan_offload(model_4b, n_ctx=8192, vram_bytes=3 * GiB, gpu_available=True).n_gpu_layers
     )
 
 
-def test_4b_sliding_window_cache_when_not_full(model_4b: Path) -> None:
-    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=80 * GiB, gpu_available=True, swa_full=False)
+def test_4b_sliding_window_cache_by_default_and_full_on_request(model_4b: Path) -> None:
+    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=80 * GiB, gpu_available=True)
     # 5 global layers x 8192 cells, 29 sliding layers x pad256(1024 + 512) = 1536 cells
     assert plan.gpu_kv == 5 * kv_4b_layer(8192) + 29 * kv_4b_layer(1536)
-    assert plan.gpu_bytes == expected_4b(35, 8192, swa_full=False)
+    assert plan.gpu_bytes == expected_4b(35, 8192)
+    full = plan_offload(model_4b, n_ctx=8192, vram_bytes=80 * GiB, gpu_available=True, swa_full=True)
+    assert full.gpu_kv == 34 * kv_4b_layer(8192)
+    assert full.gpu_bytes == expected_4b(35, 8192, swa_full=True)
+    assert "29 sliding-window layers x 1536 cells (window)" in plan.describe()
+    assert "29 sliding-window layers x 8192 cells (full-size)" in full.describe()
 
 
 def test_short_context_pads_to_256_cells(model_4b: Path) -> None:
@@ -449,7 +426,7 @@ def test_27b_fits_on_a_large_card(model_27b: Path) -> None:
     plan = plan_offload(model_27b, n_ctx=4096, vram_bytes=40 * GiB, gpu_available=True)
     assert plan.fits_fully and plan.n_gpu_layers == 63
     assert plan.gpu_weights == 62 * LAYER_27B + OUTPUT_27B
-    assert plan.gpu_kv == 62 * kv_27b_layer(4096)
+    assert plan.gpu_kv == 10 * kv_27b_layer(4096) + 52 * kv_27b_layer(1536)
     assert plan.cpu_weights == EMBD_27B and plan.cpu_kv == 0
     assert "whole model on the GPU" in plan.describe()
 
@@ -494,8 +471,11 @@ def test_cpu_only_build_plans_zero_layers(model_4b: Path, mmproj: Path) -> None:
     assert plan.n_gpu_layers == 0 and not plan.gpu_available
     assert plan.gpu_bytes == 0
     assert plan.cpu_weights == EMBD_4B + 34 * LAYER_4B + f32(2560)
-    assert plan.cpu_kv == 34 * kv_4b_layer(4096)
+    assert plan.cpu_kv == 5 * kv_4b_layer(4096) + 29 * kv_4b_layer(1536)
     assert plan.cpu_mmproj == MMPROJ
+    # the CPU runs both graphs: the text compute buffer (CPU alignment) and the vision encoder's; one logits row
+    assert plan.cpu_compute == plan.text_compute + VISION_COMPUTE_FLASH
+    assert plan.cpu_output == 262208 * 4
     assert "has no GPU device to offload to" in plan.describe()
 
 
@@ -509,17 +489,17 @@ def test_budget_below_compute_buffer_gives_zero_layers_and_a_warning(model_4b: P
 
 
 def test_flash_attention_drops_the_score_matrices(model_27b: Path) -> None:
-    plain = plan_offload(model_27b, n_ctx=32768, vram_bytes=80 * GiB, gpu_available=True)
+    plain = plan_offload(model_27b, n_ctx=32768, vram_bytes=80 * GiB, gpu_available=True, flash_attn="off")
     flash = plan_offload(model_27b, n_ctx=32768, vram_bytes=80 * GiB, gpu_available=True, flash_attn=True)
-    # without flash attention: 32 heads x 512 tokens x 32768 cells x 4 bytes = 2 GiB of scores
-    scores_and_acts = 32 * 512 * 32768 * 4 + 512 * (2 * 21504 + 4 * 5376 + 2 * (32 + 32) * 128) * 4
-    assert plain.gpu_compute - flash.gpu_compute == scores_and_acts - 512 * 262208 * 4
+    # without flash attention the scores of the global layers dominate: 32 heads x 512 tokens x 32768 cells x 4 B
+    assert plain.gpu_compute - flash.gpu_compute >= 0.9 * 32 * 512 * 32768 * 4
+    assert flash.gpu_compute < 256 * MiB
 
 
 def test_n_ctx_zero_means_training_context(model_4b: Path) -> None:
     plan = plan_offload(model_4b, n_ctx=0, vram_bytes=None, gpu_available=False)
     assert plan.n_ctx == 131072
-    assert plan.cpu_kv == 34 * kv_4b_layer(131072)
+    assert plan.cpu_kv == 5 * kv_4b_layer(131072) + 29 * kv_4b_layer(1536)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -578,7 +558,9 @@ def test_mmproj_and_model_swapped(model_4b: Path, mmproj: Path) -> None:
         ({"n_ctx": -5}, "n_ctx"),
         ({"n_ctx": 4096, "n_ubatch": 0}, "n_ubatch"),
         ({"n_ctx": 4096, "vram_bytes": 0}, "budget"),
-        ({"n_ctx": 4096, "kv_type": "f12"}, "KV cache type"),
+        ({"n_ctx": 4096, "kv_type": "f12"}, "f16, q8_0, q4_0"),
+        ({"n_ctx": 4096, "kv_type": "q8_0", "flash_attn": "off"},
+         r"quantized V cache \(q8_0, from kv_type or kv_type_v\) needs flash attention"),
     ],
 )
 def test_bad_arguments(model_4b: Path, kwargs: dict, message: str) -> None:
@@ -587,10 +569,23 @@ def test_bad_arguments(model_4b: Path, kwargs: dict, message: str) -> None:
         plan_offload(model_4b, **arguments)
 
 
-def test_q8_cache_type_shrinks_kv(model_4b: Path) -> None:
-    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=80 * GiB, gpu_available=True, kv_type="q8_0")
-    # Q8_0: 32 values in 34 bytes; per layer K and V are 1024 values x 8192 cells each
-    assert plan.gpu_kv == 34 * 2 * (1024 // 32 * 34) * 8192
+@pytest.mark.parametrize(("kv_type", "block_bytes"), [("q8_0", 34), ("q4_0", 18)])
+def test_quantized_cache_types_shrink_kv(model_4b: Path, kv_type: str, block_bytes: int) -> None:
+    plan = plan_offload(model_4b, n_ctx=8192, vram_bytes=80 * GiB, gpu_available=True, kv_type=kv_type)
+    # 32 values per block; per layer K and V are 1024 values x cells each
+    cells = 5 * 8192 + 29 * 1536
+    assert plan.gpu_kv == 2 * (1024 // 32 * block_bytes) * cells
+
+
+def test_k_and_v_types_apart_and_per_slot(model_4b: Path) -> None:
+    from medgemma_gguf.runtime.context_settings import ContextSettings
+
+    settings = ContextSettings(n_ctx=8192, type_k="q8_0", type_v="f16", n_seq=3, n_outputs_max=3)
+    plan = plan_offload(model_4b, vram_bytes=80 * GiB, gpu_available=True, settings=settings)
+    cells = 5 * 8192 + 29 * 1536  # per sequence: every slot has its own stream of n_ctx cells
+    assert plan.gpu_kv == 3 * (1024 // 32 * 34 + 1024 * 2) * cells
+    assert plan.cpu_output == 3 * 262208 * 4
+    assert "K q8_0, V f16" in plan.describe() and "x 3 sequences" in plan.describe()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,14 +56,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import GgufInfo, read_gguf_info, tensor_nbytes
+from medgemma_gguf.runtime.context_settings import ContextSettings
 from medgemma_gguf.runtime.offload import (
     DEFAULT_HEADROOM_BYTES,
-    kv_cache_layout,
-    kv_cache_type,
+    MemoryModel,
     read_text_model,
     read_vision_model,
-    text_compute_bytes,
-    vision_compute_bytes,
 )
 from medgemma_gguf.sizes import format_size
 
@@ -516,32 +514,32 @@ class _BpwCapacity(Capacity):
 
 @dataclass(frozen=True)
 class VramBudget:
-    """``--vram``/``--ctx``: the whole model on the GPU with a KV cache for ``n_ctx`` (module docstring)."""
+    """``--vram``/``--ctx``: the whole model on the GPU with a KV cache for ``n_ctx`` (module docstring), in the
+    context the runtime creates (``runtime.context_settings``: small SWA cache, f16 KV, flash attention auto,
+    one logits row) unless told otherwise."""
 
     vram_bytes: int
     n_ctx: int
     mmproj_path: Path | None = None
     n_ubatch: int = 512
-    flash_attn: bool = False
-    swa_full: bool = True
+    flash_attn: str = "auto"
+    swa_full: bool = False
     kv_type: str = "f16"
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES
 
     def breakdown(self, facts: ModelFacts) -> dict[str, int]:
-        """Bytes of everything on the GPU that does not depend on the weights' types."""
+        """Bytes of everything on the GPU that does not depend on the weights' types (``runtime.offload``)."""
         model = read_text_model(facts.path)
         if self.n_ctx < 1:
             raise UserError(f"{setting('auto_ctx')} must be a positive number of tokens, got {self.n_ctx}")
-        kv = kv_cache_layout(model, self.n_ctx, self.n_ubatch, self.swa_full, kv_cache_type(self.kv_type))
-        compute = text_compute_bytes(model, kv, model.n_layers + 1, self.flash_attn)
-        mmproj = 0
-        if self.mmproj_path is not None:
-            vision = read_vision_model(self.mmproj_path)
-            mmproj = vision.weight_bytes
-            compute += vision_compute_bytes(vision, self.flash_attn)
+        settings = ContextSettings(n_ctx=self.n_ctx, n_ubatch=self.n_ubatch, flash_attn=self.flash_attn,
+                                   swa_full=self.swa_full, type_k=self.kv_type, type_v=self.kv_type, n_outputs_max=1)
+        vision = read_vision_model(self.mmproj_path) if self.mmproj_path is not None else None
+        plan = MemoryModel(model, vision, settings, True, self.headroom_bytes).plan(model.n_layers + 1,
+                                                                                    self.vram_bytes)
         gpu_fixed = [n for n in facts.fixed_tensors if n.startswith("blk.") or n.startswith("output")]
-        return {"kv": sum(kv.layer_bytes), "compute": compute, "mmproj": mmproj, "headroom": self.headroom_bytes,
-                "fixed_weights": facts.fixed_bytes(gpu_fixed)}
+        return {"kv": plan.gpu_kv, "compute": plan.gpu_compute, "mmproj": plan.gpu_mmproj,
+                "headroom": self.headroom_bytes, "fixed_weights": facts.fixed_bytes(gpu_fixed)}
 
     def capacity(self, table: Layout, facts: ModelFacts) -> Capacity:
         parts = self.breakdown(facts)
