@@ -223,9 +223,9 @@ def chat_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: int
     sampling = dict(sampling_options, think=think)
 
     def one_shot(messages: list[dict[str, Any]], **fields: Any) -> None:
-        # --ctx auto: the context this prompt and its reply need (rounded up to 256)
-        positions = chat_model.prompt(messages, system=system, think=think, **fields).n_positions
-        chat_model.allocate_context(positions + sampling_options["max_tokens"])
+        if n_ctx == "auto":  # the context this prompt and its reply need (rounded up to 256)
+            positions = chat_model.prompt(messages, system=system, think=think, **fields).n_positions
+            chat_model.allocate_context(positions + sampling_options["max_tokens"])
         result = chat_model.chat(messages, stream=not as_json, system=system, **fields, **sampling)
         _print_reply(result, as_json, show_thinking)
 

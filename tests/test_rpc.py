@@ -125,7 +125,10 @@ def test_split_plan_follows_free_memory_and_keeps_the_rest_local(converted):
     assert [len(share.layers) for share in plan.shares] == [6, 1] and plan.shares[1].layers == (6,)  # output last
     text = plan.describe()
     assert "RPC0: layers 0-5 (6)" in text and "RPC1: output (1)" in text and "mmproj" in text and "local CPU" in text
-    small = plan_split(files.text_path, [SplitTarget("RPC0", (1 << 30) + (60 << 20), remote=True)], n_ctx=512,
+    whole = plan_split(files.text_path, [SplitTarget("RPC0", 1 << 40, remote=True)], n_ctx=512, headroom_bytes=1 << 30)
+    assert whole.n_gpu_layers == 7 and not whole.cpu_layers
+    need = whole.shares[0].total  # weights + KV + compute of the whole model
+    small = plan_split(files.text_path, [SplitTarget("RPC0", (1 << 30) + need * 2 // 3, remote=True)], n_ctx=512,
                        headroom_bytes=1 << 30)
     assert 0 < small.n_gpu_layers < 7 and small.fits and small.cpu_layers
     assert "stay on the local CPU" in small.describe()
