@@ -10,11 +10,11 @@ Defaults, and why:
   ``llama_context_default_params().swa_full`` is true and llama-cpp-python's ``Llama`` keeps that, so this
   runtime sets it explicitly. ``swa_full=True`` restores the full-size cache (``--swa-full``). What the
   small cache means for re-using a cached conversation: ``runtime.kv_reuse``.
-* ``type_k = type_v = "f16"``: llama.cpp's default. ``q8_0`` halves the cache (about +0.001 mean KL on the
-  trained fixture, BENCHMARKS.md), ``q4_0`` quarters it. A quantized V needs flash attention (llama.cpp
-  reads quantized V only inside ``flash_attn_ext``); a quantized K or V needs the head size to be a multiple
-  of the type's block (32 for both), with flash attention on. When the head size is a multiple of 64,
-  llama.cpp rotates quantized K/V with a Hadamard matrix (``attn_rot_k``/``attn_rot_v``), which costs a
+* ``type_k = type_v = "f16"``: llama.cpp's default. ``q8_0`` halves the cache, ``q4_0`` quarters it (their KL
+  against an f16 cache on the trained fixture: ``bench/bench_kv.py --parts kl``). A quantized V needs flash
+  attention (llama.cpp reads quantized V only inside ``flash_attn_ext``); a quantized K or V needs the head size
+  to be a multiple of the type's block (32 for both), with flash attention on. When the head size is a multiple
+  of 64, llama.cpp rotates quantized K/V with a Hadamard matrix (``attn_rot_k``/``attn_rot_v``), which costs a
   little compute-buffer memory (``runtime.compute_graph``).
 * ``flash_attn="auto"``: llama.cpp's own default (``LLAMA_FLASH_ATTN_TYPE_AUTO``): on when every layer's
   device runs ``flash_attn_ext`` (the CPU and CUDA do for Gemma 3's head sizes), and forced on for a
