@@ -506,7 +506,7 @@ def fit_command(folder: Path, vram: str | None, n_ctx: int | str, n_seq: int, re
             if found is not None:
                 plans[c.path] = plan_offload(c.path, vram_bytes=vram_bytes, mmproj_path=c.mmproj, gpu_available=gpu,
                                              settings=settings.with_(n_ctx=found))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in ranked:
         plan = plans[c.path]
         rows.append({"file": c.path.relative_to(folder).as_posix(), "type": c.type, "bytes": c.bytes,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # ggml element sizes of the types that appear in the compute graph
 _TYPE_SIZE = {"f32": 4, "f16": 2, "i32": 4, "i64": 8}
@@ -171,12 +172,12 @@ def gemma3_text_graph(s: TextGraphShape) -> Graph:
     inp = _op("SCALE", (e, t), embd)
     pos = _input((t,), "i32")
 
-    def cache_inputs(cells: int) -> dict[str, Tensor | None]:
+    def cache_inputs(cells: int) -> dict[str, Any]:
         k_rot = _rot_size(d, True) if s.k_quantized else None
         v_rot = _rot_size(d, False) if s.v_quantized else None
         return {"k_idxs": _input((t,), "i64"),
                 "v_idxs": _input((t,) if s.flash_attn else (t * kvd,), "i64"),
-                "mask": _input((cells, t), mask_type), "cells": cells,  # type: ignore[dict-item]
+                "mask": _input((cells, t), mask_type), "cells": cells,
                 "k_rot": _input((k_rot, k_rot), "f32") if k_rot else None,
                 "v_rot": _input((v_rot, v_rot), "f32") if v_rot else None}
 
@@ -189,7 +190,7 @@ def gemma3_text_graph(s: TextGraphShape) -> Graph:
     n_layers = len(s.sliding)
     for il, sliding in enumerate(s.sliding):
         cache = caches[sliding]
-        cells: int = cache["cells"]  # type: ignore[assignment]
+        cells: int = cache["cells"]
         cur = norm(inp)
         q = _view("RESHAPE", _op("MUL_MAT", (hd, t), _external((e, hd)), cur), (d, s.n_head, t))
         k = _view("RESHAPE", _op("MUL_MAT", (kvd, t), _external((e, kvd)), cur), (d, s.n_head_kv, t))

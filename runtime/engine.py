@@ -59,7 +59,9 @@ class Allocations:
 
     @classmethod
     def parse(cls, lines: Sequence[str], flash_attn_requested: str) -> Allocations:
-        caches, compute, output = [], {}, {}
+        caches: list[KvCacheReport] = []
+        compute: dict[str, float] = {}
+        output: dict[str, float] = {}
         flash = {"on": True, "off": False}.get(flash_attn_requested)
         for line in lines:
             found = _KV_LINE.search(line)
