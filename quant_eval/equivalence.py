@@ -89,8 +89,9 @@ class Thresholds:
 
 
 THRESHOLDS: dict[str, Thresholds] = {
-    # fixtures: max |Δ| ≤ 0.0072, mean KL ≤ 4.6e-7, cosine ≥ 0.99999; broken GGUFs: max |Δ| ≥ 2.4, mean KL ≥ 0.08
-    "f32": Thresholds(max_abs_logit=1e-2, mean_kl=1e-5, image_cosine=0.9999, image_prompt_kl=1e-4,
+    # fixtures: max |Δ| ≤ 0.014 (llama.cpp keeps K and V in its default f16 cache, flash attention "auto"),
+    # mean KL ≤ 4.6e-7, cosine ≥ 0.99999; broken GGUFs: max |Δ| ≥ 2.4, mean KL ≥ 0.08
+    "f32": Thresholds(max_abs_logit=3e-2, mean_kl=1e-5, image_cosine=0.9999, image_prompt_kl=1e-4,
                       greedy_step_kl=1e-4, tie_margin=1e-2),
     # fixtures: max |Δ| ≤ 0.17, mean KL ≤ 2.9e-4, max KL ≤ 1.1e-3, cosine ≥ 0.99998; broken as above
     "bf16": Thresholds(max_abs_logit=1.0, mean_kl=5e-3, image_cosine=0.999, image_prompt_kl=5e-2,
