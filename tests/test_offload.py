@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.fixtures.shape_gguf import write_siglip_mmproj
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.runtime.compute_graph import CUDA_ALIGNMENT
 from medgemma_gguf.runtime.compute_graph import text_compute_bytes as graph_compute_bytes
@@ -138,47 +139,6 @@ def write_text_gguf(
         tensor(f"blk.{il}.ffn_up.weight", (n_embd, n_ff), Q4_K)
         tensor(f"blk.{il}.ffn_down.weight", (n_ff, n_embd), Q6_K)
         tensor(f"blk.{il}.post_ffw_norm.weight", (n_embd,), F32)
-    _finish_sparse(writer, path, data_bytes)
-    return path
-
-
-def write_siglip_mmproj(path: Path) -> Path:
-    """A Gemma 3 mmproj header: SigLIP-So400m at 896 px (27 blocks, width 1152, ff 4304), F16 weights."""
-    writer = gguf.GGUFWriter(path, "clip")
-    writer.add_string("clip.projector_type", "gemma3")
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_uint32("clip.vision.image_size", 896)
-    writer.add_uint32("clip.vision.patch_size", 14)
-    writer.add_uint32("clip.vision.embedding_length", 1152)
-    writer.add_uint32("clip.vision.feed_forward_length", 4304)
-    writer.add_uint32("clip.vision.block_count", 27)
-    writer.add_uint32("clip.vision.attention.head_count", 16)
-    data_bytes = 0
-
-    def tensor(name: str, ggml_shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType) -> None:
-        nonlocal data_bytes
-        nbytes = int(np.prod(ggml_shape)) * (2 if ggml_type == F16 else 4)
-        writer.add_tensor_info(name, tuple(reversed(ggml_shape)), np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
-        data_bytes += -(-nbytes // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
-
-    tensor("v.patch_embd.weight", (14, 14, 3, 1152), F16)
-    tensor("v.patch_embd.bias", (1152,), F32)
-    tensor("v.position_embd.weight", (1152, 4096), F32)
-    for il in range(27):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            tensor(f"v.blk.{il}.{name}.weight", (1152, 1152), F16)
-            tensor(f"v.blk.{il}.{name}.bias", (1152,), F32)
-        for name in ("ln1", "ln2"):
-            tensor(f"v.blk.{il}.{name}.weight", (1152,), F32)
-            tensor(f"v.blk.{il}.{name}.bias", (1152,), F32)
-        tensor(f"v.blk.{il}.ffn_up.weight", (1152, 4304), F16)
-        tensor(f"v.blk.{il}.ffn_up.bias", (4304,), F32)
-        tensor(f"v.blk.{il}.ffn_down.weight", (4304, 1152), F16)
-        tensor(f"v.blk.{il}.ffn_down.bias", (1152,), F32)
-    tensor("v.post_ln.weight", (1152,), F32)
-    tensor("v.post_ln.bias", (1152,), F32)
-    tensor("mm.input_projection.weight", (2560, 1152), F16)
-    tensor("mm.soft_emb_norm.weight", (1152,), F32)
     _finish_sparse(writer, path, data_bytes)
     return path
 
