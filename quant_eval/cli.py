@@ -51,18 +51,18 @@ def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_
                  quiet: bool) -> None:
     """Evaluate TARGETS (GGUF files, or output folders: every quant in their manifest) against --reference."""
     from medgemma_gguf.errors import UserError
-    from medgemma_gguf.quant_eval.evaluate import run_eval
+    from medgemma_gguf.quant_eval.evaluate import EvalOptions, run_eval
 
     slices = None
     if slice_specs is not None:
         slices = [s.strip() for s in slice_specs.split(",") if s.strip()]
         if not slices:
             raise UserError("--slice is empty; give slice names such as medqa-mini,vqa-mini")
-    report = run_eval(list(targets), reference, outdir, slices=slices, mmproj=mmproj,
-                      reference_mmproj=reference_mmproj, reference_dtype=reference_dtype, cache_dir=cache_dir,
-                      data_dir=data_dir, coverage=coverage, full_vocab=full_vocab,
-                      max_items=max_items, heldout=not no_heldout,
-                      n_threads=threads, measure_speed=not no_speed, token=token, force=force, progress=not quiet)
+    options = EvalOptions(slices=slices, mmproj=mmproj, reference_mmproj=reference_mmproj,
+                          reference_dtype=reference_dtype, cache_dir=cache_dir, data_dir=data_dir, coverage=coverage,
+                          full_vocab=full_vocab, max_items=max_items, heldout=not no_heldout, n_threads=threads,
+                          measure_speed=not no_speed, token=token, force=force, progress=not quiet)
+    report = run_eval(list(targets), reference, outdir, options)
     failed = [row for row in report.rows if row.error]
     for row in report.rows:
         if row.error or row.kld is None:

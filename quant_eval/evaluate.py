@@ -22,13 +22,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.gguf_info import read_gguf_info
+from medgemma_gguf.integrity import check_file_against_folder, check_sizes, open_manifest
+from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER
+from medgemma_gguf.provenance import InputHash, collect_provenance, hash_input
 from medgemma_gguf.quant_eval.metrics import (
     accuracy_with_ci,
     delta_p_statistics,
@@ -45,15 +49,21 @@ from medgemma_gguf.quant_eval.reference import (
     HELDOUT_PART,
     CoverageSpec,
     ModelSignature,
+    ReferenceCache,
     ReferencePart,
     coverage_summary,
+    default_cache_dir,
     gguf_signature,
+    mmproj_from_manifest,
     native_pixels,
+    open_reference,
     option_choices,
+    reference_parts,
     sequence_parts,
     text_positions,
 )
-from medgemma_gguf.quant_eval.slices import Slice
+from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
+from medgemma_gguf.quant_eval.slices import Slice, load_heldout_text, load_slice, parse_spec
 from medgemma_gguf.report_schema import (
     Coverage,
     DeltaPStats,
@@ -93,11 +103,6 @@ def candidates_from_paths(paths: Sequence[Path], mmproj: Path | None = None) -> 
     gets ``mmproj``, else the one beside it. Files whose header says they are not a text model (an mmproj,
     an importance matrix: a glob like ``out/*.gguf`` catches them) are skipped.
     """
-    from medgemma_gguf.gguf_info import read_gguf_info
-    from medgemma_gguf.integrity import check_file_against_folder, check_sizes, open_manifest
-    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER
-    from medgemma_gguf.quant_eval.reference import mmproj_from_manifest
-
     found: list[Candidate] = []
     for raw in paths:
         path = Path(raw)
@@ -151,8 +156,6 @@ def _vm_hwm() -> int | None:
 
 def file_stats(path: Path) -> dict[str, Any]:
     """Size, bits per weight (``runtime.gguf_info.bits_per_weight``) and tensor totals of a GGUF."""
-    from medgemma_gguf.gguf_info import read_gguf_info
-
     info = read_gguf_info(path)
     n_elements = sum(t.n_elements for t in info.tensors)
     return {"info": info, "bytes": info.file_bytes, "tensor_bytes": info.total_tensor_bytes,
@@ -377,12 +380,14 @@ def evaluate_candidates(candidates: Sequence[Candidate], parts: Sequence[Referen
     return rows
 
 
-def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items: int | None = None) -> list[Slice]:
-    """Load each slice spec; ``max_items`` keeps the first N items of each (the spec then names the cut)."""
-    from medgemma_gguf.quant_eval.slices import load_slice, parse_spec
-
+def _check_max_items(max_items: int | None) -> None:
     if max_items is not None and (isinstance(max_items, bool) or max_items < 1):
         raise UserError(f"{setting('max_items')} must be at least 1, got {max_items}")
+
+
+def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items: int | None = None) -> list[Slice]:
+    """Load each slice spec; ``max_items`` keeps the first N items of each (the spec then names the cut)."""
+    _check_max_items(max_items)
     slices = []
     for spec in specs:
         loaded = load_slice(spec, local_dir=data_dir)
@@ -397,47 +402,75 @@ def load_slices(specs: Sequence[str], *, data_dir: Path | None = None, max_items
     return slices
 
 
-def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, slices: Sequence[str] | None = None,
-             mmproj: Path | None = None, reference_mmproj: Path | None = None, reference_dtype: str | None = None,
-             cache_dir: Path | None = None, data_dir: Path | None = None, coverage: float | None = None,
-             full_vocab: bool = False, max_items: int | None = None, heldout: bool = True,
-             n_threads: int | None = None, measure_speed: bool = True, token: str | None = None, force: bool = False,
-             progress: bool = True) -> EvalReport:
-    """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``.
+@dataclass(frozen=True)
+class EvalOptions:
+    """How ``run_eval`` evaluates (``medgemma-gguf eval``'s options), checked when made, before any work.
 
-    ``coverage``: the reference mass left out per position (ε; default: the one chosen for the reference's
-    model family, ``reference.model_coverage``); ``full_vocab``: keep every logit instead (llama.cpp's method;
-    1 MiB a position at Gemma 3's vocabulary).
+    ``slices``: slice specs (default: medqa-mini, plus vqa-mini when the reference sees images); ``mmproj``:
+    for every quant (default: each quant's own, ``candidates_from_paths``); ``reference_mmproj`` /
+    ``reference_dtype``: of the reference; ``cache_dir``: the reference cache (default
+    ``reference.default_cache_dir``); ``data_dir``: downloaded benchmark files; ``coverage``: the reference
+    mass left out per position (ε; default: the one chosen for the reference's model family,
+    ``reference.model_coverage``); ``full_vocab``: keep every logit instead (llama.cpp's method; 1 MiB a
+    position at Gemma 3's vocabulary); ``max_items``: at most N items per slice; ``heldout``: score the
+    held-out text (perplexity ratio); ``measure_speed``: time prompt and generation; ``token``: for a gated
+    Hub reference; ``force``: overwrite an existing report.
     """
-    from medgemma_gguf.quant_eval.reference import ReferenceCache, default_cache_dir, open_reference, reference_parts
-    from medgemma_gguf.quant_eval.report import REPORT_FILES, write_report
-    from medgemma_gguf.quant_eval.slices import load_heldout_text
 
+    slices: Sequence[str] | None = None
+    mmproj: Path | None = None
+    reference_mmproj: Path | None = None
+    reference_dtype: str | None = None
+    cache_dir: Path | None = None
+    data_dir: Path | None = None
+    coverage: float | None = None
+    full_vocab: bool = False
+    max_items: int | None = None
+    heldout: bool = True
+    n_threads: int | None = None
+    measure_speed: bool = True
+    token: str | None = field(default=None, repr=False)
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.slices is not None:
+            object.__setattr__(self, "slices", tuple(self.slices))
+        CoverageSpec.make(self.coverage, self.full_vocab)
+        _check_max_items(self.max_items)
+
+
+def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path,
+             options: EvalOptions | None = None) -> EvalReport:
+    """The whole ``medgemma-gguf eval``: reference (cached), every candidate, the report files in ``outdir``,
+    as ``options`` (``EvalOptions``; default: its defaults) say."""
+    opts = options or EvalOptions()
     outdir = Path(outdir)
-    spec = CoverageSpec.make(coverage, full_vocab)  # checked before any work
-    if not force:
+    if not opts.force:
         existing = [outdir / name for name in REPORT_FILES if (outdir / name).exists()]
         if existing:
             raise UserError(f"{existing[0]} already exists; pass {setting('force')} to overwrite it or choose another "
                             f"{setting('eval_outdir')}")
-    candidates = candidates_from_paths(targets, mmproj)
-    cache = ReferenceCache(cache_dir or default_cache_dir())
-    reference = open_reference(reference_source, cache_dir=cache.cache_dir, dtype=reference_dtype,
-                               mmproj=reference_mmproj, token=token, n_threads=n_threads)
-    spec = CoverageSpec.make(coverage, full_vocab, model=reference.signature)  # the model's ε by default
+    candidates = candidates_from_paths(targets, opts.mmproj)
+    cache = ReferenceCache(opts.cache_dir or default_cache_dir())
+    reference = open_reference(reference_source, cache_dir=cache.cache_dir, dtype=opts.reference_dtype,
+                               mmproj=opts.reference_mmproj, token=opts.token, n_threads=opts.n_threads)
+    spec = CoverageSpec.make(opts.coverage, opts.full_vocab, model=reference.signature)  # the model's ε by default
+    slices = opts.slices
     if slices is None:
         slices = ["medqa-mini", "vqa-mini"] if reference.has_vision else ["medqa-mini"]
-    loaded = load_slices(slices, data_dir=data_dir, max_items=max_items)
-    chunks = load_heldout_text() if heldout else []
+    loaded = load_slices(slices, data_dir=opts.data_dir, max_items=opts.max_items)
+    chunks = load_heldout_text() if opts.heldout else []
     if not loaded and not chunks:
         raise UserError(f"nothing to evaluate: give at least one of {setting('slices')} or keep the held-out text")
     try:
-        parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, coverage=spec, progress=progress)
+        parts = reference_parts(reference, cache, heldout=chunks, slices=loaded, coverage=spec,
+                                progress=opts.progress)
     finally:
         reference.close()  # free the reference model before loading any quant
     image_size = max((int(p.meta.get("image_size") or 0) for p in parts), default=0)
-    rows = evaluate_candidates(candidates, parts, loaded, reference.signature, image_size, n_threads=n_threads,
-                               measure_speed=measure_speed, progress=progress)
+    rows = evaluate_candidates(candidates, parts, loaded, reference.signature, image_size, n_threads=opts.n_threads,
+                               measure_speed=opts.measure_speed, progress=opts.progress)
     report = EvalReport(
         reference=reference.describe(),
         coverage=Coverage(**coverage_summary(parts)),
@@ -447,9 +480,9 @@ def run_eval(targets: Sequence[Path], reference_source: str, outdir: Path, *, sl
         cache={"dir": str(cache.cache_dir), "hits": cache.hits, "misses": cache.misses,
                "stale_removed": cache.stale_removed},
         rows=rows,
-        provenance=eval_provenance(candidates, reference, loaded, n_threads).to_json(),
+        provenance=eval_provenance(candidates, reference, loaded, opts.n_threads).to_json(),
     )
-    write_report(report, outdir, force=force)
+    write_report(report, outdir, force=opts.force)
     return report
 
 
@@ -457,9 +490,6 @@ def eval_provenance(candidates: Sequence[Candidate], reference: Any, slices: Seq
                     n_threads: int | None):
     """The report's provenance record: every quant and mmproj file, the reference (its content hash), own
     evaluation files, the slices' sampling seeds."""
-    from medgemma_gguf.provenance import InputHash, collect_provenance, hash_input
-    from medgemma_gguf.quant_eval.slices import parse_spec
-
     inputs = [hash_input("model", c.path) for c in candidates if c.path.is_file()]
     mmprojs = sorted({c.mmproj for c in candidates if c.mmproj is not None and c.mmproj.is_file()})
     inputs += [hash_input("mmproj", m) for m in mmprojs]

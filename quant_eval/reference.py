@@ -43,8 +43,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from medgemma_gguf.atomic import atomic_output
+from medgemma_gguf.cache import cache_root
 from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.hashing import cached_file_sha256, folder_sha256
+from medgemma_gguf.hub import resolve_source
+from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, Manifest
 from medgemma_gguf.quant_eval.items import Item
 from medgemma_gguf.quant_eval.metrics import (
     DEFAULT_COVERAGE,
@@ -57,6 +61,7 @@ from medgemma_gguf.quant_eval.metrics import (
 )
 from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
 from medgemma_gguf.runtime.prompt import IMAGE_START, render_template, split_at_images
+from medgemma_gguf.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +436,6 @@ class Reference:
                      *(self.item_sequence(it, i) for i, it in enumerate(items))]
         if coverage.full_vocab:
             n_scored = sum(seq.scored_positions().size for seq in sequences)
-            from medgemma_gguf.sizes import format_size
 
             log.warning("--full-vocab keeps every logit: %d positions x %d tokens x 4 bytes = %s of reference cache "
                         "for %s", n_scored, self.signature.n_vocab, format_size(n_scored * self.signature.n_vocab * 4),
@@ -515,7 +519,6 @@ class HFReference(Reference):
 
     def __init__(self, source: str, cache_dir: Path, dtype: str = "bf16", token: str | None = None):
         super().__init__(source, cache_dir)
-        from medgemma_gguf.hub import resolve_source
 
         if dtype not in REFERENCE_DTYPES:
             raise UserError(f"reference dtype {dtype!r} is not supported; use bf16 or f32 (f16 overflows in Gemma 3)")
@@ -633,7 +636,6 @@ class GGUFReference(Reference):
 
     def __init__(self, source: str, cache_dir: Path, mmproj: Path | None = None, n_threads: int | None = None):
         super().__init__(source, cache_dir)
-        from medgemma_gguf.gguf_info import read_gguf_info
 
         self.path = Path(source)
         self.info = read_gguf_info(self.path)
@@ -767,7 +769,6 @@ def open_reference(source: str, *, cache_dir: Path, dtype: str | None = None, mm
 def mmproj_from_manifest(text_gguf: Path) -> Path | None:
     """The most precise mmproj beside ``text_gguf`` that fits it: ``Manifest.mmproj_for`` with the precision
     order (the folder's manifest, else its mmproj GGUFs read from their headers); None without one."""
-    from medgemma_gguf.manifest import MMPROJ_PRECISION_ORDER, Manifest
 
     folder = Path(text_gguf).parent
     try:
@@ -911,6 +912,5 @@ def coverage_summary(parts: Sequence[ReferencePart]) -> dict[str, Any]:
 
 def default_cache_dir() -> Path:
     """``<cache root>/reference`` (``medgemma_gguf.cache.cache_root``: ``$MEDGEMMA_GGUF_CACHE`` or ~/.cache/...)."""
-    from medgemma_gguf.cache import cache_root
 
     return cache_root() / "reference"

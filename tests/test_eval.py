@@ -17,7 +17,7 @@ from medgemma_gguf import hashing
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.hashing import cached_file_sha256
 from medgemma_gguf.quant_eval import reference as reference_module
-from medgemma_gguf.quant_eval.evaluate import Candidate, candidates_from_paths, run_eval
+from medgemma_gguf.quant_eval.evaluate import Candidate, EvalOptions, candidates_from_paths, run_eval
 from medgemma_gguf.quant_eval.reference import (
     CoverageSpec,
     GGUFReference,
@@ -78,8 +78,8 @@ def _rows_by_type(report: EvalReport) -> dict[str, ReportRow]:
 def test_f32_gguf_agrees_with_hf_reference(tiny_checkpoint, converted, cache_dir, tmp_path):
     """Consistency with the converter: the F32 GGUF scored against transformers (f32) is the same model."""
     folder = tiny_checkpoint(VARIANT)
-    report = run_eval([converted(VARIANT).text_path.parent], str(folder), tmp_path / "report", slices=SLICES,
-                      reference_dtype="f32", cache_dir=cache_dir, progress=False)
+    report = run_eval([converted(VARIANT).text_path.parent], str(folder), tmp_path / "report",
+                      EvalOptions(slices=SLICES, reference_dtype="f32", cache_dir=cache_dir, progress=False))
     (row,) = report.rows
     assert row.error is None and row.type == "F32"
     assert row.kld.mean <= 1e-5 and row.image_kld.mean <= 1e-5
@@ -103,8 +103,8 @@ def test_quants_rank_by_precision_and_report_files_parse(tiny_checkpoint, quant_
 
     out = tmp_path / "report"
     targets = sorted(p for p in quant_folder.glob("*.gguf"))  # includes the mmproj, which is skipped
-    report = run_eval(targets, str(tiny_checkpoint(VARIANT)), out, slices=SLICES, reference_dtype="f32",
-                      cache_dir=cache_dir, progress=False)
+    report = run_eval(targets, str(tiny_checkpoint(VARIANT)), out, EvalOptions(slices=SLICES, reference_dtype="f32",
+                                                                               cache_dir=cache_dir, progress=False))
     rows = _rows_by_type(report)
     assert set(rows) == {"F32", "Q8_0", "Q4_K_M", "Q2_K"}
     assert all(row.error is None for row in rows.values())
@@ -174,8 +174,8 @@ def test_bf16_hf_reference_is_cached_apart_from_f32(tiny_checkpoint, converted, 
 
 def test_gguf_reference_scores_itself_as_identical(converted, cache_dir, tmp_path):
     result = converted(VARIANT)
-    report = run_eval([result.text_path], str(result.text_path), tmp_path / "r", slices=SLICES,
-                      cache_dir=cache_dir, progress=False, measure_speed=False)
+    report = run_eval([result.text_path], str(result.text_path), tmp_path / "r",
+                      EvalOptions(slices=SLICES, cache_dir=cache_dir, progress=False, measure_speed=False))
     (row,) = report.rows
     assert report.reference["kind"] == "gguf" and report.reference["mmproj"].endswith("F32.gguf")
     assert row.kld.max == 0.0 and row.image_kld.max == 0.0  # identical logits: exactly 0, not -1e-10
@@ -278,8 +278,9 @@ def test_bad_quants_get_error_rows_and_the_rest_is_evaluated(converted, cache_di
     truncated = tmp_path / "truncated-Q8_0.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     candidates = [other_model, garbage, good, truncated]
-    report = run_eval(candidates, str(good), tmp_path / "r", slices=SLICES, cache_dir=cache_dir,
-                      reference_mmproj=converted(VARIANT).mmproj_path, progress=False, measure_speed=False)
+    report = run_eval(candidates, str(good), tmp_path / "r",
+                      EvalOptions(slices=SLICES, cache_dir=cache_dir, reference_mmproj=converted(VARIANT).mmproj_path,
+                                  progress=False, measure_speed=False))
     rows = {row.file: row for row in report.rows}
     assert [row.file for row in report.rows] == [p.name for p in candidates]
     assert "another model than the reference" in rows[other_model.name].error
@@ -299,8 +300,8 @@ def test_empty_slice_is_a_clear_error_and_nothing_is_written(converted, cache_di
     empty.write_text("")
     out = tmp_path / "r"
     with pytest.raises(UserError, match="holds no items"):
-        run_eval([converted(VARIANT).text_path], str(converted(VARIANT).text_path), out, slices=[str(empty)],
-                 cache_dir=cache_dir, progress=False)
+        run_eval([converted(VARIANT).text_path], str(converted(VARIANT).text_path), out,
+                 EvalOptions(slices=[str(empty)], cache_dir=cache_dir, progress=False))
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -312,13 +313,15 @@ def test_bad_reference_and_options_are_clear_errors(converted, quant_folder, tin
     with pytest.raises(UserError, match="f16 overflows"):
         HFReference(str(tiny_checkpoint(VARIANT)), cache, dtype="f16")
     with pytest.raises(UserError, match="max_items must be at least 1"):
-        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, max_items=0, progress=False)
+        run_eval([text], str(text), tmp_path / "r", EvalOptions(slices=SLICES, cache_dir=cache, max_items=0,
+                                                                progress=False))
     with pytest.raises(UserError, match=r"coverage must be a probability in \(0, 0.5\)") as info:
-        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, coverage=0.7, progress=False)
+        run_eval([text], str(text), tmp_path / "r", EvalOptions(slices=SLICES, cache_dir=cache, coverage=0.7,
+                                                                progress=False))
     assert "--coverage must be" in info.value.for_cli() and "--full-vocab" in info.value.for_cli()
     with pytest.raises(UserError, match="full_vocab=True keeps every token; drop coverage"):
-        run_eval([text], str(text), tmp_path / "r", slices=SLICES, cache_dir=cache, coverage=1e-4, full_vocab=True,
-                 progress=False)
+        run_eval([text], str(text), tmp_path / "r", EvalOptions(slices=SLICES, cache_dir=cache, coverage=1e-4,
+                                                                full_vocab=True, progress=False))
     # a GGUF reference without an mmproj cannot answer image questions
     lone = tmp_path / "lone" / "tiny-F32.gguf"
     lone.parent.mkdir()
@@ -332,7 +335,7 @@ def test_bad_reference_and_options_are_clear_errors(converted, quant_folder, tin
     out.mkdir()
     (out / "report.json").write_text("{}")
     with pytest.raises(UserError, match="already exists"):
-        run_eval([text], str(text), out, slices=SLICES, cache_dir=cache, progress=False)
+        run_eval([text], str(text), out, EvalOptions(slices=SLICES, cache_dir=cache, progress=False))
     assert (out / "report.json").read_text() == "{}"
 
 

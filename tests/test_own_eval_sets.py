@@ -144,15 +144,15 @@ def test_dicom_image_by_path(tmp_path):
 @pytest.mark.e2e
 def test_eval_scores_an_own_set_and_names_it(tiny_checkpoint, converted, tmp_path, monkeypatch):
     from medgemma_gguf.hashing import sha256_of
-    from medgemma_gguf.quant_eval.evaluate import run_eval
+    from medgemma_gguf.quant_eval.evaluate import EvalOptions, run_eval
     from medgemma_gguf.quant_eval.report import render_markdown
 
     monkeypatch.setenv("MEDGEMMA_GGUF_CACHE", str(tmp_path / "cache"))
     variant = "mm-k256"
     files = converted(variant)
     report = run_eval([files.text_path], str(tiny_checkpoint(variant)), tmp_path / "report",
-                      slices=[str(EXAMPLE_JSONL)], reference_dtype="f32", cache_dir=tmp_path / "ref",
-                      heldout=False, measure_speed=False, n_threads=1, progress=False)
+                      EvalOptions(slices=[str(EXAMPLE_JSONL)], reference_dtype="f32", cache_dir=tmp_path / "ref",
+                                  heldout=False, measure_speed=False, n_threads=1, progress=False))
     (row,) = report.rows
     assert row.error is None
     spec = str(EXAMPLE_JSONL)

@@ -114,12 +114,13 @@ def test_load_a_file_finds_the_mmproj_beside_it(layout):
 
 
 def test_eval_on_a_folder_without_manifest(layout, store, tmp_path):
-    from medgemma_gguf.quant_eval.evaluate import run_eval
+    from medgemma_gguf.quant_eval.evaluate import EvalOptions, run_eval
 
     folder = layout("unsloth")
-    report = run_eval([folder], str(store.text_f32), tmp_path / "report", slices=["vqa-mini:2", "medqa-mini:2"],
-                      reference_mmproj=store.mmprojs["F32"], heldout=False, cache_dir=tmp_path / "cache",
-                      measure_speed=False, progress=False, n_threads=1)
+    report = run_eval([folder], str(store.text_f32), tmp_path / "report",
+                      EvalOptions(slices=["vqa-mini:2", "medqa-mini:2"], reference_mmproj=store.mmprojs["F32"],
+                                  heldout=False, cache_dir=tmp_path / "cache", measure_speed=False, progress=False,
+                                  n_threads=1))
     rows = {row.file: row for row in report.rows}
     assert {name: row.type for name, row in rows.items()} == EXPECTED["unsloth"]
     assert all(row.ok and row.kld is not None and row.mmproj == "mmproj-F32.gguf" for row in rows.values())

@@ -33,10 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf import GGUFValueType
 
 from medgemma_gguf.atomic import atomic_output
+from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, render_image, without_images
 from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.runtime.prompt import render_template, split_at_images
 
 log = logging.getLogger(__name__)
@@ -328,8 +332,6 @@ def _decode_all_rows(engine: Any, tokens: Sequence[int] | None = None, embedding
 
 # --- computing --------------------------------------------------------------------------------------------------
 def _native_image_size(mmproj_path: Path) -> int:
-    from medgemma_gguf.gguf_info import read_gguf_info
-
     size = read_gguf_info(mmproj_path).metadata.get("clip.vision.image_size")
     if not isinstance(size, int) or size <= 0:
         raise UserError(f"{mmproj_path} has no clip.vision.image_size; pass the model's image mmproj")
@@ -338,7 +340,6 @@ def _native_image_size(mmproj_path: Path) -> int:
 
 def _plan_item(engine: Any, item: Any, template: str, bos: str, image_size: int | None,
                chunk_size: int) -> PromptPlan:
-    from medgemma_gguf.convert.quantize.calibration import render_image
     from medgemma_gguf.runtime.engine import ImagePart
 
     texts = split_at_images(render_template(template, item.messages, bos_token=bos, add_generation_prompt=False))
@@ -382,8 +383,6 @@ def compute_imatrix(model_path: Path | str, mmproj_path: Path | str | None = Non
     """
     from tqdm import tqdm
 
-    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, without_images
-    from medgemma_gguf.gguf_info import read_gguf_info
     from medgemma_gguf.runtime.engine import Engine
 
     if chunk_size < 16:
@@ -439,15 +438,12 @@ def calibration_description(calibration: Path | str | None = None, *,
     ``tokens`` is the number of text tokens of all items under ``model_path``'s tokenizer (image
     embedding positions not included), or None without a model.
     """
-    from medgemma_gguf.convert.quantize.calibration import load_calibration
-
     calib = load_calibration(calibration)
     description: dict[str, Any] = {
         "name": calib.name, "file": calib.path.name, "sha256": calib.sha256, "items": len(calib.items),
         "image_items": calib.image_items, "images": calib.images, "tokens": None,
     }
     if model_path is not None:
-        from medgemma_gguf.gguf_info import read_gguf_info
         from medgemma_gguf.runtime.engine import Engine
 
         template = read_gguf_info(Path(model_path)).metadata.get("tokenizer.chat_template") or ""
@@ -467,8 +463,6 @@ def write_imatrix_gguf(imatrix: Imatrix, path: Path | str, force: bool = False,
 
     ``on_written(temporary_path)`` runs when the file is complete, before it is renamed to ``path``.
     """
-    import gguf
-
     path = Path(path)
     writer = gguf.GGUFWriter(path=None, arch="imatrix")
     writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture
@@ -503,8 +497,6 @@ def write_imatrix_gguf(imatrix: Imatrix, path: Path | str, force: bool = False,
 
 
 def _field_value(reader: Any, key: str) -> Any:
-    from gguf import GGUFValueType
-
     field_ = reader.fields.get(key)
     if field_ is None:
         return None
@@ -517,10 +509,6 @@ def _field_value(reader: Any, key: str) -> Any:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    import gguf
-
-    from medgemma_gguf.gguf_info import read_gguf_info
-
     kind = read_gguf_info(path).metadata.get(KEY_TYPE)
     if kind is not None and kind != "imatrix":
         raise UserError(f"{path} is a GGUF {kind}, not an imatrix; pass a file made by medgemma-gguf imatrix "
@@ -617,8 +605,6 @@ def read_imatrix(path: Path | str) -> Imatrix:
 
 def check_imatrix_matches(imatrix: Imatrix, model_path: Path | str) -> None:
     """UserError unless ``imatrix`` covers exactly the model's layer matrices with the model's widths."""
-    from medgemma_gguf.gguf_info import read_gguf_info
-
     model_path = Path(model_path)
     tensors = {info.name: info for info in read_gguf_info(model_path).tensors}
     problems = []
