@@ -11,12 +11,14 @@ the ``libggml`` it ships.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 # enum ggml_backend_dev_type (ggml/include/ggml-backend.h)
 DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")
+GPU_TYPES = ("GPU", "IGPU")  # dedicated or integrated: what llama.cpp offloads layers to
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Device:
 
     @property
     def is_gpu(self) -> bool:
-        return self.type in ("GPU", "IGPU")
+        return self.type in GPU_TYPES
 
 
 def _shipped_library(stem: str) -> ctypes.CDLL:
@@ -64,23 +66,34 @@ def libggml() -> ctypes.CDLL:
     return lib
 
 
-def list_devices() -> list[Device]:
-    """Every device the installed llama.cpp build registered (loads llama.cpp's backends first)."""
+def device_handles() -> Iterator[tuple[int, str]]:
+    """Each registered device's ``ggml_backend_dev_t`` handle and type (one of ``DEVICE_TYPES``), in llama.cpp's
+    order (loads llama.cpp's backends first). Cheap: no memory query, which is a network round trip to an RPC
+    worker's device (``describe_device`` makes it)."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
     lib = libggml()
-    devices = []
     for index in range(lib.ggml_backend_dev_count()):
-        device = lib.ggml_backend_dev_get(index)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        kind = lib.ggml_backend_dev_type(device)
-        devices.append(Device(name=(lib.ggml_backend_dev_name(device) or b"").decode(),
-                              description=(lib.ggml_backend_dev_description(device) or b"").decode(),
-                              type=DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else str(kind),
-                              free_bytes=free.value, total_bytes=total.value))
-    return devices
+        handle = lib.ggml_backend_dev_get(index)
+        kind = lib.ggml_backend_dev_type(handle)
+        yield handle, DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else str(kind)
+
+
+def describe_device(handle: int, kind: str) -> Device:
+    """The device behind a handle from ``device_handles``: name, description and memory
+    (``ggml_backend_dev_memory``, a round trip for an RPC device)."""
+    lib = libggml()
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+    return Device(name=(lib.ggml_backend_dev_name(handle) or b"").decode(),
+                  description=(lib.ggml_backend_dev_description(handle) or b"").decode(),
+                  type=kind, free_bytes=free.value, total_bytes=total.value)
+
+
+def list_devices() -> list[Device]:
+    """Every device the installed llama.cpp build registered (loads llama.cpp's backends first)."""
+    return [describe_device(handle, kind) for handle, kind in device_handles()]
 
 
 def gpu_devices() -> list[Device]:

@@ -265,19 +265,10 @@ def register_workers(endpoints: Sequence[Endpoint], *, probed: bool = False) -> 
 
 def local_gpu_handles() -> list[int]:
     """``ggml_backend_dev_t`` handles of this machine's GPUs (RPC devices left out), in llama.cpp's order."""
-    import llama_cpp
+    from medgemma_gguf.devices import GPU_TYPES, device_handles
 
-    from medgemma_gguf.devices import libggml
-
-    llama_cpp.llama_backend_init()
-    lib = libggml()
-    handles = []
-    for index in range(lib.ggml_backend_dev_count()):
-        handle = lib.ggml_backend_dev_get(index)
-        if lib.ggml_backend_dev_type(handle) in (1, 2) and handle not in {
-                h for hs in _REGISTERED.values() for h in hs}:
-            handles.append(handle)
-    return handles
+    remote = {handle for handles in _REGISTERED.values() for handle in handles}
+    return [handle for handle, kind in device_handles() if kind in GPU_TYPES and handle not in remote]
 
 
 # --- the worker ---------------------------------------------------------------------------------------
@@ -286,30 +277,22 @@ def local_gpu_handles() -> list[int]:
 def worker_devices(names: Sequence[str] = ()) -> list[tuple[int, str, str, int, int]]:
     """The devices a worker offers: ``names`` (ggml device names, e.g. CUDA0), else every GPU, else the CPU —
     upstream rpc-server's default. Each as (handle, name, description, free, total)."""
-    import llama_cpp
+    from medgemma_gguf.devices import GPU_TYPES, describe_device, device_handles
 
-    from medgemma_gguf.devices import DEVICE_TYPES, libggml
-
-    llama_cpp.llama_backend_init()
-    lib = libggml()
-    found = []
-    for index in range(lib.ggml_backend_dev_count()):
-        handle = lib.ggml_backend_dev_get(index)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
-        kind = DEVICE_TYPES[lib.ggml_backend_dev_type(handle)]
-        found.append((handle, lib.ggml_backend_dev_name(handle).decode(),
-                      lib.ggml_backend_dev_description(handle).decode(), free.value, total.value, kind))
+    found = [(handle, describe_device(handle, kind)) for handle, kind in device_handles()]
     if names:
         chosen = []
         for name in names:
-            match = [d for d in found if d[1].lower() == name.lower()]
+            match = [entry for entry in found if entry[1].name.lower() == name.lower()]
             if not match:
-                raise InputError(f"no device named {name!r} here; this build has {', '.join(d[1] for d in found)}")
+                raise InputError(f"no device named {name!r} here; this build has "
+                                 f"{', '.join(device.name for _, device in found)}")
             chosen.append(match[0])
     else:
-        chosen = [d for d in found if d[5] in ("GPU", "IGPU")] or [d for d in found if d[5] == "CPU"]
-    return [d[:5] for d in chosen]
+        chosen = ([entry for entry in found if entry[1].type in GPU_TYPES]
+                  or [entry for entry in found if entry[1].type == "CPU"])
+    return [(handle, device.name, device.description, device.free_bytes, device.total_bytes)
+            for handle, device in chosen]
 
 
 def check_worker_binding(host: str, insecure_network: bool) -> None:
