@@ -6,16 +6,21 @@ sparse: truncated to their full length without writing the data).
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.fixtures.shape_gguf import write_siglip_mmproj
+from medgemma_gguf.fixtures.shape_gguf import (
+    Q4_K_M_MIX,
+    ModelShape,
+    SparseGGUF,
+    add_text_hparams,
+    add_text_tensors,
+    write_siglip_mmproj,
+)
 from medgemma_gguf.gguf_info import read_gguf_info
 from medgemma_gguf.runtime.compute_graph import CUDA_ALIGNMENT
 from medgemma_gguf.runtime.compute_graph import text_compute_bytes as graph_compute_bytes
@@ -65,16 +70,6 @@ MEDGEMMA_4B = dict(n_layers=34, n_embd=2560, n_ff=10240, n_head=8, n_head_kv=4, 
 MEDGEMMA_27B = dict(n_layers=62, n_embd=5376, n_ff=21504, n_head=32, n_head_kv=16, head_dim=128, n_vocab=262208)
 
 
-def _finish_sparse(writer: gguf.GGUFWriter, path: Path, data_bytes: int) -> None:
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    header_end = path.stat().st_size
-    data_start = -(-header_end // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
-    os.truncate(path, data_start + data_bytes)
-
-
 def write_text_gguf(
     path: Path,
     *,
@@ -93,54 +88,22 @@ def write_text_gguf(
     """A gemma3 GGUF header in a Q4_K_M-like mix (Q4_K, with Q6_K for attn_v, ffn_down, embeddings).
 
     ``vocabulary`` adds a tokenizer of ``n_vocab`` tokens, as large as a real file's."""
-    writer = gguf.GGUFWriter(path, "gemma3")
+    shape = ModelShape(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                       head_dim=head_dim, n_vocab=n_vocab)
+    sparse = SparseGGUF(path, "gemma3")
+    writer = sparse.writer
     if vocabulary:
         writer.add_tokenizer_model("llama")
         writer.add_token_list([f"<tok{i}>" for i in range(n_vocab)])
         writer.add_token_scores([0.0] * n_vocab)
         writer.add_token_types([1] * n_vocab)
-    writer.add_block_count(n_layers)
-    writer.add_context_length(131072)
-    writer.add_embedding_length(n_embd)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(1e-6)
+    add_text_hparams(writer, shape, n_layers)
     if sliding_window is not None:
         writer.add_sliding_window(sliding_window)
     if pattern is not None:
         writer.add_sliding_window_pattern(pattern)
-    data_bytes = 0
-
-    def tensor(name: str, ggml_shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType) -> None:
-        nonlocal data_bytes
-        block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
-        nbytes = int(np.prod(ggml_shape)) // block * block_bytes
-        writer.add_tensor_info(name, tuple(reversed(ggml_shape)), np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
-        data_bytes += -(-nbytes // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
-
-    tensor("token_embd.weight", (n_embd, n_vocab), Q6_K)
-    tensor("output_norm.weight", (n_embd,), F32)
-    if not tied:
-        tensor("output.weight", (n_embd, n_vocab), Q6_K)
-    for il in range(n_layers):
-        tensor(f"blk.{il}.attn_norm.weight", (n_embd,), F32)
-        tensor(f"blk.{il}.attn_q.weight", (n_embd, n_head * head_dim), Q4_K)
-        tensor(f"blk.{il}.attn_k.weight", (n_embd, n_head_kv * head_dim), Q4_K)
-        tensor(f"blk.{il}.attn_v.weight", (n_embd, n_head_kv * head_dim), Q6_K)
-        tensor(f"blk.{il}.attn_output.weight", (n_head * head_dim, n_embd), Q4_K)
-        tensor(f"blk.{il}.attn_q_norm.weight", (head_dim,), F32)
-        tensor(f"blk.{il}.attn_k_norm.weight", (head_dim,), F32)
-        tensor(f"blk.{il}.post_attention_norm.weight", (n_embd,), F32)
-        tensor(f"blk.{il}.ffn_norm.weight", (n_embd,), F32)
-        tensor(f"blk.{il}.ffn_gate.weight", (n_embd, n_ff), Q4_K)
-        tensor(f"blk.{il}.ffn_up.weight", (n_embd, n_ff), Q4_K)
-        tensor(f"blk.{il}.ffn_down.weight", (n_ff, n_embd), Q6_K)
-        tensor(f"blk.{il}.post_ffw_norm.weight", (n_embd,), F32)
-    _finish_sparse(writer, path, data_bytes)
-    return path
+    add_text_tensors(sparse, shape, n_layers, weight_type=Q4_K, mix=Q4_K_M_MIX, tied=tied)
+    return sparse.finish()
 
 
 @pytest.fixture(scope="module")
@@ -162,32 +125,21 @@ def mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # hand-worked sizes of the two models (4B: 34 layers, 27B: 62 layers)
 
+def layer_bytes(n_embd: int, q_width: int, kv_width: int, n_ff: int, head_dim: int) -> int:
+    """One layer in the Q4_K_M-like mix: Q4_K q, k, o, gate and up, Q6_K v and down; four F32 norms of
+    ``n_embd`` and two (q_norm, k_norm) of ``head_dim``."""
+    return (q4k(n_embd * q_width) + q4k(n_embd * kv_width) + q6k(n_embd * kv_width) + q4k(q_width * n_embd)
+            + 2 * q4k(n_embd * n_ff) + q6k(n_ff * n_embd) + 4 * f32(n_embd) + 2 * f32(head_dim))
+
+
 # one 4B layer: q 2560x2048, k/v 2560x1024, o 2048x2560, gate/up 2560x10240, down 10240x2560, 6 norms
-LAYER_4B = (
-    q4k(2560 * 2048)
-    + q4k(2560 * 1024)
-    + q6k(2560 * 1024)
-    + q4k(2048 * 2560)
-    + 2 * q4k(2560 * 10240)
-    + q6k(10240 * 2560)
-    + 4 * f32(2560)
-    + 2 * f32(256)
-)
+LAYER_4B = layer_bytes(2560, 2048, 1024, 10240, 256)
 EMBD_4B = q6k(2560 * 262208)  # token_embd; tied: also the output matrix
 OUTPUT_4B = EMBD_4B + f32(2560)  # output layer: the duplicated token_embd + output_norm
 LARGEST_LAYER_TENSOR_4B = q6k(10240 * 2560)  # ffn_down
 
 # one 27B layer: q 5376x4096, k/v 5376x2048, o 4096x5376, gate/up 5376x21504, down 21504x5376
-LAYER_27B = (
-    q4k(5376 * 4096)
-    + q4k(5376 * 2048)
-    + q6k(5376 * 2048)
-    + q4k(4096 * 5376)
-    + 2 * q4k(5376 * 21504)
-    + q6k(21504 * 5376)
-    + 4 * f32(5376)
-    + 2 * f32(128)
-)
+LAYER_27B = layer_bytes(5376, 4096, 2048, 21504, 128)
 EMBD_27B = q6k(5376 * 262208)
 OUTPUT_27B = EMBD_27B + f32(5376)
 LARGEST_LAYER_TENSOR_27B = q6k(21504 * 5376)
@@ -395,16 +347,7 @@ def test_untied_output_matrix_is_counted_once(tmp_path: Path) -> None:
     small = dict(n_layers=4, n_embd=256, n_ff=512, n_head=2, n_head_kv=1, head_dim=256, n_vocab=1024)
     path = write_text_gguf(tmp_path / "untied.gguf", tied=False, **small)
     plan = plan_offload(path, n_ctx=512, vram_bytes=80 * GiB, gpu_available=True)
-    layer = (
-        q4k(256 * 512)
-        + q4k(256 * 256)
-        + q6k(256 * 256)
-        + q4k(512 * 256)
-        + 2 * q4k(256 * 512)
-        + q6k(512 * 256)
-        + 4 * f32(256)
-        + 2 * f32(256)
-    )
+    layer = layer_bytes(256, 512, 256, 512, 256)  # q 256x512, k/v 256x256, o 512x256, ff 512
     assert plan.gpu_weights == 4 * layer + q6k(256 * 1024) + f32(256)
     assert plan.cpu_weights == q6k(256 * 1024)  # token_embd only
 
