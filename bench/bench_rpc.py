@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from medgemma_gguf.processes import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROMPT = ("A 67-year-old man presents with three days of productive cough, fever and right-sided pleuritic chest "
           "pain. Summarise the likely differential diagnosis and the first investigations. ") * 6
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_workers(count: int, threads: int) -> tuple[list[subprocess.Popen], list[str]]:

@@ -33,13 +33,14 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from medgemma_gguf.processes import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -84,12 +85,6 @@ def image_model(workdir: Path) -> tuple[Path, Path]:
 
 
 # --- servers -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Server:
     name: str
@@ -118,13 +113,8 @@ class Server:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 def ours(name: str, model: Path, mmproj: Path | None, parallel: int, args: argparse.Namespace, log: Path) -> Server:

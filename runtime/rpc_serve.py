@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from medgemma_gguf.errors import UnavailableError, UserError
+from medgemma_gguf.processes import free_port, stop_process
 from medgemma_gguf.runtime.rpc import Endpoint, probe
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,6 @@ class Engine:
         return self.down
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def engine_main(fd: int) -> None:
     """The engine process (``python -m medgemma_gguf.runtime.rpc_engine --serve FD``): load the split model and
     serve it on the loopback port it was given. A load failure is sent back as one line."""
@@ -98,7 +93,7 @@ def start_engine(setup: Any, load_options: dict[str, Any], serve_options: dict[s
     """Start the engine process on a free loopback port and wait until it serves (or say why it could not)."""
     from medgemma_gguf.runtime.rpc_model import _rebuild_error
 
-    port = _free_port()
+    port = free_port()
     parent_socket, child_socket = socket.socketpair()
     with child_socket:
         process = subprocess.Popen(
@@ -138,13 +133,7 @@ def start_engine(setup: Any, load_options: dict[str, Any], serve_options: dict[s
 
 
 def stop_engine(engine: Engine) -> None:
-    if engine.process.poll() is None:
-        engine.process.terminate()
-        try:
-            engine.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            engine.process.kill()
-            engine.process.wait()
+    stop_process(engine.process)
 
 
 def _error(status: int, message: str) -> Any:

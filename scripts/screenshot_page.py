@@ -11,7 +11,6 @@ random text: the picture shows the page, not MedGemma's answers.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ def main() -> int:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
+    from medgemma_gguf.processes import free_port
     from medgemma_gguf.runtime.chat import load
     from medgemma_gguf.runtime.server import ServerLimits, create_app
 
@@ -53,9 +53,7 @@ def main() -> int:
         workdir = Path(tmp)
         model_path, mmproj_path = (args.model, args.mmproj) if args.model else tiny_model(workdir)
         model = load(model_path, mmproj_path, n_gpu_layers=0, n_ctx=2048, n_threads=2, n_parallel=2)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(model, limits=ServerLimits(max_tokens_limit=512)),
                                                host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

@@ -25,21 +25,17 @@ import pytest
 from fuzzing import Raw, mutations, serialize
 from test_runtime_chat import VARIANT, image_size, native_image
 
+from medgemma_gguf.processes import free_port, stop_process
+
 API_KEY = "hardening-key"
 MAX_TOKENS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:
     """A ``medgemma-gguf serve`` child process; ``log()`` is everything it wrote to stderr so far."""
 
     def __init__(self, args: list[str], cwd: Path, log_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "MEDGEMMA_API_KEY": ""}
@@ -71,12 +67,7 @@ class Served:
         return httpx.post(f"{self.base}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _png_uri(img) -> str:
@@ -277,7 +268,7 @@ def test_an_aborted_upload_is_one_info_line(server):
 def test_the_process_refuses_unsafe_settings_before_loading(converted, tmp_path):
     files = converted(VARIANT)
     base = [sys.executable, "-m", "medgemma_gguf", "serve", str(files.text_path), "--threads", "1",
-            "--port", str(_free_port())]
+            "--port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if k != "MEDGEMMA_API_KEY"}
     cases = [
         (["--api-key", ""], env, "set a non-empty key or none"),

@@ -507,13 +507,9 @@ def test_cli_merges_converts_and_chats_with_adapters(tmp_path, tiny_checkpoint, 
 
 @pytest.mark.e2e
 def test_server_lists_adapters_and_a_request_picks_one_by_model_id(tmp_path, peft_adapter, converted):
-    import socket
-    import threading
-    import time
-
     import openai
-    import uvicorn
     from openai import OpenAI
+    from test_server import run_uvicorn
 
     from medgemma_gguf.runtime.chat import load
     from medgemma_gguf.runtime.server import create_app
@@ -525,18 +521,9 @@ def test_server_lists_adapters_and_a_request_picks_one_by_model_id(tmp_path, pef
     assert expected["base"] != expected["cardio"]
 
     model = load(base.text_path, n_gpu_layers=0, n_ctx=256, n_threads=1, lora=[lora])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
+    base_url, stop = run_uvicorn(create_app(model))
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120)
         name = model.name
         assert [m.id for m in client.models.list().data] == [name, f"{name}+base", f"{name}+cardio"]
         for model_id, which in ((f"{name}+base", "base"), (name, "cardio"), (f"{name}+base", "base"),
@@ -549,6 +536,5 @@ def test_server_lists_adapters_and_a_request_picks_one_by_model_id(tmp_path, pef
         stream = client.chat.completions.create(model=f"{name}+base", messages=MESSAGES, stream=True, **SAMPLING)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected["base"]
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        stop()
         model.close()

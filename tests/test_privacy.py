@@ -40,6 +40,7 @@ from medgemma_gguf.privacy import (
     is_offline,
     set_content_logging,
 )
+from medgemma_gguf.processes import free_port
 
 MARKER = "ZQXV"
 DATES = ("19010203", "19020304")  # the birth and study dates in the marker DICOM
@@ -389,12 +390,6 @@ def _dicom_uri() -> str:
     return "data:application/dicom;base64," + base64.b64encode(dicom_bytes(marker_dataset())).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _no_network(events: list[dict]) -> None:
     """Sockets bound to loopback only (serve's listener; urllib3's IPv6 probe binds ::1); no connection, name
     lookup or datagram beyond this machine."""
@@ -436,7 +431,7 @@ def test_serve_logs_no_content_opens_no_outbound_socket_and_audits_each_request(
     audit_path = folders["out"] / "audit.jsonl"
     record = tmp_path / "serve-record.jsonl"
     log_path = tmp_path / "serve.log"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     args = ["serve", str(files.text_path), "--mmproj", str(files.mmproj_path), "--ctx", "1024", "--threads", "1",
             "--parallel", "1", "--port", str(port), "--api-key", API_KEY, "--audit-log", str(audit_path)]

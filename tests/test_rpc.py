@@ -23,16 +23,11 @@ import numpy as np
 import pytest
 
 from medgemma_gguf.errors import InputError, MismatchError, UnavailableError
+from medgemma_gguf.processes import free_port
 from medgemma_gguf.runtime.offload import SplitTarget, assign_layers, plan_split
 from medgemma_gguf.runtime.rpc import Endpoint, parse_endpoints, probe
 
 VARIANT = "mm-k256"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_worker(port: int) -> subprocess.Popen:

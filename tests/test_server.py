@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -24,14 +23,9 @@ from test_runtime_chat import (
 )
 
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.processes import free_port
 
 API_KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _data_uri(img, fmt: str = "PNG") -> str:
@@ -44,7 +38,7 @@ def run_uvicorn(app):
     """Serve ``app`` with uvicorn on a free loopback port in a thread; returns (base_url, stop())."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
