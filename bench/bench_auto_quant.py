@@ -98,8 +98,8 @@ def _measure_reference(out: Path, source: Path, mmproj: Path, imatrix: Path, cac
 
 def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Part 1 (module docstring)."""
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder, quantize_folder
-    from medgemma_gguf.convert.quantize.sensitivity import FAST_SAMPLE, proxy_agreement
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.sensitivity import FAST_SAMPLE, SensitivityOptions, proxy_agreement
     from medgemma_gguf.manifest import Manifest
     from medgemma_gguf.quant_eval.evaluate import Candidate, evaluate_candidates, load_slices
     from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
@@ -123,9 +123,10 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         autos[method] = {}
         for base in baselines:
             started, cpu_started = time.perf_counter(), time.process_time()
-            made = auto_quantize_folder(out, target_size=f"{base.bytes}B", imatrix=imatrix, sensitivity_method=method,
-                                        cache_dir=cache, max_text=samples[method], max_images=samples[method],
-                                        progress=False, n_threads=args.threads, workers=args.workers)
+            options = SensitivityOptions(method=method, cache_dir=cache, max_text=samples[method],
+                                         max_images=samples[method], n_threads=args.threads, workers=args.workers)
+            made = auto_quantize_folder(out, AutoRequest(target_size=f"{base.bytes}B", imatrix=imatrix,
+                                                         sensitivity=options), progress=False)
             autos[method][base.type_name] = made
             if not made.sensitivity.from_cache:
                 sensitivity_seconds[method] = made.sensitivity.cost["seconds"]
@@ -236,7 +237,7 @@ def wide(args: argparse.Namespace, workdir: Path) -> None:
 
     from medgemma_gguf.convert.converter import convert_checkpoint
     from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
-    from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
+    from medgemma_gguf.convert.quantize.sensitivity import SensitivityOptions, plan_sensitivity
     from medgemma_gguf.gguf_info import read_gguf_info
 
     checkpoint = workdir / f"wide-{args.wide_layers}L"
@@ -259,9 +260,9 @@ def wide(args: argparse.Namespace, workdir: Path) -> None:
 
     imatrix = timed("importance matrix", lambda: write_imatrix_gguf(
         compute_imatrix(source, None, progress=False, n_threads=args.threads), out / "imatrix.gguf", force=True))
-    job = timed("plan (quick timings)", lambda: plan_sensitivity(
-        source, None, imatrix, method="fast", cache_dir=cache, n_threads=args.threads, workers=args.workers,
-        max_text=args.fast_sample, max_images=args.fast_sample))
+    job = timed("plan (quick timings)", lambda: plan_sensitivity(source, None, imatrix, SensitivityOptions(
+        method="fast", cache_dir=cache, n_threads=args.threads, workers=args.workers, max_text=args.fast_sample,
+        max_images=args.fast_sample)))
     print("\n".join(job.plan.lines()), flush=True)
     timed("per-tensor errors", lambda: job.errors.measure(args.workers))
     result = timed("reference + calibration points", lambda: job.run(progress=False))

@@ -225,9 +225,10 @@ def test_dry_run_plan_matches_the_run_and_a_rerun_is_cached(model, tmp_path):
 
 @pytest.mark.e2e
 def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, monkeypatch):
-    kwargs = dict(method="fast", calibration=model["calibration"], max_text=2, max_images=2, cache_dir=tmp_path,
-                  n_threads=THREADS, timing=False, candidates=("Q2_K", "Q3_K", "Q4_K", "Q8_0"))
-    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    options = sensitivity.SensitivityOptions(method="fast", calibration=model["calibration"], max_text=2, max_images=2,
+                                             cache_dir=tmp_path, n_threads=THREADS,
+                                             candidates=("Q2_K", "Q3_K", "Q4_K", "Q8_0"))
+    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
     assert job.plan.evaluations == 8 and job.plan.evaluations_cached == 0
     real = sensitivity.Measurer.measure
     calls = []
@@ -242,7 +243,7 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         job.run(progress=False)
     monkeypatch.setattr(sensitivity.Measurer, "measure", real)
-    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
     assert job.plan.evaluations_cached == 3 and job.plan.error_items_cached == job.plan.error_items
     result = job.run(progress=False)
     assert result.cost["evaluations"] == 5 and result.cost["error_items"] == 0
@@ -251,13 +252,13 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
     for group in result.table.groups:
         deltas = [group.delta_kl[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q8_0)]
         assert deltas == sorted(deltas, reverse=True) and deltas[-1] >= 0, group.name
-    again = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], **kwargs)
+    again = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
     assert again.cached is not None and again.run() is again.cached
 
 
 # --- AUTO: the folder's importance matrix, and budgets refused before any work -------------------------------
 def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
-    from medgemma_gguf.convert.quantize.folder import IMATRIX_AUTO, folder_default_imatrix, plan_auto
+    from medgemma_gguf.convert.quantize.folder import IMATRIX_AUTO, AutoRequest, folder_default_imatrix, plan_auto
     from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
     from medgemma_gguf.manifest import entry_for
 
@@ -265,7 +266,8 @@ def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
     manifest = Manifest.load(folder)
     source = next(r for r in manifest.find("text"))
     assert folder_default_imatrix(folder, manifest, source) is None
-    plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
+    options = sensitivity.SensitivityOptions(cache_dir=tmp_path / "cache")
+    plan = plan_auto(folder, AutoRequest(target_bpw=4.0, sensitivity=options), timing=False)
     assert plan.imatrix == IMATRIX_AUTO and plan.job.imatrix_pending
     assert f"computing {manifest.model}.imatrix" in "\n".join(plan.lines())
     assert "IQ2_XXS" in plan.job.plan.types  # planned with the matrix it is about to compute
@@ -275,26 +277,27 @@ def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
     manifest.upsert(entry_for(folder, path, "imatrix", "F32", source=source.path, source_sha256=source.sha256))
     manifest.save(folder)
     assert folder_default_imatrix(folder, Manifest.load(folder), source) == path
-    plan = plan_auto(folder, target_bpw=4.0, timing=False, cache_dir=tmp_path / "cache")
+    plan = plan_auto(folder, AutoRequest(target_bpw=4.0, sensitivity=options), timing=False)
     assert plan.imatrix == path and not plan.job.imatrix_pending and "imatrix-x.gguf, the folder's" in plan.lines()[1]
-    none = plan_auto(folder, target_bpw=4.0, imatrix="none", timing=False, cache_dir=tmp_path / "cache")
+    none = plan_auto(folder, AutoRequest(target_bpw=4.0, imatrix="none", sensitivity=options), timing=False)
     assert none.imatrix is None and "IQ2_XXS" not in none.job.plan.types
 
 
 def test_infeasible_budgets_are_refused_before_any_work(model, tmp_path, monkeypatch):
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
 
     folder = Path(shutil.copytree(model["folder"], tmp_path / "out"))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     monkeypatch.setattr(sensitivity.SensitivityJob, "run", lambda *a, **k: pytest.fail("measured"))
     monkeypatch.setattr(sensitivity, "time_model", lambda *a, **k: pytest.fail("timed"))
+    options = sensitivity.SensitivityOptions(cache_dir=tmp_path / "c")
     with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.0\d+ bpw .*"
                                         r"\.\. 32\.000 bpw \(unquantized F32\)"):
-        auto_quantize_folder(folder, target_bpw=1.5, imatrix=folder / "imatrix.gguf", cache_dir=tmp_path / "c",
+        auto_quantize_folder(folder, AutoRequest(target_bpw=1.5, imatrix=folder / "imatrix.gguf", sensitivity=options),
                              progress=False)
     with pytest.raises(UserError, match=r"above the unquantized size; feasible range"):
-        auto_quantize_folder(folder, target_size="10GB", cache_dir=tmp_path / "c", progress=False)
+        auto_quantize_folder(folder, AutoRequest(target_size="10GB", sensitivity=options), progress=False)
     with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.6\d+ bpw"):
-        auto_quantize_folder(folder, target_bpw=2.2, imatrix="none", cache_dir=tmp_path / "c", progress=False)
+        auto_quantize_folder(folder, AutoRequest(target_bpw=2.2, imatrix="none", sensitivity=options), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     assert not (tmp_path / "c" / "sensitivity").exists()

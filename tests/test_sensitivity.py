@@ -8,6 +8,7 @@ import math
 import random
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from support import image_text_greedy_tokens
 from medgemma_gguf.convert.quantize import sensitivity
 from medgemma_gguf.convert.quantize.auto import SensitivityTable, TensorGroup, recipe_tensor_types
 from medgemma_gguf.convert.quantize.sensitivity import (
+    SensitivityOptions,
     calibration_parts,
     fit_power_law,
     measure_sensitivity,
@@ -138,12 +140,13 @@ def _listing(folder: Path) -> dict[str, int]:
 
 
 def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp_path):
-    from medgemma_gguf.convert.quantize.folder import AUTO_PREFIX, auto_quantize_folder, quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AUTO_PREFIX, AutoRequest, auto_quantize_folder, quantize_folder
 
     folder = synthetic
     source = _source(folder)
     budget = source.stat().st_size // 5
-    made = auto_quantize_folder(folder, target_size=f"{budget}B", imatrix="none", progress=False, n_threads=THREADS)
+    made = auto_quantize_folder(folder, AutoRequest(target_size=f"{budget}B", imatrix="none",
+                                                    sensitivity=SensitivityOptions(n_threads=THREADS)), progress=False)
     result = made.result
     assert result.path.name.startswith(f"{Manifest.load(folder).model}-{AUTO_PREFIX}-")
     assert result.path.stat().st_size == result.bytes <= budget
@@ -161,23 +164,24 @@ def test_auto_size_budget_recipe_reproduces_and_manifest_says_how(synthetic, tmp
     [again] = quantize_folder(other, [], recipe_files=[made.recipe_path], progress=False, n_threads=THREADS)
     assert again.actual_types == result.actual_types and again.path.name == result.path.name
     # running AUTO again finds the file up to date
-    assert auto_quantize_folder(folder, target_size=f"{budget}B", imatrix="none", progress=False).result.skipped
+    assert auto_quantize_folder(folder, AutoRequest(target_size=f"{budget}B", imatrix="none"),
+                                progress=False).result.skipped
 
 
 def test_auto_bad_budgets_say_the_feasible_range(synthetic):
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
 
     folder = synthetic
     before = _listing(folder)
     with pytest.raises(UserError, match=r"below the smallest possible mix; feasible range 2\.6\d+ bpw .* \.\. "
                                         r"32\.000 bpw \(unquantized F32\)"):
-        auto_quantize_folder(folder, target_bpw=2.0, imatrix="none", progress=False)
+        auto_quantize_folder(folder, AutoRequest(target_bpw=2.0, imatrix="none"), progress=False)
     with pytest.raises(UserError, match=r"above the unquantized size; feasible range \d+ MiB \.\. \d+ MiB"):
-        auto_quantize_folder(folder, target_size="10GB", imatrix="none", progress=False)
+        auto_quantize_folder(folder, AutoRequest(target_size="10GB", imatrix="none"), progress=False)
     with pytest.raises(UserError, match="exactly one of"):
-        auto_quantize_folder(folder, target_bpw=4.0, target_size="1GB", progress=False)
+        auto_quantize_folder(folder, AutoRequest(target_bpw=4.0, target_size="1GB"), progress=False)
     with pytest.raises(UserError, match="vram needs ctx"):
-        auto_quantize_folder(folder, vram="6GiB", progress=False)
+        auto_quantize_folder(folder, AutoRequest(vram="6GiB"), progress=False)
     assert _listing(folder) == before
 
 
@@ -213,11 +217,11 @@ def measured_setup(converted, calibration_subset, tmp_path_factory):
     source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
     imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
                                                  n_threads=THREADS), folder / "imatrix.gguf")
-    kwargs = dict(method="proxy", candidates=CANDIDATES, probes=PROBES, calibration=calibration,
-                  cache_dir=root / "cache", n_threads=THREADS, progress=False)
-    table = measure_sensitivity(source, mmproj, imatrix, **kwargs)
+    options = SensitivityOptions(method="proxy", candidates=CANDIDATES, probes=PROBES, calibration=calibration,
+                                 cache_dir=root / "cache", n_threads=THREADS)
+    table = measure_sensitivity(source, mmproj, imatrix, options, progress=False)
     return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "table": table,
-            "kwargs": kwargs, "cache": root / "cache", "calibration": calibration}
+            "options": options, "cache": root / "cache", "calibration": calibration}
 
 
 @pytest.mark.slow  # about 45 quantize + evaluate rounds of the tiny model (~1 min on 2 busy cores)
@@ -237,7 +241,7 @@ def test_measured_table_is_complete_cached_and_costed(measured_setup, monkeypatc
         assert group.delta_kl[T.Q3_K] == result.probes[group.name]["Q3_K"]  # probes are measured values
     # the second call reads the cache and measures nothing
     monkeypatch.setattr(sensitivity.Measurer, "__init__", lambda *a, **k: pytest.fail("re-measured"))
-    again = measure_sensitivity(setup["source"], setup["mmproj"], setup["imatrix"], **setup["kwargs"])
+    again = measure_sensitivity(setup["source"], setup["mmproj"], setup["imatrix"], setup["options"], progress=False)
     assert again.from_cache and again.table == table and again.cost == cost
     assert again.cache_path == result.cache_path and json.loads(again.cache_path.read_text())["meta"]["cost"] == cost
 
@@ -258,12 +262,11 @@ def test_proxy_agrees_with_direct_measurement(measured_setup):
 
 @pytest.mark.slow  # reuses the cached table: one quantization and a chat
 def test_auto_from_measured_table_fits_loads_and_chats(measured_setup):
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
 
     setup = measured_setup
-    made = auto_quantize_folder(setup["folder"], target_bpw=3.5, imatrix=setup["imatrix"], candidates=CANDIDATES,
-                                probes=PROBES, calibration=setup["calibration"], cache_dir=setup["cache"],
-                                progress=False, n_threads=THREADS, sensitivity_method="proxy")
+    made = auto_quantize_folder(setup["folder"], AutoRequest(target_bpw=3.5, imatrix=setup["imatrix"],
+                                                             sensitivity=setup["options"]), progress=False)
     assert made.sensitivity.from_cache  # the table measured above
     result = made.result
     info = read_gguf_info(result.path)
@@ -283,7 +286,7 @@ def test_type_ggml_cannot_write_without_imatrix_data_is_refused_not_aborted(fold
 
 def test_auto_vram_budget_counts_what_the_planner_puts_on_the_gpu(synthetic):
     from medgemma_gguf.convert.quantize.auto import VramBudget, model_facts
-    from medgemma_gguf.convert.quantize.folder import auto_quantize_folder
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
     from medgemma_gguf.runtime.offload import plan_offload
 
     folder = synthetic
@@ -293,7 +296,8 @@ def test_auto_vram_budget_counts_what_the_planner_puts_on_the_gpu(synthetic):
     overhead = sum(VramBudget(1, 1024, mmproj).breakdown(model_facts(source, table)).values())
     f32 = sum(g.n_bytes(T.F32) for g in table.groups)
     vram = overhead + f32 // 6
-    made = auto_quantize_folder(folder, vram=f"{vram}B", ctx=1024, imatrix="none", progress=False, n_threads=THREADS)
+    made = auto_quantize_folder(folder, AutoRequest(vram=f"{vram}B", ctx=1024, imatrix="none",
+                                                    sensitivity=SensitivityOptions(n_threads=THREADS)), progress=False)
     assert made.how["budget"].startswith("VRAM")
     plan = plan_offload(made.result.path, n_ctx=1024, vram_bytes=vram, mmproj_path=mmproj, gpu_available=True)
     assert plan.fits_fully
@@ -308,7 +312,7 @@ def test_measured_method_agrees_with_the_proxy_probes(measured_setup, monkeypatc
     real_groups = sensitivity.model_groups
     monkeypatch.setattr(sensitivity, "model_groups", lambda info: real_groups(info)[:3])
     measured = measure_sensitivity(setup["source"], setup["mmproj"], setup["imatrix"],
-                                   **{**setup["kwargs"], "probes": (), "method": "measured"})
+                                   replace(setup["options"], probes=(), method="measured"), progress=False)
     assert measured.meta["method"] == "measured" and measured.cost["evaluations"] == 3 * len(CANDIDATES)
     for group in measured.table.groups:
         # the same deterministic measurement as the proxy's probe, and more bits never cost more KL

@@ -83,7 +83,13 @@ def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str 
     With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
     sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
     """
-    from medgemma_gguf.convert.quantize.folder import IMATRIX_NONE, auto_quantize_folder, plan_auto, quantize_folder
+    from medgemma_gguf.convert.quantize.folder import (
+        IMATRIX_NONE,
+        AutoRequest,
+        auto_quantize_folder,
+        plan_auto,
+        quantize_folder,
+    )
     from medgemma_gguf.convert.quantize.llama_quantize import quant_listing
     from medgemma_gguf.errors import UserError, render
 
@@ -101,19 +107,20 @@ def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str 
         if quants or recipes:
             raise UserError("AUTO (--target-bpw/--target-size/--vram) runs alone; drop --quants/--recipe or run "
                             "them separately")
+        from medgemma_gguf.convert.quantize.sensitivity import SensitivityOptions
+
+        request = AutoRequest(target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
+                              sensitivity=SensitivityOptions(method=sensitivity_method, cache_dir=cache_dir,
+                                                             max_text=sensitivity_sample,
+                                                             max_images=sensitivity_sample, force=force,
+                                                             n_threads=threads, workers=workers))
         if dry_run:
-            plan = plan_auto(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
-                             imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
-                             max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
-                             n_threads=threads, workers=workers)
+            plan = plan_auto(outdir, request)
             for line in plan.lines("cli"):
                 click.echo(line)
             click.echo("dry run: nothing measured or written")
             return
-        made = auto_quantize_folder(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx,
-                                    imatrix=imatrix, sensitivity_method=sensitivity_method, cache_dir=cache_dir,
-                                    max_text=sensitivity_sample, max_images=sensitivity_sample, force=force,
-                                    n_threads=threads, workers=workers, progress=not quiet, report=click.echo)
+        made = auto_quantize_folder(outdir, request, progress=not quiet, report=click.echo)
         echo_results([made.result])
         cost = made.sensitivity.cost
         origin = "cached" if made.sensitivity.from_cache else "measured"

@@ -1,7 +1,7 @@
 """The fast sensitivity method's pieces: per-kind calibration points, the fit, the plan and its time estimate.
 
-``convert.quantize.sensitivity`` runs the method (``measure_sensitivity(method="fast")``); this module
-holds what it needs that does not run a model:
+``convert.quantize.sensitivity`` runs the method (``measure_sensitivity`` with
+``SensitivityOptions(method="fast")``); this module holds what it needs that does not run a model:
 
 * Calibration points. For each tensor kind (``attn_q``, ``ffn_down``, ``token_embd``, …) and each probe
   type, one whole-model measurement: every tensor of that kind quantized to the probe type, the rest at

@@ -20,10 +20,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medgemma_gguf.atomic import write_text_atomic
+from medgemma_gguf.convert.quantize.auto import (
+    allocate,
+    check_budget,
+    feasible_range,
+    mix_to_recipe_toml,
+    model_facts,
+    parse_budget,
+)
+from medgemma_gguf.convert.quantize.imatrix import (
+    calibration_description,
+    check_imatrix_matches,
+    compute_imatrix,
+    read_imatrix,
+    write_imatrix_gguf,
+)
 from medgemma_gguf.convert.quantize.llama_quantize import (
     Fallback,
     QuantResult,
@@ -36,10 +52,21 @@ from medgemma_gguf.convert.quantize.llama_quantize import (
     resolve_quants,
     valid_quant_names,
 )
-from medgemma_gguf.convert.quantize.recipe import plan_recipe
-from medgemma_gguf.errors import UserError, setting
+from medgemma_gguf.convert.quantize.model_card import write_model_card
+from medgemma_gguf.convert.quantize.recipe import load_recipe, parse_recipe, plan_recipe
+from medgemma_gguf.convert.quantize.sensitivity import (
+    SensitivityJob,
+    SensitivityOptions,
+    SensitivityResult,
+    plan_sensitivity,
+)
+from medgemma_gguf.errors import UserError, render, setting
 from medgemma_gguf.gguf_info import read_gguf_info
-from medgemma_gguf.quant_types import DEFAULT_CANDIDATES, UNQUANTIZED_PRECISION
+from medgemma_gguf.gguf_split import same_model_file, split_gguf, split_size
+from medgemma_gguf.hashing import sha256_of
+from medgemma_gguf.integrity import open_manifest
+from medgemma_gguf.manifest import entry_for
+from medgemma_gguf.quant_types import UNQUANTIZED_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +114,6 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
                      ) -> tuple[Any | None, Path | None]:
     """(Imatrix, file) for a resolved choice (``imatrix_choice``): None, a file, or ``auto`` (computed once into
     the folder, reused)."""
-    from medgemma_gguf.convert.quantize.imatrix import (
-        calibration_description,
-        compute_imatrix,
-        read_imatrix,
-        write_imatrix_gguf,
-    )
-    from medgemma_gguf.hashing import sha256_of
-    from medgemma_gguf.manifest import entry_for
-
     if imatrix is None or str(imatrix) == IMATRIX_NONE:
         return None, None
     if str(imatrix) != IMATRIX_AUTO:
@@ -126,8 +144,6 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
 
 def _inputs(source: Any, spec: QuantSpec, imatrix_path: Path | None) -> dict[str, Any]:
     """What a quant file is built from: a rebuild is skipped only while these and its sha256 are unchanged."""
-    from medgemma_gguf.hashing import sha256_of
-
     return {"source": source.path, "source_sha256": source.sha256, "quant": spec.name,
             "recipe_sha256": spec.recipe.sha256 if spec.recipe else None,
             "imatrix_sha256": sha256_of(imatrix_path) if imatrix_path else None}
@@ -154,13 +170,6 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     (``medgemma_gguf.integrity``). ``split_max_size``: parts of at most that many bytes in llama.cpp's split
     format (``medgemma_gguf.gguf_split``: None = its default rule, 45 GB parts for files over 49 GB; 0 = never).
     """
-    from medgemma_gguf.convert.quantize.model_card import write_model_card
-    from medgemma_gguf.convert.quantize.recipe import load_recipe
-    from medgemma_gguf.gguf_split import same_model_file, split_gguf, split_size
-    from medgemma_gguf.hashing import sha256_of
-    from medgemma_gguf.integrity import open_manifest
-    from medgemma_gguf.manifest import entry_for
-
     folder = Path(outdir)
     manifest = open_manifest(folder)
     recipes = [*(load_recipe(path) for path in recipe_files), *recipes]
@@ -181,8 +190,6 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
                 raise UserError(f"{spec.name} needs an importance matrix (llama.cpp refuses {needing[0]} without "
                                 f"one; {note}); {imatrix_help(source_path, folder / mmproj.path if mmproj else None)}")
     elif str(imatrix) != IMATRIX_AUTO:
-        from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
-
         check_imatrix_matches(read_imatrix(imatrix), source_path)
     todo: list[QuantSpec] = []
     results: dict[str, QuantResult] = {}
@@ -297,6 +304,24 @@ def imatrix_choice(folder: Path, manifest: Any, source: Any, requested: str | Pa
 AUTO_PREFIX = "AUTO"
 
 
+@dataclass(frozen=True)
+class AutoRequest:
+    """What ``quantize --target-…`` asks for: one budget — ``target_size`` (e.g. "2.6GB"), ``target_bpw``, or
+    ``vram`` with ``ctx`` (checked against the folder by ``auto.parse_budget``) —, the importance matrix
+    (``imatrix``: a file, ``"auto"`` to compute one into the folder or reuse the one computed before,
+    ``"none"``: the types that need one are not candidates, or None: the folder's matrix,
+    ``folder_default_imatrix``, else one is computed) and how sensitivity is measured (``sensitivity``,
+    ``SensitivityOptions``; its ``calibration``, ``force`` and ``n_threads`` are the whole request's: the
+    importance matrix and the quant use them too)."""
+
+    target_size: str | None = None
+    target_bpw: float | None = None
+    vram: str | None = None
+    ctx: int | None = None
+    imatrix: str | Path | None = None
+    sensitivity: SensitivityOptions = field(default_factory=SensitivityOptions)
+
+
 @dataclass
 class AutoPlan:
     """What ``quantize --target-…`` will do, known before any work: the budget (checked against the feasible
@@ -310,13 +335,11 @@ class AutoPlan:
     capacity: Any
     imatrix: str | Path | None  # a file, IMATRIX_AUTO (compute it first) or None
     imatrix_note: str
-    job: Any  # convert.quantize.sensitivity.SensitivityJob
+    job: SensitivityJob
     feasible: tuple[str, str]
 
     def lines(self, interface: str = "python") -> list[str]:
         """The plan as printed before any work, settings worded for ``interface`` (``errors.render``)."""
-        from medgemma_gguf.errors import render
-
         low, high = self.feasible
         return [f"AUTO: {self.capacity.label} (feasible {low} .. {high})",
                 f"  importance matrix: {render(self.imatrix_note, interface)}", *self.job.plan.lines()]
@@ -329,37 +352,23 @@ class AutoResult:
     result: QuantResult
     recipe_path: Path
     mix: Any  # convert.auto_quant.QuantMix
-    sensitivity: Any  # convert.sensitivity.SensitivityResult
+    sensitivity: SensitivityResult
     how: dict[str, Any]
     plan: AutoPlan | None = None
 
 
-def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
-              vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
-              sensitivity_method: str = "fast", cache_dir: Path | str | None = None,
-              candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
-              max_text: int | None = None, max_images: int | None = None, calibration: Any | None = None,
-              force: bool = False, n_threads: int | None = None, workers: int | None = None,
-              sampling: Any | None = None, timing: Any = True) -> AutoPlan:
-    """Check an AUTO request and plan it without doing the work: bad options and a budget outside the
-    feasible range fail here, before anything is computed or written.
-
-    ``imatrix``: a file, ``"auto"`` (compute one into the folder, or reuse the one computed before),
-    ``"none"`` (no importance matrix: the types that need one are not candidates), or None: the folder's
-    matrix (``folder_default_imatrix``), else one is computed.
-    """
-    from medgemma_gguf.convert.quantize.auto import check_budget, feasible_range, model_facts, parse_budget
-    from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
-    from medgemma_gguf.integrity import open_manifest
-
+def plan_auto(outdir: Path | str, request: AutoRequest, *, timing: Any = True) -> AutoPlan:
+    """Check an AUTO ``request`` and plan it without doing the work: bad options and a budget outside the
+    feasible range fail here, before anything is computed or written. ``timing``: as ``plan_sensitivity``'s."""
     folder = Path(outdir)
     manifest = open_manifest(folder)
     source = source_entry(folder, manifest)
     source_path = folder / source.path
     mmproj = _mmproj_entry(folder, manifest)
     mmproj_path = folder / mmproj.path if mmproj else None
-    budget = parse_budget(target_size, target_bpw, vram, ctx, mmproj_path)  # bad options fail before any work
-    requested = imatrix
+    # bad options fail before any work
+    budget = parse_budget(request.target_size, request.target_bpw, request.vram, request.ctx, mmproj_path)
+    requested = request.imatrix
     imatrix, note = imatrix_choice(folder, manifest, source, requested)
     if imatrix is None and requested is None:  # AUTO's own step: a matrix is computed when the folder has none
         imatrix = IMATRIX_AUTO
@@ -369,13 +378,10 @@ def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw:
         note += "; types that need one are not candidates"
     pending = str(imatrix) == IMATRIX_AUTO
     computed = _computed_row(folder, manifest, source)
-    if pending and not force and computed is not None:
+    if pending and not request.sensitivity.force and computed is not None:
         imatrix, pending = folder / computed.path, False  # "auto" with a matrix computed before: reuse it
-    job = plan_sensitivity(
-        source_path, mmproj_path, None if pending else imatrix, method=sensitivity_method,
-        candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES, probes=tuple(probes) if probes else None,
-        calibration=calibration, max_text=max_text, max_images=max_images, cache_dir=cache_dir, force=force,
-        n_threads=n_threads, workers=workers, sampling=sampling, imatrix_pending=pending, timing=timing)
+    job = plan_sensitivity(source_path, mmproj_path, None if pending else imatrix, request.sensitivity,
+                           imatrix_pending=pending, timing=timing)
     layout = job.layout()
     facts = model_facts(source_path, layout)
     capacity = budget.capacity(layout, facts)
@@ -386,43 +392,26 @@ def plan_auto(outdir: Path | str, *, target_size: str | None = None, target_bpw:
                     feasible=(capacity.user_value(low), capacity.user_value(high)))
 
 
-def auto_quantize_folder(outdir: Path | str, *, target_size: str | None = None, target_bpw: float | None = None,
-                         vram: str | None = None, ctx: int | None = None, imatrix: str | Path | None = None,
-                         sensitivity_method: str = "fast", cache_dir: Path | str | None = None,
-                         candidates: Sequence[str] | None = None, probes: Sequence[str] | None = None,
-                         max_text: int | None = None,
-                         max_images: int | None = None, calibration: Any | None = None, force: bool = False,
-                         progress: bool = True, n_threads: int | None = None, workers: int | None = None,
-                         sampling: Any | None = None, report: Callable[[str], Any] | None = None) -> AutoResult:
-    """``quantize OUTDIR --target-bpw/--target-size/--vram``: plan (``plan_auto``; ``report`` gets its lines
-    before any work), make the importance matrix if needed, measure (or reuse) the sensitivity table, choose
-    the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
+def auto_quantize_folder(outdir: Path | str, request: AutoRequest, *, progress: bool = True,
+                         report: Callable[[str], Any] | None = None) -> AutoResult:
+    """``quantize OUTDIR --target-bpw/--target-size/--vram``: plan ``request`` (``plan_auto``; ``report`` gets
+    its lines before any work), make the importance matrix if needed, measure (or reuse) the sensitivity table,
+    choose the mix under the budget, write it as ``<model>-AUTO-<bpw>.toml`` and quantize it through the recipe
     engine to ``<model>-AUTO-<bpw>.gguf`` (``<bpw>``: the mix's bits per weight, 2 decimals)."""
-    from medgemma_gguf.atomic import write_text_atomic
-    from medgemma_gguf.convert.quantize.auto import allocate, mix_to_recipe_toml, model_facts
-    from medgemma_gguf.convert.quantize.recipe import parse_recipe
-    from medgemma_gguf.convert.quantize.sensitivity import plan_sensitivity
-
-    plan = plan_auto(outdir, target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
-                     sensitivity_method=sensitivity_method, cache_dir=cache_dir, candidates=candidates,
-                     probes=probes, max_text=max_text, max_images=max_images, calibration=calibration, force=force,
-                     n_threads=n_threads, workers=workers, sampling=sampling, timing=report is not None)
+    options = request.sensitivity
+    force, n_threads = options.force, options.n_threads
+    plan = plan_auto(outdir, request, timing=report is not None)
     if report is not None:
         for line in plan.lines("cli"):
             report(line)
     folder, manifest, source, mmproj = plan.folder, plan.manifest, plan.source, plan.mmproj
     source_path = folder / source.path
     mmproj_path = folder / mmproj.path if mmproj else None
-    _, imatrix_path = _resolve_imatrix(folder, manifest, plan.imatrix, source, mmproj, calibration, force, progress,
-                                       n_threads)
+    _, imatrix_path = _resolve_imatrix(folder, manifest, plan.imatrix, source, mmproj, options.calibration, force,
+                                       progress, n_threads)
     job = plan.job
     if job.imatrix_pending:  # plan again with the matrix that now exists: its hash keys the caches
-        job = plan_sensitivity(
-            source_path, mmproj_path, imatrix_path, method=sensitivity_method,
-            candidates=tuple(candidates) if candidates else DEFAULT_CANDIDATES,
-            probes=tuple(probes) if probes else None, calibration=calibration, max_text=max_text,
-            max_images=max_images, cache_dir=cache_dir, force=force, n_threads=n_threads, workers=workers,
-            sampling=sampling, timing=job.timing or False)
+        job = plan_sensitivity(source_path, mmproj_path, imatrix_path, options, timing=job.timing or False)
         if report is not None:
             report(f"  importance matrix ready: {imatrix_path.name if imatrix_path else 'none'}")
     sensitivity = job.run(progress)

@@ -88,6 +88,7 @@ from medgemma_gguf.convert.quantize.auto import (
     ggml_type,
     parse_sensitivity_table,
 )
+from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, render_image
 from medgemma_gguf.convert.quantize.fast_sensitivity import (
     DEFAULT_FAST_PROBES,
     DISK_BYTES_PER_SECOND,
@@ -99,10 +100,23 @@ from medgemma_gguf.convert.quantize.fast_sensitivity import (
     plan_points,
     time_model,
 )
+from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
 from medgemma_gguf.convert.quantize.recipe import parse_recipe
 from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
+from medgemma_gguf.hashing import cached_file_sha256
+from medgemma_gguf.quant_eval.items import ImageRef, Item
+from medgemma_gguf.quant_eval.metrics import spearman_rank_correlation
+from medgemma_gguf.quant_eval.reference import (
+    CACHE_FORMAT_VERSION,
+    HELDOUT_PART,
+    CoverageSpec,
+    GGUFReference,
+    ReferenceCache,
+    heldout_hash,
+)
+from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
 from medgemma_gguf.quant_types import (
     DEFAULT_CANDIDATES,
     GGML_IMATRIX_TYPES,
@@ -146,6 +160,12 @@ def _cut(text: str, limit: int = OPTION_CHARS) -> str:
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
+def _check_sample(max_text: int | None, max_images: int | None) -> None:
+    for label, value in (("max_text", max_text), ("max_images", max_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UserError(f"{label} must be a whole number of at least 0, got {value!r}")
+
+
 def calibration_parts(calibration: Any | None = None, *, max_text: int | None = None,
                       max_images: int | None = None, image_size: int = 256,
                       render: bool = True) -> tuple[list[Any], list[Any]]:
@@ -156,15 +176,9 @@ def calibration_parts(calibration: Any | None = None, *, max_text: int | None = 
     """
     from PIL import Image
 
-    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration, render_image
-    from medgemma_gguf.quant_eval.items import ImageRef, Item
-    from medgemma_gguf.quant_eval.slices import TextChunk
-
     if not isinstance(calibration, CalibrationSet):
         calibration = load_calibration(calibration)
-    for label, value in (("max_text", max_text), ("max_images", max_images)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise UserError(f"{label} must be a whole number of at least 0, got {value!r}")
+    _check_sample(max_text, max_images)
     chunks = []
     image_items = []
     for item in calibration.items:
@@ -446,8 +460,6 @@ def _parse_types(names: Sequence[str | GGMLQuantizationType], what: str) -> tupl
 def kl_measurement_key() -> dict[str, Any]:
     """How whole-model KL is measured (the reference cache format and its default coverage): part of every
     cache key of a measured value."""
-    from medgemma_gguf.quant_eval.reference import CACHE_FORMAT_VERSION, CoverageSpec
-
     return {"reference_cache": CACHE_FORMAT_VERSION, **CoverageSpec().key()}
 
 
@@ -464,6 +476,73 @@ def cache_key(*, model_sha: str, mmproj_sha: str | None, imatrix_sha: str | None
                 "probes": [t.name for t in probes] if method != "measured" else [], "method": method,
                 "llama_cpp": llama_cpp.__version__, "kl": kl_measurement_key(), **({"extra": extra} if extra else {})}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """How a sensitivity table is measured (``plan_sensitivity``, ``measure_sensitivity`` and AUTO's
+    ``folder.AutoRequest``): each setting declared and checked here, once, when the options are made.
+
+    ``method``: ``fast``, ``proxy`` or ``measured`` (module docstring). ``candidates``: the types offered to
+    the allocator; without an importance matrix, those llama.cpp refuses without one are dropped when planned.
+    ``probes``: the probe types (default: Q3_K per kind for ``fast``, Q2_K and Q5_K for ``proxy``; none for
+    ``measured``). ``calibration``: a calibration JSONL or ``CalibrationSet`` (default: the bundled set);
+    ``max_text`` / ``max_images``: the calibration conversations KL is measured on (``fast``: FAST_SAMPLE
+    each when neither is given; otherwise all). ``cache_dir``: the cache root (default
+    ``cache.cache_root``). ``force``: measure again, ignoring the caches (AUTO: also recompute the
+    importance matrix and rebuild the quant). ``n_threads``: llama.cpp's threads; ``workers``: threads for
+    the per-tensor errors (default ``n_threads`` or the CPU count). ``sampling``: the fast method's row
+    sampling (default ``Sampling()``).
+    """
+
+    method: str = DEFAULT_METHOD
+    candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES
+    probes: Sequence[str | GGMLQuantizationType] | None = None
+    calibration: Path | str | Any | None = None
+    max_text: int | None = None
+    max_images: int | None = None
+    cache_dir: Path | str | None = None
+    force: bool = False
+    n_threads: int | None = None
+    workers: int | None = None
+    sampling: Sampling | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown sensitivity method {self.method!r}; choose one of {', '.join(METHODS)}")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if self.probes is not None:
+            object.__setattr__(self, "probes", tuple(self.probes))
+        self.candidate_types()
+        self.probe_types()
+        _check_sample(self.max_text, self.max_images)
+
+    def candidate_types(self) -> tuple[GGMLQuantizationType, ...]:
+        """The candidates as ggml types, smallest first (before any are dropped for want of an imatrix)."""
+        return _parse_types(self.candidates, "candidate")
+
+    def probe_types(self) -> tuple[GGMLQuantizationType, ...]:
+        """The probe types, smallest first (the method's defaults when none are given; none for ``measured``)."""
+        if self.method == "measured":
+            return ()
+        probes = self.probes
+        if probes is None:
+            probes = DEFAULT_FAST_PROBES if self.method == "fast" else DEFAULT_PROBES
+        return _parse_types(probes, "probe")
+
+    def sample(self) -> tuple[int | None, int | None]:
+        """(max_text, max_images) as measured: ``fast`` takes FAST_SAMPLE of each when neither is given."""
+        if self.method == "fast" and self.max_text is None and self.max_images is None:
+            return FAST_SAMPLE, FAST_SAMPLE
+        return self.max_text, self.max_images
+
+    def root(self) -> Path:
+        """The cache root: ``cache_dir``, else ``cache.cache_root()``."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir is not None else cache_root()
+
+    def worker_count(self) -> int:
+        """Threads for the per-tensor errors: ``workers``, else ``n_threads``, else the CPU count."""
+        return max(1, self.workers or self.n_threads or os.cpu_count() or 1)
 
 
 @dataclass
@@ -633,15 +712,6 @@ def _calibration_meta(measurer: Measurer, calibration: Any, max_text: int | None
 def _reference_cached(source: Path, mmproj: Path | None, root: Path, chunks: Sequence[Any],
                       items: Sequence[Any]) -> bool:
     """Whether the reference outputs on these calibration parts are in the cache already."""
-    from medgemma_gguf.quant_eval.reference import (
-        HELDOUT_PART,
-        CoverageSpec,
-        GGUFReference,
-        ReferenceCache,
-        heldout_hash,
-    )
-    from medgemma_gguf.quant_eval.slices import Slice, slice_hash
-
     cache = ReferenceCache(root / "reference")
     reference = GGUFReference(str(source), cache.cache_dir, mmproj=mmproj)
     wanted = []
@@ -661,38 +731,26 @@ def assumed_imatrix_coverage(name: str) -> bool:
     return name.startswith("blk.")
 
 
-def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None, *,
-                     method: str = DEFAULT_METHOD,
-                     candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES,
-                     probes: Sequence[str | GGMLQuantizationType] | None = None,
-                     calibration: Path | str | Any | None = None, max_text: int | None = None,
-                     max_images: int | None = None, cache_dir: Path | str | None = None, force: bool = False,
-                     n_threads: int | None = None, workers: int | None = None, sampling: Sampling | None = None,
-                     imatrix_pending: bool = False, timing: ModelTiming | bool = True) -> SensitivityJob:
+def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None,
+                     options: SensitivityOptions | None = None, *, imatrix_pending: bool = False,
+                     timing: ModelTiming | bool = True) -> SensitivityJob:
     """Resolve a sensitivity measurement's inputs, look up its caches and estimate its cost (nothing measured).
 
-    ``imatrix``: the file the final quant will use; without one (and not ``imatrix_pending``), types that
-    llama.cpp refuses without an imatrix are dropped from the candidates. ``imatrix_pending``: one will be
-    computed before the run (AUTO), so the plan assumes its coverage and the job must be planned again.
-    ``probes``: the probe types (default Q2_K, Q5_K for ``proxy``; Q3_K per kind for ``fast``).
-    ``max_text`` / ``max_images``: the calibration conversations KL is measured on (``fast``: FAST_SAMPLE
-    each when neither is given; otherwise all). ``workers``: threads for the per-tensor errors (default
-    ``n_threads`` or the CPU count). ``timing``:
-    time the model for the estimate (True), reuse a timing, or skip it (False).
+    ``options``: how it is measured (``SensitivityOptions``; default: its defaults). ``imatrix``: the file the
+    final quant will use; without one (and not ``imatrix_pending``), types that llama.cpp refuses without an
+    imatrix are dropped from the candidates. ``imatrix_pending``: one will be computed before the run (AUTO),
+    so the plan assumes its coverage and the job must be planned again. ``timing``: time the model for the
+    estimate (True), reuse a timing, or skip it (False).
     """
-    from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_calibration
-    from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
-    from medgemma_gguf.hashing import cached_file_sha256
-
-    if method not in METHODS:
-        raise UserError(f"unknown sensitivity method {method!r}; choose one of {', '.join(METHODS)}")
+    options = options or SensitivityOptions()
+    method, force, n_threads = options.method, options.force, options.n_threads
     source = Path(source)
     mmproj_path = Path(mmproj) if mmproj else None
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    root = options.root()
     imatrix_data = read_imatrix(imatrix) if imatrix is not None else None
     if imatrix_data is not None:
         check_imatrix_matches(imatrix_data, source)
-    types = _parse_types(candidates, "candidate")
+    types = options.candidate_types()
     if imatrix_data is None and not imatrix_pending:
         dropped = [t.name for t in types if t in LLAMA_IMATRIX_TYPES]
         types = tuple(t for t in types if t not in LLAMA_IMATRIX_TYPES)
@@ -700,15 +758,13 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
             log.info("no imatrix: dropping %s from the candidates (llama.cpp needs one for them)", ", ".join(dropped))
         if not types:
             raise UserError(f"every candidate type needs an imatrix; pass {setting('imatrix')}")
-    if probes is None:
-        probes = DEFAULT_FAST_PROBES if method == "fast" else DEFAULT_PROBES
-    if method == "fast" and max_text is None and max_images is None:
-        max_text = max_images = FAST_SAMPLE
-    probe_types = _parse_types(probes, "probe") if method != "measured" else ()
+    max_text, max_images = options.sample()
+    probe_types = options.probe_types()
     missing = [t.name for t in probe_types if t not in types]
     if missing:
         raise UserError(f"probe type(s) {', '.join(missing)} are not among the candidates; add them or change "
                         "the probes")
+    calibration = options.calibration
     calibration_set = calibration if isinstance(calibration, CalibrationSet) else load_calibration(calibration)
     hash_dir = root / "reference"
     try:
@@ -723,8 +779,8 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
     hashes: dict[str, str | None] = {"model": model_sha,
               "mmproj": cached_file_sha256(mmproj_path, hash_dir) if mmproj_path else None,
               "imatrix": cached_file_sha256(Path(imatrix), hash_dir) if imatrix else None}
-    sampling = sampling or Sampling()
-    workers = max(1, workers or n_threads or os.cpu_count() or 1)
+    sampling = options.sampling or Sampling()
+    workers = options.worker_count()
     extra = ({"sampling": sampling.to_json(), "ggml": ggml_quants.version(), "fast_version": FAST_VERSION}
              if method == "fast" else None)
     key = cache_key(model_sha=model_sha, mmproj_sha=hashes["mmproj"], imatrix_sha=hashes["imatrix"],
@@ -865,20 +921,11 @@ def _llama_cpp_version() -> str:
     return llama_cpp.__version__
 
 
-def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None, *,
-                        method: str = DEFAULT_METHOD,
-                        candidates: Sequence[str | GGMLQuantizationType] = DEFAULT_CANDIDATES,
-                        probes: Sequence[str | GGMLQuantizationType] | None = None,
-                        calibration: Path | str | Any | None = None, max_text: int | None = None,
-                        max_images: int | None = None, cache_dir: Path | str | None = None, force: bool = False,
-                        n_threads: int | None = None, workers: int | None = None, sampling: Sampling | None = None,
-                        progress: bool = True) -> SensitivityResult:
-    """The sensitivity table of the unquantized text GGUF ``source`` (cached; see the module docstring):
-    ``plan_sensitivity`` then ``SensitivityJob.run``, without the time estimate."""
-    job = plan_sensitivity(source, mmproj, imatrix, method=method, candidates=candidates, probes=probes,
-                           calibration=calibration, max_text=max_text, max_images=max_images, cache_dir=cache_dir,
-                           force=force, n_threads=n_threads, workers=workers, sampling=sampling, timing=False)
-    return job.run(progress)
+def measure_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None,
+                        options: SensitivityOptions | None = None, *, progress: bool = True) -> SensitivityResult:
+    """The sensitivity table of the unquantized text GGUF ``source`` (cached; see the module docstring), measured
+    as ``options`` say: ``plan_sensitivity`` then ``SensitivityJob.run``, without the time estimate."""
+    return plan_sensitivity(source, mmproj, imatrix, options, timing=False).run(progress)
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
@@ -960,9 +1007,6 @@ def proxy_agreement(result: SensitivityResult, source: Path | str, mmproj: Path 
                     choose: Callable[[random.Random, list[str]], list[str]] | None = None) -> Agreement:
     """Measure ``n_groups`` seeded groups × ``n_types`` non-probe candidate types directly; rank-correlate them
     with the table. Uses the table's calibration selection (``result.meta``)."""
-    from medgemma_gguf.convert.quantize.imatrix import read_imatrix
-    from medgemma_gguf.quant_eval.metrics import spearman_rank_correlation
-
     rng = random.Random(seed)
     names = [g.name for g in result.table.groups]
     chosen = (choose or (lambda r, n: r.sample(n, min(n_groups, len(n)))))(rng, names)
