@@ -82,23 +82,17 @@ def general_info(name: str, card: dict[str, Any], *, source_repo: str | None, re
     )
 
 
+# GeneralInfo fields written when set, in this order, each by gguf-py's ``GGUFWriter.add_<field>``
+_OPTIONAL_GENERAL = ("size_label", "finetune", "quantized_by", "tags", "license", "license_name", "license_link")
+
+
 def add_general(writer: gguf.GGUFWriter, info: GeneralInfo, file_type: int) -> None:
     writer.add_name(info.name)
     writer.add_basename(info.basename)
-    if info.size_label:
-        writer.add_size_label(info.size_label)
-    if info.finetune:
-        writer.add_finetune(info.finetune)
-    if info.quantized_by:
-        writer.add_quantized_by(info.quantized_by)
-    if info.tags:
-        writer.add_tags(info.tags)
-    if info.license:
-        writer.add_license(info.license)
-    if info.license_name:
-        writer.add_license_name(info.license_name)
-    if info.license_link:
-        writer.add_license_link(info.license_link)
+    for name in _OPTIONAL_GENERAL:
+        value = getattr(info, name)
+        if value:
+            getattr(writer, f"add_{name}")(value)
     if info.base_models:
         writer.add_base_model_count(len(info.base_models))
         for i, base in enumerate(info.base_models):

@@ -51,38 +51,47 @@ class Rule:
     add_one: bool = False
 
 
+# Gemma 3's decoder layer: the name after ``layers.N.`` -> (the name after ``blk.N.``, add_one); all ``.weight``.
+TEXT_LAYER: dict[str, tuple[str, bool]] = {
+    "input_layernorm": ("attn_norm", True),
+    "self_attn.q_proj": ("attn_q", False),
+    "self_attn.k_proj": ("attn_k", False),
+    "self_attn.v_proj": ("attn_v", False),
+    "self_attn.o_proj": ("attn_output", False),
+    "self_attn.q_norm": ("attn_q_norm", True),
+    "self_attn.k_norm": ("attn_k_norm", True),
+    "post_attention_layernorm": ("post_attention_norm", True),
+    "pre_feedforward_layernorm": ("ffn_norm", True),
+    "post_feedforward_layernorm": ("post_ffw_norm", True),
+    "mlp.gate_proj": ("ffn_gate", False),
+    "mlp.up_proj": ("ffn_up", False),
+    "mlp.down_proj": ("ffn_down", False),
+}
+# SigLIP's encoder layer: the name after ``encoder.layers.N.`` -> the name after ``v.blk.N.``; weight and bias.
+VISION_LAYER: dict[str, str] = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.out_proj": "attn_out",
+    "layer_norm1": "ln1",
+    "layer_norm2": "ln2",
+    "mlp.fc1": "ffn_up",
+    "mlp.fc2": "ffn_down",
+}
+
 RULES: dict[Component, tuple[Rule, ...]] = {
     Component.TEXT: (
         Rule(r"embed_tokens\.weight", "token_embd.weight"),
         Rule(r"norm\.weight", "output_norm.weight", add_one=True),
         Rule(r"lm_head\.weight", "output.weight"),
-        Rule(r"layers\.(\d+)\.input_layernorm\.weight", "blk.{bid}.attn_norm.weight", add_one=True),
-        Rule(r"layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{bid}.attn_q.weight"),
-        Rule(r"layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{bid}.attn_k.weight"),
-        Rule(r"layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{bid}.attn_v.weight"),
-        Rule(r"layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{bid}.attn_output.weight"),
-        Rule(r"layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{bid}.attn_q_norm.weight", add_one=True),
-        Rule(r"layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{bid}.attn_k_norm.weight", add_one=True),
-        Rule(r"layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{bid}.post_attention_norm.weight",
-             add_one=True),
-        Rule(r"layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{bid}.ffn_norm.weight", add_one=True),
-        Rule(r"layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{bid}.post_ffw_norm.weight",
-             add_one=True),
-        Rule(r"layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{bid}.ffn_gate.weight"),
-        Rule(r"layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{bid}.ffn_up.weight"),
-        Rule(r"layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{bid}.ffn_down.weight"),
+        *(Rule(rf"layers\.(\d+)\.{re.escape(hf)}\.weight", f"blk.{{bid}}.{name}.weight", add_one)
+          for hf, (name, add_one) in TEXT_LAYER.items()),
     ),
     Component.VISION: (
         Rule(r"embeddings\.patch_embedding\.(weight|bias)", "v.patch_embd.{suffix}"),
         Rule(r"embeddings\.position_embedding\.weight", "v.position_embd.weight"),
-        Rule(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "v.blk.{bid}.attn_q.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "v.blk.{bid}.attn_k.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "v.blk.{bid}.attn_v.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "v.blk.{bid}.attn_out.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", "v.blk.{bid}.ln1.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", "v.blk.{bid}.ln2.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", "v.blk.{bid}.ffn_up.{suffix}"),
-        Rule(r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "v.blk.{bid}.ffn_down.{suffix}"),
+        *(Rule(rf"encoder\.layers\.(\d+)\.{re.escape(hf)}\.(weight|bias)", f"v.blk.{{bid}}.{name}.{{suffix}}")
+          for hf, name in VISION_LAYER.items()),
         Rule(r"post_layernorm\.(weight|bias)", "v.post_ln.{suffix}"),
     ),
     Component.PROJECTOR: (
