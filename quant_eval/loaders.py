@@ -208,21 +208,28 @@ def _image_ref(record: Record, data_file: DataFile, row: int) -> ImageRef:
     raise UserError(f"{data_file.path} row {row}: no image (expected an 'image' column or 'img_name')")
 
 
-def parse_vqa_rad(bench: Benchmark, data_file: DataFile, row: int, record: Record) -> Item | None:
-    """flaviagiammarino/vqa-rad: image, question, answer (closed questions only)."""
-    _require(record, ("question", "answer"), data_file, row)
+def _closed_image_item(record: Record, data_file: DataFile, row: int, *, item_id: str,
+                       provenance: dict[str, Any]) -> Item | None:
+    """A closed (yes/no or either-or) question about the row's image, or None for an open one."""
     closed = closed_options(str(record["question"]), str(record["answer"]))
     if closed is None:
         return None
     options, answer_index = closed
     return Item(
-        id=f"vqa-rad-{bench.split}-{row}",
+        id=item_id,
         question=str(record["question"]).strip(),
         options=options,
         answer_index=answer_index,
         image=_image_ref(record, data_file, row),
-        provenance=bench.provenance(data_file, row),
+        provenance=provenance,
     )
+
+
+def parse_vqa_rad(bench: Benchmark, data_file: DataFile, row: int, record: Record) -> Item | None:
+    """flaviagiammarino/vqa-rad: image, question, answer (closed questions only)."""
+    _require(record, ("question", "answer"), data_file, row)
+    return _closed_image_item(record, data_file, row, item_id=f"vqa-rad-{bench.split}-{row}",
+                              provenance=bench.provenance(data_file, row))
 
 
 def parse_slake(bench: Benchmark, data_file: DataFile, row: int, record: Record) -> Item | None:
@@ -232,18 +239,8 @@ def parse_slake(bench: Benchmark, data_file: DataFile, row: int, record: Record)
         return None
     if "answer_type" in record and str(record["answer_type"]).upper() != "CLOSED":
         return None
-    closed = closed_options(str(record["question"]), str(record["answer"]))
-    if closed is None:
-        return None
-    options, answer_index = closed
-    return Item(
-        id=f"slake-{record.get('qid', f'{bench.split}-{row}')}",
-        question=str(record["question"]).strip(),
-        options=options,
-        answer_index=answer_index,
-        image=_image_ref(record, data_file, row),
-        provenance=bench.provenance(data_file, row, image=record.get("img_name")),
-    )
+    return _closed_image_item(record, data_file, row, item_id=f"slake-{record.get('qid', f'{bench.split}-{row}')}",
+                              provenance=bench.provenance(data_file, row, image=record.get("img_name")))
 
 
 BENCHMARKS: dict[str, Benchmark] = {

@@ -86,6 +86,25 @@ def _drop_non_pixel_items(ds: Any) -> None:
                     del item[element.tag]
 
 
+def check_pixel_count(subject: str, width: int, height: int, max_pixels: int) -> None:
+    """The decompression-bomb guard for a DICOM frame or a picture (``subject``: "DICOM file X", "image X"),
+    from the header's width and height, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise UserError(
+            f"{subject} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} "
+            f"(decompression-bomb guard); downscale it or raise {setting('max_image_pixels')}"
+        )
+
+
+def check_frame(subject: str, frame: int, n_frames: int) -> None:
+    """Refuse a frame number the DICOM file or multi-frame picture ``subject`` does not have."""
+    if not 0 <= frame < n_frames:
+        raise UserError(
+            f"frame {frame} is out of range for {subject}, which has {n_frames} frame(s); "
+            f"pass frame between 0 and {n_frames - 1}"
+        )
+
+
 def has_dicom_magic(head: bytes) -> bool:
     """True when ``head`` (the first 132+ bytes of a file) carries the DICOM Part 10 'DICM' marker."""
     return head[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
@@ -121,17 +140,8 @@ def _read_dicom_frame(data: bytes, label: str, *, frame: int, max_pixels: int, f
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows == 0 or cols == 0:
         raise UserError(f"DICOM file {label} has a zero-size image ({rows}x{cols}); pass a file with pixels")
-    if rows * cols > max_pixels:
-        raise UserError(
-            f"DICOM file {label} is {cols}x{rows} = {rows * cols} pixels, more than the limit of {max_pixels} "
-            f"(decompression-bomb guard); downscale it or raise {setting('max_image_pixels')}"
-        )
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if not 0 <= frame < n_frames:
-        raise UserError(
-            f"frame {frame} is out of range for DICOM file {label}, which has {n_frames} frame(s); "
-            f"pass frame between 0 and {n_frames - 1}"
-        )
+    check_pixel_count(f"DICOM file {label}", cols, rows, max_pixels)
+    check_frame(f"DICOM file {label}", frame, int(ds.get("NumberOfFrames", 1) or 1))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in _SUPPORTED_PHOTOMETRIC:
         raise UserError(

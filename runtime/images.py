@@ -39,8 +39,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medgemma_gguf.errors import UserError, setting
-from medgemma_gguf.runtime.dicom_image import DicomFrame, has_dicom_magic, read_dicom_frame
+from medgemma_gguf.errors import UserError
+from medgemma_gguf.runtime.dicom_image import (
+    DicomFrame,
+    check_frame,
+    check_pixel_count,
+    has_dicom_magic,
+    read_dicom_frame,
+)
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_FILE_BYTES, read_regular_file
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -324,12 +330,7 @@ def _pillow_to_rgb(
 
 
 def _seek_frame(img: Image.Image, label: str, frame: int) -> None:
-    n_frames = getattr(img, "n_frames", 1)
-    if frame >= n_frames:
-        raise UserError(
-            f"frame {frame} is out of range for image {label}, which has {n_frames} frame(s); "
-            f"pass frame between 0 and {n_frames - 1}"
-        )
+    check_frame(f"image {label}", frame, getattr(img, "n_frames", 1))
     img.seek(frame)
 
 
@@ -338,11 +339,7 @@ def _check_size(img: Image.Image, label: str, max_pixels: int) -> None:
     width, height = img.size
     if width == 0 or height == 0:
         raise UserError(f"image {label} has a zero size ({width}x{height}); pass an image with pixels")
-    if width * height > max_pixels:
-        raise UserError(
-            f"image {label} is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{max_pixels} (decompression-bomb guard); downscale it or raise {setting('max_image_pixels')}"
-        )
+    check_pixel_count(f"image {label}", width, height, max_pixels)
 
 
 def _pillow_identifies(data: bytes) -> bool:
