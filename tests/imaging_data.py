@@ -24,11 +24,8 @@ def slice_hu(k: int, rows: int, cols: int) -> np.ndarray:
     return hu
 
 
-def ct_dataset(hu: np.ndarray, *, series_uid: str, z: float | None, instance: int | None,
-               slope: float = 1.0, intercept: float = -1024.0, orientation=AXIAL, sop_class=CTImageStorage,
-               modality: str = "CT", syntax=ExplicitVRLittleEndian, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-               position=None) -> Dataset:
-    """A single-frame CT (or MR) slice storing ``(hu - intercept) / slope`` as unsigned 16-bit."""
+def new_dataset(sop_class: str, *, modality: str | None = None, syntax=ExplicitVRLittleEndian) -> Dataset:
+    """An empty DICOM object of ``sop_class``: file meta (transfer syntax, a new instance UID) and modality."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
@@ -36,7 +33,17 @@ def ct_dataset(hu: np.ndarray, *, series_uid: str, z: float | None, instance: in
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
+    if modality is not None:
+        ds.Modality = modality
+    return ds
+
+
+def ct_dataset(hu: np.ndarray, *, series_uid: str, z: float | None, instance: int | None,
+               slope: float = 1.0, intercept: float = -1024.0, orientation=AXIAL, sop_class=CTImageStorage,
+               modality: str = "CT", syntax=ExplicitVRLittleEndian, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+               position=None) -> Dataset:
+    """A single-frame CT (or MR) slice storing ``(hu - intercept) / slope`` as unsigned 16-bit."""
+    ds = new_dataset(sop_class, modality=modality, syntax=syntax)
     ds.PatientName = "Synthetic^Patient"
     ds.PatientID = "SYN-0001"
     ds.SeriesInstanceUID = series_uid
@@ -73,14 +80,7 @@ def write_series(folder: Path, n: int = 10, rows: int = 24, cols: int = 20, *, s
 
 def write_non_image(path: Path, sop_class: str) -> None:
     """A DICOM object without pixels (an SR or RT Structure Set stand-in)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR" if ".88." in sop_class else "RTSTRUCT"
+    ds = new_dataset(sop_class, modality="SR" if ".88." in sop_class else "RTSTRUCT")
     ds.SeriesInstanceUID = generate_uid()
     ds.save_as(path, enforce_file_format=True)
 

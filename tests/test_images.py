@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imaging_data import new_dataset
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLSLossless, RLELossless
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.images import (
@@ -28,13 +29,7 @@ from medgemma_gguf.runtime.images import (
 
 
 def _dicom_dataset(pixels: np.ndarray, photometric: str, bits_stored: int, **attrs: object) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds = new_dataset("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
     ds.set_pixel_data(pixels, photometric, bits_stored)
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)

@@ -113,16 +113,10 @@ def test_bad_csv_sets_name_the_line(tmp_path, text, message):
 
 @pytest.mark.unit
 def test_dicom_image_by_path(tmp_path):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from imaging_data import new_dataset
 
     pixels = np.tile(np.linspace(0, 4000, 32, dtype=np.uint16), (32, 1))
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds = new_dataset("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
     ds.set_pixel_data(pixels, "MONOCHROME2", 12)
     (tmp_path / "scans").mkdir()
     ds.save_as(tmp_path / "scans" / "cxr.dcm", enforce_file_format=True)

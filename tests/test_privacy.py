@@ -26,9 +26,10 @@ import httpx
 import numpy as np
 import privacy_recorder
 import pytest
+from imaging_data import new_dataset
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.privacy import (
@@ -50,14 +51,7 @@ API_KEY = "privacy-test-key"
 
 def marker_dataset(rows: int = 24, cols: int = 20) -> Dataset:
     """A CT slice whose every identifying element holds MARKER (or one of DATES)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
+    ds = new_dataset(CTImageStorage, modality="CT")
     ds.PatientName = f"{MARKER}^Name"
     ds.PatientID = f"{MARKER}-ID"
     ds.PatientBirthDate = DATES[0]
