@@ -74,6 +74,32 @@ def converted(tmp_path_factory, tiny_checkpoint):
     return get
 
 
+@pytest.fixture(scope="module")
+def files(converted, request):
+    """The test module's ``VARIANT``, converted (F32 text model and mmproj)."""
+    return converted(request.module.VARIANT)
+
+
+@pytest.fixture(scope="module")
+def chat_model(files):
+    """A ``ChatModel`` of the module's converted text model and mmproj: 1024 positions, one thread, CPU."""
+    from medgemma_gguf.runtime import load
+
+    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def text_model(files):
+    """A ``ChatModel`` of the module's converted text model alone (no mmproj): 512 positions, one thread, CPU."""
+    from medgemma_gguf.runtime import load
+
+    model = load(files.text_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
+    yield model
+    model.close()
+
+
 @pytest.fixture(scope="session")
 def peft_adapter(tmp_path_factory, tiny_checkpoint):
     """``peft_adapter(variant, **options) -> Path``: a LoRA adapter saved by ``peft`` for a tiny checkpoint, with

@@ -59,11 +59,6 @@ def settings_grid(n_ctx: int, *, slots=(1, 3), ubatches=(64, 512)):
                               flash_attn=fa, n_outputs_max=0 if all_logits else n_seq)
 
 
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
 # --- the planner equals llama.cpp ------------------------------------------------------------------------
 
 

@@ -54,20 +54,6 @@ def folder(tiny_checkpoint) -> Path:
     return tiny_checkpoint(VARIANT)
 
 
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
-@pytest.fixture(scope="module")
-def chat_model(files):
-    from medgemma_gguf.runtime import load
-
-    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1)
-    yield model
-    model.close()
-
-
 def _conversations(folder: Path) -> dict[str, list[dict]]:
     size = image_size(folder)
     first, second = native_image(size, 17), native_image(size, 12)

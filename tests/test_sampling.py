@@ -89,10 +89,10 @@ def test_good_settings_pass_and_none_means_unset():
 
 
 def test_a_sampled_request_takes_the_models_values_for_what_it_leaves_unset():
-    model = ModelSampling(top_k=20, top_p=0.8, min_p=0.1, repeat_penalty=1.2)
-    greedy = sampling_settings().resolve(model)
+    text_model = ModelSampling(top_k=20, top_p=0.8, min_p=0.1, repeat_penalty=1.2)
+    greedy = sampling_settings().resolve(text_model)
     assert (greedy.top_k, greedy.top_p, greedy.min_p, greedy.repeat_penalty) == (0, 1.0, 0.0, 1.0)
-    sampled = sampling_settings(temperature=1.0, top_p=0.5).resolve(model)
+    sampled = sampling_settings(temperature=1.0, top_p=0.5).resolve(text_model)
     assert (sampled.top_k, sampled.top_p, sampled.min_p, sampled.repeat_penalty) == (20, 0.5, 0.1, 1.2)
     assert sampled.repeat_last_n == 64
     third_party = model_sampling({"general.architecture": "gemma3"})
@@ -126,7 +126,7 @@ def test_generation_config_becomes_general_sampling_keys():
 def test_the_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
     from medgemma_gguf.cli import main
 
-    model = str(tmp_path / "not-loaded.gguf")  # never opened: the settings are checked first
+    text_model = str(tmp_path / "not-loaded.gguf")  # never opened: the settings are checked first
     for args, message in [(["--top-k", "-1"], "error: --top-k must be a whole number >= 0 (0 = off), got -1"),
                           (["--temperature", "5e-324"], "error: --temperature must be 0 (greedy) or between"),
                           (["--temperature", "1e400"], "error: --temperature must be 0 (greedy) or between"),
@@ -134,90 +134,76 @@ def test_the_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
                           (["--repeat-penalty", "0"], "error: --repeat-penalty must be between 0.1 and 10"),
                           (["--seed", "99999999999999999999"], "error: --seed must be a whole number"),
                           (["--logit-bias", "12=500"], "error: --logit-bias must be between -100 and 100")]:
-        assert main(["chat", model, "--prompt", "x", *args]) == 2
+        assert main(["chat", text_model, "--prompt", "x", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(message), err
-    assert main(["chat", model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
     assert "TOKEN_ID=BIAS" in capsys.readouterr().err
-    assert main(["chat", model, "--prompt", "x", *[f"--stop={c}" for c in "abcde"]]) == 2
+    assert main(["chat", text_model, "--prompt", "x", *[f"--stop={c}" for c in "abcde"]]) == 2
     assert "error: --stop takes at most 4 stop strings, got 5" in capsys.readouterr().err
-    assert main(["chat", model, "--prompt", "x", "--stop", ""]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--stop", ""]) == 2
     assert "error: --stop strings must not be empty" in capsys.readouterr().err
-    assert main(["chat", model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--logit-bias", "twelve"]) == 2
     assert "TOKEN_ID=BIAS" in capsys.readouterr().err
 
 
 # --- the chain on a real model -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
-@pytest.fixture(scope="module")
-def model(files):
-    from medgemma_gguf.runtime import load
-
-    chat_model = load(files.text_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
-    yield chat_model
-    chat_model.close()
-
-
-def test_converted_gguf_carries_medgemmas_sampling_defaults_for_llama_cpp(files, model):
+def test_converted_gguf_carries_medgemmas_sampling_defaults_for_llama_cpp(files, text_model):
     import ctypes
 
     import llama_cpp
 
-    assert model.sampling_defaults.source == "the GGUF's general.sampling keys"
-    assert model.sampling_defaults.top_k == 64 and model.sampling_defaults.top_p == pytest.approx(0.95)
+    assert text_model.sampling_defaults.source == "the GGUF's general.sampling keys"
+    assert text_model.sampling_defaults.top_k == 64 and text_model.sampling_defaults.top_p == pytest.approx(0.95)
     buffer = ctypes.create_string_buffer(64)
-    llama_model = llama_cpp.llama_get_model(model.engine.llama_context)
+    llama_model = llama_cpp.llama_get_model(text_model.engine.llama_context)
     for key, expected in (("general.sampling.top_k", 64), ("general.sampling.top_p", 0.95)):
         assert llama_cpp.llama_model_meta_val_str(llama_model, key.encode(), buffer, len(buffer)) > 0
         assert float(buffer.value) == pytest.approx(expected)  # what llama-server reads at load
     assert llama_cpp.llama_model_meta_val_str(llama_model, b"general.sampling.temp", buffer, len(buffer)) < 0
 
 
-def test_top_k_1_and_min_p_1_are_greedy(model):
-    greedy = model.chat(QUESTION, max_tokens=16).token_ids
-    assert model.chat(QUESTION, max_tokens=16, temperature=1.0, top_k=1, seed=3).token_ids == greedy
-    assert model.chat(QUESTION, max_tokens=16, temperature=1.0, min_p=1.0, seed=3).token_ids == greedy
-    assert model.chat(QUESTION, max_tokens=16, temperature=1.0, seed=3).token_ids != greedy
+def test_top_k_1_and_min_p_1_are_greedy(text_model):
+    greedy = text_model.chat(QUESTION, max_tokens=16).token_ids
+    assert text_model.chat(QUESTION, max_tokens=16, temperature=1.0, top_k=1, seed=3).token_ids == greedy
+    assert text_model.chat(QUESTION, max_tokens=16, temperature=1.0, min_p=1.0, seed=3).token_ids == greedy
+    assert text_model.chat(QUESTION, max_tokens=16, temperature=1.0, seed=3).token_ids != greedy
 
 
-def test_penalties_change_a_repetitive_reply(model):
-    greedy = model.chat(QUESTION, max_tokens=16).token_ids
+def test_penalties_change_a_repetitive_reply(text_model):
+    greedy = text_model.chat(QUESTION, max_tokens=16).token_ids
     assert max(greedy.count(t) for t in greedy) >= 8  # the tiny model repeats itself
     for penalty in ({"repeat_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
-        reply = model.chat(QUESTION, max_tokens=16, **penalty).token_ids
+        reply = text_model.chat(QUESTION, max_tokens=16, **penalty).token_ids
         assert reply != greedy and max(reply.count(t) for t in reply) < 8, penalty
-    assert model.chat(QUESTION, max_tokens=16, repeat_penalty=1.5, repeat_last_n=0).token_ids == greedy  # off
+    assert text_model.chat(QUESTION, max_tokens=16, repeat_penalty=1.5, repeat_last_n=0).token_ids == greedy  # off
 
 
-def test_logit_bias_forces_and_bans_tokens(model):
-    greedy = model.chat(QUESTION, max_tokens=6).token_ids
-    banned = model.chat(QUESTION, max_tokens=6, logit_bias={greedy[0]: -100}).token_ids
+def test_logit_bias_forces_and_bans_tokens(text_model):
+    greedy = text_model.chat(QUESTION, max_tokens=6).token_ids
+    banned = text_model.chat(QUESTION, max_tokens=6, logit_bias={greedy[0]: -100}).token_ids
     assert greedy[0] not in banned
-    forced = model.chat(QUESTION, max_tokens=4, logit_bias={"77": 100}).token_ids
+    forced = text_model.chat(QUESTION, max_tokens=4, logit_bias={"77": 100}).token_ids
     assert forced == [77] * 4
     with pytest.raises(UserError, match=r"logit_bias names token 5000, but the vocabulary has 1088 tokens"):
-        model.chat(QUESTION, logit_bias={5000: 1})
+        text_model.chat(QUESTION, logit_bias={5000: 1})
 
 
-def test_unset_top_k_and_top_p_take_the_models_values(model):
+def test_unset_top_k_and_top_p_take_the_models_values(text_model):
     sampled = {"max_tokens": 12, "temperature": 1.0, "seed": 11}
-    default = model.chat(QUESTION, **sampled).token_ids
-    assert model.chat(QUESTION, **sampled, top_k=64, top_p=0.95).token_ids == default
-    assert model.chat(QUESTION, **sampled, top_k=0, top_p=1.0).token_ids != default
+    default = text_model.chat(QUESTION, **sampled).token_ids
+    assert text_model.chat(QUESTION, **sampled, top_k=64, top_p=0.95).token_ids == default
+    assert text_model.chat(QUESTION, **sampled, top_k=0, top_p=1.0).token_ids != default
 
 
-def test_seeds_reproduce_and_differ(model):
+def test_seeds_reproduce_and_differ(text_model):
     sampled = {"max_tokens": 12, "temperature": 1.2}
-    first = model.chat(QUESTION, **sampled, seed=1).token_ids
-    assert model.chat(QUESTION, **sampled, seed=1).token_ids == first
-    assert model.chat(QUESTION, **sampled, seed=2).token_ids != first
-    unseeded = {tuple(model.chat(QUESTION, **sampled).token_ids) for _ in range(3)}
+    first = text_model.chat(QUESTION, **sampled, seed=1).token_ids
+    assert text_model.chat(QUESTION, **sampled, seed=1).token_ids == first
+    assert text_model.chat(QUESTION, **sampled, seed=2).token_ids != first
+    unseeded = {tuple(text_model.chat(QUESTION, **sampled).token_ids) for _ in range(3)}
     assert len(unseeded) > 1  # no seed: a fresh one each time
 
 

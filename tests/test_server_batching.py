@@ -13,16 +13,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from test_runtime_chat import VARIANT, native_image
+from test_runtime_chat import VARIANT, native_image  # noqa: F401 (VARIANT: what conftest.files converts)
 from test_server import _data_uri, run_uvicorn
 
 LONG = 8000  # tokens: far more than the time a test needs to see a request running
 SLOTS = 4
-
-
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
 
 
 @pytest.fixture(scope="module")

@@ -98,19 +98,19 @@ def test_response_format_shapes():
 def test_the_cli_refuses_a_bad_schema_file_before_loading(tmp_path, capsys):
     from medgemma_gguf.cli import main
 
-    model = str(tmp_path / "not-loaded.gguf")
+    text_model = str(tmp_path / "not-loaded.gguf")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert main(["chat", model, "--prompt", "x", "--json-schema", str(broken)]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--json-schema", str(broken)]) == 2
     assert "is not JSON" in capsys.readouterr().err
     invalid = tmp_path / "invalid.json"
     invalid.write_text(json.dumps({"type": 5}))
-    assert main(["chat", model, "--prompt", "x", "--json-schema", str(invalid)]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--json-schema", str(invalid)]) == 2
     assert capsys.readouterr().err.strip().endswith("error: --json-schema is not a valid JSON Schema: 5 is not "
                                                     "valid under any of the given schemas (at type)")
     grammar = tmp_path / "g.gbnf"
     grammar.write_text('root ::= "x" nothing')
-    assert main(["chat", model, "--prompt", "x", "--grammar", str(grammar)]) == 2
+    assert main(["chat", text_model, "--prompt", "x", "--grammar", str(grammar)]) == 2
     assert "error: --grammar is not a grammar llama.cpp accepts: Undefined rule identifier 'nothing'" in \
         capsys.readouterr().err
 
@@ -118,47 +118,33 @@ def test_the_cli_refuses_a_bad_schema_file_before_loading(tmp_path, capsys):
 # --- on a real model --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
-@pytest.fixture(scope="module")
-def model(files):
-    from medgemma_gguf.runtime import load
-
-    chat_model = load(files.text_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
-    yield chat_model
-    chat_model.close()
-
-
-def test_schema_replies_parse_and_validate(model):
+def test_schema_replies_parse_and_validate(text_model):
     for sampling in [{}, *({"temperature": 1.0, "seed": seed} for seed in range(6)),
                      {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "seed": 1}]:
-        reply = model.chat(QUESTION, max_tokens=160, json_schema=FINDING, **sampling)
+        reply = text_model.chat(QUESTION, max_tokens=160, json_schema=FINDING, **sampling)
         assert reply.finish_reason == "stop", (sampling, reply.text)
         jsonschema.validate(json.loads(reply.text), FINDING)
-    free = model.chat(QUESTION, max_tokens=30, temperature=1.0, seed=1).text
+    free = text_model.chat(QUESTION, max_tokens=30, temperature=1.0, seed=1).text
     with pytest.raises(json.JSONDecodeError):
         json.loads(free)  # without the grammar the tiny model writes no JSON
 
 
-def test_grammar_replies_match_and_streaming_gives_the_same_text(model):
+def test_grammar_replies_match_and_streaming_gives_the_same_text(text_model):
     grammar = 'root ::= "Finding: " [a-z ]{1,12} "." ("!" | "?")?'
     for sampling in ({}, {"temperature": 1.0, "seed": 2}):
-        whole = model.chat(QUESTION, max_tokens=40, grammar=grammar, **sampling)
+        whole = text_model.chat(QUESTION, max_tokens=40, grammar=grammar, **sampling)
         assert re.fullmatch(r"Finding: [a-z ]{1,12}\.[!?]?", whole.text), whole.text
-        stream = model.chat(QUESTION, max_tokens=40, grammar=grammar, stream=True, **sampling)
+        stream = text_model.chat(QUESTION, max_tokens=40, grammar=grammar, stream=True, **sampling)
         assert "".join(stream) == whole.text and stream.result.token_ids == whole.token_ids
-    tokens = model.chat(QUESTION, max_tokens=5, grammar='root ::= <[77]> <[78]> "x"')
+    tokens = text_model.chat(QUESTION, max_tokens=5, grammar='root ::= <[77]> <[78]> "x"')
     assert tokens.token_ids[:2] == [77, 78]
 
 
-def test_a_grammar_the_vocabulary_cannot_serve_is_refused_before_evaluation(model):
-    model.reset()
+def test_a_grammar_the_vocabulary_cannot_serve_is_refused_before_evaluation(text_model):
+    text_model.reset()
     with pytest.raises(UserError, match="invalid token '<no_such_token>'"):
-        model.chat(QUESTION, grammar='root ::= <no_such_token> "x"')
-    assert model.engine.n_past == 0
+        text_model.chat(QUESTION, grammar='root ::= <no_such_token> "x"')
+    assert text_model.engine.n_past == 0
 
 
 def test_the_cli_writes_schema_valid_json(files, tmp_path, capsys):

@@ -41,20 +41,6 @@ def folder(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
-@pytest.fixture(scope="module")
-def chat_model(files):
-    from medgemma_gguf.runtime import load
-
-    model = load(files.text_path, files.mmproj_path, n_gpu_layers=0, n_ctx=1024, n_threads=1)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
 def series(tmp_path_factory):
     path = tmp_path_factory.mktemp("studies") / "ct"
     write_series(path, n=7)

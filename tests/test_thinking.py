@@ -13,7 +13,6 @@ import json
 import re
 
 import jsonschema
-import pytest
 
 from medgemma_gguf.runtime.reply import CONTENT, REASONING, ReasoningMarkers, ReplyText
 
@@ -72,78 +71,64 @@ def test_stop_strings_do_not_apply_inside_the_block():
 # --- on a model with the markers --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def files(converted):
-    return converted(VARIANT)
-
-
-@pytest.fixture(scope="module")
-def model(files):
+def test_the_markers_come_from_the_vocabulary(text_model, converted):
     from medgemma_gguf.runtime import load
 
-    chat_model = load(files.text_path, n_gpu_layers=0, n_ctx=512, n_threads=1)
-    yield chat_model
-    chat_model.close()
-
-
-def test_the_markers_come_from_the_vocabulary(model, converted):
-    from medgemma_gguf.runtime import load
-
-    markers = model.reasoning_markers
+    markers = text_model.reasoning_markers
     assert markers is not None and markers.start != 100  # the fixture's own ids, not MedGemma's
-    assert model.engine.token_piece(markers.start) == b"<unused94>"
+    assert text_model.engine.token_piece(markers.start) == b"<unused94>"
     with load(converted("mm-deep").text_path, n_gpu_layers=0, n_ctx=256, n_threads=1) as other:
         assert other.reasoning_markers is None
 
 
-def test_a_reply_with_reasoning_streamed_and_not(model):
+def test_a_reply_with_reasoning_streamed_and_not(text_model):
     sampling = {"max_tokens": 60, "temperature": 1.0, "seed": 3, "grammar": THINKING}
-    whole = model.chat(QUESTION, **sampling)
+    whole = text_model.chat(QUESTION, **sampling)
     assert re.fullmatch(r"[a-z ]{3,20}", whole.reasoning) and re.fullmatch(r"Answer: [a-z]{1,8}", whole.text)
     assert whole.finish_reason == "stop" and 3 <= whole.reasoning_tokens < whole.completion_tokens
-    raw = b"".join(model.engine.token_piece(t) for t in whole.token_ids).decode()
+    raw = b"".join(text_model.engine.token_piece(t) for t in whole.token_ids).decode()
     assert raw == f"<unused94>thought\n{whole.reasoning}<unused95>\n{whole.text}"
-    stream = model.chat(QUESTION, stream=True, **sampling)
+    stream = text_model.chat(QUESTION, stream=True, **sampling)
     deltas = list(stream.deltas())
     assert "".join(t for c, t in deltas if c == REASONING) == whole.reasoning
     assert "".join(t for c, t in deltas if c == CONTENT) == whole.text == stream.result.text
     assert not any("<unused" in t for _, t in deltas)
-    assert "".join(model.chat(QUESTION, stream=True, **sampling)) == whole.text  # iterating gives the answer only
+    assert "".join(text_model.chat(QUESTION, stream=True, **sampling)) == whole.text  # iterating gives the answer only
     stop = next(whole.reasoning[i:i + 2] for i in range(len(whole.reasoning) - 1)
                 if whole.reasoning[i:i + 2] not in whole.text and whole.reasoning[i:i + 2].strip())
-    stopped = model.chat(QUESTION, **sampling, stop=[stop])
+    stopped = text_model.chat(QUESTION, **sampling, stop=[stop])
     assert stopped.text == whole.text and stopped.reasoning == whole.reasoning  # not cut inside the block
 
 
-def test_a_schema_reply_may_reason_first_and_still_validates(model):
+def test_a_schema_reply_may_reason_first_and_still_validates(text_model):
     schema = {"type": "object", "properties": {"severity": {"enum": ["none", "mild", "severe"]},
                                                "urgent": {"type": "boolean"}}, "required": ["severity", "urgent"]}
-    markers = model.reasoning_markers
+    markers = text_model.reasoning_markers
     # the biases make the model open a block (the grammar allows one first), then close it at once
-    reply = model.chat(QUESTION, max_tokens=60, json_schema=schema,
-                       logit_bias={markers.start: 50, markers.end: 100})
+    reply = text_model.chat(QUESTION, max_tokens=60, json_schema=schema,
+                            logit_bias={markers.start: 50, markers.end: 100})
     assert reply.token_ids[:2] == [markers.start, markers.end] and reply.reasoning_tokens == 2
     jsonschema.validate(json.loads(reply.text), schema)
-    plain = model.chat(QUESTION, max_tokens=60, json_schema=schema)
+    plain = text_model.chat(QUESTION, max_tokens=60, json_schema=schema)
     assert markers.start not in plain.token_ids
     jsonschema.validate(json.loads(plain.text), schema)
 
 
-def test_think_starts_the_system_prompt_with_the_instruction(model):
+def test_think_starts_the_system_prompt_with_the_instruction(text_model):
     from medgemma_gguf.runtime.prompt import THINK_SYSTEM_PREFIX
 
     assert THINK_SYSTEM_PREFIX == "SYSTEM INSTRUCTION: think silently if needed."
-    alone = model.prompt(QUESTION, think=True).text
+    alone = text_model.prompt(QUESTION, think=True).text
     assert alone.startswith(f"<bos><start_of_turn>user\n{THINK_SYSTEM_PREFIX}\n\nIs there")
-    with_system = model.prompt(QUESTION, system="You are a radiologist.", think=True).text
+    with_system = text_model.prompt(QUESTION, system="You are a radiologist.", think=True).text
     assert f"user\n{THINK_SYSTEM_PREFIX} You are a radiologist.\n\nIs there" in with_system
     own = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *QUESTION]
-    assert f"user\n{THINK_SYSTEM_PREFIX} Be brief.\n\n" in model.prompt(own, think=True).text
-    assert model.prompt(own, think=True).text == model.prompt(
+    assert f"user\n{THINK_SYSTEM_PREFIX} Be brief.\n\n" in text_model.prompt(own, think=True).text
+    assert text_model.prompt(own, think=True).text == text_model.prompt(
         [{"role": "system", "content": f"{THINK_SYSTEM_PREFIX} Be brief."}, *QUESTION], think=True).text
-    assert THINK_SYSTEM_PREFIX not in model.prompt(QUESTION).text
-    thinking = model.prompt(QUESTION, think=True)
-    assert model.chat(QUESTION, think=True, max_tokens=4).prompt_tokens == thinking.n_positions
+    assert THINK_SYSTEM_PREFIX not in text_model.prompt(QUESTION).text
+    thinking = text_model.prompt(QUESTION, think=True)
+    assert text_model.chat(QUESTION, think=True, max_tokens=4).prompt_tokens == thinking.n_positions
 
 
 def test_the_cli_hides_reasoning_unless_asked(files, tmp_path, capsys):
@@ -167,14 +152,14 @@ def test_the_cli_hides_reasoning_unless_asked(files, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] > reply["prompt_tokens"]
 
 
-def test_the_server_returns_reasoning_content(model):
+def test_the_server_returns_reasoning_content(text_model):
     from fastapi.testclient import TestClient
 
     from medgemma_gguf.runtime.server import create_app
 
     body = {"messages": QUESTION, "max_tokens": 60, "temperature": 1.0, "seed": 3, "grammar": THINKING}
-    expected = model.chat(QUESTION, max_tokens=60, temperature=1.0, seed=3, grammar=THINKING)
-    with TestClient(create_app(model)) as client:
+    expected = text_model.chat(QUESTION, max_tokens=60, temperature=1.0, seed=3, grammar=THINKING)
+    with TestClient(create_app(text_model)) as client:
         reply = client.post("/v1/chat/completions", json=body).json()
         message = reply["choices"][0]["message"]
         assert message == {"role": "assistant", "content": expected.text, "reasoning_content": expected.reasoning}
@@ -189,6 +174,6 @@ def test_the_server_returns_reasoning_content(model):
         assert "reasoning_content" not in plain["choices"][0]["message"]
         thinking = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3,
                                                               "reasoning_effort": "high"}).json()
-        assert thinking["usage"]["prompt_tokens"] == model.prompt(QUESTION, think=True).n_positions
+        assert thinking["usage"]["prompt_tokens"] == text_model.prompt(QUESTION, think=True).n_positions
         bad = client.post("/v1/chat/completions", json={"messages": QUESTION, "reasoning_effort": "extreme"})
         assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("'reasoning_effort' must be")
