@@ -88,6 +88,18 @@ def stream_events(base: str, body: dict, record: dict) -> None:
                 record["finish"] = time.monotonic()
 
 
+def stream_all(base: str, bodies: list[dict]) -> list[dict]:
+    """Every body streamed at once, one thread each; their ``stream_events`` records, in order."""
+    records: list[dict] = [{} for _ in bodies]
+    threads = [threading.Thread(target=stream_events, args=(base, body, record))
+               for body, record in zip(bodies, records, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return records
+
+
 def logprob_entries(chunks: list[dict]) -> list[dict]:
     return [entry for chunk in chunks for choice in chunk["choices"] if choice.get("logprobs")
             for entry in choice["logprobs"]["content"]]
@@ -116,13 +128,7 @@ def test_parallel_streams_interleave_and_each_equals_its_solo_run(batched, files
             content.append({"type": "image_url", "image_url": {"url": _data_uri(native_image(112, 30 + i))}})
         bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": 300, "ignore_eos": True,
                        "logprobs": True, "top_logprobs": 2})
-    records = [{} for _ in bodies]
-    threads = [threading.Thread(target=stream_events, args=(base, body, record))
-               for body, record in zip(bodies, records, strict=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    records = stream_all(base, bodies)
     assert all("first" in r and "finish" in r for r in records), records
     assert max(r["first"] for r in records) < min(r["finish"] for r in records), "a stream finished before all started"
     compared = 0
@@ -463,13 +469,7 @@ def test_requests_with_different_lora_sets_batch_apart_and_each_equals_its_solo_
                   for which, text in (("base", "What is the normal adult resting heart rate?"),
                                       ("cardio", "What is the normal adult resting heart rate?"),
                                       ("base", "List three causes of anemia."), ("cardio", "Describe an ECG."))]
-        records = [{} for _ in bodies]
-        threads = [threading.Thread(target=stream_events, args=(url, body, record))
-                   for body, record in zip(bodies, records, strict=True)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        records = stream_all(url, bodies)
         alone = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["logprobs"]
                  ["content"] for body in bodies]
         noise = []  # batched vs alone at the first token: only the batch shape differs there
