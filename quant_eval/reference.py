@@ -34,7 +34,7 @@ import json
 import logging
 import re
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,6 +335,14 @@ def _first_tokens(tokenize, item: Item) -> list[int]:
     return ids
 
 
+def _item_sequence(item: Item, index: int, prompt: list[int], image_span: tuple[int, int] | None,
+                   option_tokens: list[int], tokenize: Callable[[str], list[int]]) -> PromptSequence:
+    """An item's sequence: its prompt, then its reference answer (teacher-forced) when it has one."""
+    tokens = prompt + tokenize(item.reference_answer) if item.reference_answer else prompt
+    _check_length(tokens, f"item {item.id}")
+    return PromptSequence(tokens=tokens, image_span=image_span, item_index=index, option_tokens=option_tokens)
+
+
 def _check_length(tokens: Sequence[int], where: str) -> None:
     if len(tokens) > MAX_SEQUENCE_TOKENS:
         raise UserError(f"{where} takes {len(tokens)} tokens, over the {MAX_SEQUENCE_TOKENS} evaluated per "
@@ -599,10 +607,7 @@ class HFReference(Reference):
         else:
             text = self._tokenizer.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False)
             tokens, span = self._encode(text), None
-        if item.reference_answer:
-            tokens += self._encode(item.reference_answer)
-        _check_length(tokens, f"item {item.id}")
-        return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
+        return _item_sequence(item, index, tokens, span, option_tokens, self._encode)
 
     def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
         import torch
@@ -715,10 +720,7 @@ class GGUFReference(Reference):
             soft = engine.tokenize("<image_soft_token>")
             placeholder = soft[0] if len(soft) == 1 else 0
             tokens, span = head + [placeholder] * n_image + tail, (len(head), len(head) + n_image)
-        if item.reference_answer:
-            tokens += engine.tokenize(item.reference_answer)
-        _check_length(tokens, f"item {item.id}")
-        return PromptSequence(tokens=tokens, image_span=span, item_index=index, option_tokens=option_tokens)
+        return _item_sequence(item, index, tokens, span, option_tokens, engine.tokenize)
 
     def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
         engine = self._load()
