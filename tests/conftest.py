@@ -74,6 +74,27 @@ def converted(tmp_path_factory, tiny_checkpoint):
     return get
 
 
+@pytest.fixture(scope="session")
+def imatrix_folder(converted, calibration_subset):
+    """``imatrix_folder(root, items, variant="mm-k256", n_threads=1) -> dict``: a copy of the converted variant
+    in ``root/out`` with an importance matrix (``imatrix.gguf``) on those calibration items; the dict holds
+    ``folder``, ``source``, ``mmproj``, ``imatrix`` and ``calibration`` (the subset's JSONL)."""
+    import shutil
+
+    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
+
+    def make(root: Path, items, variant: str = "mm-k256", n_threads: int = 1) -> dict:
+        result = converted(variant)
+        folder = Path(shutil.copytree(result.manifest_path.parent, root / "out"))
+        calibration = calibration_subset(items)
+        source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
+        imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
+                                                     n_threads=n_threads), folder / "imatrix.gguf")
+        return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "calibration": calibration}
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def files(converted, request):
     """The test module's ``VARIANT``, converted (F32 text model and mmproj)."""

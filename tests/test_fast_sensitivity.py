@@ -81,19 +81,10 @@ def test_ggml_binding_refuses_what_ggml_would_abort_on():
 
 # --- integration: errors against llama.cpp's own quantization -------------------------------------------------
 @pytest.fixture(scope="module")
-def model(converted, calibration_subset, tmp_path_factory):
+def model(imatrix_folder, tmp_path_factory):
     """The converted mm-k256 fixture with an importance matrix on a small calibration subset."""
-    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
-
-    result = converted("mm-k256")
     root = tmp_path_factory.mktemp("fast")
-    folder = Path(shutil.copytree(result.manifest_path.parent, root / "out"))
-    calibration = calibration_subset(CALIBRATION_ITEMS)
-    source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
-    imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
-                                                 n_threads=THREADS), folder / "imatrix.gguf")
-    return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "calibration": calibration,
-            "root": root}
+    return {**imatrix_folder(root, CALIBRATION_ITEMS, n_threads=THREADS), "root": root}
 
 
 def test_per_tensor_errors_equal_quantizing_with_llama_cpp(model, tmp_path):

@@ -206,22 +206,14 @@ def test_cli_auto_and_its_errors(synthetic):
 
 # --- slow: the real measurement on the fixture --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def measured_setup(converted, calibration_subset, tmp_path_factory):
+def measured_setup(imatrix_folder, tmp_path_factory):
     """The fixture folder with an imatrix, and one proxy table measured on a small calibration subset."""
-    from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
-
-    result = converted("mm-k256")
     root = tmp_path_factory.mktemp("sensitivity")
-    folder = Path(shutil.copytree(result.manifest_path.parent, root / "out"))
-    calibration = calibration_subset(CALIBRATION_ITEMS)
-    source, mmproj = folder / result.text_path.name, folder / result.mmproj_path.name
-    imatrix = write_imatrix_gguf(compute_imatrix(source, mmproj, calibration=calibration, progress=False,
-                                                 n_threads=THREADS), folder / "imatrix.gguf")
-    options = SensitivityOptions(method="proxy", candidates=CANDIDATES, probes=PROBES, calibration=calibration,
-                                 cache_dir=root / "cache", n_threads=THREADS)
-    table = measure_sensitivity(source, mmproj, imatrix, options, progress=False)
-    return {"folder": folder, "source": source, "mmproj": mmproj, "imatrix": imatrix, "table": table,
-            "options": options, "cache": root / "cache", "calibration": calibration}
+    setup = imatrix_folder(root, CALIBRATION_ITEMS, n_threads=THREADS)
+    options = SensitivityOptions(method="proxy", candidates=CANDIDATES, probes=PROBES,
+                                 calibration=setup["calibration"], cache_dir=root / "cache", n_threads=THREADS)
+    table = measure_sensitivity(setup["source"], setup["mmproj"], setup["imatrix"], options, progress=False)
+    return {**setup, "table": table, "options": options, "cache": root / "cache"}
 
 
 @pytest.mark.slow  # about 45 quantize + evaluate rounds of the tiny model (~1 min on 2 busy cores)
