@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -83,7 +84,17 @@ def sampled_weights(shapes: list[tuple[str, int, int]]) -> int:
     return sum(len(sampling.rows(name, rows, width)) * width for name, width, rows in shapes)
 
 
-def _measure_reference(out: Path, source: Path, mmproj: Path, imatrix: Path, cache: Path, sample: int | None,
+def _method_folder(out: Path, method: str) -> Path:
+    """A copy of the converted folder (hard links: the same file contents) for one method's AUTO files, so the
+    methods' quants of equal size, which take the same names, do not meet."""
+    folder = out.parent / f"{out.name}-{method}"
+    if not (folder / "manifest.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(out, folder, copy_function=os.link)
+    return folder
+
+
+def _measure_reference(source: Path, mmproj: Path, imatrix: Path, cache: Path, sample: int | None,
                        threads: int) -> float:
     """Compute (or find) the calibration reference of one selection; seconds spent."""
     from medgemma_gguf.convert.quantize.imatrix import read_imatrix
@@ -113,8 +124,11 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     source = out / next(r.path for r in manifest.find("text") if r.type.upper() == "F32")
     mmproj = out / manifest.find("mmproj")[0].path
     samples = {"fast": args.fast_sample or FAST_SAMPLE, "proxy": args.sample}
+    folders = {method: _method_folder(out, method) for method in args.methods}
     for method in args.methods:
-        seconds = _measure_reference(out, source, mmproj, imatrix, cache, samples[method], args.threads)
+        folder = folders[method]
+        seconds = _measure_reference(folder / source.name, folder / mmproj.name, folder / imatrix.name, cache,
+                                     samples[method], args.threads)
         print(f"calibration reference for {method} ({samples[method]} text + {samples[method]} image "
               f"conversations): {seconds:.0f} s (shared, not counted below)", flush=True)
     autos: dict[str, dict[str, Any]] = {}
@@ -125,8 +139,9 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             started, cpu_started = time.perf_counter(), time.process_time()
             options = SensitivityOptions(method=method, cache_dir=cache, max_text=samples[method],
                                          max_images=samples[method], n_threads=args.threads, workers=args.workers)
-            made = auto_quantize_folder(out, AutoRequest(target_size=f"{base.bytes}B", imatrix=imatrix,
-                                                         sensitivity=options), progress=False)
+            made = auto_quantize_folder(folders[method], AutoRequest(target_size=f"{base.bytes}B",
+                                                                     imatrix=folders[method] / imatrix.name,
+                                                                     sensitivity=options), progress=False)
             autos[method][base.type_name] = made
             if not made.sensitivity.from_cache:
                 sensitivity_seconds[method] = made.sensitivity.cost["seconds"]
