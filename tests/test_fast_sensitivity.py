@@ -1,6 +1,7 @@
 """The fast sensitivity method: ggml's per-tensor errors through ctypes (equal to quantizing with llama.cpp and
-dequantizing with gguf-py), row sampling, the per-kind calibration fit, the plan and its cost said up front
-(``--dry-run`` matches the run), resuming an interrupted run from the cache, and AUTO's importance matrix."""
+dequantizing with gguf-py), row sampling, the calibration fit (per kind and per (block, layer)), the plan and its
+cost said up front (``--dry-run`` matches the run), resuming an interrupted run from the cache, and AUTO's
+importance matrix."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from medgemma_gguf.convert.quantize import ggml_quants, sensitivity
-from medgemma_gguf.convert.quantize.fast_sensitivity import KindFit, fit_kind
+from medgemma_gguf.convert.quantize.fast_sensitivity import (
+    BLOCKS,
+    KIND_BLOCK,
+    KindFit,
+    fit_fast,
+    fit_kind,
+    global_layers,
+    interpolate_factors,
+    plan_points,
+    sample_layers,
+)
 from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors, read_rows, weighted_error
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
@@ -54,6 +65,96 @@ def test_calibration_recovers_a_power_law_and_clamps_the_exponent():
     steep = fit_kind("attn_q", [(str(i), e, 1e-9 * float(np.sum(e)) ** 6) for i, e in enumerate(errors)])
     assert steep.beta == 2.0  # clamped to EXPONENT_RANGE
     assert isinstance(steep, KindFit) and json.loads(json.dumps(steep.to_json()))["beta"] == 2.0
+
+
+def _synthetic_points(n_layers, sampled, factor, seed=0):
+    """Kind and (block, layer) points made exactly by ΔKL = c_kind · f_block(layer) · e (token_embd: f = 1)."""
+    rng = np.random.default_rng(seed)
+    c = {kind: float(rng.uniform(1e-5, 1e-2)) for kind in KIND_BLOCK}
+    e = {(kind, layer): float(rng.uniform(0.5, 50.0)) for kind in KIND_BLOCK for layer in range(n_layers)}
+
+    def truth(kind, layer):
+        return c[kind] * factor(KIND_BLOCK[kind], layer) * e[kind, layer]
+
+    kind_points = [(kind, "Q3_K", [(layer, e[kind, layer]) for layer in range(n_layers)],
+                    sum(truth(kind, layer) for layer in range(n_layers))) for kind in KIND_BLOCK]
+    kind_points.append(("token_embd", "Q3_K", [(None, 7.0)], 3e-4 * 7.0))
+    layer_points = [(block, layer, "Q3_K", [(kind, e[kind, layer]) for kind in kinds],
+                     sum(truth(kind, layer) for kind in kinds)) for block, kinds in BLOCKS.items() for layer in sampled]
+    return kind_points, layer_points, e, truth
+
+
+@pytest.mark.unit
+def test_layer_fit_recovers_known_kind_and_layer_factors_when_every_layer_is_sampled():
+    rng = np.random.default_rng(5)
+    true_f = {block: np.exp(rng.normal(0.0, 2.0, 6)) for block in BLOCKS}  # orders of magnitude, as measured
+    kind_points, layer_points, e, truth = _synthetic_points(6, range(6), lambda b, layer: true_f[b][layer])
+    fit = fit_fast(kind_points, layer_points, 6, {5})
+    assert 1 < fit.iterations < 50
+    for kind in KIND_BLOCK:
+        for layer in range(6):
+            assert fit.predict(kind, layer, [e[kind, layer]]) == pytest.approx(truth(kind, layer), rel=1e-5)
+    assert fit.predict("token_embd", None, [2.0]) == pytest.approx(3e-4 * 2.0)
+    for block, layers in fit.layers.items():  # identifiable: geometric mean 1 over the sampled layers
+        assert math.exp(np.mean(np.log(layers.factors))) == pytest.approx(1.0)
+        ratio = np.asarray(layers.factors) / true_f[block]
+        assert np.allclose(ratio, ratio[0], rtol=1e-5)
+    meta = json.loads(json.dumps(fit.to_json()))
+    assert set(meta["layers"]) == {"attention", "ffn"} and meta["layers"]["ffn"]["sampled"] == list(range(6))
+    assert len(meta["layers"]["ffn"]["factors"]) == 6 and "token_embd" in meta["kinds"]
+    # without layer points the model is the per-kind one (f = 1)
+    flat = fit_fast(kind_points, [], 6)
+    assert flat.layers == {} and flat.factor("attn_k", 3) == 1.0
+    assert flat.predict("attn_k", 3, [1.0]) == pytest.approx(flat.kinds["attn_k"].predict([1.0]))
+
+
+@pytest.mark.unit
+def test_layer_fit_interpolates_unsampled_layers_global_and_local_apart():
+    n, globals_ = 12, global_layers({}, "gemma3", 12)
+    sampled = sample_layers(n, globals_)
+    assert globals_ == {5, 11} and set(sampled) & globals_ and len(sampled) == 6
+
+    assert sampled == (0, 1, 3, 6, 8, 11)
+
+    def factor(block, layer):  # log-linear over the local layers (constant after the last, 8), a level at the global
+        if layer in globals_:
+            return {"attention": 40.0, "ffn": 0.1}[block]
+        return math.exp({"attention": -0.5, "ffn": 0.3}[block] * min(layer, 8))
+
+    kind_points, layer_points, e, truth = _synthetic_points(n, sampled, factor, seed=3)
+    fit = fit_fast(kind_points, layer_points, n, globals_)
+    for kind in KIND_BLOCK:
+        for layer in range(n):  # exact: the truth is what the interpolation assumes
+            assert fit.predict(kind, layer, [e[kind, layer]]) == pytest.approx(truth(kind, layer), rel=1e-4)
+    # log-linear between samples, constant beyond the ends, one class from the other's samples when alone
+    assert interpolate_factors({2: 1.0, 4: 100.0}, 7) == pytest.approx((1, 1, 1, 10, 100, 100, 100))
+    both = interpolate_factors({0: 1.0, 4: 16.0, 5: 0.5}, 7, {5})
+    assert both == pytest.approx((1, 2, 4, 8, 16, 0.5, 16))
+    assert interpolate_factors({0: 1.0, 4: 16.0}, 6, {5}) == pytest.approx((1, 2, 4, 8, 16, 16))
+    assert interpolate_factors({}, 3) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.unit
+def test_layer_sampling_and_global_layers():
+    assert sample_layers(5) == (0, 1, 2, 3, 4) and sample_layers(6, {5}) == tuple(range(6))
+    four_b = global_layers({}, "gemma3", 34)  # MedGemma 4B: 34 layers, global every 6th
+    picked = sample_layers(34, four_b)
+    assert len(picked) == 6 and {0, 1, 33} <= set(picked) and set(picked) & four_b
+    deep = sample_layers(62, global_layers({}, "gemma3", 62))  # 27B: the even spread misses the globals
+    assert len(set(deep)) == 6 and {0, 1, 61} <= set(deep) and any(layer % 6 == 5 for layer in deep)
+    assert sample_layers(7, {5}) == (0, 1, 2, 3, 5, 6)
+    pattern = {"gemma3.attention.sliding_window_pattern": [True, True, False, True]}
+    assert global_layers(pattern, "gemma3", 4) == {2}
+    assert global_layers({"gemma3.attention.sliding_window_pattern": 3}, "gemma3", 7) == {2, 5}
+    # the points: one per kind and probe, one per block and sampled layer
+    kinds = {kind: [f"blk.{layer}.{kind}.weight" for layer in range(34)] for kind in KIND_BLOCK}
+    kinds["token_embd"] = ["token_embd.weight"]
+    allowed = {t: (T.Q3_K,) for tensors in kinds.values() for t in tensors}
+    points = plan_points(kinds, allowed, (T.Q3_K,), picked)
+    assert len(points) == 8 + 2 * 6 == len({p.label for p in points})
+    attention = next(p for p in points if p.layer == 17 and p.kind == "attention")
+    assert attention.tensors == tuple(f"blk.17.{k}.weight" for k in BLOCKS["attention"])
+    assert attention.label == "layer-attention-17-Q3_K"
 
 
 @pytest.mark.unit
@@ -197,7 +298,9 @@ def test_dry_run_plan_matches_the_run_and_a_rerun_is_cached(model, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before and not (cache / "sensitivity").exists()
     planned = _plan_numbers(dry.output)
     assert planned["errors_cached"] == 0 and planned["errors"] == planned["errors_todo"]
-    assert planned["evaluations"] == 8  # one point per tensor kind (Gemma 3 ties the output to token_embd)
+    # one point per tensor kind (Gemma 3 ties the output to token_embd) + attention and FFN of each of the 6 layers
+    assert planned["evaluations"] == 8 + 2 * 6
+    assert "calibration points: 8 per tensor kind + 12 per (block, layer)" in dry.output
 
     run = CliRunner().invoke(quantize_command, args)
     assert run.exit_code == 0, run.output
@@ -220,7 +323,9 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
                                              cache_dir=tmp_path, n_threads=THREADS,
                                              candidates=("Q2_K", "Q3_K", "Q4_K", "Q8_0"))
     job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
-    assert job.plan.evaluations == 8 and job.plan.evaluations_cached == 0
+    assert job.plan.evaluations == 20 and job.plan.evaluations_cached == 0
+    planned = {p.label for p in job.points}
+    assert len(planned) == 20 and sum(p.layer is not None for p in job.points) == 12
     real = sensitivity.Measurer.measure
     calls = []
 
@@ -233,13 +338,37 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
     monkeypatch.setattr(sensitivity.Measurer, "measure", measure_then_stop)
     with pytest.raises(KeyboardInterrupt):
         job.run(progress=False)
-    monkeypatch.setattr(sensitivity.Measurer, "measure", real)
+    def record(self, tensors, qtype, label):
+        calls.append(label)
+        return real(self, tensors, qtype, label)
+
+    monkeypatch.setattr(sensitivity.Measurer, "measure", record)
     job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
     assert job.plan.evaluations_cached == 3 and job.plan.error_items_cached == job.plan.error_items
     result = job.run(progress=False)
-    assert result.cost["evaluations"] == 5 and result.cost["error_items"] == 0
-    kinds = result.meta["fast"]["kinds"]
-    assert set(kinds) == {"token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    assert result.cost["evaluations"] == 17 and result.cost["error_items"] == 0
+    assert sorted(calls) == sorted(planned)  # the run measured exactly the planned points, each once
+    fast = result.meta["fast"]
+    assert set(fast["kinds"]) == {"token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                  "ffn_down"}
+    # two layers of one kind: the table's ΔKL per unit error differs by the fitted layer factor, which is the
+    # measured (block, layer) point over the kind fits' prediction for that block
+    factors = fast["layers"]["attention"]["factors"]
+    assert fast["layers"]["attention"]["sampled"] == list(range(6)) and len(fast["layers"]["ffn"]["factors"]) == 6
+    groups = {g.name: g for g in result.table.groups}
+
+    def per_error(layer):
+        name = f"blk.{layer}.attn_k"
+        return groups[name].delta_kl[T.Q3_K] / result.errors[name]["Q3_K"]
+
+    def measured_factor(layer):
+        base = sum(fast["kinds"][kind]["c"] * result.errors[f"blk.{layer}.{kind}"]["Q3_K"]
+                   for kind in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        return result.probes[f"layer-attention-{layer}-Q3_K"]["kl_mean"] / base
+
+    assert per_error(0) / per_error(4) == pytest.approx(factors[0] / factors[4], rel=1e-9)
+    assert factors[0] / factors[4] == pytest.approx(measured_factor(0) / measured_factor(4), rel=1e-4)
+    assert abs(math.log(factors[0] / factors[4])) > 0.05  # the layers do differ
     for group in result.table.groups:
         deltas = [group.delta_kl[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q8_0)]
         assert deltas == sorted(deltas, reverse=True) and deltas[-1] >= 0, group.name

@@ -1,15 +1,35 @@
-"""The fast sensitivity method's pieces: per-kind calibration points, the fit, the plan and its time estimate.
+"""The fast sensitivity method's pieces: calibration points, the fit, the plan and its time estimate.
 
 ``convert.quantize.sensitivity`` runs the method (``measure_sensitivity`` with
-``SensitivityOptions(method="fast")``); this module holds what it needs that does not run a model:
+``SensitivityOptions(method="fast")``); this module holds what it needs that does not run a model.
 
-* Calibration points. For each tensor kind (``attn_q``, ``ffn_down``, ``token_embd``, …) and each probe
-  type, one whole-model measurement: every tensor of that kind quantized to the probe type, the rest at
-  the source type, mean KL against the source on the calibration parts. With the per-tensor errors
-  (``tensor_errors``) at the probe type, the point says how KL grows with that kind's error.
-* The fit (``fit_kind``): ``ΔKL = c_k · Σ_tensors e^β_k`` through the kind's points — linear (β = 1, the
-  second-order behaviour of KL for small weight perturbations) with one probe type, β fitted in
-  ``EXPONENT_RANGE`` with more. A group's predicted ΔKL at type ``t`` is ``c_k · Σ_{tensor ∈ g} e(tensor, t)^β_k``.
+The model: a group ``g`` (one tensor kind of one layer) at type ``t`` adds
+
+    ΔKL(g, t) = c_kind · f_block(layer) · Σ_{tensor ∈ g} e(tensor, t)^β_kind
+
+where ``e`` is the per-tensor imatrix-weighted error (``tensor_errors``), ``c_kind`` a per-kind scale,
+``f_block(layer)`` a per-layer factor shared by the kinds of one block (``BLOCKS``: attention =
+attn_q/k/v/output, ffn = ffn_gate/up/down; 1 for ``token_embd``), and β = 1 (the second-order behaviour of
+KL for small weight perturbations) with one probe type, fitted in ``EXPONENT_RANGE`` per kind with more.
+Why the layer factor (measured on the trained fixture, against the proxy method's per-group ΔKL at Q2_K
+and Q5_K): ``log(ΔKL / e)`` varies across layers by orders of magnitude (attn_k: 6.7e-3 at layer 0,
+3.8e-5 at layer 4), differently for attention and FFN; least-squares fits of it leave a residual std of
+2.16 (natural log) with a per-kind constant alone, 1.00 with a per-layer term shared by both blocks and
+0.27 with a per-(block, layer) term. AUTO from the per-kind model alone reached 0.647x Q4_K_M's KL at
+equal size (the proxy: 0.326x). Normalising ``e`` by the output energy or the post-norm gammas did not help.
+
+* Calibration points (``plan_points``), each one whole-model measurement at a probe type, the rest at the
+  source type, mean KL against the source on the calibration parts: per kind (all tensors of that kind;
+  one per probe type) and per (block, layer) for the sampled layers (``sample_layers``: every layer up to
+  ``LAYER_SAMPLE``, else that many including the first two, the last and a global-attention layer; the
+  block's tensors of that layer at the first probe type that fits them).
+* The fit (``fit_fast``): alternately ``c_kind`` (and β) through the kind's points given ``f``
+  (``fit_kind`` with per-tensor factors), and ``f_block(l) = P_(block,l) / Σ_{kind ∈ block} c_kind
+  Σ e^β`` at the sampled layers given ``c``, ``log f`` interpolated over the others
+  (``interpolate_factors``: Gemma 3's global and local layers apart when both are sampled), the scale fixed
+  by a geometric mean of 1 over each block's sampled layers; until the factors change by less than
+  ``FIT_TOLERANCE`` (relative) or ``FIT_ITERATIONS``. The kind points are then met exactly and the layer
+  points up to one constant per block (KL is not exactly additive over tensors).
 * Points are cached one file each under ``<cache>/sensitivity/points/``, keyed by everything that changes
   the measurement (model, mmproj, imatrix, calibration selection, tensors, type, llama.cpp version).
 * The plan (``Plan``): what will be measured, what the cache already holds, and the estimated time from
@@ -25,7 +45,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +55,7 @@ from gguf import GGMLQuantizationType
 
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.quant_types import tensor_kind
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -45,6 +66,16 @@ MIN_DELTA_KL = 1e-12
 POINT_FORMAT = "medgemma-gguf-calibration-point"
 POINT_VERSION = 1
 DISK_BYTES_PER_SECOND = 1e9  # assumed for the plan: copying the untouched tensors of a calibration point
+# the blocks whose kinds share a per-layer factor (module docstring)
+BLOCKS: dict[str, tuple[str, ...]] = {"attention": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                                      "ffn": ("ffn_gate", "ffn_up", "ffn_down")}
+KIND_BLOCK = {kind: block for block, kinds in BLOCKS.items() for kind in kinds}
+LAYER_SAMPLE = 6
+"""Layers given (block, layer) calibration points: every layer of a model with at most this many, else this many
+(``sample_layers``): 2 blocks x 6 = 12 evaluations on top of the kind points, whatever the depth."""
+GLOBAL_LAYER_PERIOD = 6  # Gemma 3 without a sliding_window_pattern key: llama.cpp's load_swa_pattern(ml, 6)
+FIT_TOLERANCE = 1e-6
+FIT_ITERATIONS = 50
 
 
 # --- the fit --------------------------------------------------------------------------------------------
@@ -68,23 +99,28 @@ class KindFit:
 
 
 def fit_kind(kind: str, points: Sequence[tuple[str, Sequence[float], float]],
-             exponent_range: tuple[float, float] = EXPONENT_RANGE) -> KindFit:
-    """Fit ``log KL = log c + log Σ e^β`` through ``points`` = (type, per-tensor errors, measured KL).
+             exponent_range: tuple[float, float] = EXPONENT_RANGE,
+             factors: Sequence[Sequence[float]] | None = None) -> KindFit:
+    """Fit ``log KL = log c + log Σ f e^β`` through ``points`` = (type, per-tensor errors, measured KL);
+    ``factors``: per point, each tensor's layer factor ``f`` (default 1).
 
-    One point (or all at one error level): β = 1 and c = KL / Σ e. More: β on a grid over ``exponent_range``
+    One point (or all at one error level): β = 1 and c = KL / Σ f e. More: β on a grid over ``exponent_range``
     (least squares in log space), c in closed form for each β.
     """
     if not points:
         raise ValueError(f"no calibration points for {kind}")
     errors = [np.maximum(np.asarray(e, dtype=np.float64), 1e-300) for _, e, _ in points]
+    weights = ([np.asarray(f, dtype=np.float64) for f in factors] if factors is not None
+               else [np.ones_like(e) for e in errors])
     kl = np.log(np.maximum([p[2] for p in points], MIN_DELTA_KL))
 
     def solve(beta: float) -> tuple[float, float]:
-        x = np.array([math.log(float(np.sum(e ** beta))) for e in errors])
+        x = np.array([math.log(max(float(np.sum(w * e ** beta)), 1e-300))
+                      for w, e in zip(weights, errors, strict=True)])
         log_c = float(np.mean(kl - x))
         return log_c, float(np.sum((kl - x - log_c) ** 2))
 
-    sums = [float(np.sum(e)) for e in errors]
+    sums = [float(np.sum(w * e)) for w, e in zip(weights, errors, strict=True)]
     if len(points) == 1 or max(sums) <= min(sums) * (1 + 1e-9):
         beta = 1.0
     else:
@@ -95,24 +131,175 @@ def fit_kind(kind: str, points: Sequence[tuple[str, Sequence[float], float]],
                                             for qtype, errs, measured in points))
 
 
+def global_layers(metadata: Mapping[str, Any], architecture: str, n_layers: int) -> frozenset[int]:
+    """The layers with global (not sliding-window) attention, as llama.cpp's ``load_swa_pattern`` reads them:
+    the per-layer ``<arch>.attention.sliding_window_pattern`` array (True = sliding window), else its period
+    (every n-th layer global), else Gemma 3's period of ``GLOBAL_LAYER_PERIOD``."""
+    pattern = metadata.get(f"{architecture}.attention.sliding_window_pattern")
+    if isinstance(pattern, (list, tuple)) and len(pattern) == n_layers:
+        return frozenset(i for i, swa in enumerate(pattern) if not swa)
+    period = int(pattern) if isinstance(pattern, (int, float)) and not isinstance(pattern, bool) and pattern > 0 \
+        else GLOBAL_LAYER_PERIOD
+    return frozenset(i for i in range(n_layers) if i % period == period - 1)
+
+
+def sample_layers(n_layers: int, global_layers: Collection[int] = (), count: int = LAYER_SAMPLE) -> tuple[int, ...]:
+    """The layers given (block, layer) points: all of them up to ``count``; else 0, 1, the last and the rest
+    spread evenly between layer 1 and the last, one of them moved to the nearest global layer when none is
+    picked and the model has one."""
+    if n_layers <= count:
+        return tuple(range(n_layers))
+    last = n_layers - 1
+    chosen = [0, 1, last]
+    interior: list[int] = []
+    spare = count - len(chosen)
+    for i in range(spare):
+        target = 1 + (last - 1) * (i + 1) / (spare + 1)
+        free = [layer for layer in range(2, last) if layer not in interior]
+        if free:
+            interior.append(min(free, key=lambda layer: (abs(layer - target), layer)))
+    globals_ = sorted(set(global_layers) & set(range(n_layers)))
+    if globals_ and interior and not set(globals_) & set(chosen + interior):
+        _, index, layer = min((abs(g - pick), index, g) for index, pick in enumerate(interior) for g in globals_
+                              if g not in chosen)
+        interior[index] = layer
+    return tuple(sorted(chosen + interior))
+
+
+def interpolate_factors(samples: Mapping[int, float], n_layers: int,
+                        global_layers: Collection[int] = ()) -> tuple[float, ...]:
+    """Every layer's factor from the sampled ones: ``log f`` linear over the layer index between samples,
+    constant beyond the ends; global and local layers each from their own samples when both have some. 1
+    everywhere without samples."""
+    if not samples:
+        return (1.0,) * n_layers
+    glob = set(global_layers)
+    classes = [{layer: v for layer, v in samples.items() if layer in glob},
+               {layer: v for layer, v in samples.items() if layer not in glob}]
+    both = all(classes)
+
+    def line(points: Mapping[int, float], layer: int) -> float:
+        xs = sorted(points)
+        return float(np.exp(np.interp(layer, xs, [math.log(max(points[x], 1e-300)) for x in xs])))
+
+    return tuple(line(classes[0 if layer in glob else 1] if both else samples, layer) for layer in range(n_layers))
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """``f_block(layer)`` for one block: every layer's factor, the sampled layers and their points."""
+
+    block: str
+    factors: tuple[float, ...]
+    points: tuple[tuple[int, str, float], ...]  # (layer, type, measured KL)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"factors": list(self.factors), "sampled": sorted({layer for layer, _, _ in self.points}),
+                "points": [{"layer": layer, "type": t, "kl": kl} for layer, t, kl in self.points]}
+
+
+@dataclass(frozen=True)
+class FastFit:
+    """The fitted model of the module docstring: per-kind ``KindFit`` and per-block ``LayerFactors``."""
+
+    kinds: dict[str, KindFit]
+    layers: dict[str, LayerFactors]
+    iterations: int = 0
+
+    def factor(self, kind: str, layer: int | None) -> float:
+        """``f_block(layer)`` of a tensor of ``kind`` (1 outside the blocks and without layer points)."""
+        block = self.layers.get(KIND_BLOCK.get(kind, ""))
+        return block.factors[layer] if block is not None and layer is not None and layer < len(block.factors) else 1.0
+
+    def predict(self, kind: str, layer: int | None, errors: Sequence[float]) -> float:
+        """Predicted ΔKL of tensors of ``kind`` in ``layer`` with these errors."""
+        return self.factor(kind, layer) * self.kinds[kind].predict(errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kinds": {k: f.to_json() for k, f in self.kinds.items()},
+                "layers": {b: f.to_json() for b, f in self.layers.items()}, "iterations": self.iterations}
+
+
+KindPoint = tuple[str, str, Sequence[tuple[int | None, float]], float]  # (kind, type, [(layer, e)], KL)
+LayerPoint = tuple[str, int, str, Sequence[tuple[str, float]], float]  # (block, layer, type, [(kind, e)], KL)
+
+
+def fit_fast(kind_points: Sequence[KindPoint], layer_points: Sequence[LayerPoint], n_layers: int,
+             global_layers: Collection[int] = (), exponent_range: tuple[float, float] = EXPONENT_RANGE,
+             tolerance: float = FIT_TOLERANCE, iterations: int = FIT_ITERATIONS) -> FastFit:
+    """Fit ``c_kind`` (β) and ``f_block(layer)`` to measured points, alternately (module docstring).
+
+    ``kind_points``: (kind, type, each tensor's (layer or None, error at that type), measured KL).
+    ``layer_points``: (block, layer, type, each tensor's (kind, error at that type), measured KL).
+    """
+    kinds = list(dict.fromkeys(k for k, *_ in kind_points))
+    blocks = list(dict.fromkeys(b for b, *_ in layer_points))
+    factors = {b: np.ones(n_layers) for b in blocks}
+
+    def factor(kind: str, layer: int | None) -> float:
+        block = KIND_BLOCK.get(kind)
+        return float(factors[block][layer]) if block in factors and layer is not None else 1.0
+
+    def fit_kinds() -> dict[str, KindFit]:
+        fits = {}
+        for kind in kinds:
+            mine = [p for p in kind_points if p[0] == kind]
+            fits[kind] = fit_kind(kind, [(t, [e for _, e in errs], kl) for _, t, errs, kl in mine], exponent_range,
+                                  factors=[[factor(kind, layer) for layer, _ in errs] for _, _, errs, _ in mine])
+        return fits
+
+    fits = fit_kinds()
+    done = 0
+    while done < iterations:
+        done += 1
+        change = 0.0
+        for block in blocks:
+            logs: dict[int, list[float]] = {}
+            for b, layer, _, errs, kl in layer_points:
+                if b != block:
+                    continue
+                base = sum(fits[kind].predict([e]) for kind, e in errs if kind in fits)
+                if base > 0:
+                    logs.setdefault(layer, []).append(math.log(max(kl, MIN_DELTA_KL) / base))
+            samples = {layer: math.exp(float(np.mean(v))) for layer, v in logs.items()}
+            if samples:
+                scale = math.exp(float(np.mean([math.log(v) for v in samples.values()])))
+                samples = {layer: v / scale for layer, v in samples.items()}
+            new = np.asarray(interpolate_factors(samples, n_layers, global_layers))
+            change = max(change, float(np.max(np.abs(new / factors[block] - 1))) if n_layers else 0.0)
+            factors[block] = new
+        fits = fit_kinds()
+        if change < tolerance:
+            break
+    layers = {b: LayerFactors(b, tuple(float(v) for v in factors[b]),
+                              tuple((layer, t, float(kl)) for bb, layer, t, _, kl in layer_points if bb == b))
+              for b in blocks}
+    return FastFit(fits, layers, done)
+
+
 # --- calibration points ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CalibrationPoint:
-    """One whole-model measurement: ``tensors`` (all of one kind that fit) at ``qtype``."""
+    """One whole-model measurement: ``tensors`` at ``qtype`` — all of one kind that fit (``layer`` None), or
+    the tensors of block ``kind`` (``BLOCKS``) in ``layer``."""
 
     kind: str
     qtype: GGMLQuantizationType
     tensors: tuple[str, ...]
+    layer: int | None = None
 
     @property
     def label(self) -> str:
-        return f"kind-{self.kind}-{self.qtype.name}"
+        if self.layer is None:
+            return f"kind-{self.kind}-{self.qtype.name}"
+        return f"layer-{self.kind}-{self.layer}-{self.qtype.name}"
 
 
 def plan_points(kinds: Mapping[str, Sequence[str]], allowed: Mapping[str, Sequence[GGMLQuantizationType]],
-                probes: Sequence[GGMLQuantizationType]) -> list[CalibrationPoint]:
-    """For each kind (``kinds``: kind → its tensors), one point per probe type that some of its tensors take;
-    UserError for a kind no probe type fits."""
+                probes: Sequence[GGMLQuantizationType], layers: Sequence[int] = ()) -> list[CalibrationPoint]:
+    """For each kind (``kinds``: kind → its tensors), one point per probe type that some of its tensors take
+    (UserError for a kind no probe type fits); then for each block and each of ``layers`` (``sample_layers``),
+    one point with the block's tensors of that layer at the first probe type that some of them take."""
     points = []
     for kind, tensors in kinds.items():
         made = 0
@@ -124,6 +311,14 @@ def plan_points(kinds: Mapping[str, Sequence[str]], allowed: Mapping[str, Sequen
         if not made:
             raise UserError(f"no calibration probe type fits the {kind} tensors (rows of {len(tensors)} tensors); "
                             "add a probe type with a smaller block, such as Q8_0 or Q4_0")
+    for block, members in BLOCKS.items():
+        for layer in layers:
+            tensors = [t for kind in members for t in kinds.get(kind, ()) if tensor_kind(t)[1] == layer]
+            for probe in probes:
+                fitting = tuple(t for t in tensors if probe in allowed.get(t, ()))
+                if fitting:
+                    points.append(CalibrationPoint(block, probe, fitting, layer))
+                    break
     return points
 
 

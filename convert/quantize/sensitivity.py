@@ -20,12 +20,17 @@ cached reference (``quant_eval.reference``). Three methods:
 * ``fast`` (default): no model run per (group, type). Every tensor is quantized and dequantized alone by
   ggml's own routines through ctypes and its imatrix-weighted error ``e = Σ_j a_j Σ_i (w_ij − ŵ_ij)²`` is
   measured on a sample of its rows (``tensor_errors``: one tensor per worker thread, cached per model,
-  imatrix and type, resumable). The errors become ΔKL through a per-kind calibration
-  (``fast_sensitivity``): for each tensor kind, one whole-model KL measurement with all tensors of that
-  kind at the probe type (default Q3_K; 8 for Gemma 3), each cached as soon as it is measured, and
-  ``ΔKL(g, t) = c_kind · e(g, t)`` through it (a power law with more probe types). The calibration
-  conversations default to the first ``FAST_SAMPLE`` text and image ones. Cost: groups × types ggml
-  round trips on sampled rows, plus kinds × probes quantizations and evaluations.
+  imatrix and type, resumable). The errors become ΔKL through ``ΔKL(g, t) = c_kind · f_block(layer) ·
+  e(g, t)`` (``fast_sensitivity``; a power law in ``e`` with more probe types), fitted to whole-model KL
+  measurements at the probe type (default Q3_K), each cached as soon as it is measured: one per tensor kind
+  (all tensors of that kind; 8 for Gemma 3) and one per (block, layer) for up to ``LAYER_SAMPLE`` = 6
+  sampled layers (that layer's attention or FFN tensors; 12), the factor interpolated over the other
+  layers. The layer factor is there because the error-to-KL ratio varies across layers by orders of
+  magnitude, differently for attention and FFN (on the trained fixture: residual std of log(ΔKL / e)
+  2.16 with per-kind constants, 0.27 with per-(block, layer) factors; AUTO at Q4_K_M's size 0.647x its
+  KL with the first, proxy 0.326x). The calibration conversations default to the first ``FAST_SAMPLE``
+  text and image ones. Cost: groups × types ggml round trips on sampled rows, plus kinds × probes + 2 ×
+  sampled layers quantizations and evaluations (20 for Gemma 3 of any depth).
 * ``measured``: that measurement for every (group, type): ``groups × types`` quantizations and model
   evaluations.
 * ``proxy``: a calibrated proxy. One whole-model llama.cpp quantization per candidate type;
@@ -93,11 +98,14 @@ from medgemma_gguf.convert.quantize.fast_sensitivity import (
     DEFAULT_FAST_PROBES,
     DISK_BYTES_PER_SECOND,
     CalibrationPoint,
+    FastFit,
     ModelTiming,
     Plan,
     PointCache,
-    fit_kind,
+    fit_fast,
+    global_layers,
     plan_points,
+    sample_layers,
     time_model,
 )
 from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
@@ -131,7 +139,7 @@ T = GGMLQuantizationType
 CACHE_VERSION = 1
 METHODS = ("fast", "proxy", "measured")
 DEFAULT_METHOD = "fast"
-FAST_VERSION = 1  # of the fast method's table assembly (part of its cache key)
+FAST_VERSION = 2  # of the fast method's table assembly (part of its cache key); 2: per-(block, layer) factors
 # the fast method's calibration points score the first N text and N image conversations unless told otherwise:
 # eight whole-model evaluations, each about a sixth of the whole set's positions
 FAST_SAMPLE = 4
@@ -577,6 +585,8 @@ class SensitivityJob:
     force: bool = False
     covered: frozenset[str] = frozenset()
     source_type: GGMLQuantizationType = T.F32
+    n_layers: int = 0  # fast: the model's layers, and those with global attention (the layer factors' fit)
+    global_layers: frozenset[int] = frozenset()
 
     def layout(self) -> ModelLayout:
         """The groups and their candidate types (what the table will offer the allocator), before measuring."""
@@ -668,11 +678,7 @@ class SensitivityJob:
                 cost.evaluations += measurer.cost.evaluations
                 cost.reference_parts_computed = measurer.cost.reference_parts_computed
             cost.points_seconds = time.perf_counter() - started
-        fits = {}
-        for kind in dict.fromkeys(p.kind for p in self.points):
-            kind_points = [(p.qtype.name, [tensor_errors[t][p.qtype] for t in p.tensors], measured[p.label]["kl_mean"])
-                           for p in self.points if p.kind == kind]
-            fits[kind] = fit_kind(kind, kind_points)
+        fit = _fit_points(self.points, measured, tensor_errors, self.n_layers, self.global_layers)
         deltas: dict[str, dict[GGMLQuantizationType, float]] = {}
         group_errors: dict[str, dict[str, float]] = {}
         for name, tensors in self.groups:
@@ -680,8 +686,8 @@ class SensitivityJob:
             common = set(self.types)
             for tensor, _ in tensors:
                 common &= set(tensor_errors[tensor])
-            fit = fits[kind]
-            deltas[name] = {t: fit.predict([tensor_errors[tensor][t] for tensor, _ in tensors])
+            layer = tensor_kind(tensors[0][0])[1]
+            deltas[name] = {t: fit.predict(kind, layer, [tensor_errors[tensor][t] for tensor, _ in tensors])
                             for t in self.types if t in common}
             group_errors[name] = {t.name: sum(tensor_errors[tensor][t] for tensor, _ in tensors)
                                   for t in self.types if t in common}
@@ -691,14 +697,26 @@ class SensitivityJob:
             delta = dict(deltas[name])
             delta[source_type] = 0.0
             groups.append(TensorGroup(name=name, tensors=tensors, delta_kl=delta))
-        notes = (f"fast: ggml's imatrix-weighted quantization error per tensor, calibrated per tensor kind by KL "
-                 f"measured with each kind at {', '.join(p.name for p in self.probes)}")
+        notes = (f"fast: ggml's imatrix-weighted quantization error per tensor, calibrated per tensor kind and per "
+                 f"(block, layer) by KL measured with each kind and each sampled layer's block at "
+                 f"{', '.join(p.name for p in self.probes)}")
         table = SensitivityTable(reference_type=source_type, groups=tuple(groups), notes=notes)
         probe_values = {label: value for label, value in measured.items()}
         extra = {"fast": {"sampling": self.errors.sampling.to_json(), "ggml": ggml_quants.version(),
-                          "workers": self.workers, "kinds": {k: f.to_json() for k, f in fits.items()}},
+                          "workers": self.workers, **fit.to_json()},
                  "probe_values": probe_values, "errors": group_errors, "calibration": calibration_meta}
         return table, extra, cost
+
+
+def _fit_points(points: Sequence[CalibrationPoint], measured: dict[str, dict[str, Any]],
+                tensor_errors: dict[str, dict[GGMLQuantizationType, float]], n_layers: int,
+                global_layers: frozenset[int]) -> FastFit:
+    """``fit_fast`` through the measured calibration points (kind points and (block, layer) points)."""
+    kind_points = [(p.kind, p.qtype.name, [(tensor_kind(t)[1], tensor_errors[t][p.qtype]) for t in p.tensors],
+                    measured[p.label]["kl_mean"]) for p in points if p.layer is None]
+    layer_points = [(p.kind, p.layer, p.qtype.name, [(tensor_kind(t)[0], tensor_errors[t][p.qtype]) for t in p.tensors],
+                     measured[p.label]["kl_mean"]) for p in points if p.layer is not None]
+    return fit_fast(kind_points, layer_points, n_layers, global_layers)
 
 
 def _calibration_meta(measurer: Measurer, calibration: Any, max_text: int | None,
@@ -868,7 +886,14 @@ def _plan_fast(job: SensitivityJob, info: Any, covered: frozenset[str], sampling
     for _, group in job.groups:
         for tensor, _ in group:
             kinds.setdefault(tensor_kind(tensor)[0], []).append(tensor)
-    job.points = plan_points(kinds, allowed, job.probes)
+    job.n_layers = 1 + max((layer for _, group in job.groups for tensor, _ in group
+                            if (layer := tensor_kind(tensor)[1]) is not None), default=-1)
+    job.global_layers = global_layers(info.metadata, info.architecture, job.n_layers)
+    layers = sample_layers(job.n_layers, job.global_layers)
+    job.points = plan_points(kinds, allowed, job.probes, layers)
+    n_kind = sum(1 for p in job.points if p.layer is None)
+    plan.notes.append(f"calibration points: {n_kind} per tensor kind + {len(job.points) - n_kind} per (block, layer) "
+                      f"(attention and FFN of layers {', '.join(map(str, layers))} of {job.n_layers})")
     job.point_cache = PointCache(None if job.imatrix_pending else job.root / "sensitivity" / "points", {
         "model": job.hashes["model"], "mmproj": job.hashes["mmproj"], "imatrix": job.hashes["imatrix"],
         "calibration": job.calibration.sha256, "max_text": job.max_text, "max_images": job.max_images,
