@@ -19,8 +19,9 @@ One run, three parts (each can be skipped):
    heads, 4 x 256 KV heads, the 262208-row embedding) and --wide-layers layers: the fast method's parts
    (importance matrix, per-tensor errors, reference, calibration points) measured, then extrapolated to
    MedGemma 4B (3.9 B weights, 34 layers) and 27B (62 layers of 5376 / 21504): the model-running parts
-   in proportion to the weights, the per-tensor errors in proportion to the weights the row sampling
-   actually quantizes for those exact shapes.
+   in proportion to the weights (the reference and calibration points also to their number of evaluations:
+   one reference plus the points ``plan_points`` makes for that depth), the per-tensor errors in proportion
+   to the weights the row sampling actually quantizes for those exact shapes.
 
     .venv/bin/python bench/bench_auto_quant.py --workdir /tmp/auto-bench [--threads 1] [--workers 2]
 """
@@ -74,6 +75,15 @@ def model_shapes(n_embd: int, n_ff: int, q: int, kv: int, layers: int, vocab: in
                    (f"blk.{i}.ffn_gate.weight", n_embd, n_ff), (f"blk.{i}.ffn_up.weight", n_embd, n_ff),
                    (f"blk.{i}.ffn_down.weight", n_ff, n_embd)]
     return shapes
+
+
+def calibration_evaluations(layers: int) -> int:
+    """Model evaluations of the fast method's reference and calibration points for a Gemma 3 of ``layers``."""
+    from medgemma_gguf.convert.quantize.fast_sensitivity import global_layers, sample_layers
+    from medgemma_gguf.quant_types import KINDS
+
+    kinds = len(KINDS) - 1  # Gemma 3 ties the output projection to token_embd
+    return 1 + kinds + 2 * len(sample_layers(layers, global_layers({}, "gemma3", layers)))
 
 
 def sampled_weights(shapes: list[tuple[str, int, int]]) -> int:
@@ -299,14 +309,16 @@ def wide(args: argparse.Namespace, workdir: Path) -> None:
     print("| model | basis | weights | importance matrix | per-tensor errors | reference + calibration points | plan "
           "| total | total without the importance matrix |")
     print("|---|---|---|---|---|---|---|---|---|")
+    evaluations_here = calibration_evaluations(args.wide_layers)
     for model, dims in MEDGEMMA.items():
         target = model_shapes(*dims)
         n = sum(width * rows for _, width, rows in target)
         scale = n / weights
+        points_scale = scale * calibration_evaluations(dims[4]) / evaluations_here
         for basis, index in (("wall", 0), ("CPU", 1)):
             row = {"importance matrix": parts["importance matrix"][index] * scale,
                    "per-tensor errors": parts["per-tensor errors"][index] * sampled_weights(target) / sampled_here,
-                   "reference + calibration points": parts["reference + calibration points"][index] * scale,
+                   "reference + calibration points": parts["reference + calibration points"][index] * points_scale,
                    "plan (quick timings)": parts["plan (quick timings)"][index] * scale}
             total = sum(row.values())
             goal = f" (goal <= {GOAL_4B_SECONDS / 60:.0f} min: {'met' if total <= GOAL_4B_SECONDS else 'NOT met'})" \
