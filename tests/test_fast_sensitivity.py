@@ -368,7 +368,7 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
 
     assert per_error(0) / per_error(4) == pytest.approx(factors[0] / factors[4], rel=1e-9)
     assert factors[0] / factors[4] == pytest.approx(measured_factor(0) / measured_factor(4), rel=1e-4)
-    assert abs(math.log(factors[0] / factors[4])) > 0.05  # the layers do differ
+    assert abs(math.log(factors[0] / factors[4])) > 1.0  # the layers do differ (here by ~25x)
     for group in result.table.groups:
         deltas = [group.delta_kl[t] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q8_0)]
         assert deltas == sorted(deltas, reverse=True) and deltas[-1] >= 0, group.name

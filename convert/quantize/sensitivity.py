@@ -493,8 +493,9 @@ class SensitivityOptions:
 
     ``method``: ``fast``, ``proxy`` or ``measured`` (module docstring). ``candidates``: the types offered to
     the allocator; without an importance matrix, those llama.cpp refuses without one are dropped when planned.
-    ``probes``: the probe types (default: Q3_K per kind for ``fast``, Q2_K and Q5_K for ``proxy``; none for
-    ``measured``). ``calibration``: a calibration JSONL or ``CalibrationSet`` (default: the bundled set);
+    ``probes``: the probe types (default: Q3_K for ``fast``'s kind and (block, layer) points, Q2_K and Q5_K
+    for ``proxy``; none for ``measured``). ``calibration``: a calibration JSONL or ``CalibrationSet``
+    (default: the bundled set);
     ``max_text`` / ``max_images``: the calibration conversations KL is measured on (``fast``: FAST_SAMPLE
     each when neither is given; otherwise all). ``cache_dir``: the cache root (default
     ``cache.cache_root``). ``force``: measure again, ignoring the caches (AUTO: also recompute the
