@@ -110,6 +110,7 @@ SETTINGS: dict[str, Spelling] = {
     "header_timeout": Spelling("--header-timeout", "header_timeout_s", "the server's header timeout"),
     "body_timeout": Spelling("--body-timeout", "body_timeout_s", "the server's body timeout"),
     "parallel": Spelling("--parallel", "n_parallel", "the server's parallel slots (serve --parallel)"),
+    "batch_parallel": Spelling("--parallel", "parallel", "batch's parallel lines (batch --parallel)"),
     "queue": Spelling("--queue", "queue_size", "the server's queue (serve --queue)"),
     "request_timeout": Spelling("--request-timeout", "request_timeout", "the server's time limit per request "
                                 "(serve --request-timeout)"),

@@ -22,8 +22,24 @@ Output, one line per input line, in input order: ``id``, ``line``, ``reply``, ``
 Reproducible and resumable: every line starts from an empty context (no prefix shared with the line before)
 and samples with its own seed (its ``seed``, else one derived from ``--seed`` and its id), so a line's reply
 does not depend on which lines ran before it: a run stopped and resumed writes the same lines as one that
-was not stopped (``timings`` aside). Each line is appended, flushed and fsynced before the next starts; a
-line a kill cut short (no newline at the end of the output) is removed when the run resumes.
+was not stopped (``timings`` aside; with ``parallel`` > 1 see below). Each line is appended, flushed and
+fsynced before the next starts (with ``parallel`` > 1, once it and the lines before it are done); a line a
+kill cut short (no newline at the end of the output) is removed when the run resumes.
+
+``parallel`` (``--parallel N``, default 1): up to N lines run at once in the slots of the server's
+continuous-batching scheduler (``runtime.batching.Batcher``, in this process, no HTTP; the model is loaded
+with ``n_parallel=N``, so the KV cache holds N × ``--ctx`` positions). Every setting works as with one
+line at a time (images, volumes, ``json_schema``, ``think``, ``stop``, ``preset``: the slots are the
+server's). The output stays in input order: a line that finishes early waits in memory until the lines
+before it are written (at most ``LOOKAHEAD`` × N lines are started ahead of the first unwritten one), so
+the output is always a prefix of the input order and resuming works as above. What batching changes:
+each line still sees only its own prompt, but lines decoded together share batches, and the batch shape
+changes the last bits of the logits (as in llama-server); a slot may also re-use the keys and values of a
+prompt prefix it cached for an earlier line (the same tokens, kept only where llama.cpp can continue them,
+``runtime.kv_reuse``), computed in other batches. So a greedy line's reply equals its
+``parallel=1`` reply except after a position where the model's top two candidates are within rounding of
+each other, and a seeded *sampled* line reproduces (across runs, and between a killed-and-resumed run and an
+uninterrupted one) only with ``parallel=1``. The provenance record names the setting.
 
 Bad input lines (invalid JSON, unknown fields, bad settings, a repeated id) are found before the model loads
 and reported with their line numbers; lines that fail while running (an unreadable image, a prompt too long
@@ -38,12 +54,13 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_gguf.errors import InputError, UserError
+from medgemma_gguf.errors import InputError, UserError, setting
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +68,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repe
                    "presence_penalty", "frequency_penalty", "seed", "stop", "json_schema")
 LINE_FIELDS = frozenset({"id", "messages", "prompt", "image", "system", "preset", "think", "meta", *SAMPLING_FIELDS})
 PROVENANCE_SUFFIX = ".provenance.json"
+LOOKAHEAD = 4  # with parallel=N, lines started ahead of the first unwritten one: at most LOOKAHEAD x N
 
 
 @dataclass
@@ -78,6 +96,7 @@ class BatchSummary:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     out: Path | None = None
     provenance: Path | None = None
+    lines_per_decode: float | None = None  # with parallel > 1: mean lines sharing a llama_decode
 
 
 def line_seed(base_seed: int, line_id: str) -> int:
@@ -250,14 +269,27 @@ def _sha256(path: Path) -> str:
     return sha256_of(path)
 
 
-def run_line(chat_model: Any, line: BatchLine) -> dict[str, Any]:
-    """Generate one line's reply from an empty context; the output record."""
+def check_parallel(parallel: Any) -> int:
+    """``parallel`` checked: a whole number of slots from 1 to llama.cpp's sequence limit (InputError)."""
+    from medgemma_gguf.runtime.chat import MAX_PARALLEL
+
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
+        raise InputError(f"{setting('batch_parallel')} must be a whole number from 1 (one line at a time, the "
+                         f"default) to {MAX_PARALLEL}, got {parallel!r}")
+    return parallel
+
+
+def run_line(chat_model: Any, line: BatchLine, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Generate one line's reply from an empty context; the output record. ``should_stop``: polled while the
+    reply runs in a server slot; True cancels it (the run is stopping)."""
     from medgemma_gguf.runtime.sampling import sampling_settings
 
     settings = sampling_settings(**line.sampling)
     chat_model.reset()  # no prefix shared with the line before: the reply depends on this line only
     prompt = chat_model.prompt(line.messages, system=line.system, preset=line.preset, think=line.think)
-    result = chat_model.generate(prompt, settings).collect()
+    stream = chat_model.generate(prompt, settings) if should_stop is None else \
+        chat_model.generate(prompt, settings, should_stop=should_stop)
+    result = stream.collect()
     record: dict[str, Any] = {"id": line.id, "line": line.number, "reply": result.text, "reasoning": result.reasoning}
     if line.sampling.get("json_schema") is not None:
         try:
@@ -283,12 +315,15 @@ def write_provenance(path: Path, record: dict[str, Any]) -> None:
 
 def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[int, str, str]], out: Path, *,
               input_path: Path, base_seed: int, n_threads: int | None, strict: bool = False, progress: bool = True,
-              echo: Callable[[str], None] = log.warning) -> BatchSummary:
-    """Run the lines not yet in ``out``, appending one output line each (module docstring)."""
+              echo: Callable[[str], None] = log.warning, parallel: int = 1) -> BatchSummary:
+    """Run the lines not yet in ``out``, appending one output line each (module docstring). ``parallel`` > 1
+    runs that many lines at once in server slots; ``chat_model`` must then be loaded with ``n_parallel`` >=
+    ``parallel``."""
     from tqdm import tqdm
 
     from medgemma_gguf.provenance import collect_provenance, hash_input
 
+    parallel = check_parallel(parallel)
     out = Path(out)
     provenance_path = Path(f"{out}{PROVENANCE_SUFFIX}")
     summary = BatchSummary(out=out, provenance=provenance_path, skipped=list(bad))
@@ -299,7 +334,7 @@ def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[i
     if chat_model.mmproj_path is not None:
         inputs.append(hash_input("mmproj", chat_model.mmproj_path))
     run = collect_provenance(threads=n_threads, seeds={"batch": base_seed}, inputs=inputs).to_json()
-    run.update(lines_already_done=summary.already_done, lines_written=0, finished=False)
+    run.update(parallel=parallel, lines_already_done=summary.already_done, lines_written=0, finished=False)
     previous: dict[str, Any] = {}
     if provenance_path.is_file() and done:
         try:
@@ -313,24 +348,83 @@ def run_batch(chat_model: Any, lines: Sequence[BatchLine], bad: Sequence[tuple[i
     try:
         with open(out, "a", encoding="utf-8") as handle, \
                 tqdm(total=len(todo), desc="batch", unit="line", disable=not progress) as bar:
-            for line in todo:
-                try:
-                    record = run_line(chat_model, line)
-                except UserError as exc:
-                    if strict:
-                        raise UserError(f"line {line.number} (id {line.id}): {exc.for_cli()}") from exc
-                    echo(f"line {line.number} (id {line.id}): {exc.for_cli()}; skipped")
-                    summary.skipped.append((line.number, line.id, exc.for_cli()))
-                    bar.update(1)
-                    continue
+
+            def write(record: dict[str, Any]) -> None:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
                 summary.written += 1
                 run["lines_written"] = summary.written
-                bar.update(1)
+
+            def failed(line: BatchLine, exc: UserError) -> None:
+                if strict:
+                    raise UserError(f"line {line.number} (id {line.id}): {exc.for_cli()}") from exc
+                echo(f"line {line.number} (id {line.id}): {exc.for_cli()}; skipped")
+                summary.skipped.append((line.number, line.id, exc.for_cli()))
+
+            if parallel == 1:
+                for line in todo:
+                    try:
+                        record = run_line(chat_model, line)
+                    except UserError as exc:
+                        failed(line, exc)
+                        bar.update(1)
+                        continue
+                    write(record)
+                    bar.update(1)
+            else:
+                summary.lines_per_decode = _run_in_slots(chat_model, todo, parallel, write, failed, bar.update)
         run["finished"] = True
     finally:
         run["lines_skipped"] = [{"line": n, "id": i, "error": e} for n, i, e in summary.skipped]
+        if summary.lines_per_decode is not None:
+            run["lines_per_decode"] = round(summary.lines_per_decode, 3)
         write_provenance(provenance_path, document)
     return summary
+
+
+def _run_in_slots(chat_model: Any, todo: Sequence[BatchLine], parallel: int,
+                  write: Callable[[dict[str, Any]], None], failed: Callable[[BatchLine, UserError], None],
+                  finished: Callable[[int], object]) -> float | None:
+    """``todo`` through ``parallel`` slots of a ``Batcher`` over ``chat_model``: one thread per slot builds a
+    line's prompt and waits for its reply; the results are handed to ``write``/``failed`` in input order. Returns
+    the mean number of lines per ``llama_decode`` (how much the slots were shared)."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    from medgemma_gguf.runtime.batching import Batcher
+
+    batcher = Batcher(chat_model, n_slots=parallel, queue_size=0)
+    stats = batcher.stats
+    stopping = threading.Event()  # an error, --strict or Ctrl-C: the replies still running are cancelled
+    results: dict[int, dict[str, Any] | UserError] = {}
+    running: dict[Future[dict[str, Any]], int] = {}
+    started = written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medgemma-batch") as pool:
+            try:
+                while written < len(todo):
+                    while (started < len(todo) and len(running) < parallel
+                           and started - written < LOOKAHEAD * parallel):
+                        running[pool.submit(run_line, chat_model, todo[started], stopping.is_set)] = started
+                        started += 1
+                    ready, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in ready:
+                        index = running.pop(future)
+                        try:
+                            results[index] = future.result()
+                        except UserError as exc:
+                            results[index] = exc
+                        finished(1)
+                    while written in results:  # input order: what finished early waits for the lines before it
+                        result = results.pop(written)
+                        line = todo[written]
+                        written += 1
+                        if isinstance(result, UserError):
+                            failed(line, result)
+                        else:
+                            write(result)
+            finally:
+                stopping.set()
+    finally:
+        batcher.close()
+    return stats.busy_slots_per_decode / stats.n_decode if stats.n_decode else None

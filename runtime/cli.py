@@ -605,18 +605,24 @@ def worker_command(host: str, port: int, threads: int | None, devices: tuple[str
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Base seed: a line without its own samples with a seed from this and its id.")
 @click.option("--think", is_flag=True, help="Default: MedGemma's 'think silently if needed' system prefix.")
+@click.option("--parallel", default=1, show_default=True, type=int,
+              help="Lines run at once in the server's slots (continuous batching; the KV cache holds N x --ctx "
+                   "positions). Output stays in input order and resumable; a greedy reply equals the one-at-a-time "
+                   "reply except after a near-tie of the top two logits, a seeded sampled reply reproduces only "
+                   "with 1.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def batch_command(ctx: click.Context, model: Path, mmproj: Path | None, quant: str | None, n_ctx: int,
                   n_gpu_layers: str, vram: str | None, threads: int | None, lora: tuple[Path, ...],
                   lora_scaled: tuple[tuple[Path, float], ...], input_path: Path, out: Path, force: bool, strict: bool,
-                  system: str | None, seed: int, think: bool, quiet: bool, **defaults: Any) -> None:
+                  system: str | None, seed: int, think: bool, parallel: int, quiet: bool, **defaults: Any) -> None:
     """Run every conversation of IN.jsonl through MODEL and write one JSONL line per input line to --out.
     Resumable (ids already in --out are skipped), reproducible (a seed per line), kill-safe (each line is on
-    disk before the next starts). Exit 0 when every line was answered, 1 when lines were skipped, 2 with --strict
-    at the first bad line."""
-    from medgemma_gguf.runtime.batch import done_ids, read_input, run_batch
+    disk before the next starts). --parallel N runs N lines at once, output still in input order. Exit 0 when
+    every line was answered, 1 when lines were skipped, 2 with --strict at the first bad line."""
+    from medgemma_gguf.runtime.batch import check_parallel, done_ids, read_input, run_batch
 
+    check_parallel(parallel)
     defaults = {**defaults, "system": system, "think": think}
     lines, bad = read_input(input_path, defaults, seed)
     for number, line_id, problem in bad:
@@ -632,10 +638,12 @@ def batch_command(ctx: click.Context, model: Path, mmproj: Path | None, quant: s
                    err=True)
     if not lines:
         raise UserError(f"{input_path} has no usable line; fix the lines above")
-    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled)
+    chat_model = _load(model, mmproj, quant, n_ctx, n_gpu_layers, vram, threads, lora, lora_scaled,
+                       n_parallel=parallel)
     with chat_model:
         summary = run_batch(chat_model, lines, bad, out, input_path=input_path, base_seed=seed, n_threads=threads,
-                            strict=strict, progress=not quiet, echo=lambda text: click.echo(text, err=True))
+                            strict=strict, progress=not quiet, echo=lambda text: click.echo(text, err=True),
+                            parallel=parallel)
     click.echo(f"wrote {summary.written} lines to {out} ({summary.already_done} already there, "
                f"{len(summary.skipped)} skipped); provenance in {summary.provenance}", err=True)
     if summary.skipped:

@@ -159,7 +159,8 @@ def test_batch_writes_one_line_per_input_and_resumes_after_a_cut(converted, work
     assert _without_timings(_lines(cut)) == _without_timings(full)
 
 
-def test_failing_lines_are_skipped_or_stop_with_strict(converted, tmp_path, capsys):
+@pytest.mark.parametrize("parallel", ["1", "3"])
+def test_failing_lines_are_skipped_or_stop_with_strict(converted, tmp_path, capsys, parallel):
     path = _write(tmp_path / "in.jsonl", [
         {"id": "a", "prompt": "Hello"},
         {"id": "long", "prompt": "word " * 3000},  # more than the context holds: fails while running
@@ -167,7 +168,7 @@ def test_failing_lines_are_skipped_or_stop_with_strict(converted, tmp_path, caps
         {"id": "c", "prompt": "Again"},
     ])
     out = tmp_path / "out.jsonl"
-    args = _batch_args(converted, path, out)
+    args = _batch_args(converted, path, out, "--parallel", parallel)
     assert cli.main(args) == 1  # lines were skipped
     err = capsys.readouterr().err
     assert "line 3 (id b): unknown field(s) nonsense" in err and "line 2 (id long)" in err and "--ctx" in err
@@ -175,9 +176,9 @@ def test_failing_lines_are_skipped_or_stop_with_strict(converted, tmp_path, caps
     out.unlink()
     path = _write(tmp_path / "in2.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "long", "prompt": "word " * 3000},
                                            {"id": "c", "prompt": "Again"}])
-    assert cli.main(_batch_args(converted, path, out, "--strict")) == 2
+    assert cli.main(_batch_args(converted, path, out, "--strict", "--parallel", parallel)) == 2
     assert "line 2 (id long)" in capsys.readouterr().err
-    assert [r["id"] for r in _lines(out)] == ["a"]  # what was done before the stop stays
+    assert [r["id"] for r in _lines(out)] == ["a"]  # what was done before the stop stays (not what came after)
 
 
 @pytest.mark.e2e
@@ -205,3 +206,142 @@ def test_a_killed_batch_resumes_to_the_same_file(converted, tmp_path):
     assert written >= 2
     assert cli.main(_batch_args(converted, workload, out)) == 0
     assert _without_timings(_lines(out)) == _without_timings(_lines(reference))
+
+
+# --- --parallel N: lines in the server's slots ------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", ["0", "-2", "257"])
+def test_bad_parallel_values_are_refused_naming_the_flag(tmp_path, capsys, value):
+    path = _write(tmp_path / "in.jsonl", [{"id": "a", "prompt": "ok"}])
+    code = cli.main(["batch", str(tmp_path / "no-model.gguf"), str(path), "--out", str(tmp_path / "o.jsonl"),
+                     "--parallel", value])
+    err = capsys.readouterr().err
+    assert code == 2 and "--parallel" in err and f"got {value}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [0, 300, True, 2.0])
+def test_bad_parallel_values_are_refused_in_python(tmp_path, value):
+    from medgemma_gguf.errors import InputError
+    from medgemma_gguf.runtime.batch import run_batch
+
+    with pytest.raises(InputError, match=r"^parallel must be a whole number from 1"):
+        run_batch(None, [], [], tmp_path / "o.jsonl", input_path=tmp_path / "in.jsonl", base_seed=0, n_threads=1,
+                  parallel=value)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def _solo_tokens(model, line, tie: float = 1e-3) -> tuple[list[int], int]:
+    """A line's greedy reply run alone in a slot with its top-two log-probabilities: its tokens, and how many
+    come before the first position whose top two candidates are within ``tie``."""
+    import queue
+
+    from medgemma_gguf.runtime.batching import Batcher, Job
+    from medgemma_gguf.runtime.sampling import sampling_settings
+
+    settings = sampling_settings(**line.sampling)
+    prompt = model.prompt(line.messages, system=line.system, preset=line.preset, think=line.think)
+    sampler = model.engine.new_sampler(settings.resolve(model.sampling_defaults), reasoning=model.reasoning_markers)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    batcher = Batcher(model, n_slots=1)
+    try:
+        batcher.submit(Job(prompt, settings, sampler, lambda kind, value: events.put((kind, value)), top_logprobs=2))
+        tokens, clear = [], None
+        while True:
+            kind, value = events.get(timeout=300)
+            if kind == "token" and value.logprob is not None:
+                top = value.logprob.top
+                if clear is None and len(top) > 1 and top[0][2] - top[1][2] < tie:
+                    clear = len(tokens)
+                tokens.append(value.token)
+            elif kind == "error":
+                raise value
+            elif kind == "done":
+                return tokens, len(tokens) if clear is None else clear
+    finally:
+        batcher.close()
+
+
+def _text_of(model, tokens: list[int]) -> str:
+    from medgemma_gguf.runtime.reply import ReplyText
+
+    reply = ReplyText(model.engine.piece, markers=model.reasoning_markers)
+    for token in tokens:
+        reply.push(token)
+    return reply.text
+
+
+def test_parallel_lines_come_in_input_order_and_greedy_replies_equal_the_solo_ones(converted, workload, tmp_path):
+    from medgemma_gguf.runtime.chat import load
+
+    extra = [{"id": "k1", "prompt": "Is this normal?", "think": True},  # the reasoning block is parsed per slot
+             {"id": "p1", "prompt": "Describe.", "preset": "radiology", "stop": ["e"], "max_tokens": 8}]
+    workload.write_text(workload.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    one, three = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
+    assert cli.main(_batch_args(converted, workload, one)) == 0
+    assert cli.main(_batch_args(converted, workload, three, "--parallel", "3")) == 0
+    solo, batched = _lines(one), _lines(three)
+    assert [r["id"] for r in batched] == [r["id"] for r in solo] == ["t1", "i1", "m1", "s1", "s2", "j1", "t2", "k1",
+                                                                     "p1"]
+    for a, b in zip(solo, batched, strict=True):
+        assert list(a) == list(b)  # the same fields, in the same order
+        assert {k: a[k] for k in ("line", "prompt_tokens", "seed", "input_sha256", "images", "meta") if k in a} == \
+            {k: b[k] for k in ("line", "prompt_tokens", "seed", "input_sha256", "images", "meta") if k in b}
+        assert b["finish_reason"] in ("stop", "length") and b["completion_tokens"] >= 1
+    j1 = batched[5]
+    assert j1["json"] is None or j1["json"]["finding"] in ("normal", "abnormal")  # the schema held in a slot
+    runs = [json.loads(Path(f"{p}.provenance.json").read_text())["runs"][0] for p in (one, three)]
+    assert [r["parallel"] for r in runs] == [1, 3] and all(r["finished"] for r in runs)
+    assert "lines_per_decode" not in runs[0] and runs[1]["lines_per_decode"] > 1  # lines shared decodes
+
+    # greedy lines: equal up to the first near-tie of the solo run's top two logits
+    lines, _ = read_input(workload, {"max_tokens": 12, "temperature": 0.0, "system": None, "think": False}, 0)
+    by_id = {line.id: line for line in lines}
+    compared = 0
+    model = load(converted(VARIANT).text_path, n_ctx=1024, n_gpu_layers=0, n_threads=1)
+    with model:
+        for a, b in zip(solo, batched, strict=True):
+            if a["id"] not in ("t1", "i1", "m1", "t2", "k1", "p1"):
+                continue
+            tokens, clear = _solo_tokens(model, by_id[a["id"]])
+            compared += clear
+            if a["id"] in ("k1", "p1"):  # reasoning split off, stop string: compared whole, when no near-tie
+                if clear == len(tokens):
+                    assert (a["reply"], a["reasoning"]) == (b["reply"], b["reasoning"]), a["id"]
+            elif clear == len(tokens):
+                assert a["reply"] == b["reply"] == _text_of(model, tokens), a["id"]
+            else:
+                prefix = _text_of(model, tokens[:clear])
+                assert a["reply"].startswith(prefix) and b["reply"].startswith(prefix), a["id"]
+    assert compared >= 12  # the near-tie rule left tokens to compare
+
+
+@pytest.mark.e2e
+def test_a_killed_parallel_batch_resumes_to_the_same_ids_in_order(converted, tmp_path):
+    records = [{"id": f"q{i}", "prompt": f"Question number {i}?", **({"temperature": 0.7} if i % 2 else {})}
+               for i in range(12)]
+    workload = _write(tmp_path / "in.jsonl", records)
+    reference = tmp_path / "reference.jsonl"
+    assert cli.main(_batch_args(converted, workload, reference)) == 0
+    out = tmp_path / "killed.jsonl"
+    command = [sys.executable, "-m", "medgemma_gguf.cli", *_batch_args(converted, workload, out, "--parallel", "3")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    data = out.read_bytes()
+    killed = [json.loads(text) for text in data[:data.rfind(b"\n") + 1].decode().splitlines()]  # complete lines
+    assert killed and [r["id"] for r in killed] == [r["id"] for r in records[:len(killed)]]  # a prefix, in order
+    assert cli.main(_batch_args(converted, workload, out, "--parallel", "3")) == 0
+    resumed, full = _lines(out), _lines(reference)
+    assert [r["id"] for r in resumed] == [r["id"] for r in full] and [r["line"] for r in resumed] == list(range(1, 13))
+    assert [r["seed"] for r in resumed] == [r["seed"] for r in full]
+    assert resumed[:len(killed)] == killed  # the lines written before the kill were kept as they were
