@@ -171,7 +171,7 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     files = list(dict.fromkeys(files))
     rows = evaluate_candidates([Candidate(path, mmproj) for path in files], parts, slices, reference.signature,
                                image_size, n_threads=args.threads, measure_speed=False)
-    by_file = {Path(r.path or r.file).name: r for r in rows}
+    by_file = {str(Path(r.path or r.file).resolve()): r for r in rows}  # both methods' AUTO files share names
     for row in rows:
         if not row.ok:
             raise SystemExit(f"error: {row.file}: {row.error}")
@@ -186,11 +186,11 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(rule)
     ratios: dict[str, dict[str, float]] = {m: {} for m in args.methods}
     for base in baselines:
-        b = by_file[base.path.name]
+        b = by_file[str(base.path.resolve())]
         line = f"| {base.type_name} | {base.bytes} | {base.bpw:.2f} | {b.kld.mean:.5f} | {b.image_kld.mean:.5f} |"
         for method in args.methods:
             auto = autos[method][base.type_name].result
-            a = by_file[auto.path.name]
+            a = by_file[str(auto.path.resolve())]
             ratio = a.kld.mean / b.kld.mean
             ratios[method][base.type_name] = ratio
             delta = 100 * (auto.bytes - base.bytes) / base.bytes
