@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="fast method: tensors quantized in parallel")
     parser.add_argument("--sample", type=int, default=10,
                         help="proxy: calibration conversations (text and image each) for the sensitivity")
-    parser.add_argument("--fast-sample", type=int, default=None, help="fast: calibration conversations (default 4)")
+    parser.add_argument("--fast-sample", type=int, default=None,
+                        help="fast: calibration conversations (default FAST_SAMPLE)")
     parser.add_argument("--methods", default="fast,proxy", help="sensitivity methods compared in part 1")
     parser.add_argument("--agreement-groups", type=int, default=6)
     parser.add_argument("--wide-layers", type=int, default=2, help="layers of the MedGemma-4B-wide checkpoint")
