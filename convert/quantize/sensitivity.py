@@ -142,7 +142,7 @@ DEFAULT_METHOD = "fast"
 FAST_VERSION = 2  # of the fast method's table assembly (part of its cache key); 2: per-(block, layer) factors
 # the fast method's calibration points score the first N text and N image conversations unless told otherwise.
 # 2 (about a twelfth of the set's positions): on the trained fixture AUTO from 2 gave 0.289x Q4_K_M's KL at its
-# size and from 4 0.302x (BENCHMARKS.md), for half the evaluation time, which dominates on MedGemma 4B
+# size and from 4 0.302x (BENCHMARKS.md), with the evaluations, which dominate on MedGemma 4B, a third faster
 FAST_SAMPLE = 2
 # an importance-matrix pass over the calibration set costs about this many forward passes over it (plan
 # estimate: the activations of every matrix multiplication are copied out and summed)
