@@ -109,11 +109,13 @@ from medgemma_gguf.convert.quantize.fast_sensitivity import (
     time_model,
 )
 from medgemma_gguf.convert.quantize.imatrix import check_imatrix_matches, read_imatrix
+from medgemma_gguf.convert.quantize.llama_quantize import QuantSpec, quantize_file
 from medgemma_gguf.convert.quantize.recipe import parse_recipe
 from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
 from medgemma_gguf.hashing import cached_file_sha256
+from medgemma_gguf.quant_eval.evaluate import Candidate, evaluate_candidate
 from medgemma_gguf.quant_eval.items import ImageRef, Item
 from medgemma_gguf.quant_eval.metrics import spearman_rank_correlation
 from medgemma_gguf.quant_eval.reference import (
@@ -123,6 +125,7 @@ from medgemma_gguf.quant_eval.reference import (
     GGUFReference,
     ReferenceCache,
     heldout_hash,
+    reference_parts,
 )
 from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
 from medgemma_gguf.quant_types import (
@@ -292,9 +295,6 @@ class Measurer:
     def __init__(self, source: Path, mmproj: Path | None, imatrix: Any | None, *, cache_dir: Path,
                  calibration: Any | None = None, max_text: int | None = None, max_images: int | None = None,
                  n_threads: int | None = None, progress: bool = False):
-        from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
-        from medgemma_gguf.quant_eval.slices import Slice
-
         self.source, self.mmproj, self.imatrix = Path(source), (Path(mmproj) if mmproj else None), imatrix
         self.info = read_gguf_info(self.source)
         types = {t.ggml_type for t in self.info.tensors if is_quantizable(t.name, t.shape)}
@@ -335,7 +335,6 @@ class Measurer:
     def quantize(self, types: dict[str, GGMLQuantizationType], base: GGMLQuantizationType | None,
                  label: str) -> Path:
         """A GGUF with ``types`` for the named tensors and ``base`` (default: the source type) for the rest."""
-        from medgemma_gguf.convert.quantize.llama_quantize import QuantSpec, quantize_file
 
         if self._tmp is None:
             raise RuntimeError("use the Measurer as a context manager")
@@ -355,7 +354,6 @@ class Measurer:
 
     def evaluate(self, path: Path) -> Measurement:
         """Mean KL of ``path`` against the reference over the calibration parts."""
-        from medgemma_gguf.quant_eval.evaluate import Candidate, evaluate_candidate
 
         start = time.perf_counter()
         row = evaluate_candidate(Candidate(path, self.mmproj if self.slices else None), self.parts,
