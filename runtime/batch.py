@@ -287,9 +287,7 @@ def run_line(chat_model: Any, line: BatchLine, should_stop: Callable[[], bool] |
     settings = sampling_settings(**line.sampling)
     chat_model.reset()  # no prefix shared with the line before: the reply depends on this line only
     prompt = chat_model.prompt(line.messages, system=line.system, preset=line.preset, think=line.think)
-    stream = chat_model.generate(prompt, settings) if should_stop is None else \
-        chat_model.generate(prompt, settings, should_stop=should_stop)
-    result = stream.collect()
+    result = chat_model.generate(prompt, settings, should_stop=should_stop).collect()
     record: dict[str, Any] = {"id": line.id, "line": line.number, "reply": result.text, "reasoning": result.reasoning}
     if line.sampling.get("json_schema") is not None:
         try:
