@@ -355,7 +355,7 @@ class Coverage(_Numbers):
     size bounds, what was stored, and the cache's size. Version-1 reports carry ``top_k`` instead."""
 
     INTEGERS: ClassVar[frozenset[str]] = frozenset({"min_tokens", "max_tokens", "positions_at_cap", "n_positions",
-                                                    "vocab_size", "cache_bytes", "top_k"})
+                                                    "vocab_size", "cache_bytes", "top_k", "dense_positions"})
 
     epsilon: float | None = None
     full_vocab: bool = False
@@ -364,6 +364,7 @@ class Coverage(_Numbers):
     mean_set_size: float | None = None
     max_tail_mass: float | None = None
     positions_at_cap: int | None = None
+    dense_positions: int | None = None
     n_positions: int | None = None
     vocab_size: int | None = None
     cache_bytes: int | None = None

@@ -73,7 +73,9 @@ def eval_command(targets: tuple[Path, ...], reference: str, outdir: Path, slice_
         click.echo(f"{row.file}: {status}")
     cov = report.coverage
     if cov.cache_bytes_per_position is not None:
-        kept = "every token" if cov.full_vocab else f"ε = {cov.epsilon:g}, {cov.mean_set_size:.1f} tokens a position"
+        whole = f", {cov.dense_positions} of {cov.n_positions} positions whole" if cov.dense_positions else ""
+        kept = "every token" if cov.full_vocab else \
+            f"ε = {cov.epsilon:g}, {cov.mean_set_size:.1f} tokens a position{whole}"
         click.echo(f"reference cache: {kept}, {cov.cache_bytes_per_position / 1024:.1f} KiB a position")
     click.echo(f"wrote {outdir / 'report.md'} ({len(report.rows) - len(failed)} evaluated, {len(failed)} failed)")
 

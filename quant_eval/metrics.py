@@ -7,18 +7,21 @@ Conventions
   raw logits or log-probabilities: every function renormalises them with a float64 log-softmax, which
   leaves true log-probabilities unchanged.
 * The reference cache keeps the reference's distribution by probability *mass*, not by count
-  (:class:`CoveredLogProbs`): per position the smallest set of most likely tokens covering ``1 - ε``
-  (default ε = 1e-4, or the ε chosen for the model family, ``reference.MODEL_COVERAGE``; with a floor and a cap
-  on the set size), as the model's float32 logits, plus the exact
-  float64 log-sum-exp of the whole row (so the stored probabilities are exact) and the leftover tail mass.
-  Gemma 3's 262,208-entry rows are 1 MiB each as float32; a covered row is a few KiB. ε = 0 stores every
-  logit (``--full-vocab``, llama.cpp's method).
+  (:class:`CoveredLogProbs`, :func:`cover_from_logits`): per position the smallest set of most likely tokens
+  whose left-out mass ``P_T`` satisfies ``P_T · max(1, ln(m / p_min)) <= ε`` (default ε = 1e-4, or the ε
+  chosen for the model family, ``reference.MODEL_COVERAGE``; ``m`` the smallest kept probability, ``p_min``
+  the row's smallest), as the model's float32 logits, plus the exact float64 log-sum-exp of the whole row
+  (so the stored probabilities are exact) and the tail mass. Where that set would exceed the cap
+  (``max_tokens``) or half the vocabulary — a flat or long tail — the position's whole row is stored
+  instead, and its KL is exact. Gemma 3's 262,208-entry rows are 1 MiB each as float32 (llama.cpp's uint16
+  rows: 512 KiB); a covered row of a peaked distribution is a few KiB. ε = 0 stores every row whole
+  (``--full-vocab``, llama.cpp's method).
 * The KL from that cache comes with its exact bracket (:func:`kl_divergence_covered`): the reported value
   is the coarsened KL (stored tokens exact, tail lumped), a lower bound; the upper bound is the largest KL
-  any reference consistent with the cache could have. The bracket's width is at most
-  ``P_T · (ln m - ln min_T q - ln(P_T/Q_T))`` (``P_T <= ε`` the tail mass, ``m`` the smallest stored
-  probability), tens of nats times ε — at ε = 1e-4 wider than a Q8_0-class KL, so ranking quants that close
-  needs a smaller ε or ``--full-vocab``; :func:`brackets_overlap` says when two quants cannot be told apart.
+  any reference consistent with the cache could have; both are the exact KL at a row stored whole. At a
+  covered row the bracket's width is at most ``P_T · (ln m - ln min_T q - ln(P_T/Q_T))``, which the rule
+  above keeps near ε nats or less unless the candidate's tail is far more extreme than the reference's
+  own; :func:`brackets_overlap` says when two quants cannot be told apart.
 * Per-position KL values with ``|KL| < 1e-9`` are float64 round-off of a zero KL and are set to 0
   (:data:`ROUNDOFF_KL`); nothing else is clamped.
 * Where llama.cpp's ``llama-perplexity --kl-divergence`` reports a statistic, we follow its definition
@@ -49,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
@@ -213,16 +217,25 @@ def log_softmax(logits: ArrayLike) -> NDArray[np.float64]:
 class CoveredLogProbs:
     """The reference's distribution per position, stored by probability mass rather than by count.
 
-    Row ``n`` keeps the smallest set of tokens whose probability covers ``1 - epsilon`` (at least
-    ``min_tokens``, at most ``max_tokens`` of them; see :func:`cover_from_logits`), as the model's own
-    float32 logits, plus ``lse[n]`` = ``ln Σ_i exp(logit_i)`` over the *whole* vocabulary in float64 and
-    ``tail_mass[n]`` = the probability of every token not kept (summed directly, so it keeps its relative
-    precision when tiny). ``ln p_i = logit_i - lse[n]`` is then the exact float64 log-probability, the same
-    number a full-vocabulary float64 log-softmax gives.
+    Row ``n`` is stored in one of two forms (see :func:`cover_from_logits`):
 
-    Layout (CSR): row n is ``ids[offsets[n]:offsets[n+1]]`` / ``logits[...]`` (in ascending id order as
-    :func:`cover_from_logits` writes them; nothing depends on the order). ``ids is None`` is the dense layout
-    of ``--full-vocab``: every row holds all ``vocab_size`` logits in id order and ``tail_mass`` is 0.
+    * *covered*: the smallest set of most likely tokens whose probability covers ``1 - epsilon`` (at least
+      ``min_tokens`` of them), as the model's own float32 logits with their token ids, and
+      ``tail_mass[n]`` = the probability of every token not kept (summed directly, so it keeps its relative
+      precision when tiny);
+    * *whole* (``dense_rows[n]``): every logit of the row in id order, no ids and no tail — used where the
+      covering set would exceed ``max_tokens`` or hold at least half the vocabulary (a flat or long tail),
+      so that position's KL is exact rather than bracketed, at 4 bytes a token.
+
+    Both carry ``lse[n]`` = ``ln Σ_i exp(logit_i)`` over the *whole* vocabulary in float64, so
+    ``ln p_i = logit_i - lse[n]`` is the exact float64 log-probability, the same number a full-vocabulary
+    float64 log-softmax gives.
+
+    Layout (CSR): row n's logits are ``logits[offsets[n]:offsets[n+1]]`` (``vocab_size`` of them for a row
+    stored whole); ``ids`` holds the token ids of the covered rows only, one after another (ascending within
+    a row as :func:`cover_from_logits` writes them; nothing depends on the order), and is ``None`` when every
+    row is stored whole. ``dense_rows`` defaults to "every row whole" when ``ids is None`` (the layout of
+    ``--full-vocab``, ``epsilon = 0``) and to "none" otherwise.
     """
 
     offsets: NDArray[np.int64]
@@ -232,6 +245,7 @@ class CoveredLogProbs:
     tail_mass: NDArray[np.float64]
     vocab_size: int
     epsilon: float
+    dense_rows: NDArray[np.bool_] | None = None
 
     def __post_init__(self) -> None:
         offsets = _as_int_array(self.offsets, "CoveredLogProbs.offsets", ndim=1)
@@ -254,21 +268,33 @@ class CoveredLogProbs:
             raise MetricInputError(f"CoveredLogProbs has {n} rows in offsets but {lse.size} in lse; they must match")
         if ((tail < -_LOGPROB_SLACK) | (tail > 1 + _LOGPROB_SLACK)).any():
             raise MetricInputError("CoveredLogProbs.tail_mass must lie in [0, 1]; it is a probability mass")
-        if self.ids is None:
-            if (sizes != vocab).any():
-                raise MetricInputError(f"dense CoveredLogProbs rows must hold all {vocab} logits each")
+        if self.dense_rows is None:
+            dense = np.full(n, self.ids is None)
+        else:
+            dense = np.asarray(self.dense_rows)
+            if dense.dtype != bool or dense.shape != (n,):
+                raise MetricInputError(f"CoveredLogProbs.dense_rows must be {n} booleans (one a row), got "
+                                       f"{dense.dtype} {dense.shape}")
+        if (sizes[dense] != vocab).any():
+            raise MetricInputError(f"CoveredLogProbs rows stored whole must hold all {vocab} logits each")
+        if (tail[dense] > _LOGPROB_SLACK).any():
+            raise MetricInputError("CoveredLogProbs rows stored whole have no tail; their tail_mass must be 0")
+        covered_sizes = np.where(dense, 0, sizes)
+        n_covered_tokens = int(covered_sizes.sum())
+        if self.ids is None or (n_covered_tokens == 0 and np.asarray(self.ids).size == 0):
+            if n_covered_tokens:
+                raise MetricInputError("CoveredLogProbs.ids is None but some rows are not stored whole; pass their "
+                                       "token ids")
             ids = None
         else:
             ids = _as_int_array(self.ids, "CoveredLogProbs.ids", ndim=1)
-            if ids.size != logits.size:
-                raise MetricInputError("CoveredLogProbs.ids and logits must have one entry per stored token")
+            if ids.size != n_covered_tokens:
+                raise MetricInputError("CoveredLogProbs.ids and logits must have one entry per stored token of the "
+                                       "rows not stored whole")
             if (ids >= vocab).any() or (sizes > vocab).any():
                 raise MetricInputError(f"CoveredLogProbs holds token ids >= its vocabulary size {vocab}")
             ids = ids.astype(np.int32)
-        row_of = np.repeat(np.arange(n), sizes)
-        with np.errstate(over="ignore"):
-            stored = np.bincount(row_of, weights=np.exp(logits.astype(np.float64) - lse[row_of]), minlength=n)
-        total = stored + tail
+        total = _stored_mass(logits, offsets, lse) + np.where(dense, 0.0, tail)
         if (np.abs(total - 1.0) > _MASS_SLACK).any():
             worst = int(np.argmax(np.abs(total - 1.0)))
             raise MetricInputError(f"CoveredLogProbs row {worst}: stored probabilities plus tail_mass sum to "
@@ -277,9 +303,12 @@ class CoveredLogProbs:
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "logits", logits)
         object.__setattr__(self, "lse", lse)
-        object.__setattr__(self, "tail_mass", np.clip(tail, 0.0, 1.0))
+        object.__setattr__(self, "tail_mass", np.where(dense, 0.0, np.clip(tail, 0.0, 1.0)))
         object.__setattr__(self, "vocab_size", int(vocab))
         object.__setattr__(self, "epsilon", float(self.epsilon))
+        object.__setattr__(self, "dense_rows", dense)
+        # where each covered row's ids start in ``ids`` (rows stored whole take none)
+        object.__setattr__(self, "_id_offsets", np.concatenate([[0], np.cumsum(covered_sizes)]).astype(np.int64))
 
     @property
     def n_positions(self) -> int:
@@ -287,96 +316,157 @@ class CoveredLogProbs:
 
     @property
     def dense(self) -> bool:
-        """True for the full-vocabulary layout (every logit of every position)."""
-        return self.ids is None
+        """True when every row is stored whole (the full-vocabulary layout of ``--full-vocab``)."""
+        return bool(self.dense_rows.all())  # type: ignore[union-attr]
+
+    @property
+    def n_dense(self) -> int:
+        """Rows stored whole (exact KL there)."""
+        return int(np.count_nonzero(self.dense_rows))  # type: ignore[arg-type]
 
     @property
     def set_sizes(self) -> NDArray[np.int64]:
-        """Tokens stored per position."""
+        """Tokens stored per position (``vocab_size`` for a row stored whole)."""
         return np.diff(self.offsets)
+
+    def _row_ids(self, index: int) -> NDArray[np.int64]:
+        if self.dense_rows[index]:  # type: ignore[index]
+            return np.arange(self.vocab_size)
+        offsets: NDArray[np.int64] = self._id_offsets  # type: ignore[attr-defined]
+        assert self.ids is not None
+        return self.ids[offsets[index] : offsets[index + 1]].astype(np.int64)
 
     def row(self, index: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
         """Token ids and their exact ``ln p`` (float64) at position ``index``."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        lp = self.logits[start:end].astype(np.float64) - self.lse[index]
-        ids = np.arange(self.vocab_size) if self.ids is None else self.ids[start:end].astype(np.int64)
-        return ids, lp
+        return self._row_ids(index), self.logits[start:end].astype(np.float64) - self.lse[index]
 
-    def _top1_index(self) -> NDArray[np.int64]:
-        """Index into ``logits`` of each row's largest logit (lowest id among equal ones)."""
-        sizes = self.set_sizes
-        row_max = np.maximum.reduceat(self.logits, self.offsets[:-1])
-        at_max = self.logits == np.repeat(row_max, sizes)
-        if self.ids is None:
-            return self.offsets[:-1] + np.argmax(at_max.reshape(self.n_positions, self.vocab_size), axis=1)
-        # among a row's maxima, the lowest id: give the others an id past the vocabulary and take the minimum
-        keyed = np.where(at_max, self.ids, self.vocab_size)
-        row_min = np.minimum.reduceat(keyed, self.offsets[:-1])
-        hits = np.flatnonzero(at_max & (keyed == np.repeat(row_min, sizes)))
-        return hits[np.searchsorted(hits, self.offsets[:-1])]
+    @cached_property
+    def _top1(self) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """Each row's most likely token (lowest id among equal logits, as ``argmax``) and its ``ln p``."""
+        ids = np.empty(self.n_positions, dtype=np.int64)
+        logit = np.empty(self.n_positions)
+        for index in range(self.n_positions):
+            segment = self.logits[self.offsets[index] : self.offsets[index + 1]]
+            at = int(np.argmax(segment))
+            if not self.dense_rows[index]:  # type: ignore[index]
+                row_ids = self._row_ids(index)
+                ties = np.flatnonzero(segment == segment[at])
+                at = int(ties[np.argmin(row_ids[ties])]) if ties.size > 1 else at
+                ids[index] = row_ids[at]
+            else:
+                ids[index] = at
+            logit[index] = segment[at]
+        return ids, logit - self.lse
 
     @property
     def top1_ids(self) -> NDArray[np.int64]:
         """The reference's most likely token per position (lowest id on ties, as ``argmax``)."""
-        if self.ids is None:
-            return self._top1_index() - self.offsets[:-1]
-        return self.ids[self._top1_index()].astype(np.int64)
+        return self._top1[0].copy()
 
     @property
     def top1_logprobs(self) -> NDArray[np.float64]:
         """``ln p`` of the reference's most likely token per position."""
-        return self.logits[self._top1_index()].astype(np.float64) - self.lse
+        return self._top1[1].copy()
 
     def take(self, rows: ArrayLike) -> CoveredLogProbs:
         """The positions ``rows`` (indices, in the order given) as a new object."""
         index = np.asarray(rows, dtype=np.int64)
         sizes = self.set_sizes[index]
-        starts = self.offsets[:-1][index]
-        gather = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+        dense = self.dense_rows[index]  # type: ignore[index]
+        logits = np.concatenate([self.logits[self.offsets[i] : self.offsets[i + 1]] for i in index.tolist()])
+        covered = [self._row_ids(i).astype(np.int32) for i in index.tolist() if not self.dense_rows[i]]  # type: ignore[index]
         return CoveredLogProbs(
             offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            ids=None if self.ids is None else self.ids[gather], logits=self.logits[gather], lse=self.lse[index],
-            tail_mass=self.tail_mass[index], vocab_size=self.vocab_size, epsilon=self.epsilon)
+            ids=np.concatenate(covered) if covered else None, logits=logits, lse=self.lse[index],
+            tail_mass=self.tail_mass[index], vocab_size=self.vocab_size, epsilon=self.epsilon, dense_rows=dense)
 
     @classmethod
     def concatenate(cls, parts: Sequence[CoveredLogProbs]) -> CoveredLogProbs:
-        """Rows of several objects (same vocabulary, ε and layout) one after another."""
+        """Rows of several objects (same vocabulary and ε) one after another."""
         if not parts:
             raise MetricInputError("nothing to concatenate; pass at least one CoveredLogProbs")
         first = parts[0]
-        if any(p.vocab_size != first.vocab_size or p.epsilon != first.epsilon or p.dense != first.dense
-               for p in parts):
-            raise MetricInputError("CoveredLogProbs to concatenate must share vocabulary size, epsilon and layout")
+        if any(p.vocab_size != first.vocab_size or p.epsilon != first.epsilon for p in parts):
+            raise MetricInputError("CoveredLogProbs to concatenate must share vocabulary size and epsilon")
         sizes = np.concatenate([p.set_sizes for p in parts])
+        ids = [p.ids for p in parts if p.ids is not None]
         return cls(offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                   ids=None if first.dense else np.concatenate([p.ids for p in parts]),
+                   ids=np.concatenate(ids) if ids else None,
                    logits=np.concatenate([p.logits for p in parts]), lse=np.concatenate([p.lse for p in parts]),
                    tail_mass=np.concatenate([p.tail_mass for p in parts]), vocab_size=first.vocab_size,
-                   epsilon=first.epsilon)
+                   epsilon=first.epsilon, dense_rows=np.concatenate([p.dense_rows for p in parts]))
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays in memory (the cache file is compressed and usually smaller)."""
+        """Bytes of the arrays in memory (the cache file compresses the ids and the small arrays)."""
         ids = 0 if self.ids is None else self.ids.nbytes
-        return int(self.offsets.nbytes + ids + self.logits.nbytes + self.lse.nbytes + self.tail_mass.nbytes)
+        return int(self.offsets.nbytes + ids + self.logits.nbytes + self.lse.nbytes + self.tail_mass.nbytes
+                   + self.dense_rows.nbytes)  # type: ignore[union-attr]
+
+
+def _csr_blocks(offsets: NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` of a CSR layout holding about :data:`_CHUNK_ELEMENTS` values each (>= 1 row)."""
+    blocks = []
+    n, start = offsets.size - 1, 0
+    while start < n:
+        end = int(np.searchsorted(offsets, offsets[start] + _CHUNK_ELEMENTS, side="right")) - 1
+        end = min(n, max(end, start + 1))
+        blocks.append((start, end))
+        start = end
+    return blocks
+
+
+def _stored_mass(logits: NDArray[np.float32], offsets: NDArray[np.int64], lse: NDArray[np.float64]) -> NDArray:
+    """``Σ exp(logit - lse)`` per CSR row, in float64, a block of rows at a time (bounded temporaries)."""
+    out = np.empty(offsets.size - 1)
+    sizes = np.diff(offsets)
+    for start, end in _csr_blocks(offsets):
+        segment = logits[offsets[start] : offsets[end]].astype(np.float64)
+        segment -= np.repeat(lse[start:end], sizes[start:end])
+        with np.errstate(over="ignore"):
+            np.exp(segment, out=segment)
+        out[start:end] = np.add.reduceat(segment, offsets[start:end] - offsets[start])
+    return out
+
+
+def _shifted_weights(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(row max, exp(x - row max))`` of ``[N, V]`` float64 rows; the normaliser's first steps."""
+    row_max = np.max(x, axis=-1, keepdims=True)
+    if np.isneginf(row_max).any():
+        raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
+    weights = x - row_max
+    np.exp(weights, out=weights)
+    return row_max[..., 0], weights
 
 
 def _lse_rows(x: NDArray[np.float64]) -> NDArray[np.float64]:
     """``ln Σ_j exp(x_j)`` per row in float64 (max-shifted); the one normaliser both sides use."""
-    row_max = np.max(x, axis=-1, keepdims=True)
-    if np.isneginf(row_max).any():
-        raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
-    return (row_max + np.log(np.sum(np.exp(x - row_max), axis=-1, keepdims=True)))[..., 0]
+    row_max, weights = _shifted_weights(x)
+    return row_max + np.log(np.sum(weights, axis=-1))
 
 
 def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, min_tokens: int = MIN_STORED_TOKENS,
                       max_tokens: int = MAX_STORED_TOKENS) -> CoveredLogProbs:
-    """Per row, the smallest set of most likely tokens with ``tail mass <= epsilon``, and its exact normaliser.
+    """Per row, the smallest set of most likely tokens that leaves out little enough — or the whole row — and
+    the row's exact normaliser.
 
-    ``logits`` is ``[N, V]`` (float32 as the model returns them; kept bit-exact). The set holds at least
-    ``min(min_tokens, V)`` and at most ``min(max_tokens, V)`` tokens: where the cap binds the tail is larger
-    than ``epsilon`` and the KL bracket is wider (it always says so through ``tail_mass``). ``epsilon = 0``
-    keeps every token of every row in the dense layout (llama.cpp's full-vocabulary method).
+    ``logits`` is ``[N, V]`` (float32 as the model returns them; kept bit-exact). A row keeps its ``k`` most
+    likely tokens for the smallest ``k >= min(min_tokens, V)`` whose left-out mass ``P_T`` satisfies
+    ``P_T · max(1, ln(m / p_min)) <= epsilon`` (``m``: the smallest kept probability, ``p_min``: the row's
+    smallest non-zero one; ties at the boundary: the lowest ids). So ``P_T <= epsilon``, and the KL bracket's
+    width at the position — ``P_T (ln m - ln min_T q + ln(Q_T/P_T))`` at most (:func:`kl_divergence_covered`),
+    about ``P_T ln(m / p_min)`` when the candidate's tail is no more extreme than the reference's own — is
+    about ``epsilon`` nats or less. (The reported bracket never assumes that; it is computed exactly.)
+
+    Where that set would hold more than ``max_tokens`` tokens, or at least half the vocabulary (8 bytes a kept
+    token against 4 for every token of a whole row), the row is stored whole instead
+    (:attr:`CoveredLogProbs.dense_rows`): its KL is then exact, whatever the shape of its tail — the flat,
+    long tails that no capped set can cover. ``epsilon = 0`` stores every row whole (llama.cpp's
+    full-vocabulary method).
+
+    Vectorised over blocks of rows: one float64 ``exp`` of each row (the exact normaliser and the tail
+    mass), one float32 sort of each row, and cumulative sums over its ``max_tokens`` largest entries only.
     """
     x = _validated_rows(logits, "logits")
     n_pos, vocab = x.shape
@@ -387,52 +477,57 @@ def cover_from_logits(logits: ArrayLike, epsilon: float = DEFAULT_COVERAGE, *, m
             raise MetricInputError(f"{name} must be a positive integer, got {value!r}")
     if min_tokens > max_tokens:
         raise MetricInputError(f"min_tokens {min_tokens} is above max_tokens {max_tokens}; swap them")
-    x32 = x.astype(np.float32, copy=False)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
     if epsilon == 0.0:
         lse = np.empty(n_pos)
         for rows in _row_slices(n_pos, vocab):
             lse[rows] = _lse_rows(x32[rows].astype(np.float64))
         return CoveredLogProbs(offsets=np.arange(n_pos + 1, dtype=np.int64) * vocab, ids=None,
-                               logits=np.ascontiguousarray(x32).reshape(-1), lse=lse, tail_mass=np.zeros(n_pos),
+                               logits=x32.reshape(-1), lse=lse, tail_mass=np.zeros(n_pos),
                                vocab_size=vocab, epsilon=0.0)
-    floor, cap = min(min_tokens, vocab), min(max_tokens, vocab)
-    ids: list[NDArray[np.int64]] = []
+    floor, look = min(min_tokens, vocab), min(max_tokens, vocab)
     lse = np.empty(n_pos)
     tail = np.zeros(n_pos)
-    for row in range(n_pos):
-        x_row = x32[row].astype(np.float64)
-        row_max = float(x_row.max())
-        if row_max == -math.inf:
-            raise MetricInputError("a logits row is entirely -inf; every position needs one finite logit")
-        weights = np.exp(x_row - row_max)  # p_i times the row's normaliser
-        total = float(weights.sum())
-        lse[row] = row_max + math.log(total)  # the same float64 steps as _lse_rows
-        # the largest weights in descending order: the 256 largest (one partition) when they leave at most ε of
-        # the mass, as they do at peaked positions; else the ``cap`` largest from one sort of the row
-        k_try = min(cap, max(floor, 256))
-        largest = np.partition(weights, vocab - k_try)[vocab - k_try :]
-        if k_try < cap and total - float(largest.sum()) > epsilon * total:
-            k_try = cap
-            descending = np.sort(weights)[::-1][:cap]
-        else:
-            descending = np.sort(largest)[::-1]
-        hit = np.flatnonzero(total - np.cumsum(descending) <= epsilon * total)  # tail mass if j + 1 are kept
-        k = max(int(hit[0]) + 1 if hit.size else k_try, floor)
-        threshold = descending[k - 1]
-        above = np.flatnonzero(weights > threshold)
-        ties = np.flatnonzero(weights == threshold)[: k - above.size]  # lowest ids first: deterministic
-        chosen = np.sort(np.concatenate([above, ties]))
-        ids.append(chosen)
-        if chosen.size < vocab:
+    dense = np.zeros(n_pos, dtype=bool)
+    kept_logits: list[NDArray[np.float32]] = []
+    kept_ids: list[NDArray[np.int64]] = []
+    sizes = np.empty(n_pos, dtype=np.int64)
+    for rows in _row_slices(n_pos, vocab):
+        block = x32[rows]
+        row_max, weights = _shifted_weights(block.astype(np.float64))  # weights: p_i times the row's normaliser
+        total = weights.sum(axis=-1)
+        lse[rows] = row_max + np.log(total)  # the same float64 steps as _lse_rows
+        # each row's `look` largest logits, descending (one float32 sort), and the mass P_T left out if the
+        # j + 1 largest are kept; the first j with P_T · max(1, ln(m / p_min)) <= ε sets the size of the set
+        # (m: the smallest kept probability, p_min: the row's smallest non-zero one; see the docstring)
+        descending = np.sort(block, axis=1)[:, ::-1][:, :look].astype(np.float64)
+        left_out = total[:, None] - np.cumsum(np.exp(descending - row_max[:, None]), axis=1)
+        finite = np.where(np.isneginf(block), np.inf, block) if np.isneginf(block).any() else block
+        spread = np.maximum(1.0, descending - finite.min(axis=1)[:, None])
+        covers = left_out * spread <= epsilon * total[:, None]
+        k = np.maximum(np.where(covers.any(axis=1), np.argmax(covers, axis=1) + 1, vocab + 1), floor)
+        whole = (k > look) | (2 * k >= vocab)
+        for offset in range(block.shape[0]):
+            row = rows.start + offset
+            if whole[offset]:
+                dense[row], sizes[row] = True, vocab
+                kept_logits.append(block[offset])
+                continue
+            size = int(k[offset])
+            threshold = descending[offset, size - 1]
+            above = np.flatnonzero(block[offset] > threshold)
+            ties = np.flatnonzero(block[offset] == threshold)[: size - above.size]  # lowest ids first
+            chosen = np.sort(np.concatenate([above, ties]))
             rest = np.ones(vocab, dtype=bool)
             rest[chosen] = False
-            tail[row] = float(weights[rest].sum()) / total  # summed directly: exact even when tiny
-    sizes = np.array([c.size for c in ids], dtype=np.int64)
-    flat_ids = np.concatenate(ids)
-    row_of = np.repeat(np.arange(n_pos), sizes)
+            tail[row] = float(np.sum(weights[offset], where=rest)) / total[offset]  # summed directly: exact if tiny
+            sizes[row] = size
+            kept_ids.append(chosen)
+            kept_logits.append(block[offset, chosen])
     return CoveredLogProbs(offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                           ids=flat_ids.astype(np.int32), logits=x32[row_of, flat_ids], lse=lse, tail_mass=tail,
-                           vocab_size=vocab, epsilon=float(epsilon))
+                           ids=np.concatenate(kept_ids).astype(np.int32) if kept_ids else None,
+                           logits=np.concatenate(kept_logits), lse=lse, tail_mass=tail, vocab_size=vocab,
+                           epsilon=float(epsilon), dense_rows=dense)
 
 
 def token_logprobs(logits: ArrayLike, token_ids: ArrayLike) -> NDArray[np.float64]:
@@ -457,7 +552,9 @@ def _kl_rows(lp: NDArray[np.float64], lq: NDArray[np.float64]) -> NDArray[np.flo
     """Σ_i p_i (ln p_i - ln q_i) per row; terms with p_i = 0 contribute 0 (even where q_i = 0)."""
     p = np.exp(lp)
     with np.errstate(invalid="ignore"):
-        terms = np.where(p > 0, p * (lp - lq), 0.0)
+        terms = lp - lq
+        terms *= p  # NaN only where p_i = 0 (0 times an infinite log ratio): those terms are 0
+    terms[np.isnan(terms)] = 0.0
     return terms.sum(axis=-1)
 
 
@@ -578,21 +675,30 @@ def score_candidate(ref: CoveredLogProbs, cand_logits: ArrayLike,
     top1 = np.empty(ref.n_positions, dtype=np.int64)
     token_lps = {name: np.full(ref.n_positions, np.nan) for name in token_ids}
     for rows in _row_slices(*cand.shape):
-        block = cand[rows].astype(np.float64)
-        lq_block = block - _lse_rows(block)[:, None]
-        top1[rows] = np.argmax(block, axis=1)
+        lq_block = cand[rows].astype(np.float64)
+        top1[rows] = np.argmax(lq_block, axis=1)
+        lq_block -= _lse_rows(lq_block)[:, None]
         for name, ids_all in token_ids.items():
             wanted, out = ids_all[rows], token_lps[name][rows]  # out: a view of this block's rows
             has = wanted >= 0
             out[has] = lq_block[np.flatnonzero(has), wanted[has]]
-        for offset, lq in enumerate(lq_block):
+        whole = ref.dense_rows[rows]  # type: ignore[index]
+        if whole.any():  # rows stored whole: the exact KL, for all of them at once
+            at = np.arange(rows.start, rows.stop)[whole]
+            lp = np.empty((at.size, vocab))
+            for j, row in enumerate(at.tolist()):
+                lp[j] = ref.logits[ref.offsets[row] : ref.offsets[row + 1]]
+            lp -= ref.lse[at, None]
+            lower[at] = upper[at] = _kl_rows(lp, lq_block[whole])
+        for offset in np.flatnonzero(~whole).tolist():
+            lq = lq_block[offset]
             row = rows.start + offset
             ids, lp = ref.row(row)
             p = np.exp(lp)
             with np.errstate(invalid="ignore"):
                 stored_term = float(np.where(p > 0, p * (lp - lq[ids]), 0.0).sum())
             p_tail = float(ref.tail_mass[row])
-            if ref.dense or p_tail == 0.0 or ids.size == vocab:
+            if p_tail == 0.0 or ids.size == vocab:
                 lower[row] = upper[row] = stored_term  # every tail term is 0 (or there is no tail)
                 continue
             # Q_T = 1 - Q_S (rows are normalised to ~1e-15); summed directly where that would lose precision

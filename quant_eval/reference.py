@@ -21,7 +21,8 @@ the reference and the candidates get identical pixels and only the model differs
 
 Cache: ``<cache_dir>/<reference sha256[:16]>/<part>-<key[:16]>.npz``, where the key hashes the reference
 hash, the slice hash, the coverage (ε, set size floor and cap), the dtype, the prompt format and the cache
-format. Files of an older cache format (1: top-K log-probabilities, which bound the KL only loosely) are
+format. Files of an older cache format (1: top-K log-probabilities, which bound the KL only loosely; 2: sets
+capped at 65,536 tokens, whose bracket a flat tail left wide — format 3 stores such positions whole) are
 refused: ``ReferencePart.load`` raises :class:`StaleCacheError`, and the cache recomputes the part and
 removes the old file, saying so. A file's sha256 is itself cached by
 path + size + mtime in ``<cache_dir>/file-hashes.json``, so GB-sized weights are hashed once.
@@ -66,7 +67,7 @@ from medgemma_gguf.sizes import format_size
 log = logging.getLogger(__name__)
 
 PROMPT_FORMAT_VERSION = "v1"  # bump when the prompt layout below changes: it invalidates every cache
-CACHE_FORMAT_VERSION = 2  # 1: top-K log-probabilities (refused); 2: coverage by mass, exact normalisers
+CACHE_FORMAT_VERSION = 3  # 1: top-K (refused); 2: coverage by mass, capped sets (refused); 3: + rows stored whole
 MAX_SEQUENCE_TOKENS = 512
 REFERENCE_DTYPES = ("bf16", "f32")
 HELDOUT_PART = "heldout"
@@ -80,14 +81,14 @@ class StaleCacheError(UserError):
     """A reference cache file in an older format that cannot give what this version computes."""
 
 
-# The default ε per model family, (architecture, vocabulary) -> ε. The bracket's width at a position is at most
-# P_T * (ln m - ln min_T q + ln(Q_T / P_T)) (metrics.kl_divergence_covered: P_T <= ε the reference's tail mass, m
-# its smallest stored probability, q the candidate), a few tens of nats times ε for float32 logits. Gemma 3
-# (MedGemma 4B, 27B, 1.5 4B; 262,208 tokens): ε = 1e-6 keeps that under 2.5 % of any KL above 1e-3 nats
-# even at 25 nats a position, so two Q4-class quants (KL ~1e-2 and up) whose KL differs by 5 % never have
-# overlapping brackets; at 1e-4 the worst case is wider than a Q8_0-class KL. Other models: DEFAULT_COVERAGE.
-# Ranking finer quants (Q8_0-class) can still need a smaller ε or --full-vocab; the report says when two
-# quants' brackets overlap. Measured bracket widths per ε: BENCHMARKS.md (bench/bench_eval_vs_llama.py).
+# The default ε per model family, (architecture, vocabulary) -> ε. A covered position keeps tokens until
+# P_T · max(1, ln(m / p_min)) <= ε (metrics.cover_from_logits), so its bracket — at most
+# P_T (ln m - ln min_T q + ln(Q_T / P_T)) wide (metrics.kl_divergence_covered) — is about ε nats or less unless the
+# candidate's tail is far more extreme than the reference's; a position whose set would pass the cap or half the
+# vocabulary is stored whole and is exact. Gemma 3 (MedGemma 4B, 27B, 1.5 4B; 262,208 tokens): ε = 1e-6 keeps the
+# bracket under 0.1 % of a Q4-class KL (1e-3 nats and up) and about 1 % of a Q8_0-class one (~1e-4), so quants whose
+# KL differs by 5 % rank. Other models: DEFAULT_COVERAGE. The report says when two quants' brackets overlap.
+# Measured bracket widths, positions stored whole and bytes per ε: BENCHMARKS.md (bench/bench_eval_vs_llama.py).
 MODEL_COVERAGE: dict[tuple[str, int], float] = {("gemma3", 262208): 1e-6}
 
 
@@ -201,17 +202,15 @@ class ReferencePart:
         """Write the part atomically as an ``.npz``."""
         arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS}
         arrays.update(cov_offsets=self.dist.offsets, cov_logits=self.dist.logits, cov_lse=self.dist.lse,
-                      cov_tail=self.dist.tail_mass)
+                      cov_tail=self.dist.tail_mass, cov_dense=self.dist.dense_rows)
         if self.dist.ids is not None:
             arrays["cov_ids"] = self.dist.ids
         meta = {**{k: v for k, v in self.meta.items() if k != "file_bytes"}, "name": self.name, "kind": self.kind,
                 "key": self.key, "cache_format": CACHE_FORMAT_VERSION, "vocab_size": self.dist.vocab_size,
                 "epsilon": self.dist.epsilon}
         arrays["meta_json"] = np.array(json.dumps(meta, sort_keys=True))
-        # every logit of every position (--full-vocab) barely compresses: store it plainly, without the CPU cost
-        write = np.savez if self.dist.dense else np.savez_compressed
         with atomic_output(Path(path), force=True) as tmp, open(tmp, "wb") as handle:
-            write(handle, **arrays)
+            _write_npz(handle, arrays, stored=("cov_logits",))
         self.meta["file_bytes"] = Path(path).stat().st_size
 
     @classmethod
@@ -223,15 +222,37 @@ class ReferencePart:
             version = meta.get("cache_format")
             if version != CACHE_FORMAT_VERSION:
                 raise StaleCacheError(
-                    f"the reference cache {path} is in cache format {version} (format 1 kept the top-K "
-                    f"log-probabilities, which bound the KL only loosely); this version reads format "
-                    f"{CACHE_FORMAT_VERSION}: delete the file, or run medgemma-gguf eval again to recompute it")
+                    f"the reference cache {path} is in cache format {version} ({_OLD_FORMATS.get(version, 'unknown')}"
+                    f"); this version reads format {CACHE_FORMAT_VERSION}: delete the file, or run medgemma-gguf "
+                    f"eval again to recompute it")
             dist = CoveredLogProbs(offsets=data["cov_offsets"], ids=data.get("cov_ids"),
                                    logits=data["cov_logits"], lse=data["cov_lse"], tail_mass=data["cov_tail"],
-                                   vocab_size=int(meta["vocab_size"]), epsilon=float(meta["epsilon"]))
+                                   vocab_size=int(meta["vocab_size"]), epsilon=float(meta["epsilon"]),
+                                   dense_rows=data["cov_dense"])
             arrays = {name: data[name] for name in _ARRAY_FIELDS}
         meta["file_bytes"] = Path(path).stat().st_size
         return cls(name=meta["name"], kind=meta["kind"], key=meta["key"], dist=dist, meta=meta, **arrays)
+
+
+# What the refused formats kept, for the message that refuses them.
+_OLD_FORMATS = {1: "format 1 kept the top-K log-probabilities, which bound the KL only loosely",
+                2: "format 2 capped each position's set at 65,536 tokens, so a flat tail left the KL bracket wide; "
+                   "format 3 stores such positions whole"}
+
+
+def _write_npz(handle: Any, arrays: dict[str, Any], stored: Sequence[str] = ()) -> None:
+    """An ``.npz`` (what ``np.load`` reads) with ``stored`` entries written plainly and the others deflated.
+
+    The float32 logits barely compress (their low mantissa bits are noise) and are the bulk of the file — a
+    row stored whole is 1 MiB at Gemma 3's vocabulary — so deflating them costs CPU for a few per cent; the
+    token ids (ascending within a row) and the small arrays compress well.
+    """
+    with zipfile.ZipFile(handle, "w", allowZip64=True) as archive:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED if name in stored else zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 _ARRAY_FIELDS = ("seq_tokens", "seq_offsets", "image_start", "image_end", "seq_item", "pos_seq", "pos_token",
@@ -828,9 +849,9 @@ class ReferenceCache:
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 continue  # damaged: left for the run of its own key to replace
             if version != CACHE_FORMAT_VERSION:
-                log.warning("the reference cache %s is in cache format %s (top-K log-probabilities, which bound the "
-                            "KL only loosely); removing it: this run recomputes %s in format %d", other, version,
-                            name, CACHE_FORMAT_VERSION)
+                log.warning("the reference cache %s is in cache format %s (%s); removing it: this run recomputes %s "
+                            "in format %d", other, version, _OLD_FORMATS.get(version, "unknown"), name,
+                            CACHE_FORMAT_VERSION)
                 other.unlink(missing_ok=True)
                 self.stale_removed += 1
 
@@ -896,7 +917,7 @@ def token_stream_hash(tokens: Sequence[int], n_ctx: int, bos_token: int | None) 
 
 
 def coverage_summary(parts: Sequence[ReferencePart]) -> dict[str, Any]:
-    """What the reference cache kept over ``parts``: set sizes, tail, positions at the cap, bytes."""
+    """What the reference cache kept over ``parts``: set sizes, tail, positions stored whole, bytes."""
     dists = [p.dist for p in parts]
     sizes = np.concatenate([d.set_sizes for d in dists])
     tails = np.concatenate([d.tail_mass for d in dists])
@@ -905,9 +926,11 @@ def coverage_summary(parts: Sequence[ReferencePart]) -> dict[str, Any]:
     vocab = dists[0].vocab_size
     files = [p.file_bytes for p in parts]
     cache_bytes = sum(b for b in files if b is not None) if all(b is not None for b in files) else None
-    return {"epsilon": dists[0].epsilon, "full_vocab": dists[0].dense, "min_tokens": spec.get("min_tokens"),
+    dense = np.concatenate([d.dense_rows for d in dists])
+    return {"epsilon": dists[0].epsilon, "full_vocab": dists[0].epsilon == 0.0, "min_tokens": spec.get("min_tokens"),
             "max_tokens": cap, "mean_set_size": float(sizes.mean()), "max_tail_mass": float(tails.max()),
-            "positions_at_cap": int(np.sum(sizes >= min(cap, vocab))) if cap and not dists[0].dense else 0,
+            "positions_at_cap": 0,  # format 3: a set that would pass the cap is stored whole (dense_positions)
+            "dense_positions": int(dense.sum()),
             "n_positions": int(sizes.size), "vocab_size": vocab, "cache_bytes": cache_bytes,
             "cache_bytes_per_position": cache_bytes / sizes.size if cache_bytes is not None else None}
 

@@ -127,9 +127,11 @@ def _coverage_line(report: EvalReport) -> str:
     if cov.full_vocab:
         return f"Reference cache: every token of {cov.n_positions} positions (--full-vocab){size}."
     cap = f"; {cov.positions_at_cap} positions hit the cap of {cov.max_tokens} tokens" if cov.positions_at_cap else ""
+    whole = (f"; {cov.dense_positions} positions stored whole — their tail would pass the cap of {cov.max_tokens} "
+             "tokens or half the vocabulary — with an exact KL there" if cov.dense_positions else "")
     return (f"Reference cache: coverage 1 - ε with ε = {_fmt(cov.epsilon, 2)} over {cov.n_positions} positions, "
             f"{_fmt(cov.mean_set_size, 4)} tokens kept a position on average (largest tail mass "
-            f"{_fmt(cov.max_tail_mass, 2)}{cap}){size}.")
+            f"{_fmt(cov.max_tail_mass, 2)}{cap}{whole}){size}.")
 
 
 def _provenance_line(record: dict) -> str:

@@ -18,12 +18,14 @@ from medgemma_gguf.errors import UserError
 from medgemma_gguf.hashing import cached_file_sha256
 from medgemma_gguf.quant_eval import reference as reference_module
 from medgemma_gguf.quant_eval.evaluate import Candidate, EvalOptions, candidates_from_paths, run_eval
+from medgemma_gguf.quant_eval.metrics import cover_from_logits
 from medgemma_gguf.quant_eval.reference import (
     CoverageSpec,
     GGUFReference,
     HFReference,
     ReferenceCache,
     ReferencePart,
+    coverage_summary,
     open_reference,
     reference_parts,
 )
@@ -179,7 +181,10 @@ def test_gguf_reference_scores_itself_as_identical(converted, cache_dir, tmp_pat
     (row,) = report.rows
     assert report.reference["kind"] == "gguf" and report.reference["mmproj"].endswith("F32.gguf")
     assert row.kld.max == 0.0 and row.image_kld.max == 0.0  # identical logits: exactly 0, not -1e-10
-    assert row.kld.mean_high > 0.0  # the bracket still says what the cache cannot rule out
+    # rows stored whole are exact; a covered row's bracket still says what the cache cannot rule out
+    cov = report.coverage
+    assert 0 < cov.dense_positions <= cov.n_positions  # the tiny model's flat rows: most are stored whole
+    assert row.kld.mean_high == 0.0 if cov.dense_positions == cov.n_positions else row.kld.mean_high > 0.0
     assert row.top1_agreement == 1.0 and row.ppl_ratio == 1.0 and row.dp.rms == 0.0
     assert row.prompt_tps is None  # speed skipped
 
@@ -240,11 +245,11 @@ def test_reference_cache_rejects_a_damaged_file_and_leaves_no_partial_file(conve
     assert compute_counter.count("medqa-mini:2") == 2
     assert ReferencePart.load(files[1]).n_sequences == 2  # rewritten whole
 
-    def failing_savez(handle, **arrays):
+    def failing_write(handle, arrays, stored=()):
         handle.write(b"half an archive")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez_compressed", failing_savez)
+    monkeypatch.setattr(reference_module, "_write_npz", failing_write)
     _gguf_parts(text_path, cache, ["medqa-mini:3"])  # still returns the parts, but caches nothing
     leftovers = [p.name for p in cache.cache_dir.rglob("*") if p.is_file() and "medqa-mini_3" in p.name
                  or p.name.endswith(".partial")]
@@ -455,17 +460,24 @@ def test_cache_kl_equals_full_vocabulary_kl_within_the_bracket(converted, quant_
     reference = open_reference(str(text), cache_dir=cache.cache_dir, n_threads=1)
     chunks = load_heldout_text()[:2]
     try:
-        (covered,) = reference_parts(reference, cache, heldout=chunks, slices=[], coverage=CoverageSpec.make(0.05))
         (full,) = reference_parts(reference, cache, heldout=chunks, slices=[], coverage=CoverageSpec.make(None, True))
+        # the tiny model's rows are flat: most are stored whole at a small ε; take the smallest ε of these that
+        # still leaves some rows covered (with a tail), so both kinds are checked
+        logits = full.dist.logits.reshape(full.dist.n_positions, -1)
+        epsilon = next(e for e in (0.05, 0.1, 0.2, 0.4) if not cover_from_logits(logits, e).dense_rows.all())
+        (covered,) = reference_parts(reference, cache, heldout=chunks, slices=[], coverage=CoverageSpec.make(epsilon))
     finally:
         reference.close()
     assert full.dist.dense and not covered.dist.dense
-    assert np.all(covered.dist.tail_mass <= 0.05 + 1e-12) and covered.dist.tail_mass.max() > 0.01
-    assert covered.dist.set_sizes.mean() < full.dist.set_sizes.mean()  # the tiny model's flat rows need most
+    assert np.all(covered.dist.tail_mass <= epsilon + 1e-12) and covered.dist.tail_mass.max() > 0.001
+    assert covered.dist.set_sizes.mean() < full.dist.set_sizes.mean()
     with Engine(quant_folder / "tiny-Q4_K_M.gguf", None, n_ctx=768, n_threads=1) as engine:
         exact = _score_part(engine, full, None, 0, progress=False)
         bracket = _score_part(engine, covered, None, 0, progress=False)
     np.testing.assert_array_equal(exact.kl, exact.kl_upper)  # every logit: no bracket
+    whole = covered.dist.dense_rows  # rows stored whole: the same exact KL
+    np.testing.assert_allclose(bracket.kl[whole], exact.kl[whole], rtol=1e-12, atol=1e-9)
+    np.testing.assert_array_equal(bracket.kl[whole], bracket.kl_upper[whole])
     slack = 1e-9 + 1e-12 * exact.kl
     assert np.all(bracket.kl <= exact.kl + slack) and np.all(exact.kl <= bracket.kl_upper + slack)
     assert bracket.kl.mean() <= exact.kl.mean() <= bracket.kl_upper.mean()
@@ -505,3 +517,56 @@ def test_old_format_cache_is_refused_with_a_clear_message_and_recomputed(convert
     assert "cache format 1" in caplog.text and "recomput" in caplog.text
     assert ReferencePart.load(current).dist.epsilon == 1e-4  # rewritten in the current format
     np.testing.assert_array_equal(again.dist.logits, part.dist.logits)
+
+
+def _synthetic_part(dist) -> ReferencePart:
+    """A one-sequence text part around ``dist`` (the arrays the cache stores; no model needed)."""
+    n = dist.n_positions
+    return ReferencePart(
+        name="heldout", kind="text", key="k" * 64, seq_tokens=np.arange(n + 1, dtype=np.int32),
+        seq_offsets=np.array([0, n + 1]), image_start=np.array([-1], dtype=np.int32),
+        image_end=np.array([-1], dtype=np.int32), seq_item=np.array([-1], dtype=np.int32),
+        pos_seq=np.zeros(n, dtype=np.int32), pos_token=np.arange(n, dtype=np.int32),
+        after_image=np.zeros(n, dtype=bool), next_token=np.arange(1, n + 1, dtype=np.int32),
+        next_logprob=np.full(n, -1.0), dist=dist, item_ids=np.array([], dtype=np.str_),
+        answer_index=np.zeros(0, dtype=np.int32), option_tokens=np.zeros((0, 0), dtype=np.int32),
+        option_logprobs=np.zeros((0, 0)), meta={"coverage": {"epsilon": 1e-3, "min_tokens": 16, "max_tokens": 64}})
+
+
+def test_cache_round_trip_keeps_rows_stored_whole_and_covered_rows_bit_exact(tmp_path):
+    import zipfile
+
+    rng = np.random.default_rng(3)
+    flat = rng.normal(size=(3, 300)) * 0.1  # stored whole
+    peaked = rng.permutation(-0.5 * np.arange(300))[None].repeat(3, axis=0)  # covered
+    logits = np.concatenate([flat, peaked])[[0, 3, 1, 4, 2, 5]].astype(np.float32)
+    dist = cover_from_logits(logits, 1e-3, max_tokens=64)
+    assert dist.dense_rows.tolist() == [True, False] * 3
+    part = _synthetic_part(dist)
+    path = tmp_path / "heldout-part.npz"
+    part.save(path)
+    back = ReferencePart.load(path)
+    for name in ("offsets", "ids", "logits", "lse", "tail_mass", "dense_rows"):
+        np.testing.assert_array_equal(getattr(back.dist, name), getattr(dist, name))
+    assert back.dist.logits.dtype == np.float32 and back.dist.epsilon == 1e-3
+    assert coverage_summary([back])["dense_positions"] == 3
+    with zipfile.ZipFile(path) as archive:  # the logits plainly (they barely compress), the ids deflated
+        kinds = {info.filename: info.compress_type for info in archive.infolist()}
+    assert kinds["cov_logits.npy"] == zipfile.ZIP_STORED and kinds["cov_ids.npy"] == zipfile.ZIP_DEFLATED
+
+
+def test_format_2_cache_is_refused_with_a_clear_message(tmp_path):
+    """Format 2 capped every set at 65,536 tokens (no rows stored whole): refused, naming why."""
+    dist = cover_from_logits(np.random.default_rng(4).normal(size=(2, 300)).astype(np.float32) * 4, 0.3)
+    part = _synthetic_part(dist)
+    arrays = {name: getattr(part, name) for name in reference_module._ARRAY_FIELDS}
+    arrays.update(cov_offsets=dist.offsets, cov_logits=dist.logits, cov_lse=dist.lse, cov_tail=dist.tail_mass)
+    if dist.ids is not None:
+        arrays["cov_ids"] = dist.ids
+    arrays["meta_json"] = np.array(json.dumps({"name": part.name, "kind": part.kind, "key": part.key,
+                                               "cache_format": 2, "vocab_size": 300, "epsilon": 0.3}))
+    path = tmp_path / "heldout-old.npz"
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(reference_module.StaleCacheError,
+                       match=r"cache format 2 \(format 2 capped .* stores such positions whole\).*delete the file"):
+        ReferencePart.load(path)

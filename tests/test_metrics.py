@@ -47,23 +47,63 @@ def test_log_softmax_is_stable_and_normalised() -> None:
     assert lp[1, 0] == 0.0 and np.isneginf(lp[1, 1])
 
 
-def test_coverage_keeps_the_smallest_set_over_one_minus_epsilon() -> None:
-    p = np.array([0.5, 0.3, 0.15, 0.04, 0.01])
+def _pad(logits: np.ndarray, vocab: int = 64, low: float = -200.0) -> np.ndarray:
+    """``logits`` widened with tokens of negligible probability, so a set of a few tokens stays below half the
+    vocabulary (where the cache would store the whole row instead)."""
+    return np.concatenate([logits, np.full((logits.shape[0], vocab - logits.shape[1]), low)], axis=1).astype(np.float32)
+
+
+def test_coverage_keeps_the_smallest_set_whose_tail_is_small_enough() -> None:
+    # P_T · max(1, ln(m / p_min)) per k: k=1 2.30, k=2 0.818, k=3 0.254, k=4 0.0832, k=5 0.035; k=6 is half
+    # the vocabulary of 12 (a whole row is smaller)
+    p = np.array([0.5, 0.3, 0.12, 0.04] + [0.005] * 8)
     logits = (np.log(p) + 3.0).astype(np.float32)[None]  # a shift must not matter
-    for epsilon, expected in ((0.25, [0, 1]), (0.06, [0, 1, 2]), (0.02, [0, 1, 2, 3]), (0.005, [0, 1, 2, 3, 4])):
+    for epsilon, expected in ((0.9, [0, 1]), (0.3, [0, 1, 2]), (0.1, [0, 1, 2, 3]), (0.04, [0, 1, 2, 3, 4])):
         cover = cover_from_logits(logits, epsilon, min_tokens=1)
-        assert cover.ids.tolist() == expected, epsilon
-        assert cover.tail_mass[0] == pytest.approx(p[len(expected):].sum(), rel=1e-6, abs=1e-12)
+        assert cover.ids.tolist() == expected and not cover.dense_rows[0], epsilon
+        assert cover.tail_mass[0] == pytest.approx(p[len(expected):].sum(), rel=1e-6)
         _, lp = cover.row(0)
         assert np.allclose(lp, np.log(p[expected]), rtol=0, atol=1e-6)
-    floor = cover_from_logits(logits, 0.2, min_tokens=4)
+    whole = cover_from_logits(logits, 0.01, min_tokens=1)  # 6 tokens = half the vocabulary: stored whole
+    assert whole.dense_rows.tolist() == [True] and whole.ids is None and whole.tail_mass[0] == 0.0
+    assert whole.set_sizes.tolist() == [12] and np.array_equal(whole.logits, logits[0])
+    floor = cover_from_logits(logits, 0.9, min_tokens=4)
     assert floor.ids.tolist() == [0, 1, 2, 3]
-    capped = cover_from_logits(logits, 1e-9, min_tokens=1, max_tokens=2)
-    assert capped.ids.tolist() == [0, 1] and capped.tail_mass[0] == pytest.approx(0.2, rel=1e-6)
+    # a set that would exceed the cap: the row is stored whole (exact), not capped with a wide tail
+    capped = cover_from_logits(logits, 0.1, min_tokens=1, max_tokens=3)
+    assert capped.dense_rows.tolist() == [True] and np.array_equal(capped.row(0)[0], np.arange(12))
+
+
+def _expected_cover(row: np.ndarray, epsilon: float, floor: int, cap: int) -> list[int] | None:
+    """The rule of cover_from_logits, one k at a time (None: the row is stored whole)."""
+    vocab = row.size
+    order = sorted(range(vocab), key=lambda i: (-float(row[i]), i))
+    p = np.exp(row.astype(np.float64) - np.log(np.exp(row.astype(np.float64)).sum()))
+    smallest = float(row.min())
+    for k in range(min(floor, vocab), vocab + 1):
+        left_out = float(p[order[k:]].sum())
+        if left_out * max(1.0, float(row[order[k - 1]]) - smallest) <= epsilon:
+            return None if k > cap or 2 * k >= vocab else sorted(order[:k])
+    return None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_coverage_follows_its_rule_on_random_rows(seed: int) -> None:
+    rng = np.random.default_rng(500 + seed)
+    vocab = int(rng.integers(4, 400))
+    logits = (rng.normal(size=(3, vocab)) * (0.1, 1.0, 3.0, 8.0)[seed % 4]).astype(np.float32)
+    epsilon, floor = float(10.0 ** -rng.uniform(0.5, 7)), int(rng.integers(1, 5))
+    cap = int(rng.integers(floor, vocab + 2))
+    cover = cover_from_logits(logits, epsilon, min_tokens=floor, max_tokens=cap)
+    for n in range(3):
+        expected = _expected_cover(logits[n], epsilon, floor, cap)
+        assert bool(cover.dense_rows[n]) == (expected is None)
+        if expected is not None:
+            assert cover.row(n)[0].tolist() == expected
 
 
 def test_coverage_stores_exact_probabilities_and_tiny_tails() -> None:
-    logits = np.array([[0.0, -40.0, -41.0, 3.5, 3.5]], dtype=np.float32)
+    logits = _pad(np.array([[0.0, -40.0, -41.0, 3.5, 3.5]]), vocab=16)
     cover = cover_from_logits(logits, 1e-12, min_tokens=1)
     assert cover.ids.tolist() == [0, 3, 4]  # stored in id order
     lse = np.log(np.exp(logits[0].astype(np.float64)).sum())
@@ -72,7 +112,7 @@ def test_coverage_stores_exact_probabilities_and_tiny_tails() -> None:
     assert cover.top1_ids.tolist() == [3]  # equal probabilities: the lower id, as argmax
     assert cover.top1_logprobs[0] == pytest.approx(3.5 - lse, rel=1e-15)
     assert cover.logits.dtype == np.float32 and np.array_equal(cover.logits, logits[0, [0, 3, 4]])
-    boundary = cover_from_logits(np.array([[2.0, 1.0, 1.0, 1.0, -30.0]], dtype=np.float32), 0.3, min_tokens=1)
+    boundary = cover_from_logits(_pad(np.array([[2.0, 1.0, 1.0, 1.0]]), vocab=16, low=0.5), 0.65, min_tokens=1)
     assert boundary.ids.tolist() == [0, 1, 2]  # ties at the boundary: the lowest ids are kept
 
 
@@ -157,11 +197,15 @@ def test_bracket_contains_exact_kl_and_shrinks_as_epsilon_falls(shape: str, nois
     exact = kl_divergence_full(ref, cand)
     widths = []
     for epsilon in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
-        bounds = kl_divergence_covered(cover_from_logits(ref, epsilon, min_tokens=1), cand)
+        cover = cover_from_logits(ref, epsilon, min_tokens=1)
+        bounds = kl_divergence_covered(cover, cand)
         # the stored probabilities are exact: only float64 summation error remains, and |KL| < 1e-9 reads as 0
         slack = ROUNDOFF_KL + 1e-12 * exact
         assert np.all(bounds.lower <= exact + slack) and np.all(exact <= bounds.upper + slack), epsilon
         assert np.array_equal(bounds.estimate, bounds.lower) and np.all(bounds.lower >= 0)
+        whole = cover.dense_rows  # rows stored whole: the exact KL, no bracket
+        assert np.array_equal(bounds.lower[whole], bounds.upper[whole])
+        assert np.allclose(bounds.lower[whole], exact[whole], rtol=1e-12, atol=ROUNDOFF_KL)
         widths.append(bounds.upper - bounds.lower)
     for wider, narrower in zip(widths, widths[1:], strict=False):  # a larger stored set only narrows it
         assert np.all(narrower <= wider + 1e-12)
@@ -191,6 +235,10 @@ def test_upper_bound_is_attained_by_a_reference_consistent_with_the_cache(seed: 
     ref = (rng.normal(size=(1, vocab)) * (0.2, 1.5, 6.0)[seed % 3]).astype(np.float32)
     cover = cover_from_logits(ref, float(rng.uniform(0.05, 0.6)), min_tokens=1)
     cand = (rng.normal(size=(1, vocab)) * 2).astype(np.float32)
+    if cover.dense_rows[0]:  # stored whole: the upper end is the exact KL, attained by the reference itself
+        bounds = kl_divergence_covered(cover, cand)
+        assert bounds.upper[0] == bounds.lower[0] == pytest.approx(kl_divergence_full(ref, cand)[0], rel=1e-12)
+        return
     ids, lp = cover.row(0)
     p_top, p_tail = np.exp(lp), float(cover.tail_mass[0])
     cap = min(p_tail, p_top.min())
@@ -208,12 +256,90 @@ def test_upper_bound_is_attained_by_a_reference_consistent_with_the_cache(seed: 
     assert kl_divergence_covered(cover, cand).upper[0] == pytest.approx(attained, rel=1e-9, abs=1e-12)
 
 
+def _flat_tailed_logits(rng: np.random.Generator, n: int, vocab: int, head: int) -> np.ndarray:
+    """MedGemma-width-like rows as in the widened benchmark fixture: a peaked head of ``head`` tokens and a
+    long, nearly flat tail over the rest of the vocabulary holding about half the probability."""
+    logits = rng.normal(size=(n, vocab)) * 0.05 - math.log(vocab - head)  # the tail: ~1/(V - head) each, ~1/2 total
+    heads = rng.integers(0, vocab, size=(n, head))
+    weights = np.log(rng.dirichlet(np.ones(head), size=n))  # the head: the other half
+    np.put_along_axis(logits, heads, weights, axis=1)
+    return logits.astype(np.float32)
+
+
+def test_flat_tail_beyond_the_cap_is_stored_whole_and_ranks_quants_five_percent_apart() -> None:
+    """The benchmark fixture's failure mode: a flat tail that no capped set can cover. Those rows are stored
+    whole, so their KL is exact; covered rows keep a bracket of about ε nats; at ε = 1e-4 two Q4-class
+    candidates (KL ~5e-3) whose KL differs by 5 % are told apart."""
+    rng = np.random.default_rng(21)
+    vocab, cap, epsilon = 20_000, 2_500, 1e-4  # the cap at 1/8 of the vocabulary, as 65,536 of 262,208
+    ref = _flat_tailed_logits(rng, 10, vocab, head=40)
+    peaked = np.stack([rng.permutation(-0.05 * np.arange(vocab)) for _ in range(4)])  # rows that stay covered
+    ref = np.concatenate([ref, peaked]).astype(np.float32)
+    noise = rng.normal(size=ref.shape) * 0.1
+    cand_a = (ref + noise).astype(np.float32)
+    cand_b = (ref + noise * math.sqrt(1.05)).astype(np.float32)  # KL ~ σ²: about 5 % more
+    cover = cover_from_logits(ref, epsilon, max_tokens=cap)
+    assert cover.dense_rows[:10].all() and not cover.dense_rows[10:].any()
+    assert cover.set_sizes[10:].max() < cap and np.all(cover.tail_mass[10:] <= epsilon)
+    means = []
+    for cand in (cand_a, cand_b):
+        exact = kl_divergence_full(ref, cand)
+        bounds = kl_divergence_covered(cover, cand)
+        assert np.all(bounds.lower <= exact + 1e-12) and np.all(exact <= bounds.upper + 1e-12)
+        np.testing.assert_allclose(bounds.lower[:10], exact[:10], rtol=1e-12)
+        np.testing.assert_array_equal(bounds.lower[:10], bounds.upper[:10])
+        assert np.all(bounds.upper[10:] - bounds.lower[10:] <= 2 * epsilon)  # about ε nats a covered row
+        means.append((float(bounds.lower.mean()), float(bounds.upper.mean())))
+    assert means[1][0] / means[0][0] == pytest.approx(1.05, abs=0.01)
+    assert (means[0][1] - means[0][0]) / means[0][0] < 0.01  # the bracket: under 1 % of the KL
+    assert not brackets_overlap(means[0], means[1])
+
+
+def test_rows_stored_whole_and_covered_rows_mix_in_one_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medgemma_gguf.quant_eval.metrics as metrics
+
+    rng = np.random.default_rng(22)
+    ref = np.concatenate([_shaped_logits("flat", rng, 3, 400), _shaped_logits("peaked", rng, 3, 400)])
+    ref = ref[[3, 0, 4, 1, 5, 2]]  # interleaved: covered, whole, covered, ...
+    cand = (ref + rng.normal(size=ref.shape) * 0.2).astype(np.float32)
+    cover = cover_from_logits(ref, 1e-2)
+    assert cover.dense_rows.tolist() == [False, True] * 3 and cover.n_dense == 3
+    assert cover.ids.size == cover.set_sizes[~cover.dense_rows].sum()  # ids only for the covered rows
+    assert cover.top1_ids.tolist() == np.argmax(ref, axis=1).tolist()
+    np.testing.assert_allclose(cover.top1_logprobs, log_softmax(ref.astype(np.float64)).max(axis=1), rtol=1e-12)
+    for n in range(6):
+        ids, lp = cover.row(n)
+        np.testing.assert_allclose(lp, log_softmax(ref[n].astype(np.float64))[ids], rtol=0, atol=1e-12)
+    whole = cover.take([3, 0, 1])
+    assert whole.dense_rows.tolist() == [True, False, True] and np.array_equal(whole.row(2)[1], cover.row(1)[1])
+    again = CoveredLogProbs.concatenate([cover.take([0, 1, 2]), cover.take([3, 4, 5])])
+    assert np.array_equal(again.logits, cover.logits) and np.array_equal(again.ids, cover.ids)
+    assert np.array_equal(again.dense_rows, cover.dense_rows)
+    dense_only = CoveredLogProbs.concatenate([cover.take([1]), cover.take([3])])
+    assert dense_only.ids is None and dense_only.dense
+    expected = kl_divergence_covered(cover, cand)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 900)  # blocks of 2 rows and of single rows
+    blocked = score_candidate(cover, cand)
+    np.testing.assert_array_equal(blocked.bounds.lower, expected.lower)
+    np.testing.assert_array_equal(blocked.bounds.upper, expected.upper)
+    exact = kl_divergence_full(ref, cand)
+    np.testing.assert_allclose(expected.lower[cover.dense_rows], exact[cover.dense_rows], rtol=1e-12)
+    assert np.all(expected.lower <= exact + 1e-12) and np.all(exact <= expected.upper + 1e-12)
+
+
 def test_self_comparison_is_exactly_zero() -> None:
-    logits = _shaped_logits("heavy-tailed", np.random.default_rng(8), 6, 500)
-    bounds = kl_divergence_covered(cover_from_logits(logits, 1e-3), logits)
+    logits = _shaped_logits("peaked", np.random.default_rng(8), 6, 500)
+    cover = cover_from_logits(logits, 1e-3)
+    assert cover.dense_rows.any() and not cover.dense_rows.all()  # some rows need half the vocabulary: whole
+    bounds = kl_divergence_covered(cover, logits)
     assert np.all(bounds.estimate == 0.0) and np.all(bounds.lower == 0.0)
-    assert np.all(bounds.upper >= 0.0) and bounds.upper.max() > 0.0  # the tail could still hide a difference
+    assert np.all(bounds.upper[cover.dense_rows] == 0.0)  # stored whole: exact
+    assert np.all(bounds.upper >= 0.0) and bounds.upper.max() > 0.0  # a covered tail could still hide a difference
     assert np.all(kl_divergence_covered(cover_from_logits(logits, 0.0), logits).upper == 0.0)
+    flat = _shaped_logits("flat", np.random.default_rng(9), 6, 500)  # every row stored whole: exactly 0 both ends
+    whole = cover_from_logits(flat, 1e-3)
+    assert whole.dense_rows.all()
+    assert np.all(kl_divergence_covered(whole, flat).upper == 0.0)
 
 
 def test_roundoff_clamp_is_only_for_values_below_1e_9() -> None:
@@ -223,7 +349,8 @@ def test_roundoff_clamp_is_only_for_values_below_1e_9() -> None:
 
 def test_lumped_estimate_and_worst_case_hand_case() -> None:
     # P = (0.5, 0.3, 0.1, 0.1), Q = (0.4, 0.4, 0.1, 0.1), only token 0 stored: tail P = 0.5, Q = 0.6.
-    cover = cover_from_logits(np.log([[0.5, 0.3, 0.1, 0.1]]).astype(np.float32), 0.55, min_tokens=1)
+    # (ε = 0.81: P_T · ln(m / p_min) = 0.5 ln 5 = 0.805 when only token 0 is kept)
+    cover = cover_from_logits(np.log([[0.5, 0.3, 0.1, 0.1]]).astype(np.float32), 0.81, min_tokens=1)
     assert cover.ids.tolist() == [0]
     bounds = kl_divergence_covered(cover, np.log([[0.4, 0.4, 0.1, 0.1]]))
     lumped = 0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)
@@ -430,6 +557,14 @@ def test_choice_scores_argmax_ties_and_length_normalisation() -> None:
                                  4, 0.1), r"\[0, 1\]"),
         (lambda: CoveredLogProbs(np.array([0, 3]), np.array([0, 1]), np.log([0.5, 0.5]), np.zeros(1), np.zeros(1),
                                  4, 0.1), "offsets"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), None, np.log([0.5, 0.5]), np.zeros(1), np.zeros(1), 4, 0.1),
+         "all 4 logits"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), None, np.log([0.5, 0.5]), np.zeros(1), np.zeros(1), 2, 0.1,
+                                 np.array([1])), "booleans"),
+        (lambda: CoveredLogProbs(np.array([0, 2]), None, np.log([0.5, 0.4]), np.zeros(1), np.array([0.1]), 2, 0.1),
+         "no tail"),
+        (lambda: CoveredLogProbs(np.array([0, 2, 3]), None, np.log([0.5, 0.5, 1.0]), np.zeros(2), np.zeros(2), 2,
+                                 0.1, np.array([True, False])), "ids is None"),
         (lambda: token_logprobs(np.zeros((2, 3)), np.array([0, 3])), "vocabulary size"),
         (lambda: token_logprobs(np.zeros((2, 3)), np.array([0, -1])), "negative"),
         (lambda: top1_agreement(np.array([0, 1]), np.array([0])), "positions"),
