@@ -307,19 +307,20 @@ def main() -> int:
           f"{scored} scored positions; llama-perplexity base pass {base_s:.1f} s, file {base.stat().st_size} B",
           flush=True)
 
-    runs: dict[str, dict] = {}
-    settings = [("coverage", args.coverage, False)] + [(f"ε={e}", float(e), False) for e in args.epsilons.split(",")
-                                                       if e] + ([("full-vocab", None, True)] if args.full_vocab else [])
-    for label, eps, full in settings:
+    def reference_run(label: str, eps: float | None, full: bool) -> dict:
         part, seconds, signature = our_reference(reference, tokens, n_ctx, workdir / f"cache-{label}", args.threads,
                                                  eps, full)
         assert part.pos_seq.size == scored, (part.pos_seq.size, scored)
-        runs[label] = {"part": part, "reference_s": seconds, "signature": signature, "rows": {}}
+        dist = part.dist
+        summary = {"eps": "every token" if dist.epsilon == 0 else f"{dist.epsilon:g}",
+                   "mean_size": float(dist.set_sizes.mean()), "dense": dist.n_dense,
+                   "bytes_per_position": part.file_bytes / part.pos_seq.size, "file_bytes": part.file_bytes}
         print(f"ours ({label}): reference pass {seconds:.1f} s, cache {part.file_bytes} B, "
-              f"{part.dist.set_sizes.mean():.1f} tokens a position, {part.dist.n_dense} of {part.dist.n_positions} "
-              f"positions stored whole, max tail {part.dist.tail_mass.max():.2e}",
-              flush=True)
+              f"{summary['mean_size']:.1f} tokens a position, {dist.n_dense} of {dist.n_positions} positions stored "
+              f"whole, max tail {dist.tail_mass.max():.2e}", flush=True)
+        return {"part": part, "reference_s": seconds, "signature": signature, "rows": {}, "summary": summary}
 
+    runs: dict[str, dict] = {"coverage": reference_run("coverage", args.coverage, False)}
     llama: dict[str, dict] = {}
     timing: dict[str, list[tuple[float, float]]] = {}
     for quant in quants:
@@ -334,9 +335,14 @@ def main() -> int:
                 llama[quant.name] = parse_kld_output(output)
                 runs["coverage"]["rows"][quant.name] = row
         timing[quant.name] = times
-        for label, run in runs.items():
-            if label != "coverage":
-                run["rows"][quant.name] = our_quant(run["part"], quant, run["signature"], args.threads)[0]
+    # the other settings one at a time, each part dropped once scored (GBs where rows are stored whole)
+    extra = [(f"ε={e}", float(e), False) for e in args.epsilons.split(",") if e]
+    for label, eps, full in extra + ([("full-vocab", None, True)] if args.full_vocab else []):
+        run = reference_run(label, eps, full)
+        for quant in quants:
+            run["rows"][quant.name] = our_quant(run["part"], quant, run["signature"], args.threads)[0]
+        run["part"] = None
+        runs[label] = run
 
     print()
     print(f"| quant | llama-perplexity mean KLD | ours (ε = {args.coverage:g}) mean KL [bracket] | difference | "
@@ -362,7 +368,7 @@ def main() -> int:
     print("|---|---|---|---|" + "---|" * len(quants))
     failures = []
     for label, run in runs.items():
-        part = run["part"]
+        summary = run["summary"]
         cells = []
         for quant in quants:
             row = run["rows"][quant.name]
@@ -372,9 +378,8 @@ def main() -> int:
             if width < 0.02 and abs(diff) > 0.02:
                 failures.append(f"{label} {quant.name}: {100 * diff:+.2f} %")
             cells.append(f"{row.kld.mean:.6f} ({100 * diff:+.2f} %) / {100 * width:.3g} %")
-        eps = "every token" if part.dist.dense else f"{part.dist.epsilon:g}"
-        print(f"| {eps} | {part.dist.set_sizes.mean():.1f} | {part.file_bytes / part.pos_seq.size:.0f} | "
-              f"{part.dist.n_dense} | " + " | ".join(cells) + " |")
+        print(f"| {summary['eps']} | {summary['mean_size']:.1f} | {summary['bytes_per_position']:.0f} | "
+              f"{summary['dense']} | " + " | ".join(cells) + " |")
     ours_ref = runs["coverage"]["reference_s"]
     quant_ratios = [statistics.median(o / t for o, t in timing[q.name]) for q in quants]
     print()

@@ -59,6 +59,7 @@ from medgemma_gguf.quant_eval.reference import (
     open_reference,
     option_choices,
     reference_parts,
+    rows_at,
     sequence_parts,
     text_positions,
 )
@@ -199,20 +200,27 @@ def _score_part(engine, part: ReferencePart, slice_: Slice | None, image_size: i
             if n_image != span[1] - span[0]:
                 raise UserError(f"the mmproj gives {n_image} image positions but the reference used "
                                 f"{span[1] - span[0]}; use the mmproj of the reference model")
-        engine.reset()
-        all_logits = engine.eval_parts(sequence_parts(tokens, span, pixels), logits="all")
+        rows = part.positions_of(s)
+        closed = item_index >= 0 and part.answer_index[item_index] >= 0  # a closed question: the chosen option
+        if rows.size == 0 and not closed:
+            continue  # nothing of this sequence is scored
         all_positions = text_positions(tokens.size, span)
-        if all_logits.shape[0] != all_positions.size:
-            raise RuntimeError(f"{part.name}: got {all_logits.shape[0]} logit rows for {all_positions.size} positions")
-        if item_index >= 0 and part.answer_index[item_index] >= 0:  # a closed question: the chosen option
+        # logits only where they are used: the scored positions and a closed item's last position
+        wanted = np.isin(all_positions, part.pos_token[rows])
+        if closed:
+            wanted[-1] = True
+        engine.reset()
+        all_logits = engine.eval_parts(sequence_parts(tokens, span, pixels), logits=wanted)
+        if all_logits.shape[0] != int(wanted.sum()):
+            raise RuntimeError(f"{part.name}: got {all_logits.shape[0]} logit rows for {int(wanted.sum())} positions")
+        if closed:
             last = log_softmax(all_logits[-1].astype(np.float64))
             options = part.option_tokens[item_index]
             lps = np.where(options >= 0, last[np.clip(options, 0, None)], np.nan)
             choices[item_index] = option_choices(lps[None, :])[0]
-        rows = part.positions_of(s)
         if rows.size == 0:
             continue
-        logits = all_logits[np.searchsorted(all_positions, part.pos_token[rows])]
+        logits = rows_at(all_logits, all_positions[wanted], part.pos_token[rows])
         ref_rows = part.dist.take(rows)
         scored = score_candidate(ref_rows, logits, {"ref_top": ref_rows.top1_ids, "next": part.next_token[rows]})
         scores.kl[rows], scores.kl_upper[rows] = scored.bounds.estimate, scored.bounds.upper

@@ -58,7 +58,6 @@ from medgemma_gguf.quant_eval.metrics import (
     CoveredLogProbs,
     cover_from_logits,
     log_softmax,
-    token_logprobs,
 )
 from medgemma_gguf.quant_eval.slices import Slice, TextChunk, slice_hash
 from medgemma_gguf.runtime.prompt import IMAGE_START, render_template, split_at_images
@@ -446,8 +445,10 @@ class Reference:
     def item_sequence(self, item: Item, index: int) -> PromptSequence:
         raise NotImplementedError
 
-    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
-        """Logits [n_text_positions, vocab] for the sequence's text positions (image positions left out)."""
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None,
+                        rows: NDArray[np.bool_] | None = None) -> NDArray[np.float32]:
+        """Logits [n_text_positions, vocab] for the sequence's text positions (image positions left out); with
+        ``rows`` (one flag per text position) only the flagged positions' rows, in order."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -476,29 +477,37 @@ class Reference:
         for s, seq in enumerate(tqdm(sequences, desc=f"reference {name}", disable=not progress, leave=False)):
             item = items[seq.item_index] if seq.item_index >= 0 else None
             pixels = native_pixels(item, self.image_size) if item is not None and item.image is not None else None
-            logits = self.sequence_logits(seq, pixels)
             all_positions = text_positions(len(seq.tokens), seq.image_span)
-            if logits.shape[0] != all_positions.size:
-                raise RuntimeError(f"reference returned {logits.shape[0]} rows for {all_positions.size} text positions")
+            positions = seq.scored_positions()
+            # logits only where they are used (as llama-perplexity asks only for the positions it scores): the
+            # scored positions, and an item's last position (its options' log-likelihoods)
+            wanted = np.isin(all_positions, positions)
+            if item is not None:
+                wanted[-1] = True
+            logits = self.sequence_logits(seq, pixels, wanted)
+            if logits.shape[0] != int(wanted.sum()):
+                raise RuntimeError(f"reference returned {logits.shape[0]} rows for {int(wanted.sum())} text positions")
             if item is not None:
                 last = log_softmax(logits[-1].astype(np.float64))
                 option_tokens[seq.item_index, : len(seq.option_tokens)] = seq.option_tokens
                 option_lps[seq.item_index, : len(seq.option_tokens)] = last[seq.option_tokens]
-            positions = seq.scored_positions()
-            logits = logits[np.searchsorted(all_positions, positions)]
+            logits = rows_at(logits, all_positions[wanted], positions)
             nxt = next_tokens(seq.tokens, positions, seq.image_span)
             next_lp = np.full(positions.size, np.nan)
             has_next = nxt >= 0
-            if has_next.any():
-                next_lp[has_next] = token_logprobs(logits[has_next], nxt[has_next])
             parts["pos_seq"].append(np.full(positions.size, s, dtype=np.int32))
             parts["pos_token"].append(positions.astype(np.int32))
             parts["after"].append(positions >= seq.image_span[1] if seq.image_span else np.zeros(positions.size, bool))
             parts["next_tok"].append(nxt.astype(np.int32))
             parts["next_lp"].append(next_lp)
             if positions.size:
-                parts["dist"].append(cover_from_logits(logits, coverage.epsilon, min_tokens=coverage.min_tokens,
-                                                       max_tokens=coverage.max_tokens))
+                covered = cover_from_logits(logits, coverage.epsilon, min_tokens=coverage.min_tokens,
+                                            max_tokens=coverage.max_tokens)
+                parts["dist"].append(covered)
+                # ln p of the next token from the cover's exact normaliser (the same float64 steps as
+                # token_logprobs, without a second log-softmax of every row)
+                at = np.flatnonzero(has_next)
+                next_lp[at] = logits[at, nxt[at]].astype(np.float64) - covered.lse[at]
         if not parts["dist"]:
             raise UserError(f"the part {name} has no scored position; give it longer sequences")
         lengths = [len(seq.tokens) for seq in sequences]
@@ -519,6 +528,15 @@ class Reference:
             meta={"reference": self.describe(), "coverage": coverage.key(),
                   "image_size": self.image_size if self.has_vision else 0},
         )
+
+
+def rows_at(logits: NDArray[np.float32], have: NDArray[np.integer], positions: NDArray[np.integer]) -> NDArray:
+    """The rows of ``logits`` (one per position in ``have``, ascending) at ``positions`` — a view when they are
+    the first rows in order (no copy of 1 MiB rows)."""
+    index = np.searchsorted(have, positions)
+    if index.size and np.array_equal(index, np.arange(index.size)):
+        return logits[: index.size]
+    return logits[index]
 
 
 def text_positions(length: int, image_span: tuple[int, int] | None) -> NDArray[np.int64]:
@@ -630,7 +648,8 @@ class HFReference(Reference):
             tokens, span = self._encode(text), None
         return _item_sequence(item, index, tokens, span, option_tokens, self._encode)
 
-    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None,
+                        rows: NDArray[np.bool_] | None = None) -> NDArray[np.float32]:
         import torch
 
         model = self._load()
@@ -648,7 +667,8 @@ class HFReference(Reference):
             kwargs["token_type_ids"] = token_type
         with torch.no_grad():
             logits = model(**kwargs).logits[0].float().numpy()
-        return logits[text_positions(len(sequence.tokens), sequence.image_span)]
+        text = logits[text_positions(len(sequence.tokens), sequence.image_span)]
+        return text if rows is None else text[rows]
 
     def close(self) -> None:
         self._model = self._processor = self._tokenizer = None
@@ -743,10 +763,12 @@ class GGUFReference(Reference):
             tokens, span = head + [placeholder] * n_image + tail, (len(head), len(head) + n_image)
         return _item_sequence(item, index, tokens, span, option_tokens, engine.tokenize)
 
-    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None) -> NDArray[np.float32]:
+    def sequence_logits(self, sequence: PromptSequence, pixels: NDArray[np.uint8] | None,
+                        rows: NDArray[np.bool_] | None = None) -> NDArray[np.float32]:
         engine = self._load()
         engine.reset()
-        return engine.eval_parts(sequence_parts(sequence.tokens, sequence.image_span, pixels), logits="all")
+        return engine.eval_parts(sequence_parts(sequence.tokens, sequence.image_span, pixels),
+                                 logits="all" if rows is None else rows)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -458,26 +458,35 @@ class Engine:
                 f"raise {setting('n_ctx')} or shorten the conversation"
             )
 
-    def eval_tokens(self, tokens: Sequence[int], *, logits: str = "last") -> np.ndarray:
+    def eval_tokens(self, tokens: Sequence[int], *, logits: str | Sequence[bool] | np.ndarray = "last") -> np.ndarray:
         """Decode ``tokens`` after what was evaluated so far (in decodes of ``n_batch`` tokens; of
-        ``n_outputs_max`` with ``logits="all"`` when the context returns fewer rows than that).
+        ``n_outputs_max`` when every token's logits are asked for and the context returns fewer rows than that).
 
         ``logits``: "all" returns float32 [len(tokens), n_vocab], "last" returns [1, n_vocab], "none" [0, n_vocab];
         "context" computes the last token's logits but leaves them in the context for a sampler (returns
-        [0, n_vocab]).
+        [0, n_vocab]); a boolean mask (one flag a token) returns the rows of the flagged tokens only, in order —
+        llama.cpp computes no others (as ``llama-perplexity`` asks only for the positions it scores).
         """
         tokens = list(tokens)
         self._check_room(len(tokens))
-        want = np.zeros(len(tokens), dtype=bool)
-        if logits == "all":
-            want[:] = True
-        elif logits in ("last", "context") and tokens:
-            want[-1] = True
-        copy = logits != "context"
+        if isinstance(logits, str):
+            want = np.zeros(len(tokens), dtype=bool)
+            if logits == "all":
+                want[:] = True
+            elif logits in ("last", "context") and tokens:
+                want[-1] = True
+        else:
+            want = np.asarray(logits, dtype=bool)
+            if want.shape != (len(tokens),):
+                raise ValueError(f"the logits mask has shape {want.shape}; pass one flag for each of the "
+                                 f"{len(tokens)} tokens")
+        copy = not (isinstance(logits, str) and logits == "context")
         # a context made for chat returns n_outputs_max logits rows per decode (runtime.context_settings):
-        # every token's logits then take decodes of that many tokens
-        step = self.n_batch if logits != "all" else min(self.n_batch, self.settings.n_outputs_max or self.n_batch)
-        rows: list[np.ndarray] = []
+        # tokens whose logits are all wanted then take decodes of that many tokens
+        many = not isinstance(logits, str) or logits == "all"
+        step = min(self.n_batch, self.settings.n_outputs_max or self.n_batch) if many else self.n_batch
+        out = np.empty((int(want.sum()) if copy else 0, self.n_vocab), dtype=np.float32)
+        filled = 0
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         try:
             for start in range(0, len(tokens), step):
@@ -495,11 +504,12 @@ class Engine:
                 for i in range(len(chunk) if copy else 0):
                     if want[start + i]:
                         pointer = llama_cpp.llama_get_logits_ith(self._ctx, i)
-                        rows.append(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy())
+                        out[filled] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+                        filled += 1
                 self.n_past += len(chunk)
         finally:
             llama_cpp.llama_batch_free(batch)
-        return np.stack(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)
+        return out
 
     def decode_next(self, token: int) -> None:
         """Decode one generated token after the others; its logits stay in the context for the sampler."""
@@ -600,17 +610,32 @@ class Engine:
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def eval_parts(self, parts: Sequence[PromptPart], *, logits: str = "all") -> np.ndarray:
+    def eval_parts(self, parts: Sequence[PromptPart], *, logits: str | Sequence[bool] | np.ndarray = "all"
+                   ) -> np.ndarray:
         """Evaluate token runs and images in order; returns logits of the token positions (see eval_tokens).
 
-        Image positions produce no logits; with ``logits="last"`` only the final token's row is returned.
+        Image positions produce no logits; with ``logits="last"`` only the final token's row is returned; a
+        boolean mask has one flag for each token of the token runs (image positions excluded), in order.
         """
+        mask = None if isinstance(logits, str) else np.asarray(logits, dtype=bool)
+        n_text = sum(len(part) for part in parts if not isinstance(part, ImagePart))
+        if mask is not None and mask.shape != (n_text,):
+            raise ValueError(f"the logits mask has shape {mask.shape}; pass one flag for each of the {n_text} "
+                             "text tokens")
         rows = []
+        at = 0
         for index, part in enumerate(parts):
             if isinstance(part, ImagePart):
                 self.eval_image(part)
                 continue
             is_last = index == len(parts) - 1
-            mode = "all" if logits == "all" else (logits if logits in ("last", "context") and is_last else "none")
+            mode: str | np.ndarray
+            if mask is not None:
+                mode = mask[at : at + len(part)]
+            else:
+                mode = "all" if logits == "all" else (logits if logits in ("last", "context") and is_last else "none")
+            at += len(part)
             rows.append(self.eval_tokens(part, logits=mode))
+        if len(rows) == 1:
+            return rows[0]
         return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)

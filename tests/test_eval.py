@@ -570,3 +570,29 @@ def test_format_2_cache_is_refused_with_a_clear_message(tmp_path):
     with pytest.raises(reference_module.StaleCacheError,
                        match=r"cache format 2 \(format 2 capped .* stores such positions whole\).*delete the file"):
         ReferencePart.load(path)
+
+
+def test_engine_computes_only_the_wanted_logits_rows(converted):
+    """``logits=<mask>``: the rows of the flagged tokens, the same numbers as every row (llama.cpp computes only
+    those, as llama-perplexity asks only for the positions it scores)."""
+    from medgemma_gguf.runtime.engine import Engine
+
+    with Engine(converted(VARIANT).text_path, None, n_ctx=256, n_threads=1) as engine:
+        tokens = [engine.bos_token, *engine.tokenize(load_heldout_text()[0].text)][:120]
+        engine.reset()
+        every = engine.eval_tokens(tokens, logits="all")
+        wanted = np.zeros(len(tokens), dtype=bool)
+        wanted[60:-1] = True
+        wanted[[3, 7]] = True
+        engine.reset()
+        some = engine.eval_tokens(tokens, logits=wanted)
+        np.testing.assert_allclose(some, every[wanted], rtol=1e-5, atol=1e-5)
+        engine.reset()
+        runs = engine.eval_parts([tokens[:50], tokens[50:]], logits="all")  # two decodes: other last bits
+        engine.reset()
+        split = engine.eval_parts([tokens[:50], tokens[50:]], logits=wanted)  # one mask across the token runs
+        np.testing.assert_allclose(split, runs[wanted], rtol=1e-5, atol=1e-5)
+        engine.reset()
+        assert engine.eval_tokens(tokens, logits=np.zeros(len(tokens), dtype=bool)).shape == (0, engine.n_vocab)
+        with pytest.raises(ValueError, match="one flag for each"):
+            engine.eval_parts([tokens[:50], tokens[50:]], logits=wanted[:-1])
