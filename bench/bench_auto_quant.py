@@ -51,8 +51,8 @@ MEDGEMMA = {"MedGemma 4B": (2560, 10240, 8 * 256, 4 * 256, 34, 262208),
             "MedGemma 27B": (5376, 21504, 32 * 128, 16 * 128, 62, 262208)}
 
 
-def _folder(workdir: Path, steps: int) -> Path:
-    """The converted trained fixture (built and converted once)."""
+def _folder(workdir: Path, steps: int, name: str = "out") -> Path:
+    """The trained fixture (built once) converted into ``workdir / name`` (once)."""
     from medgemma_gguf.convert.converter import convert_checkpoint
     from medgemma_gguf.fixtures.trained_fixture import build_trained_fixture
 
@@ -60,7 +60,7 @@ def _folder(workdir: Path, steps: int) -> Path:
     if not (checkpoint / "config.json").is_file():
         print(f"training the fixture ({steps} steps) into {checkpoint} ...", flush=True)
         build_trained_fixture(checkpoint, steps=steps)
-    out = workdir / "out"
+    out = workdir / name
     if not (out / "manifest.json").is_file():
         convert_checkpoint(str(checkpoint), out, outtype="f32", mmproj_type="f32", progress=False)
     return out
@@ -80,10 +80,13 @@ def model_shapes(n_embd: int, n_ff: int, q: int, kv: int, layers: int, vocab: in
 def calibration_evaluations(layers: int) -> int:
     """Model evaluations of the fast method's reference and calibration points for a Gemma 3 of ``layers``."""
     from medgemma_gguf.convert.quantize.fast_sensitivity import global_layers, sample_layers
+    from medgemma_gguf.gguf_info import GgufInfo
     from medgemma_gguf.quant_types import KINDS
 
     kinds = len(KINDS) - 1  # Gemma 3 ties the output projection to token_embd
-    return 1 + kinds + 2 * len(sample_layers(layers, global_layers({}, "gemma3", layers)))
+    header = GgufInfo(Path(f"gemma3-{layers}L.gguf"), 3, {"general.architecture": "gemma3",
+                                                          "gemma3.attention.sliding_window": 1024}, ())
+    return 1 + kinds + 2 * len(sample_layers(layers, global_layers(header, layers)))
 
 
 def sampled_weights(shapes: list[tuple[str, int, int]]) -> int:
@@ -126,9 +129,11 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from medgemma_gguf.quant_eval.reference import GGUFReference, ReferenceCache, reference_parts
     from medgemma_gguf.quant_eval.slices import load_heldout_text
 
-    out = _folder(workdir, args.steps)
+    chunks = args.imatrix_chunks or None
+    out = _folder(workdir, args.steps, f"out-im{chunks}" if chunks else "out")
     cache = workdir / "cache"
-    baselines = quantize_folder(out, ",".join(BASELINES), imatrix="auto", progress=False, n_threads=args.threads)
+    baselines = quantize_folder(out, ",".join(BASELINES), imatrix="auto", progress=False, n_threads=args.threads,
+                                imatrix_chunks=chunks)
     manifest = Manifest.load(out)
     imatrix = out / manifest.find("imatrix")[0].path
     source = out / next(r.path for r in manifest.find("text") if r.type.upper() == "F32")
@@ -203,8 +208,9 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"sensitivity wall time: fast {fast:.0f} s, proxy {proxy:.0f} s (fast / proxy = {fast / proxy:.3f})")
     if args.agreement_groups and "fast" in autos:
         table = next(iter(autos["fast"].values())).sensitivity
-        agreement = proxy_agreement(table, source, mmproj, imatrix, n_groups=args.agreement_groups, n_types=4,
-                                    cache_dir=cache, n_threads=args.threads, progress=False)
+        agreement = proxy_agreement(table, source, mmproj, imatrix, SensitivityOptions(cache_dir=cache,
+                                                                                       n_threads=args.threads),
+                                    n_groups=args.agreement_groups, n_types=4, progress=False)
         print(f"fast vs measured ΔKL on {len(agreement.pairs)} (group, type) pairs: Spearman "
               f"{agreement.spearman:.3f} overall, {agreement.spearman_within_group:.3f} within groups "
               f"(cost {json.dumps(agreement.cost)})")
@@ -261,6 +267,7 @@ def wide(args: argparse.Namespace, workdir: Path) -> None:
     from bench_convert import build_wide_checkpoint
 
     from medgemma_gguf.convert.converter import convert_checkpoint
+    from medgemma_gguf.convert.quantize.folder import AUTO_IMATRIX_CHUNKS
     from medgemma_gguf.convert.quantize.imatrix import compute_imatrix, write_imatrix_gguf
     from medgemma_gguf.convert.quantize.sensitivity import SensitivityOptions, plan_sensitivity
     from medgemma_gguf.gguf_info import read_gguf_info
@@ -283,8 +290,12 @@ def wide(args: argparse.Namespace, workdir: Path) -> None:
         parts[name] = (time.perf_counter() - wall, time.process_time() - cpu)
         return value
 
-    imatrix = timed("importance matrix", lambda: write_imatrix_gguf(
-        compute_imatrix(source, None, progress=False, n_threads=args.threads), out / "imatrix.gguf", force=True))
+    chunks = AUTO_IMATRIX_CHUNKS if args.imatrix_chunks is None else (args.imatrix_chunks or None)
+    computed = timed("importance matrix", lambda: compute_imatrix(source, None, max_chunks=chunks, progress=False,
+                                                                  n_threads=args.threads))
+    imatrix = write_imatrix_gguf(computed, out / "imatrix.gguf", force=True)
+    print(f"importance matrix: {computed.chunk_count} chunks, {computed.calibration['positions']} positions "
+          f"({'all' if chunks is None else f'AUTO reads the first {chunks}'})", flush=True)
     job = timed("plan (quick timings)", lambda: plan_sensitivity(source, None, imatrix, SensitivityOptions(
         method="fast", cache_dir=cache, n_threads=args.threads, workers=args.workers, max_text=args.fast_sample,
         max_images=args.fast_sample)))
@@ -342,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="fast,proxy", help="sensitivity methods compared in part 1")
     parser.add_argument("--agreement-groups", type=int, default=6)
     parser.add_argument("--wide-layers", type=int, default=2, help="layers of the MedGemma-4B-wide checkpoint")
+    parser.add_argument("--imatrix-chunks", type=int, default=None,
+                        help="chunks of 512 calibration positions of the importance matrix (0: all); part 1: its "
+                             "folder's matrix (default all, in out/; else in out-imN/), part 3: the timed one "
+                             "(default AUTO's, AUTO_IMATRIX_CHUNKS)")
     parser.add_argument("--skip", default="", help="parts to skip: quality, demo, wide (comma-separated)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

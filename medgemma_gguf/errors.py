@@ -77,6 +77,7 @@ SETTINGS: dict[str, Spelling] = {
     "auto_ctx": Spelling("--ctx", "ctx", "'ctx'"),
     "vram_budget": Spelling("--vram", "vram", "'vram'"),
     "max_chunks": Spelling("--chunks", "max_chunks", "'chunks'"),
+    "imatrix_chunks": Spelling("--imatrix-chunks", "imatrix_chunks", "'imatrix_chunks'"),
     "slices": Spelling("--slice", "slices", "'slices'"),
     "max_items": Spelling("--max-items", "max_items", "'max_items'"),
     "eval_outdir": Spelling("--out", "outdir", "'outdir'"),

@@ -138,7 +138,13 @@ def _per_layer(info: GgufInfo, key: str, n_layers: int, default: int | None = No
     return (_metadata_int(info, key, default),) * n_layers
 
 
-def _sliding_layers(info: GgufInfo, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+def sliding_layers(info: GgufInfo, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+    """(sliding window, per layer: True = sliding-window attention) as llama.cpp's ``load_swa_pattern`` reads
+    them: none without ``<arch>.attention.sliding_window``; else the per-layer
+    ``<arch>.attention.sliding_window_pattern`` array (UserError when its length is not ``n_layers``: a corrupt
+    file), else its period (every n-th layer global; 0: all sliding), else the architecture's default period
+    (``DEFAULT_SWA_PATTERN``; unknown: every layer full). The one reader of the pattern: the planner and the
+    fast sensitivity's global layers (``convert.quantize.fast_sensitivity.global_layers``) use it."""
     n_swa = _metadata_int(info, f"{arch}.attention.sliding_window", 0)
     if n_swa <= 0:
         return 0, (False,) * n_layers
@@ -199,7 +205,7 @@ def read_text_model(path: Path | str) -> TextModel:
     tied = output_matrix is None
     output_matrix_bytes = token_embd.n_bytes if output_matrix is None else output_matrix.n_bytes
 
-    n_swa, sliding = _sliding_layers(info, arch, n_layers)
+    n_swa, sliding = sliding_layers(info, arch, n_layers)
     return TextModel(
         path=info.path,
         n_layers=n_layers,

@@ -20,6 +20,7 @@ from medgemma_gguf.convert.quantize import ggml_quants, sensitivity
 from medgemma_gguf.convert.quantize.fast_sensitivity import (
     BLOCKS,
     KIND_BLOCK,
+    LAYER_SAMPLE,
     KindFit,
     fit_fast,
     fit_kind,
@@ -30,12 +31,25 @@ from medgemma_gguf.convert.quantize.fast_sensitivity import (
 )
 from medgemma_gguf.convert.quantize.tensor_errors import Sampling, TensorErrors, read_rows, weighted_error
 from medgemma_gguf.errors import UserError
-from medgemma_gguf.gguf_info import is_quantizable, read_gguf_info
+from medgemma_gguf.gguf_info import GgufInfo, is_quantizable, read_gguf_info
 from medgemma_gguf.manifest import Manifest
 
 T = GGMLQuantizationType
 THREADS = 1
 CALIBRATION_ITEMS = ("med-dka", "gen-json", "img-cxr-rll", "img-skin-short")
+
+
+def read_imatrix_chunks(path: Path) -> int:
+    from medgemma_gguf.convert.quantize.imatrix import read_imatrix
+
+    return read_imatrix(path).chunk_count
+
+
+def gemma3(**metadata: object) -> GgufInfo:
+    """A Gemma 3 header with a sliding window and these ``gemma3.attention.*`` keys (no tensors)."""
+    keys = {f"gemma3.attention.{k}": v for k, v in metadata.items()}
+    return GgufInfo(Path("model.gguf"), 3, {"general.architecture": "gemma3", "gemma3.attention.sliding_window": 512,
+                                            **keys}, ())
 
 
 # --- unit: the fit and the binding ---------------------------------------------------------------------------
@@ -110,8 +124,8 @@ def test_layer_fit_recovers_known_kind_and_layer_factors_when_every_layer_is_sam
 
 @pytest.mark.unit
 def test_layer_fit_interpolates_unsampled_layers_global_and_local_apart():
-    n, globals_ = 12, global_layers({}, "gemma3", 12)
-    sampled = sample_layers(n, globals_)
+    n, globals_ = 12, global_layers(gemma3(), 12)
+    sampled = sample_layers(n, globals_, count=6)
     assert globals_ == {5, 11} and set(sampled) & globals_ and len(sampled) == 6
 
     assert sampled == (0, 1, 3, 6, 8, 11)
@@ -136,22 +150,27 @@ def test_layer_fit_interpolates_unsampled_layers_global_and_local_apart():
 
 @pytest.mark.unit
 def test_layer_sampling_and_global_layers():
-    assert sample_layers(5) == (0, 1, 2, 3, 4) and sample_layers(6, {5}) == tuple(range(6))
-    four_b = global_layers({}, "gemma3", 34)  # MedGemma 4B: 34 layers, global every 6th
+    assert sample_layers(4) == (0, 1, 2, 3) and sample_layers(6, {5}, count=6) == tuple(range(6))
+    assert sample_layers(5) == (0, 1, 2, 4)
+    four_b = global_layers(gemma3(), 34)  # MedGemma 4B: 34 layers, global every 6th
     picked = sample_layers(34, four_b)
-    assert len(picked) == 6 and {0, 1, 33} <= set(picked) and set(picked) & four_b
-    deep = sample_layers(62, global_layers({}, "gemma3", 62))  # 27B: the even spread misses the globals
-    assert len(set(deep)) == 6 and {0, 1, 61} <= set(deep) and any(layer % 6 == 5 for layer in deep)
-    assert sample_layers(7, {5}) == (0, 1, 2, 3, 5, 6)
-    pattern = {"gemma3.attention.sliding_window_pattern": [True, True, False, True]}
-    assert global_layers(pattern, "gemma3", 4) == {2}
-    assert global_layers({"gemma3.attention.sliding_window_pattern": 3}, "gemma3", 7) == {2, 5}
+    assert LAYER_SAMPLE == 4 and picked == (0, 1, 17, 33) and set(picked) & four_b  # 17 is global
+    assert len(sample_layers(34, four_b, count=6)) == 6
+    deep = sample_layers(62, global_layers(gemma3(), 62))  # 27B: the even spread (31) misses the globals
+    assert deep == (0, 1, 29, 61) and 29 % 6 == 5
+    assert sample_layers(7, {5}) == (0, 1, 5, 6) and sample_layers(7, {5}, count=6) == (0, 1, 2, 3, 5, 6)
+    # the planner's reader (runtime.offload.sliding_layers): the per-layer array, a period, none without a window
+    assert global_layers(gemma3(sliding_window_pattern=[True, True, False, True]), 4) == {2}
+    assert global_layers(gemma3(sliding_window_pattern=3), 7) == {2, 5}
+    assert global_layers(GgufInfo(Path("m.gguf"), 3, {"general.architecture": "gemma3"}, ()), 3) == {0, 1, 2}
+    with pytest.raises(UserError, match="sliding_window_pattern has 3 entries for 4 layers; the file is corrupt"):
+        global_layers(gemma3(sliding_window_pattern=[True, True, False]), 4)
     # the points: one per kind and probe, one per block and sampled layer
     kinds = {kind: [f"blk.{layer}.{kind}.weight" for layer in range(34)] for kind in KIND_BLOCK}
     kinds["token_embd"] = ["token_embd.weight"]
     allowed = {t: (T.Q3_K,) for tensors in kinds.values() for t in tensors}
     points = plan_points(kinds, allowed, (T.Q3_K,), picked)
-    assert len(points) == 8 + 2 * 6 == len({p.label for p in points})
+    assert len(points) == 8 + 2 * LAYER_SAMPLE == len({p.label for p in points})
     attention = next(p for p in points if p.layer == 17 and p.kind == "attention")
     assert attention.tensors == tuple(f"blk.17.{k}.weight" for k in BLOCKS["attention"])
     assert attention.label == "layer-attention-17-Q3_K"
@@ -298,9 +317,9 @@ def test_dry_run_plan_matches_the_run_and_a_rerun_is_cached(model, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before and not (cache / "sensitivity").exists()
     planned = _plan_numbers(dry.output)
     assert planned["errors_cached"] == 0 and planned["errors"] == planned["errors_todo"]
-    # one point per tensor kind (Gemma 3 ties the output to token_embd) + attention and FFN of each of the 6 layers
-    assert planned["evaluations"] == 8 + 2 * 6
-    assert "calibration points: 8 per tensor kind + 12 per (block, layer)" in dry.output
+    # one point per tensor kind (Gemma 3 ties the output to token_embd) + attention and FFN of 4 of the 7 layers
+    assert planned["evaluations"] == 8 + 2 * 4
+    assert "calibration points: 8 per tensor kind + 8 per (block, layer)" in dry.output
 
     run = CliRunner().invoke(quantize_command, args)
     assert run.exit_code == 0, run.output
@@ -323,9 +342,9 @@ def test_interrupted_calibration_points_resume_from_the_cache(model, tmp_path, m
                                              cache_dir=tmp_path, n_threads=THREADS,
                                              candidates=("Q2_K", "Q3_K", "Q4_K", "Q8_0"))
     job = sensitivity.plan_sensitivity(model["source"], model["mmproj"], model["imatrix"], options, timing=False)
-    assert job.plan.evaluations == 20 and job.plan.evaluations_cached == 0
+    assert job.plan.evaluations == 16 and job.plan.evaluations_cached == 0
     planned = {p.label for p in job.points}
-    assert len(planned) == 20 and sum(p.layer is not None for p in job.points) == 12
+    assert len(planned) == 16 and sum(p.layer is not None for p in job.points) == 8
     real = sensitivity.Measurer.measure
     calls = []
 
@@ -401,6 +420,34 @@ def test_auto_uses_the_folders_imatrix_or_computes_one(model, tmp_path):
     assert plan.imatrix == path and not plan.job.imatrix_pending and "imatrix-x.gguf, the folder's" in plan.lines()[1]
     none = plan_auto(folder, AutoRequest(target_bpw=4.0, imatrix="none", sensitivity=options), timing=False)
     assert none.imatrix is None and "IQ2_XXS" not in none.job.plan.types
+
+
+def test_auto_computes_its_importance_matrix_on_the_first_chunks(model, tmp_path):
+    from medgemma_gguf.convert.quantize.fast_sensitivity import ModelTiming
+    from medgemma_gguf.convert.quantize.folder import AUTO_IMATRIX_CHUNKS, AutoRequest, plan_auto, quantize_folder
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out", ignore=shutil.ignore_patterns("imatrix*")))
+    options = sensitivity.SensitivityOptions(cache_dir=tmp_path / "cache")
+    lines = "\n".join(plan_auto(folder, AutoRequest(target_bpw=4.0, sensitivity=options), timing=False).lines())
+    assert f"on the first {AUTO_IMATRIX_CHUNKS} chunks of 512 positions of the calibration set first" in lines
+    assert "(imatrix_chunks for more)" in lines and f"first {AUTO_IMATRIX_CHUNKS} chunks of 512 positions" in lines
+    every = plan_auto(folder, AutoRequest(target_bpw=4.0, imatrix_chunks=None, sensitivity=options), timing=False)
+    assert "on all of the calibration set first" in "\n".join(every.lines())
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(UserError, match="imatrix_chunks must be a whole number of at least 1"):
+            AutoRequest(target_bpw=4.0, imatrix_chunks=bad)
+    # the estimate: that share of the whole set's positions and images (the load once)
+    timing = ModelTiming(load_seconds=2.0, seconds_per_position=0.01, seconds_per_image=1.0, positions=100, images=1,
+                         all_positions=4096, all_images=8)
+    assert timing.imatrix_seconds(None) == pytest.approx(timing.whole_set_seconds) == pytest.approx(2 + 40.96 + 8)
+    assert timing.imatrix_seconds(2) == pytest.approx(2 + 0.25 * (40.96 + 8))
+    assert timing.imatrix_seconds(100) == pytest.approx(timing.whole_set_seconds)
+    # a matrix computed into the folder reads only that many chunks of the bundled set (26), and its row says so
+    quantize_folder(folder, "Q8_0", imatrix="auto", imatrix_chunks=1, progress=False, n_threads=THREADS)
+    [row] = Manifest.load(folder).find("imatrix")
+    assert row.chunks == 1 and read_imatrix_chunks(folder / row.path) == 1
+    with pytest.raises(UserError, match="imatrix_chunks must be a whole number"):
+        quantize_folder(folder, "Q8_0", imatrix="auto", imatrix_chunks=0)
 
 
 def test_infeasible_budgets_are_refused_before_any_work(model, tmp_path, monkeypatch):

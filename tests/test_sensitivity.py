@@ -241,9 +241,8 @@ def test_measured_table_is_complete_cached_and_costed(measured_setup, monkeypatc
 @pytest.mark.slow  # 9 direct measurements
 def test_proxy_agrees_with_direct_measurement(measured_setup):
     setup = measured_setup
-    agreement = proxy_agreement(setup["table"], setup["source"], setup["mmproj"], setup["imatrix"], n_groups=3,
-                                n_types=3, cache_dir=setup["cache"], calibration=setup["calibration"],
-                                n_threads=THREADS, progress=False)
+    agreement = proxy_agreement(setup["table"], setup["source"], setup["mmproj"], setup["imatrix"], setup["options"],
+                                n_groups=3, n_types=3, progress=False)
     assert len(agreement.pairs) == 9 and agreement.cost["evaluations"] == 9
     assert agreement.spearman >= 0.8, agreement.pairs
     assert agreement.spearman_within_group == pytest.approx(1.0), agreement.pairs

@@ -68,22 +68,27 @@ def echo_listing(rows: list, echo=click.echo) -> None:
                    "(default $MEDGEMMA_GGUF_CACHE or ~/.cache/medgemma-gguf).")
 @click.option("--sensitivity-sample", type=click.IntRange(min=1),
               help="AUTO: measure KL on the first N text and N image conversations of the calibration set "
-                   "(default: 4 for fast, all for proxy and measured; fewer is faster and coarser).")
+                   "(default: 1 for fast, all for proxy and measured; fewer is faster and coarser).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="AUTO fast: threads quantizing tensors in parallel, one tensor each (default: --threads, "
                    "else all cores).")
+@click.option("--imatrix-chunks", type=click.IntRange(min=0),
+              help="When an importance matrix is computed here: read the first N chunks of 512 positions of the "
+                   "calibration set, 0 = all of it (default: 6, about 3,000 positions, when AUTO computes one; all "
+                   "with --imatrix auto).")
 def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str | None, no_imatrix: bool,
                      recipes: tuple[Path, ...], split_max_size: str | None, force: bool, threads: int | None,
                      list_types: bool, quiet: bool,
                      target_bpw: float | None, target_size: str | None, vram: str | None, ctx: int | None,
                      sensitivity_method: str, dry_run: bool, cache_dir: Path | None, sensitivity_sample: int | None,
-                     workers: int | None) -> None:
+                     workers: int | None, imatrix_chunks: int | None) -> None:
     """Quantize the unquantized text GGUF in OUTDIR (written by convert) with llama.cpp's quantizer.
 
     With --target-bpw, --target-size or --vram/--ctx: AUTO, one type per tensor chosen from measured
     sensitivity, written as OUTDIR/<name>-AUTO-<bpw>.gguf with its recipe <name>-AUTO-<bpw>.toml.
     """
     from medgemma_gguf.convert.quantize.folder import (
+        AUTO_IMATRIX_CHUNKS,
         IMATRIX_NONE,
         AutoRequest,
         auto_quantize_folder,
@@ -109,11 +114,11 @@ def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str 
                             "them separately")
         from medgemma_gguf.convert.quantize.sensitivity import SensitivityOptions
 
+        chunks = AUTO_IMATRIX_CHUNKS if imatrix_chunks is None else (imatrix_chunks or None)
+        options = SensitivityOptions(method=sensitivity_method, cache_dir=cache_dir, max_text=sensitivity_sample,
+                                     max_images=sensitivity_sample, force=force, n_threads=threads, workers=workers)
         request = AutoRequest(target_size=target_size, target_bpw=target_bpw, vram=vram, ctx=ctx, imatrix=imatrix,
-                              sensitivity=SensitivityOptions(method=sensitivity_method, cache_dir=cache_dir,
-                                                             max_text=sensitivity_sample,
-                                                             max_images=sensitivity_sample, force=force,
-                                                             n_threads=threads, workers=workers))
+                              imatrix_chunks=chunks, sensitivity=options)
         if dry_run:
             plan = plan_auto(outdir, request)
             for line in plan.lines("cli"):
@@ -140,6 +145,7 @@ def quantize_command(outdir: Path | None, quants: tuple[str, ...], imatrix: str 
 
     results = quantize_folder(outdir, list(quants), imatrix=imatrix, recipe_files=list(recipes), force=force,
                               progress=not quiet, n_threads=threads, split_max_size=parse_split_size(split_max_size),
+                              imatrix_chunks=imatrix_chunks or None,
                               report=lambda line: click.echo(render(line, "cli")))
     echo_results(results)
     click.echo(f"updated {outdir / 'manifest.json'} and {outdir / 'README.md'}")

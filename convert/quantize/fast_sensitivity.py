@@ -55,7 +55,9 @@ from gguf import GGMLQuantizationType
 
 from medgemma_gguf.atomic import write_text_atomic
 from medgemma_gguf.errors import UserError
+from medgemma_gguf.gguf_info import GgufInfo
 from medgemma_gguf.quant_types import tensor_kind
+from medgemma_gguf.runtime.offload import sliding_layers
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -70,10 +72,12 @@ DISK_BYTES_PER_SECOND = 1e9  # assumed for the plan: copying the untouched tenso
 BLOCKS: dict[str, tuple[str, ...]] = {"attention": ("attn_q", "attn_k", "attn_v", "attn_output"),
                                       "ffn": ("ffn_gate", "ffn_up", "ffn_down")}
 KIND_BLOCK = {kind: block for block, kinds in BLOCKS.items() for kind in kinds}
-LAYER_SAMPLE = 6
+LAYER_SAMPLE = 4
 """Layers given (block, layer) calibration points: every layer of a model with at most this many, else this many
-(``sample_layers``): 2 blocks x 6 = 12 evaluations on top of the kind points, whatever the depth."""
-GLOBAL_LAYER_PERIOD = 6  # Gemma 3 without a sliding_window_pattern key: llama.cpp's load_swa_pattern(ml, 6)
+(``sample_layers``): 2 blocks x 4 = 8 evaluations on top of the kind points, whatever the depth. 4 rather than 6:
+on the trained fixture (6 layers) AUTO at Q4_K_M's size reached 0.308x its KL from 4 sampled layers and 1 + 1
+conversations, 0.289x from all 6 and 2 + 2 (3 layers: 0.314x, but 0.451x at UD-Q4_K_XL's size); on MedGemma 4B's
+widths each point is a whole-model evaluation, about a minute on 2 cores (BENCHMARKS.md)."""
 FIT_TOLERANCE = 1e-6
 FIT_ITERATIONS = 50
 
@@ -131,16 +135,12 @@ def fit_kind(kind: str, points: Sequence[tuple[str, Sequence[float], float]],
                                             for qtype, errs, measured in points))
 
 
-def global_layers(metadata: Mapping[str, Any], architecture: str, n_layers: int) -> frozenset[int]:
-    """The layers with global (not sliding-window) attention, as llama.cpp's ``load_swa_pattern`` reads them:
-    the per-layer ``<arch>.attention.sliding_window_pattern`` array (True = sliding window), else its period
-    (every n-th layer global), else Gemma 3's period of ``GLOBAL_LAYER_PERIOD``."""
-    pattern = metadata.get(f"{architecture}.attention.sliding_window_pattern")
-    if isinstance(pattern, (list, tuple)) and len(pattern) == n_layers:
-        return frozenset(i for i, swa in enumerate(pattern) if not swa)
-    period = int(pattern) if isinstance(pattern, (int, float)) and not isinstance(pattern, bool) and pattern > 0 \
-        else GLOBAL_LAYER_PERIOD
-    return frozenset(i for i in range(n_layers) if i % period == period - 1)
+def global_layers(info: GgufInfo, n_layers: int) -> frozenset[int]:
+    """The layers with global (not sliding-window) attention: those ``runtime.offload.sliding_layers`` (the
+    planner's reader of ``<arch>.attention.sliding_window_pattern``, as llama.cpp's ``load_swa_pattern``) does not
+    mark sliding; every layer of a model without a sliding window."""
+    _, sliding = sliding_layers(info, info.architecture, n_layers)
+    return frozenset(i for i, swa in enumerate(sliding) if not swa)
 
 
 def sample_layers(n_layers: int, global_layers: Collection[int] = (), count: int = LAYER_SAMPLE) -> tuple[int, ...]:
@@ -371,26 +371,44 @@ class ModelTiming:
     images: int
     all_positions: int = 0  # the same over the whole calibration set (what an importance matrix reads)
     all_images: int = 0
+    score_seconds_per_position: float = 0.0  # scoring a candidate's logits against the reference (KL, top tokens)
+    cover_seconds_per_position: float = 0.0  # keeping the reference's covered distribution
 
     @property
     def evaluation_seconds(self) -> float:
-        """One evaluation over the selected calibration parts."""
-        return self.load_seconds + self.positions * self.seconds_per_position + self.images * self.seconds_per_image
+        """One evaluation over the selected calibration parts, scored against the reference."""
+        return (self.load_seconds + self.positions * (self.seconds_per_position + self.score_seconds_per_position)
+                + self.images * self.seconds_per_image)
+
+    @property
+    def reference_seconds(self) -> float:
+        """The reference pass over the selected calibration parts."""
+        return (self.load_seconds + self.positions * (self.seconds_per_position + self.cover_seconds_per_position)
+                + self.images * self.seconds_per_image)
 
     @property
     def whole_set_seconds(self) -> float:
         """One pass over the whole calibration set."""
-        return (self.load_seconds + self.all_positions * self.seconds_per_position
-                + self.all_images * self.seconds_per_image)
+        return self.imatrix_seconds(None)
+
+    def imatrix_seconds(self, chunks: int | None, chunk_size: int = 512) -> float:
+        """One pass over the first ``chunks`` chunks of ``chunk_size`` positions of the calibration set (None:
+        all of it): at most ``chunks × chunk_size`` positions (chunks are packed with whole items, so fewer),
+        their share of the images."""
+        share = 1.0 if chunks is None or not self.all_positions else min(1.0, chunks * chunk_size / self.all_positions)
+        return self.load_seconds + share * (self.all_positions * self.seconds_per_position
+                                            + self.all_images * self.seconds_per_image)
 
 
 def time_model(source: Path, mmproj: Path | None, texts: Sequence[str], image_items: Sequence[Any],
                n_threads: int | None, batch_tokens: int = 128, selected: tuple[int, int] | None = None,
                image: Any | None = None) -> ModelTiming:
-    """Load ``source`` (+ ``mmproj`` when there are images), decode one batch of the first text and encode
-    ``image`` (an item with a rendered image); count the positions of ``texts`` and ``image_items``
-    (question, options, image tokens) — of all of them, and of the first ``selected`` = (texts, items) that
-    an evaluation scores (default: all)."""
+    """Load ``source`` (+ ``mmproj`` when there are images), decode one batch of the first text with every
+    logit, keep its reference distribution and score it against that (as the reference pass and each evaluation
+    do with every position), and encode ``image`` (an item with a rendered image); count the positions of
+    ``texts`` and ``image_items`` (question, options, image tokens) — of all of them, and of the first
+    ``selected`` = (texts, items) that an evaluation scores (default: all)."""
+    from medgemma_gguf.quant_eval.metrics import cover_from_logits, score_candidate
     from medgemma_gguf.runtime.engine import Engine, ImagePart
 
     started = time.perf_counter()
@@ -402,8 +420,15 @@ def time_model(source: Path, mmproj: Path | None, texts: Sequence[str], image_it
         tokens = (engine.tokenize(" ".join(texts)) if texts else engine.tokenize("timing " * batch_tokens))
         tokens = (tokens * (1 + batch_tokens // max(1, len(tokens))))[:batch_tokens]
         started = time.perf_counter()
-        engine.eval_tokens(tokens, logits="all")
+        logits = engine.eval_tokens(tokens, logits="all")
         per_position = (time.perf_counter() - started) / len(tokens)
+        started = time.perf_counter()
+        covered = cover_from_logits(logits)
+        per_cover = (time.perf_counter() - started) / len(tokens)
+        started = time.perf_counter()
+        score_candidate(covered, logits, {"ref_top": covered.top1_ids, "next": np.asarray(tokens)})
+        per_score = (time.perf_counter() - started) / len(tokens)
+        del logits
         per_image = 0.0
         image_tokens = 0
         if image_items and image is not None:
@@ -415,7 +440,8 @@ def time_model(source: Path, mmproj: Path | None, texts: Sequence[str], image_it
     n_text, n_items = selected if selected is not None else (len(texts), len(image_items))
     return ModelTiming(load, per_position, per_image, sum(text_counts[:n_text]) + sum(item_counts[:n_items])
                        + image_tokens * min(n_items, len(image_items)), min(n_items, len(image_items)),
-                       sum(text_counts) + sum(item_counts) + image_tokens * len(image_items), len(image_items))
+                       sum(text_counts) + sum(item_counts) + image_tokens * len(image_items), len(image_items),
+                       per_score, per_cover)
 
 
 # --- the plan -------------------------------------------------------------------------------------------

@@ -110,10 +110,10 @@ def _computed_row(folder: Path, manifest: Any, source: Any, calibration_sha256: 
 
 
 def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, source: Any, mmproj: Any | None,
-                     calibration: Any | None, force: bool, progress: bool, n_threads: int | None
-                     ) -> tuple[Any | None, Path | None]:
+                     calibration: Any | None, force: bool, progress: bool, n_threads: int | None,
+                     max_chunks: int | None = None) -> tuple[Any | None, Path | None]:
     """(Imatrix, file) for a resolved choice (``imatrix_choice``): None, a file, or ``auto`` (computed once into
-    the folder, reused)."""
+    the folder on the first ``max_chunks`` chunks of the calibration set — None: all —, reused)."""
     if imatrix is None or str(imatrix) == IMATRIX_NONE:
         return None, None
     if str(imatrix) != IMATRIX_AUTO:
@@ -129,7 +129,7 @@ def _resolve_imatrix(folder: Path, manifest: Any, imatrix: str | Path | None, so
         raise UserError(f"{path} exists but the manifest does not record it for {source.path} and this "
                         f"calibration set; pass {setting('force')} to recompute it")
     computed = compute_imatrix(folder / source.path, folder / mmproj.path if mmproj else None,
-                               calibration=calibration, progress=progress, n_threads=n_threads)
+                               calibration=calibration, max_chunks=max_chunks, progress=progress, n_threads=n_threads)
 
     def record(temporary: Path) -> None:  # the row is saved before the file gets its name (integrity)
         manifest.upsert(entry_for(folder, temporary, "imatrix", "F32", stored_as=path, source=source.path,
@@ -154,14 +154,15 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
                     n_threads: int | None = None, calibration: Any | None = None,
                     row_extra: dict[str, dict[str, Any]] | None = None, recipes: Sequence[Any] = (),
                     report: Callable[[str], Any] | None = None,
-                    split_max_size: int | None = None) -> list[QuantResult]:
+                    split_max_size: int | None = None, imatrix_chunks: int | None = None) -> list[QuantResult]:
     """Quantize the folder's unquantized text GGUF to each of ``quants`` (+ each recipe file's recipe).
 
     Outputs are ``<model>-<TYPE>.gguf`` beside it, recorded in ``manifest.json`` (role, type, bytes, bpw,
     sha256, per-tensor type counts, fallbacks, inputs) and described in a generated ``README.md``.
     ``imatrix`` (``imatrix_choice``): None — the folder's importance matrix, when it has one for the source
     model; an imatrix file; ``"auto"`` (computed on ``calibration`` — default the bundled set — into
-    ``<model>.imatrix`` once and reused); ``"none"``. ``report`` gets a line saying which matrix is used
+    ``<model>.imatrix`` once and reused; ``imatrix_chunks``: only the first that many chunks of 512 positions,
+    None: all); ``"none"``. ``report`` gets a line saying which matrix is used
     (settings marked for ``errors.render``).
     A quant whose file still matches its manifest row and inputs is skipped; ``force`` rebuilds. Every
     request is checked before any file is written. ``row_extra``: more manifest fields per quant name (how
@@ -170,6 +171,7 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     (``medgemma_gguf.integrity``). ``split_max_size``: parts of at most that many bytes in llama.cpp's split
     format (``medgemma_gguf.gguf_split``: None = its default rule, 45 GB parts for files over 49 GB; 0 = never).
     """
+    check_imatrix_chunks(imatrix_chunks)
     folder = Path(outdir)
     manifest = open_manifest(folder)
     recipes = [*(load_recipe(path) for path in recipe_files), *recipes]
@@ -211,7 +213,7 @@ def quantize_folder(outdir: Path | str, quants: str | Sequence[str] | None, *, i
     if report is not None:
         report(f"importance matrix: {note}")
     imatrix_data, imatrix_path = _resolve_imatrix(folder, manifest, imatrix, source, mmproj, calibration, force,
-                                                  progress, n_threads)
+                                                  progress, n_threads, imatrix_chunks)
     for spec in todo:
         path = quant_path(folder, manifest.model, spec)
         inputs = _inputs(source, spec, imatrix_path)
@@ -302,6 +304,18 @@ def imatrix_choice(folder: Path, manifest: Any, source: Any, requested: str | Pa
 
 # --- AUTO: a recipe chosen from measured sensitivity ----------------------------------------------------
 AUTO_PREFIX = "AUTO"
+AUTO_IMATRIX_CHUNKS = 6
+"""Chunks of 512 positions of the calibration set the importance matrix is computed on when AUTO computes it
+(about 3,000 of the bundled set's 10,300 positions: a third of the time on MedGemma 4B's widths; on the trained
+fixture AUTO and the baselines from it kept their KL, BENCHMARKS.md). ``AutoRequest.imatrix_chunks`` /
+``--imatrix-chunks`` choose more (None / 0: all)."""
+
+
+def check_imatrix_chunks(value: int | None) -> None:
+    """UserError unless ``value`` is None (every chunk) or a whole number of at least 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UserError(f"{setting('imatrix_chunks')} must be a whole number of at least 1 (chunks of 512 "
+                        f"positions of the calibration set), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -310,9 +324,10 @@ class AutoRequest:
     ``vram`` with ``ctx`` (checked against the folder by ``auto.parse_budget``) —, the importance matrix
     (``imatrix``: a file, ``"auto"`` to compute one into the folder or reuse the one computed before,
     ``"none"``: the types that need one are not candidates, or None: the folder's matrix,
-    ``folder_default_imatrix``, else one is computed) and how sensitivity is measured (``sensitivity``,
-    ``SensitivityOptions``; its ``calibration``, ``force`` and ``n_threads`` are the whole request's: the
-    importance matrix and the quant use them too)."""
+    ``folder_default_imatrix``, else one is computed), the chunks of 512 calibration positions a matrix computed
+    here reads (``imatrix_chunks``: default ``AUTO_IMATRIX_CHUNKS``; None: all) and how sensitivity is measured
+    (``sensitivity``, ``SensitivityOptions``; its ``calibration``, ``force`` and ``n_threads`` are the whole
+    request's: the importance matrix and the quant use them too)."""
 
     target_size: str | None = None
     target_bpw: float | None = None
@@ -320,6 +335,10 @@ class AutoRequest:
     ctx: int | None = None
     imatrix: str | Path | None = None
     sensitivity: SensitivityOptions = field(default_factory=SensitivityOptions)
+    imatrix_chunks: int | None = AUTO_IMATRIX_CHUNKS
+
+    def __post_init__(self) -> None:
+        check_imatrix_chunks(self.imatrix_chunks)
 
 
 @dataclass
@@ -372,8 +391,10 @@ def plan_auto(outdir: Path | str, request: AutoRequest, *, timing: Any = True) -
     imatrix, note = imatrix_choice(folder, manifest, source, requested)
     if imatrix is None and requested is None:  # AUTO's own step: a matrix is computed when the folder has none
         imatrix = IMATRIX_AUTO
-        note = (f"none in {folder} for {source.path}: computing {imatrix_file(folder, manifest.model).name} on the "
-                "bundled calibration set first")
+        chunks = (f"the first {request.imatrix_chunks} chunks of 512 positions of" if request.imatrix_chunks
+                  else "all of")
+        note = (f"none in {folder} for {source.path}: computing {imatrix_file(folder, manifest.model).name} on "
+                f"{chunks} the calibration set first ({setting('imatrix_chunks')} for more)")
     elif imatrix is None:
         note += "; types that need one are not candidates"
     pending = str(imatrix) == IMATRIX_AUTO
@@ -381,7 +402,7 @@ def plan_auto(outdir: Path | str, request: AutoRequest, *, timing: Any = True) -
     if pending and not request.sensitivity.force and computed is not None:
         imatrix, pending = folder / computed.path, False  # "auto" with a matrix computed before: reuse it
     job = plan_sensitivity(source_path, mmproj_path, None if pending else imatrix, request.sensitivity,
-                           imatrix_pending=pending, timing=timing)
+                           imatrix_pending=pending, imatrix_chunks=request.imatrix_chunks, timing=timing)
     layout = job.layout()
     facts = model_facts(source_path, layout)
     capacity = budget.capacity(layout, facts)
@@ -408,7 +429,7 @@ def auto_quantize_folder(outdir: Path | str, request: AutoRequest, *, progress: 
     source_path = folder / source.path
     mmproj_path = folder / mmproj.path if mmproj else None
     _, imatrix_path = _resolve_imatrix(folder, manifest, plan.imatrix, source, mmproj, options.calibration, force,
-                                       progress, n_threads)
+                                       progress, n_threads, request.imatrix_chunks)
     job = plan.job
     if job.imatrix_pending:  # plan again with the matrix that now exists: its hash keys the caches
         job = plan_sensitivity(source_path, mmproj_path, imatrix_path, options, timing=job.timing or False)

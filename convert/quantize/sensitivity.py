@@ -23,8 +23,8 @@ cached reference (``quant_eval.reference``). Three methods:
   imatrix and type, resumable). The errors become ΔKL through ``ΔKL(g, t) = c_kind · f_block(layer) ·
   e(g, t)`` (``fast_sensitivity``; a power law in ``e`` with more probe types), fitted to whole-model KL
   measurements at the probe type (default Q3_K), each cached as soon as it is measured: one per tensor kind
-  (all tensors of that kind; 8 for Gemma 3) and one per (block, layer) for up to ``LAYER_SAMPLE`` = 6
-  sampled layers (that layer's attention or FFN tensors; 12), the factor interpolated over the other
+  (all tensors of that kind; 8 for Gemma 3) and one per (block, layer) for up to ``LAYER_SAMPLE`` = 4
+  sampled layers (that layer's attention or FFN tensors; 8), the factor interpolated over the other
   layers. The layer factor is there because the error-to-KL ratio varies across layers by orders of
   magnitude, differently for attention and FFN (on the trained fixture: residual std of log(ΔKL / e)
   2.16 with per-kind constants, 0.27 with per-(block, layer) factors; AUTO at Q4_K_M's size 0.647x its
@@ -97,6 +97,7 @@ from medgemma_gguf.convert.quantize.calibration import CalibrationSet, load_cali
 from medgemma_gguf.convert.quantize.fast_sensitivity import (
     DEFAULT_FAST_PROBES,
     DISK_BYTES_PER_SECOND,
+    LAYER_SAMPLE,
     CalibrationPoint,
     FastFit,
     ModelTiming,
@@ -142,11 +143,14 @@ T = GGMLQuantizationType
 CACHE_VERSION = 1
 METHODS = ("fast", "proxy", "measured")
 DEFAULT_METHOD = "fast"
-FAST_VERSION = 2  # of the fast method's table assembly (part of its cache key); 2: per-(block, layer) factors
+# of the fast method's table assembly (part of its cache key, with LAYER_SAMPLE); 2: per-(block, layer) factors;
+# 3: LAYER_SAMPLE 4 (was 6)
+FAST_VERSION = 3
 # the fast method's calibration points score the first N text and N image conversations unless told otherwise.
-# 2 (about a twelfth of the set's positions): on the trained fixture AUTO from 2 gave 0.289x Q4_K_M's KL at its
-# size and from 4 0.302x (BENCHMARKS.md), with the evaluations, which dominate on MedGemma 4B, a third faster
-FAST_SAMPLE = 2
+# 1 (about a twentieth of the set's positions): on the trained fixture AUTO from 1 gave 0.299x Q4_K_M's KL at its
+# size, from 2 0.289x and from 4 0.302x (BENCHMARKS.md), and the evaluations, which dominate on MedGemma 4B, take
+# about half the time of 2
+FAST_SAMPLE = 1
 # an importance-matrix pass over the calibration set costs about this many forward passes over it (plan
 # estimate: the activations of every matrix multiplication are copied out and summed)
 IMATRIX_PASS_FACTOR = 1.5
@@ -582,6 +586,7 @@ class SensitivityJob:
     point_cache: PointCache | None = None
     timing: ModelTiming | None = None
     imatrix_pending: bool = False
+    imatrix_chunks: int | None = None  # with imatrix_pending: the chunks it will read (None: all)
     force: bool = False
     covered: frozenset[str] = frozenset()
     source_type: GGMLQuantizationType = T.F32
@@ -751,13 +756,14 @@ def assumed_imatrix_coverage(name: str) -> bool:
 
 def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None,
                      options: SensitivityOptions | None = None, *, imatrix_pending: bool = False,
-                     timing: ModelTiming | bool = True) -> SensitivityJob:
+                     imatrix_chunks: int | None = None, timing: ModelTiming | bool = True) -> SensitivityJob:
     """Resolve a sensitivity measurement's inputs, look up its caches and estimate its cost (nothing measured).
 
     ``options``: how it is measured (``SensitivityOptions``; default: its defaults). ``imatrix``: the file the
     final quant will use; without one (and not ``imatrix_pending``), types that llama.cpp refuses without an
     imatrix are dropped from the candidates. ``imatrix_pending``: one will be computed before the run (AUTO),
-    so the plan assumes its coverage and the job must be planned again. ``timing``: time the model for the
+    so the plan assumes its coverage and the job must be planned again; ``imatrix_chunks``: the chunks of 512
+    calibration positions it will read (None: all), for the estimate. ``timing``: time the model for the
     estimate (True), reuse a timing, or skip it (False).
     """
     options = options or SensitivityOptions()
@@ -799,8 +805,8 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
               "imatrix": cached_file_sha256(Path(imatrix), hash_dir) if imatrix else None}
     sampling = options.sampling or Sampling()
     workers = options.worker_count()
-    extra = ({"sampling": sampling.to_json(), "ggml": ggml_quants.version(), "fast_version": FAST_VERSION}
-             if method == "fast" else None)
+    extra = ({"sampling": sampling.to_json(), "ggml": ggml_quants.version(), "fast_version": FAST_VERSION,
+              "layer_sample": LAYER_SAMPLE} if method == "fast" else None)
     key = cache_key(model_sha=model_sha, mmproj_sha=hashes["mmproj"], imatrix_sha=hashes["imatrix"],
                     calibration_sha=calibration_set.sha256, max_text=max_text, max_images=max_images,
                     candidates=types, probes=probe_types, method=method, extra=extra)
@@ -814,13 +820,14 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
     n_tensors = sum(len(tensors) for _, tensors in groups)
     plan = Plan(method=method, groups=len(groups), tensors=n_tensors, types=tuple(t.name for t in types),
                 workers=workers if method == "fast" else 1,
-                imatrix=("computed first, on the bundled calibration set" if imatrix_pending else
-                         (str(imatrix) if imatrix else "none")))
+                imatrix=((f"computed first, on the first {imatrix_chunks} chunks of 512 positions of the calibration "
+                          "set" if imatrix_chunks else "computed first, on the whole calibration set")
+                         if imatrix_pending else (str(imatrix) if imatrix else "none")))
     job = SensitivityJob(source=source, mmproj=mmproj_path, imatrix=Path(imatrix) if imatrix else None,
                          imatrix_data=imatrix_data, method=method, types=types, probes=probe_types,
                          calibration=calibration_set, max_text=max_text, max_images=max_images, root=root,
                          n_threads=n_threads, workers=workers, key=key, path=path, groups=groups, hashes=hashes,
-                         plan=plan, imatrix_pending=imatrix_pending, force=force,
+                         plan=plan, imatrix_pending=imatrix_pending, imatrix_chunks=imatrix_chunks, force=force,
                          source_type=next(iter(source_types)))
     if path.is_file() and not force and not imatrix_pending:
         try:
@@ -888,7 +895,7 @@ def _plan_fast(job: SensitivityJob, info: Any, covered: frozenset[str], sampling
             kinds.setdefault(tensor_kind(tensor)[0], []).append(tensor)
     job.n_layers = 1 + max((layer for _, group in job.groups for tensor, _ in group
                             if (layer := tensor_kind(tensor)[1]) is not None), default=-1)
-    job.global_layers = global_layers(info.metadata, info.architecture, job.n_layers)
+    job.global_layers = global_layers(info, job.n_layers)
     layers = sample_layers(job.n_layers, job.global_layers)
     job.points = plan_points(kinds, allowed, job.probes, layers)
     n_kind = sum(1 for p in job.points if p.layer is None)
@@ -928,7 +935,7 @@ def _estimate(job: SensitivityJob, info: Any, chunks: Sequence[Any], items: Sequ
     threads = max(1, job.n_threads or os.cpu_count() or 1)
     model_bytes = job.source.stat().st_size
     if not plan.reference_cached:
-        plan.seconds["reference"] = timing.evaluation_seconds
+        plan.seconds["reference"] = timing.reference_seconds
     quantize = pending_evaluations * model_bytes / DISK_BYTES_PER_SECOND
     if job.method == "fast" and job.errors is not None:
         for point in job.pending_points():
@@ -937,7 +944,7 @@ def _estimate(job: SensitivityJob, info: Any, chunks: Sequence[Any], items: Sequ
     plan.seconds["calibration points" if job.method == "fast" else "quantizations"] = quantize
     plan.seconds["evaluations"] = pending_evaluations * timing.evaluation_seconds
     if job.imatrix_pending:
-        plan.seconds["importance matrix"] = timing.whole_set_seconds * IMATRIX_PASS_FACTOR
+        plan.seconds["importance matrix"] = timing.imatrix_seconds(job.imatrix_chunks) * IMATRIX_PASS_FACTOR
 
 
 def _llama_cpp_version() -> str:
@@ -1026,12 +1033,12 @@ class Agreement:
 
 
 def proxy_agreement(result: SensitivityResult, source: Path | str, mmproj: Path | str | None = None,
-                    imatrix: Path | str | None = None, *, n_groups: int = 6, n_types: int = 4, seed: int = 0,
-                    cache_dir: Path | str | None = None, calibration: Path | str | None = None,
-                    n_threads: int | None = None, progress: bool = True,
+                    imatrix: Path | str | None = None, options: SensitivityOptions | None = None, *,
+                    n_groups: int = 6, n_types: int = 4, seed: int = 0, progress: bool = True,
                     choose: Callable[[random.Random, list[str]], list[str]] | None = None) -> Agreement:
     """Measure ``n_groups`` seeded groups × ``n_types`` non-probe candidate types directly; rank-correlate them
-    with the table. Uses the table's calibration selection (``result.meta``)."""
+    with the table. ``options``: as for ``measure_sensitivity`` (its cache folder, calibration set and threads;
+    the calibration selection is the table's own, ``result.meta``)."""
     rng = random.Random(seed)
     names = [g.name for g in result.table.groups]
     chosen = (choose or (lambda r, n: r.sample(n, min(n_groups, len(n)))))(rng, names)
@@ -1040,10 +1047,11 @@ def proxy_agreement(result: SensitivityResult, source: Path | str, mmproj: Path 
     pairs = []
     started = time.perf_counter()
     imatrix_data = read_imatrix(imatrix) if imatrix is not None else None
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    with Measurer(Path(source), Path(mmproj) if mmproj else None, imatrix_data, cache_dir=root,
-                  calibration=calibration, max_text=calibration_meta["max_text"],
-                  max_images=calibration_meta["max_images"], n_threads=n_threads, progress=progress) as measurer:
+    options = options or SensitivityOptions()
+    with Measurer(Path(source), Path(mmproj) if mmproj else None, imatrix_data, cache_dir=options.root(),
+                  calibration=options.calibration, max_text=calibration_meta["max_text"],
+                  max_images=calibration_meta["max_images"], n_threads=options.n_threads,
+                  progress=progress) as measurer:
         work = []
         for name in chosen:
             group = result.table.group(name)
