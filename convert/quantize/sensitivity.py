@@ -30,7 +30,7 @@ cached reference (``quant_eval.reference``). Three methods:
   2.16 with per-kind constants, 0.27 with per-(block, layer) factors; AUTO at Q4_K_M's size 0.647x its
   KL with the first, proxy 0.326x). The calibration conversations default to the first ``FAST_SAMPLE``
   text and image ones. Cost: groups × types ggml round trips on sampled rows, plus kinds × probes + 2 ×
-  sampled layers quantizations and evaluations (20 for Gemma 3 of any depth).
+  sampled layers quantizations and evaluations (16 for Gemma 3 of any depth, plus the reference).
 * ``measured``: that measurement for every (group, type): ``groups × types`` quantizations and model
   evaluations.
 * ``proxy``: a calibrated proxy. One whole-model llama.cpp quantization per candidate type;
