@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--image-clients", type=int, default=4)
+    parser.add_argument("--image-clients", type=int, default=4, help="0: no image load")
     parser.add_argument("--workdir", type=Path, default=None, help="default: <cache root>/bench-server")
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary (default: build it in --workdir)")
     parser.add_argument("--no-llama-server", action="store_true")
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     for phase, model, mmproj, clients, per_client, images in (
             ("text", text_path, None, args.clients, args.requests, False),
             ("image", image_path, mmproj_path, args.image_clients, 1, True)):
+        if clients == 0:
+            continue
         servers = [ours("serve --parallel 1", model, mmproj, 1, args, workdir / f"{phase}-p1.log"),
                    ours("serve --parallel 4", model, mmproj, 4, args, workdir / f"{phase}-p4.log")]
         if binary is not None:
