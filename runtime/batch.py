@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_gguf.errors import InputError, UserError, setting
+from medgemma_gguf.runtime.context_settings import MAX_PARALLEL
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,6 @@ def _sha256(path: Path) -> str:
 
 def check_parallel(parallel: Any) -> int:
     """``parallel`` checked: a whole number of slots from 1 to llama.cpp's sequence limit (InputError)."""
-    from medgemma_gguf.runtime.chat import MAX_PARALLEL
 
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
         raise InputError(f"{setting('batch_parallel')} must be a whole number from 1 (one line at a time, the "

@@ -45,7 +45,7 @@ from medgemma_gguf.gguf_info import check_model_pair, read_gguf_info
 from medgemma_gguf.integrity import check_file_against_folder
 from medgemma_gguf.manifest import Manifest
 from medgemma_gguf.pull import is_hub_spec, pull
-from medgemma_gguf.runtime.context_settings import DEFAULT_N_UBATCH, ContextSettings
+from medgemma_gguf.runtime.context_settings import DEFAULT_N_UBATCH, MAX_PARALLEL, ContextSettings
 from medgemma_gguf.runtime.engine import Engine, ImagePart
 from medgemma_gguf.runtime.images import DEFAULT_MAX_PIXELS
 from medgemma_gguf.runtime.lora import LoraFile, LoraSpec, ModelIds, check_lora_files, parse_lora_specs
@@ -67,7 +67,6 @@ from medgemma_gguf.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 CONTEXT_STEP = 256  # llama.cpp pads contexts to a multiple of 256 cells
 
 

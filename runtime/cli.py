@@ -14,7 +14,7 @@ import click
 from medgemma_gguf.errors import UserError, setting
 from medgemma_gguf.privacy import enable_offline
 from medgemma_gguf.runtime.audit import DEFAULT_AUDIT_BACKUPS, DEFAULT_AUDIT_MAX_BYTES
-from medgemma_gguf.runtime.context_settings import FLASH_ATTN_MODES, KV_TYPES
+from medgemma_gguf.runtime.context_settings import FLASH_ATTN_MODES, KV_TYPES, MAX_PARALLEL
 from medgemma_gguf.runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from medgemma_gguf.runtime.prompt import load_presets
 from medgemma_gguf.runtime.sources import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES
@@ -365,7 +365,7 @@ def default_parallel() -> int:
               help="Require 'Authorization: Bearer KEY' (or env MEDGEMMA_API_KEY); must not be empty.")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Serve beyond loopback without an API key: anyone who can reach the port can use the model.")
-@click.option("--parallel", type=click.IntRange(1, 256),
+@click.option("--parallel", type=click.IntRange(1, MAX_PARALLEL),
               help="Requests decoded together (slots), each with --ctx positions [default: 4 on a GPU build, 2 on "
                    "the CPU].")
 @click.option("--queue", "queue_size", default=32, show_default=True, type=click.IntRange(min=0),
@@ -468,7 +468,7 @@ def serve_command(model: Path, mmproj: Path | None, quant: str | None, n_ctx: in
 @click.option("--vram", help="GPU memory budget, e.g. 6GiB (default: free memory of GPU 0, or RAM without a GPU).")
 @click.option("--ctx", "n_ctx", default="4096", show_default=True, type=ContextSize(),
               help="Context size in tokens, or auto: the largest context each quant fits with.")
-@click.option("--parallel", "n_seq", default=1, show_default=True, type=click.IntRange(1, 256),
+@click.option("--parallel", "n_seq", default=1, show_default=True, type=click.IntRange(1, MAX_PARALLEL),
               help="Sequences the context holds (the server's slots), each with --ctx positions.")
 @click.option("--report", type=click.Path(path_type=Path),
               help="quant_eval report.json to rank by mean KL (default: FOLDER/report/report.json if present).")

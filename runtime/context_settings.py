@@ -38,6 +38,7 @@ KV_TYPES: dict[str, tuple[int, int]] = {"f16": (1, 1), "q8_0": (8, 32), "q4_0": 
 # --flash-attn values -> llama_flash_attn_type (LLAMA_FLASH_ATTN_TYPE_AUTO / ENABLED / DISABLED)
 FLASH_ATTN_MODES: dict[str, int] = {"auto": -1, "on": 1, "off": 0}
 DEFAULT_N_UBATCH = 512
+MAX_PARALLEL = 256  # sequences one context may hold: llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h)
 
 
 def parse_kv_type(value: str, what: str = "kv_type") -> str:
