@@ -143,6 +143,7 @@ class Result:
     ttft: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: int = 0
+    problems: list[str] = field(default_factory=list)  # what each failed request saw (status and body, or exception)
     wall: float = 0.0
 
     def summary(self) -> dict[str, float]:
@@ -171,12 +172,13 @@ def image_uri(seed: int) -> str:
 async def one_request(client, url: str, body: dict, result: Result) -> None:
     started = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = deltas = 0  # completion tokens (from usage, at the end); content chunks seen so far
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
-                await response.aread()
+                text = (await response.aread()).decode(errors="replace")
                 result.errors += 1
+                result.problems.append(f"HTTP {response.status_code}: {text[:200]}")
                 return
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -185,10 +187,13 @@ async def one_request(client, url: str, body: dict, result: Result) -> None:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices") or []:
-                    if first is None and (choice.get("delta") or {}).get("content"):
-                        first = time.perf_counter()
-    except Exception:  # noqa: BLE001 - counted, the load goes on
+                    if (choice.get("delta") or {}).get("content"):
+                        deltas += 1
+                        first = first or time.perf_counter()
+    except Exception as error:  # noqa: BLE001 - counted and said, the load goes on
         result.errors += 1
+        result.problems.append(f"{type(error).__name__} after {time.perf_counter() - started:.1f} s, "
+                               f"{deltas} content chunks in: {error!r}")
         return
     end = time.perf_counter()
     result.latency.append(end - started)
@@ -232,11 +237,14 @@ def measure(servers: list[Server], rounds: int, clients: int, per_client: int, t
         asyncio.run(run_load(server.port, 1, 1, 4, images))
     for index in range(rounds):
         for server in servers:
-            summary = asyncio.run(run_load(server.port, clients, per_client, tokens, images)).summary()
+            result = asyncio.run(run_load(server.port, clients, per_client, tokens, images))
+            summary = result.summary()
             results[server.name].append(summary)
             print(f"  round {index + 1} {server.name:>22}: {summary['requests_per_s']:.3f} req/s, "
                   f"{summary['tokens_per_s']:.1f} tok/s, p50 {summary['latency_p50_s']:.2f} s, "
                   f"TTFT p50 {summary['ttft_p50_s']:.2f} s, errors {summary['errors']}", flush=True)
+            for problem in result.problems:
+                print(f"    failed request: {problem}", flush=True)
     return {name: median_summary(rows) for name, rows in results.items()}
 
 
