@@ -27,8 +27,11 @@ a field in neither is refused as unknown.
   not trained for tool calls), and every other field (``audio``, ``prediction``, ``web_search_options``,
   ``metadata``, llama-server's other sampler fields, ...).
 
-Messages: ``role`` and ``content`` only (``name`` and tool fields are refused). ``null`` counts as absent
-everywhere, as in llama-server.
+Messages: ``role`` and ``content`` only (``name`` and tool fields are refused); content items have the
+fields ``runtime.prompt.CONTENT_ITEM_FIELDS`` lists (``image_url.detail`` "auto" or "high": the model sees every
+image at its one resolution), ``response_format`` those of ``runtime.structured.RESPONSE_FORMAT_FIELDS``; any
+other nested field is refused with its path (``messages[0].content[1].cache_control``). ``stream_options``
+needs ``stream``: true, as in OpenAI's API. ``null`` counts as absent everywhere, as in llama-server.
 
 Reply shapes follow openai-python's types: ``chat.completion`` / ``chat.completion.chunk`` /
 ``text_completion``; logprobs as ``{"content": [{token, logprob, bytes, top_logprobs}]}`` (chat) and
@@ -46,6 +49,7 @@ from typing import Any
 from medgemma_gguf.errors import UserError
 from medgemma_gguf.runtime.batching import MAX_TOP_LOGPROBS, TokenLogprob
 from medgemma_gguf.runtime.http_limits import ApiError
+from medgemma_gguf.runtime.prompt import content_item_problem
 from medgemma_gguf.runtime.sampling import SamplingSettings, settings_from_request, think_from_request
 from medgemma_gguf.runtime.studies import requested_images
 
@@ -133,6 +137,8 @@ def _stream_options(body: Mapping[str, Any]) -> bool:
     if options.get("include_obfuscation"):
         raise RequestError("'stream_options.include_obfuscation' is not supported: the server pads no stream "
                            "chunks; set it to false or leave it out")
+    if not _flag(body, "stream"):  # as OpenAI: the options shape a stream
+        raise RequestError("'stream_options' is only allowed with 'stream': true; remove it or stream the reply")
     return bool(options.get("include_usage"))
 
 
@@ -188,6 +194,11 @@ def parse_chat_request(body: Any, *, max_tokens_limit: int, max_images: int) -> 
             if extra:
                 raise RequestError(f"'messages[{index}].{extra[0]}' is not supported: a message has 'role' and "
                                    "'content' only (Gemma's chat template has no names)")
+            content = message.get("content")
+            for number, item in enumerate(content if isinstance(content, list) else ()):
+                problem = content_item_problem(item) if isinstance(item, Mapping) else None
+                if problem is not None:
+                    raise RequestError(f"'messages[{index}].content[{number}].{problem[0]}' {problem[1]}")
     n_images = _count_images(messages)
     if n_images > max_images:
         raise RequestError(f"the request has {n_images} images (a volume counts its 'slices', a slide its "

@@ -228,6 +228,45 @@ def load_prompt_image(source: Any, options: ImageOptions) -> PromptImage:
 
 # --- messages -----------------------------------------------------------------------------------------
 
+# the fields each kind of content item has (null counts as absent); a field not listed is refused, never ignored.
+# Volume and slide items check their own fields (runtime.studies).
+CONTENT_ITEM_FIELDS: dict[str, frozenset[str]] = {
+    "text": frozenset(("type", "text")),
+    "image": frozenset(("type", "image", "path", "url")),  # Hugging Face's shape
+    "image_url": frozenset(("type", "image_url")),  # OpenAI's shape: {"url": ..., "detail": ...}
+    "longitudinal": frozenset(("type", "prior", "current")),
+}
+IMAGE_URL_FIELDS = frozenset(("url", "detail"))
+# OpenAI's image_url.detail values this model honours: it sees every image at its one resolution (896 x 896 for
+# MedGemma, 256 tokens), which is what "high" asks for and what "auto" gets
+IMAGE_DETAILS = ("auto", "high")
+
+
+def content_item_problem(item: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(field, problem)`` for the first field of content item ``item`` that is not honoured, or None.
+
+    ``field`` is the path inside the item (``"cache_control"``, ``"image_url.detail"``) for the caller to place
+    in its own words (``messages[0].content[1].…`` on the server)."""
+    kind = item.get("type")
+    known = CONTENT_ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+    if known is None:
+        return None  # an unknown kind, or a study item that checks its own fields
+    extra = sorted(str(k) for k in item if k not in known and item[k] is not None)
+    if extra:
+        listed = " and ".join(f"'{k}'" for k in sorted(known))
+        return extra[0], f"is not a field of a content item of type '{kind}' (it has {listed}); remove it"
+    ref = item.get("image_url")
+    if kind == "image_url" and isinstance(ref, Mapping):
+        extra = sorted(str(k) for k in ref if k not in IMAGE_URL_FIELDS and ref[k] is not None)
+        if extra:
+            return f"image_url.{extra[0]}", "is not supported: image_url has 'url' and 'detail'; remove it"
+        detail = ref.get("detail")
+        if detail is not None and detail not in IMAGE_DETAILS:
+            return "image_url.detail", (f"{detail!r} is not supported: the model sees every image at its one "
+                                        "resolution (256 tokens); use 'auto' or 'high', or leave it out")
+    return None
+
+
 
 def _image_source(item: Mapping[str, Any]) -> Any:
     """Where an image content item keeps its image (HF: image / path / url; OpenAI: image_url)."""
@@ -251,9 +290,12 @@ def _normalize_content(content: Any, role: str, index: int, options: ImageOption
     if not isinstance(content, list | tuple):
         raise UserError(f"{where}: content must be a string or a list of text/image items")
     items: list[dict] = []
-    for item in content:
+    for number, item in enumerate(content):
         if not isinstance(item, Mapping):
             raise UserError(f"{where}: each content item must be an object with a \"type\"")
+        problem = content_item_problem(item)
+        if problem is not None:
+            raise UserError(f"{where}, content item {number}: '{problem[0]}' {problem[1]}")
         kind = item.get("type")
         if kind == "text":
             if not isinstance(item.get("text"), str):

@@ -30,10 +30,10 @@ body bytes (413; the default fits an 85-slice CT series zipped as base64), JSON 
 read timeouts (``runtime.http_limits``), pixels per image, images per request (a volume counts its
 slices, a slide its patches; the default takes a CT study), ``max_tokens``/``max_completion_tokens``.
 An API key, when set, must be non-empty and come as ``Authorization: Bearer KEY`` (401 otherwise;
-``/health``, ``/metrics`` and the page's static files stay open); binding beyond loopback needs a key or
-``insecure_no_auth``. CORS is off unless origins are given (``--cors-origin``). Every bad request is
-answered ``{"error": {"message", "type"}}`` with a 4xx status and the server keeps serving; an unexpected
-failure is a 500 with a request id and a generic message (the details only in the server's log).
+``/health`` and the page's static files stay open; ``/metrics`` needs the key, as in llama-server); binding
+beyond loopback needs a key or ``insecure_no_auth``. CORS is off unless origins are given (``--cors-origin``).
+Every bad request is answered ``{"error": {"message", "type"}}`` with a 4xx status and the server keeps
+serving; an unexpected failure is a 500 with a request id and a generic message (the details only in the server's log).
 
 LoRA adapters (``serve --lora``): ``GET /v1/models`` lists the ids and a request's ``model`` chooses the
 adapters it runs with (``runtime.lora``: ``M`` = the default set, ``M+base``, ``M+<adapter>``); the reply's

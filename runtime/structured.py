@@ -7,7 +7,8 @@
 * ``grammar``: GBNF text as llama.cpp reads it (``root`` is where it starts).
 * Server ``response_format`` (OpenAI's shapes): ``{"type": "text"}`` (none), ``{"type": "json_object"}``
   (any JSON object; llama-server's ``"schema"`` key is honoured) and ``{"type": "json_schema",
-  "json_schema": {"name": ..., "schema": {...}}}`` (without a schema: any object).
+  "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (without a schema: any object; ``strict`` either
+  way: the grammar always holds the reply to the schema). Any other field is refused (``RESPONSE_FORMAT_FIELDS``).
 
 What the grammar enforces: types, ``properties``/``required``/``additionalProperties`` (an object without
 ``additionalProperties`` is closed), ``enum``/``const``, ``items``/``prefixItems``/``minItems``/``maxItems``,
@@ -84,6 +85,17 @@ def schema_grammar(schema: Any) -> str:
     return grammar
 
 
+# OpenAI's response_format shapes and their fields (null counts as absent; any other field is refused):
+# llama-server's "schema" in a json_object format is honoured; json_schema.name / description only label the
+# schema, and json_schema.strict is accepted either way because the grammar always holds the reply to the schema
+RESPONSE_FORMAT_FIELDS: dict[str, frozenset[str]] = {
+    "text": frozenset(("type",)),
+    "json_object": frozenset(("type", "schema")),
+    "json_schema": frozenset(("type", "json_schema")),
+}
+JSON_SCHEMA_FIELDS = frozenset(("name", "description", "schema", "strict"))
+
+
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:
     """The JSON schema an OpenAI ``response_format`` asks for (None for text); InputError for other shapes."""
     if response_format is None:
@@ -91,20 +103,34 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
     if not isinstance(response_format, Mapping):
         raise InputError(f"{setting('response_format')} must be an object such as {{\"type\": \"json_object\"}}")
     kind = response_format.get("type")
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMAT_FIELDS:
+        raise InputError(f"{setting('response_format')} type must be 'text', 'json_object' or 'json_schema', "
+                         f"got {kind!r}")
+    _refuse_fields(response_format, RESPONSE_FORMAT_FIELDS[kind], f"a {kind} format")
     if kind == "text":
         return None
     if kind == "json_object":
         schema = response_format.get("schema")
         return ANY_OBJECT if schema is None else schema
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, Mapping):
-            raise InputError(f"{setting('response_format')} of type json_schema needs \"json_schema\": "
-                             "{\"name\": ..., \"schema\": {...}}")
-        schema = spec.get("schema")
-        return ANY_OBJECT if schema is None or schema == {} else schema
-    raise InputError(f"{setting('response_format')} type must be 'text', 'json_object' or 'json_schema', "
-                     f"got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{setting('response_format')} of type json_schema needs \"json_schema\": "
+                         "{\"name\": ..., \"schema\": {...}}")
+    _refuse_fields(spec, JSON_SCHEMA_FIELDS, "its json_schema", "json_schema.")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InputError(f"{setting('response_format')} json_schema.strict must be true or false (the reply is "
+                         "held to the schema either way)")
+    schema = spec.get("schema")
+    return ANY_OBJECT if schema is None or schema == {} else schema
+
+
+def _refuse_fields(fields: Mapping[str, Any], known: frozenset[str], what: str, prefix: str = "") -> None:
+    extra = sorted(str(k) for k in fields if k not in known and fields[k] is not None)
+    if extra:
+        listed = ", ".join(f"'{k}'" for k in sorted(known))
+        raise InputError(f"{setting('response_format')} field '{prefix}{extra[0]}' is not supported: {what} has "
+                         f"{listed}; remove it")
 
 
 _PARSE_ERROR = re.compile(r"error parsing grammar: (.+)")

@@ -101,3 +101,56 @@ def test_batches_list_sequences_in_order_and_a_prompt_joins_running_slots_whole(
     z_part = [entry for entry in step if entry[0] == 0]
     assert [logits for _, _, logits in z_part] == [False] * (len(z_part) - 1) + [True]
     assert [pos for _, pos, _ in z_part] == list(range(z_part[0][1], z_part[0][1] + len(z_part)))
+
+
+def test_a_long_prompt_is_fed_in_chunks_beside_a_generating_slot(model, monkeypatch):
+    from medgemma_gguf.runtime.batching import Batcher
+
+    calls = _record_batches(monkeypatch)
+    chunk = 32
+    batcher = Batcher(model, n_slots=4, queue_size=4, prefill_chunk=chunk)
+    try:
+        x, x_tokens, x_done, _ = _job(model, "Describe the chest radiograph.", 400)
+        batcher.submit(x)
+        _wait(lambda: len(x_tokens) >= 2)
+        x_seq = calls[-1][0][0]
+        long_text = "Summarise: " + " ".join(f"finding {i} is stable" for i in range(40))
+        z, z_tokens, z_done, z_events = _job(model, long_text, 2)
+        n_before = len(calls)
+        batcher.submit(z)
+        _wait(z_done.is_set)
+        assert z_events.get()[0] == "done" and len(z_tokens) == 2
+        x.cancelled.set()
+        _wait(x_done.is_set)
+    finally:
+        batcher.close()
+    prompt_steps = [batch for batch in calls[n_before:] if sum(seq != x_seq for seq, _, _ in batch) > 1]
+    z_counts = [sum(seq != x_seq for seq, _, _ in batch) for batch in prompt_steps]
+    assert len(prompt_steps) >= 4 and sum(z_counts) > 3 * chunk, z_counts  # a prompt of well over 3 chunks ...
+    assert max(z_counts) <= chunk, z_counts  # ... never more than a chunk a step ...
+    for batch in prompt_steps:  # ... each step also decoding x's next token
+        assert [(seq, logits) for seq, _, logits in batch if seq == x_seq] == [(x_seq, True)], batch
+
+
+def test_a_request_whose_time_runs_out_in_the_queue_never_takes_a_slot_and_answers_503(model):
+    from medgemma_gguf.runtime.batching import Batcher
+    from medgemma_gguf.runtime.server import _job_error
+
+    batcher = Batcher(model, n_slots=1, queue_size=4)
+    try:
+        x, x_tokens, x_done, _ = _job(model, "Describe the chest radiograph.", 480)  # no time limit
+        batcher.submit(x)
+        _wait(lambda: len(x_tokens) >= 2)
+        late, late_tokens, late_done, late_events = _job(model, "List three causes of anemia.", 3)
+        late.deadline = time.monotonic() + 0.02  # waits behind x, the only slot, past its limit
+        batcher.submit(late)
+        _wait(late_done.is_set)
+        kind, value = late_events.get()
+        assert kind == "error" and isinstance(value, TimeoutError) and late_tokens == []
+        assert batcher.stats.finished["timeout"] == 1 and len(x_tokens) < 480, len(x_tokens)  # x kept its slot
+        x.cancelled.set()
+        _wait(x_done.is_set)
+    finally:
+        batcher.close()
+    error = _job_error(kind, value, "rid-1")
+    assert error.status == 503 and error.headers == {"Retry-After": "5"} and "time limit" in error.message

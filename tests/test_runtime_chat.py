@@ -294,6 +294,9 @@ def test_bad_images_give_clear_errors_and_the_next_chat_works(folder, chat_model
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}, "invalid base64"),
         ({"type": "image", "image": np.zeros((4, 4), dtype=np.float32)}, "must be uint8"),
         ({"type": "video", "path": "x.mp4"}, "unknown content item type"),
+        ({"type": "image", "path": "x.png", "detail": "low"}, "content item 1: 'detail' is not a field"),
+        ({"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}}, "'image_url.detail' 'low'"),
+        ({"type": "longitudinal", "prior": "a.png", "current": "b.png", "after": "c.png"}, "'after' is not a field"),
     ]
     for item, message in cases:
         with pytest.raises(UserError, match=message):

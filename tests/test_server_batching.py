@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from test_runtime_chat import VARIANT, native_image  # noqa: F401 (VARIANT: what conftest.files converts)
 from test_server import _data_uri, run_uvicorn
 
@@ -242,6 +243,26 @@ REFUSED = [
     ({"ignore_eos": 1}, "'ignore_eos'", "true or false"),
     ({"messages": [{"role": "user", "content": "Hi", "name": "alice"}]}, "'messages[0].name'", "role"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "'messages[0]'", "tool calls"),
+    # nested fields: refused with their path, never dropped
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "x"}}]}]},
+     "'messages[0].content[0].cache_control'", "not a field of a content item of type 'text'"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}]}]},
+     "'messages[0].content[0].image_url.detail'", "'auto' or 'high'"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:,", "foo": 1}}]}]},
+     "'messages[0].content[1].image_url.foo'", "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}, "x": 1}]}]},
+     "'messages[0].content[0].x'", "of type 'image_url'"),
+    ({"response_format": {"type": "json_object", "foo": 1}}, "'response_format' field 'foo'", "not supported"),
+    ({"response_format": {"type": "text", "json_schema": {}}}, "'response_format' field 'json_schema'",
+     "a text format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "bogus": True}}},
+     "'response_format' field 'json_schema.bogus'", "not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "strict": "yes"}}},
+     "'response_format' json_schema.strict", "true or false"),
+    ({"response_format": {"type": ["text"]}}, "'response_format' type", "got ['text']"),
+    ({"stream_options": {"include_usage": True}}, "'stream_options'", "only allowed with 'stream': true"),
 ]
 
 
@@ -256,6 +277,15 @@ def test_every_refused_field_answers_400_naming_it(batched):
     accepted = {"user": "u-1", "safety_identifier": "s", "store": False, "modalities": ["text"], "n": 1,
                 "service_tier": "auto", "stream_options": None, "tools": None, "repetition_penalty": 1.0}
     assert httpx.post(f"{base}/v1/chat/completions", json={**good, **accepted}, timeout=60).status_code == 200
+    image = {"url": _data_uri(Image.new("RGB", (32, 32), (90, 90, 90))), "detail": "high"}
+    nested = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": image},
+                                                        {"type": "text", "text": "Hi", "cache_control": None}]}],
+              "response_format": {"type": "json_schema", "json_schema": {
+                  "name": "finding", "description": "d", "strict": True,
+                  "schema": {"type": "object", "properties": {"a": {"enum": ["x"]}}, "required": ["a"]}}}}
+    response = httpx.post(f"{base}/v1/chat/completions", json={**good, **nested, "max_tokens": 12}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"a": "x"}
     for extra, name in [({"echo": True}, "'echo'"), ({"best_of": 2}, "'best_of'"), ({"suffix": "x"}, "'suffix'"),
                         ({"logprobs": 6}, "'logprobs'"), ({"prompt": ["a", "b"]}, "'prompt'"),
                         ({"messages": []}, "'messages'")]:

@@ -130,8 +130,8 @@ def test_a_message_with_images_streams_its_reply(page, site, tmp_path):
     assert body["stream"] is True and body["max_tokens"] == 24 and body["messages"][0]["role"] == "system"
     assert [item["type"] for item in body["messages"][1]["content"]] == ["text", "image_url", "image_url"]
     assert body["messages"][1]["content"][2]["image_url"]["url"].startswith("data:application/dicom;base64,")
-    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=120,
-                           headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "stream_options": None},
+                           timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert shown == reference["choices"][0]["message"]["content"] != ""
     assert page.evaluate("window.mutations") > 5  # the reply arrived piece by piece
     stats = page.inner_text(".message.assistant .stats")
@@ -238,8 +238,8 @@ def _reply_matches(page, base: str, body: dict, index: int) -> None:
     """The reply shown in the ``index``-th assistant message is the server's own non-streamed reply to ``body``."""
     _wait(page, f"document.querySelectorAll('.message.assistant .stats')[{index}]?.textContent.includes('tokens')")
     shown = page.evaluate(f"() => document.querySelectorAll('.message.assistant .content')[{index}].textContent")
-    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=120,
-                           headers={"Authorization": f"Bearer {API_KEY}"})
+    reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "stream_options": None},
+                           timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
     assert reference.status_code == 200, reference.text
     assert shown == reference.json()["choices"][0]["message"]["content"] != ""
 
