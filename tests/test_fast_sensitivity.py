@@ -468,3 +468,53 @@ def test_infeasible_budgets_are_refused_before_any_work(model, tmp_path, monkeyp
         auto_quantize_folder(folder, AutoRequest(target_bpw=2.2, imatrix="none", sensitivity=options), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     assert not (tmp_path / "c" / "sensitivity").exists()
+
+
+def test_the_cli_refuses_infeasible_budgets_before_timing_hashing_or_measuring(model, tmp_path, monkeypatch):
+    """``quantize FOLDER --target-bpw 1`` (also --dry-run, --target-size, --vram; with the folder's matrix or one
+    still to compute): refused from the GGUF's header, before the plan's quick timings, any hash or cache, naming
+    the flag the user gave, with the feasible range and the fix in one line; the Python API names its argument."""
+    from click.testing import CliRunner
+
+    from medgemma_gguf.convert.quantize import folder as folder_module
+    from medgemma_gguf.convert.quantize.cli import quantize_command
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out"))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    def work(what):
+        return lambda *a, **k: pytest.fail(f"{what} before the budget was checked")
+
+    monkeypatch.setattr(sensitivity, "time_model", work("timed the model"))
+    monkeypatch.setattr(TensorErrors, "time_types", work("timed the types"))
+    monkeypatch.setattr(sensitivity, "cached_file_sha256", work("hashed"))
+    monkeypatch.setattr(sensitivity.SensitivityJob, "run", work("measured"))
+    monkeypatch.setattr(folder_module, "compute_imatrix", work("computed an importance matrix"))
+    monkeypatch.setattr(folder_module, "quantize_file", work("quantized"))
+    cache = tmp_path / "c"
+    below = r"is below the smallest possible mix; feasible range \d\.\d+ bpw \(every tensor at its smallest candidate\)"
+    cases = [
+        (["--target-bpw", "1.0"], rf"^--target-bpw 1 {below} \.\. 32\.000 bpw \(unquantized F32\); "
+                                  r"raise --target-bpw$"),
+        (["--target-bpw", "1.0", "--dry-run"], r"^--target-bpw 1 is below .*; raise --target-bpw$"),
+        (["--target-size", "10GB"], r"^--target-size 9\.31 GiB is above the unquantized size; feasible range "
+                                    r"\d+ MiB \.\. \d+ MiB \(unquantized F32\); lower --target-size or use the "
+                                    r"unquantized file$"),
+        (["--target-size", "10GB", "--dry-run"], r"^--target-size 9\.31 GiB is above the unquantized size; feasible "
+                                                 r"range \d+ MiB \.\. \d+ MiB .*; lower --target-size or use"),
+        (["--vram", "1MB", "--ctx", "256"], r"^--vram 1 MiB at --ctx 256 is below .*; raise --vram$"),
+    ]
+    for flags, message in cases:
+        for imatrix in (["--imatrix", str(model["imatrix"])], []):  # the folder's matrix, or one to compute first
+            run = CliRunner().invoke(quantize_command, [str(folder), *flags, *imatrix, "--threads", "1",
+                                                        "--cache-dir", str(cache)])
+            assert isinstance(run.exception, UserError), (flags, imatrix, run.output, run.exception)
+            assert re.search(message, run.exception.for_cli()), run.exception.for_cli()
+            assert "\n" not in run.exception.for_cli() and "AUTO:" not in run.output  # nothing planned or printed
+    options = sensitivity.SensitivityOptions(cache_dir=cache, n_threads=THREADS)
+    with pytest.raises(UserError, match=r"^target_bpw 1 is below .*; raise target_bpw$"):
+        auto_quantize_folder(folder, AutoRequest(target_bpw=1.0, sensitivity=options), progress=False,
+                             report=lambda line: pytest.fail(f"printed {line!r} before the budget was checked"))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert not cache.exists()

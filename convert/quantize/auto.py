@@ -473,6 +473,12 @@ class Capacity:
     counted: frozenset[str]
     overhead: int
     label: str
+    flag: str = ""  # the setting the user gave it with (``setting(...)``: each interface words it), if any
+    given: str = ""  # that setting and its value, as the refusals name it
+
+    def named(self) -> str:
+        """What the user gave, for an error message: the setting and its value, else ``the budget (label)``."""
+        return self.given or f"the budget ({self.label})"
 
     def user_value(self, counted_bytes: int) -> str:
         """The budget's own measure for a mix using ``counted_bytes``."""
@@ -488,7 +494,8 @@ class SizeBudget:
     def capacity(self, table: Layout, facts: ModelFacts) -> Capacity:
         overhead = facts.fixed_bytes() + facts.header_bytes
         return Capacity(self.total_bytes - overhead, frozenset(g.name for g in table.groups), overhead,
-                        f"file size {format_size(self.total_bytes)}")
+                        f"file size {format_size(self.total_bytes)}", setting("target_size"),
+                        f"{setting('target_size')} {format_size(self.total_bytes)}")
 
 
 @dataclass(frozen=True)
@@ -501,7 +508,8 @@ class BpwBudget:
         n_elements = sum(g.n_elements for g in table.groups)
         capacity = math.floor(self.bits_per_weight * n_elements / 8)
         return _BpwCapacity(capacity, frozenset(g.name for g in table.groups), 0,
-                            f"{self.bits_per_weight:g} bits per weight", n_elements)
+                            f"{self.bits_per_weight:g} bits per weight", setting("target_bpw"),
+                            f"{setting('target_bpw')} {self.bits_per_weight:g}", n_elements=n_elements)
 
 
 @dataclass(frozen=True)
@@ -546,7 +554,9 @@ class VramBudget:
         overhead = sum(parts.values())
         counted = frozenset(g.name for g in table.groups if on_gpu(g, facts.tied_embeddings))
         return Capacity(self.vram_bytes - overhead, counted, overhead,
-                        f"VRAM {format_size(self.vram_bytes)} at context {self.n_ctx}")
+                        f"VRAM {format_size(self.vram_bytes)} at context {self.n_ctx}", setting("vram_budget"),
+                        f"{setting('vram_budget')} {format_size(self.vram_bytes)} at {setting('auto_ctx')} "
+                        f"{self.n_ctx}")
 
 
 def on_gpu(group: GroupShape, tied_embeddings: bool) -> bool:
@@ -645,17 +655,18 @@ def check_budget(layout: ModelLayout, budget: Capacity) -> None:
             raise UserError(f"group {group.name} has no candidate type whose block size divides its row length "
                             f"{group.tensors[0][1][0]}; add a type such as Q8_0, F16 or BF16 to the candidates")
     smallest, unquantized = feasible_range(layout, budget)
+    flag = budget.flag or "the budget"
     if budget.capacity > unquantized:
         raise UserError(
-            f"the budget ({budget.label}) is above the unquantized size; feasible range "
+            f"{budget.named()} is above the unquantized size; feasible range "
             f"{budget.user_value(smallest)} .. {budget.user_value(unquantized)} (unquantized "
-            f"{layout.reference_type.name}); lower the budget or use the unquantized file"
+            f"{layout.reference_type.name}); lower {flag} or use the unquantized file"
         )
     if budget.capacity < smallest:
         raise UserError(
-            f"the budget ({budget.label}) is below the smallest possible mix; feasible range "
+            f"{budget.named()} is below the smallest possible mix; feasible range "
             f"{budget.user_value(smallest)} (every tensor at its smallest candidate) .. "
-            f"{budget.user_value(unquantized)} (unquantized {layout.reference_type.name}); raise the budget"
+            f"{budget.user_value(unquantized)} (unquantized {layout.reference_type.name}); raise {flag}"
         )
 
 

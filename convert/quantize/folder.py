@@ -378,7 +378,8 @@ class AutoResult:
 
 def plan_auto(outdir: Path | str, request: AutoRequest, *, timing: Any = True) -> AutoPlan:
     """Check an AUTO ``request`` and plan it without doing the work: bad options and a budget outside the
-    feasible range fail here, before anything is computed or written. ``timing``: as ``plan_sensitivity``'s."""
+    feasible range fail here, before anything is hashed, timed, computed or written (the budget is checked
+    against the layout read from the GGUF's header). ``timing``: as ``plan_sensitivity``'s."""
     folder = Path(outdir)
     manifest = open_manifest(folder)
     source = source_entry(folder, manifest)
@@ -401,12 +402,16 @@ def plan_auto(outdir: Path | str, request: AutoRequest, *, timing: Any = True) -
     computed = _computed_row(folder, manifest, source)
     if pending and not request.sensitivity.force and computed is not None:
         imatrix, pending = folder / computed.path, False  # "auto" with a matrix computed before: reuse it
+    checked: list[Any] = []
+
+    def check(layout: Any) -> None:  # from the header, before any hashing, cache look-up or timing
+        capacity = budget.capacity(layout, model_facts(source_path, layout))
+        check_budget(layout, capacity)
+        checked[:] = [layout, capacity]
+
     job = plan_sensitivity(source_path, mmproj_path, None if pending else imatrix, request.sensitivity,
-                           imatrix_pending=pending, imatrix_chunks=request.imatrix_chunks, timing=timing)
-    layout = job.layout()
-    facts = model_facts(source_path, layout)
-    capacity = budget.capacity(layout, facts)
-    check_budget(layout, capacity)
+                           imatrix_pending=pending, imatrix_chunks=request.imatrix_chunks, timing=timing, check=check)
+    layout, capacity = checked
     low, high = feasible_range(layout, capacity)
     return AutoPlan(folder=folder, manifest=manifest, source=source, mmproj=mmproj, budget=budget, capacity=capacity,
                     imatrix=imatrix, imatrix_note=note, job=job,

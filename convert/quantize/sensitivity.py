@@ -557,6 +557,16 @@ class SensitivityOptions:
         return max(1, self.workers or self.n_threads or os.cpu_count() or 1)
 
 
+def _layout(groups: Sequence[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]],
+            types: Sequence[GGMLQuantizationType], covered: frozenset[str],
+            source_type: GGMLQuantizationType) -> ModelLayout:
+    """The groups and their candidate types: those that fit each group's rows (and imatrix coverage), plus the
+    source type."""
+    shapes = tuple(GroupShape(name, tensors) for name, tensors in groups)
+    candidates = {name: (*(t for t in types if _fits(t, tensors, covered)), source_type) for name, tensors in groups}
+    return ModelLayout(source_type, shapes, candidates)
+
+
 @dataclass
 class SensitivityJob:
     """A planned sensitivity measurement (``plan_sensitivity``): its inputs resolved, its cache looked up, its
@@ -595,10 +605,7 @@ class SensitivityJob:
 
     def layout(self) -> ModelLayout:
         """The groups and their candidate types (what the table will offer the allocator), before measuring."""
-        shapes = tuple(GroupShape(name, tensors) for name, tensors in self.groups)
-        candidates = {name: (*(t for t in self.types if _fits(t, tensors, self.covered)), self.source_type)
-                      for name, tensors in self.groups}
-        return ModelLayout(self.source_type, shapes, candidates)
+        return _layout(self.groups, self.types, self.covered, self.source_type)
 
     def pending_points(self) -> list[CalibrationPoint]:
         """The calibration points the cache does not hold (all of them with ``force``)."""
@@ -756,7 +763,8 @@ def assumed_imatrix_coverage(name: str) -> bool:
 
 def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatrix: Path | str | None = None,
                      options: SensitivityOptions | None = None, *, imatrix_pending: bool = False,
-                     imatrix_chunks: int | None = None, timing: ModelTiming | bool = True) -> SensitivityJob:
+                     imatrix_chunks: int | None = None, timing: ModelTiming | bool = True,
+                     check: Callable[[ModelLayout], Any] | None = None) -> SensitivityJob:
     """Resolve a sensitivity measurement's inputs, look up its caches and estimate its cost (nothing measured).
 
     ``options``: how it is measured (``SensitivityOptions``; default: its defaults). ``imatrix``: the file the
@@ -764,7 +772,9 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
     imatrix are dropped from the candidates. ``imatrix_pending``: one will be computed before the run (AUTO),
     so the plan assumes its coverage and the job must be planned again; ``imatrix_chunks``: the chunks of 512
     calibration positions it will read (None: all), for the estimate. ``timing``: time the model for the
-    estimate (True), reuse a timing, or skip it (False).
+    estimate (True), reuse a timing, or skip it (False). ``check``: called with the layout (groups and candidate
+    types, what a budget's feasible range needs) as soon as it is known: from the GGUF's header, before any
+    hashing, cache or timing, so an impossible request is refused before any work.
     """
     options = options or SensitivityOptions()
     method, force, n_threads = options.method, options.force, options.n_threads
@@ -790,15 +800,29 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
                         "the probes")
     calibration = options.calibration
     calibration_set = calibration if isinstance(calibration, CalibrationSet) else load_calibration(calibration)
+    info = read_gguf_info(source)
+    if info.architecture == "clip":
+        raise UserError(f"{source} is an mmproj; measure sensitivity on the unquantized text GGUF")
+    groups = model_groups(info)
+    source_types = {t.ggml_type for t in info.tensors if is_quantizable(t.name, t.shape)}
+    if len(source_types) != 1 or next(iter(source_types)) not in (T.F32, T.BF16, T.F16):
+        names = ", ".join(sorted(t.name for t in source_types))
+        raise UserError(f"{source.name} holds {names} matrices; measure sensitivity on the unquantized "
+                        "(F32/BF16/F16) text GGUF that convert wrote")
+    if imatrix_data is not None:
+        covered = frozenset(imatrix_data.tensor_names)
+    elif imatrix_pending:
+        covered = frozenset(t for _, tensors in groups for t, _ in tensors if assumed_imatrix_coverage(t))
+    else:
+        covered = frozenset()
+    if check is not None:
+        check(_layout(groups, types, covered, next(iter(source_types))))
     hash_dir = root / "reference"
     try:
         hash_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the cache folder {hash_dir}: {exc.strerror}; pass a writable cache "
                         "folder") from exc
-    info = read_gguf_info(source)
-    if info.architecture == "clip":
-        raise UserError(f"{source} is an mmproj; measure sensitivity on the unquantized text GGUF")
     model_sha = cached_file_sha256(source, hash_dir)
     hashes: dict[str, str | None] = {"model": model_sha,
               "mmproj": cached_file_sha256(mmproj_path, hash_dir) if mmproj_path else None,
@@ -811,12 +835,6 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
                     calibration_sha=calibration_set.sha256, max_text=max_text, max_images=max_images,
                     candidates=types, probes=probe_types, method=method, extra=extra)
     path = root / "sensitivity" / f"{key[:32]}.json"
-    groups = model_groups(info)
-    source_types = {t.ggml_type for t in info.tensors if is_quantizable(t.name, t.shape)}
-    if len(source_types) != 1 or next(iter(source_types)) not in (T.F32, T.BF16, T.F16):
-        names = ", ".join(sorted(t.name for t in source_types))
-        raise UserError(f"{source.name} holds {names} matrices; measure sensitivity on the unquantized "
-                        "(F32/BF16/F16) text GGUF that convert wrote")
     n_tensors = sum(len(tensors) for _, tensors in groups)
     plan = Plan(method=method, groups=len(groups), tensors=n_tensors, types=tuple(t.name for t in types),
                 workers=workers if method == "fast" else 1,
@@ -842,12 +860,6 @@ def plan_sensitivity(source: Path | str, mmproj: Path | str | None = None, imatr
         except (OSError, ValueError, KeyError, UserError) as exc:
             log.warning("sensitivity cache %s is unreadable (%s); re-measuring", path, exc)
 
-    if imatrix_data is not None:
-        covered = frozenset(imatrix_data.tensor_names)
-    elif imatrix_pending:
-        covered = frozenset(t for _, tensors in groups for t, _ in tensors if assumed_imatrix_coverage(t))
-    else:
-        covered = frozenset()
     job.covered = covered
     chunks, items = calibration_parts(calibration_set, max_text=max_text, max_images=max_images)
     if mmproj_path is None:
