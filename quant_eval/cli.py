@@ -30,7 +30,7 @@ from medgemma_gguf.quant_eval.equivalence import DEFAULT_GREEDY_TOKENS
               help="Folder with downloaded benchmark files for the public slices.")
 @click.option("--coverage", type=float, default=None,
               help="Reference probability mass left out per position (ε; default 1e-6 for Gemma 3 / MedGemma, chosen "
-                   "so Q4-class quants 5 %% apart rank, 1e-4 for other models): the cache keeps the most "
+                   "so Q4-class quants 5 % apart rank, 1e-4 for other models): the cache keeps the most "
                    "likely tokens until the rest holds at most ε, and the KL comes with its exact bracket. Smaller "
                    "ε: a narrower bracket and a larger cache.")
 @click.option("--full-vocab", is_flag=True,

@@ -27,6 +27,8 @@ def test_every_subcommand_is_listed_and_has_help(capsys):
         assert f"  {name}" in out
         code, sub_help, _ = _run(capsys, name, "--help")
         assert code == 0 and "Usage:" in sub_help, name
+        assert "%%" not in sub_help, f"{name} --help: click prints help text as written, so '%%' shows doubled"
+    assert "%%" not in out
 
 
 def test_convert_then_quantize_in_one_command(tiny_checkpoint, tmp_path, capsys):
