@@ -396,6 +396,46 @@ def test_fit_ranks_by_bits_per_weight_or_by_report(quant_folder, tmp_path):
     assert isinstance(result.exception, UserError) and "not valid JSON" in str(result.exception)
 
 
+def test_fit_shows_each_kl_bracket_and_says_when_two_overlap(quant_folder, tmp_path):
+    """A schema-2 report's ``kld_mean_low``/``kld_mean_high``: ``fit`` prints each quant's KL with its bracket
+    (an unbounded one as inf, null in JSON), notes a bracket that overlaps the one above (the order of the two is
+    not established), and not one that does not; ``--json`` carries the bracket."""
+    from medgemma_gguf.runtime.cli import fit_command
+
+    runner = CliRunner()
+    report = tmp_path / "report.json"
+
+    def fit(bf16: tuple, f32: tuple) -> tuple[list[str], list[dict]]:
+        rows = [{"file": name, "kld_mean": mean, "kld_mean_low": low, "kld_mean_high": high}
+                for name, (mean, low, high) in (("model-BF16.gguf", bf16), ("model-F32.gguf", f32))]
+        report.write_text(json.dumps({"schema_version": 2, "rows": rows}))
+        args = [str(quant_folder), "--vram", "8GiB", "--report", str(report)]
+        text = runner.invoke(fit_command, args)
+        data = runner.invoke(fit_command, [*args, "--json"])
+        assert text.exit_code == 0 and data.exit_code == 0, (text.output, data.output)
+        lines = [line for line in text.output.splitlines() if line.lstrip()[:1].isdigit()]  # the ranked quants
+        return lines, json.loads(data.output)["quants"]
+
+    note = "(bracket overlaps the one above: the order of the two is not established)"
+    # BF16's bracket [0.001, 0.003] reaches past F32's low end 0.002: the two may be in either order
+    lines, quants = fit((0.001, 0.001, 0.003), (0.002, 0.002, 0.0025))
+    assert [q["file"] for q in quants] == ["model-BF16.gguf", "model-F32.gguf"]
+    assert [(q["kld_mean"], q["kld_mean_low"], q["kld_mean_high"]) for q in quants] == [(0.001, 0.001, 0.003),
+                                                                                         (0.002, 0.002, 0.0025)]
+    assert len(lines) == 2 and lines[0].startswith("  1. model-BF16.gguf") and lines[1].startswith("  2. model-F32")
+    assert lines[0].endswith("mean KL 0.001 [0.001, 0.003]")
+    assert lines[1].endswith(f"mean KL 0.002 [0.002, 0.0025]  {note}")
+    # disjoint brackets: the order is established, no note
+    lines, quants = fit((0.001, 0.001, 0.0015), (0.002, 0.002, 0.0025))
+    assert lines[0].endswith("mean KL 0.001 [0.001, 0.0015]") and lines[1].endswith("mean KL 0.002 [0.002, 0.0025]")
+    assert not any(note in line for line in lines)
+    # an estimate whose bracket is wider than the other's gap ranks by the estimate, still noted; an unbounded
+    # bracket (null) prints inf, is null in JSON, and overlaps whatever follows it
+    lines, quants = fit((0.001, 0.0009, None), (0.05, 0.04, 0.06))
+    assert [(q["kld_mean_low"], q["kld_mean_high"]) for q in quants] == [(0.0009, None), (0.04, 0.06)]
+    assert lines[0].endswith("mean KL 0.001 [0.0009, inf]") and lines[1].endswith(f"[0.04, 0.06]  {note}")
+
+
 # --- command line --------------------------------------------------------------------------------------
 
 
