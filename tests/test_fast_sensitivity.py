@@ -450,6 +450,48 @@ def test_auto_computes_its_importance_matrix_on_the_first_chunks(model, tmp_path
         quantize_folder(folder, "Q8_0", imatrix="auto", imatrix_chunks=0)
 
 
+@pytest.mark.e2e
+def test_auto_without_a_matrix_computes_one_records_it_and_plans_again_with_it(model, tmp_path):
+    """A folder without an importance matrix: AUTO computes one (its first chunk here), records it in the
+    manifest, plans again with it — the sensitivity table's cache key and meta carry its sha256 — and the AUTO
+    quant is written with it (``auto_quantize_folder``'s ``imatrix_pending`` path, with the CLI's timings on)."""
+    from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder, imatrix_file
+    from medgemma_gguf.hashing import sha256_of
+
+    folder = Path(shutil.copytree(model["folder"], tmp_path / "out", ignore=shutil.ignore_patterns("imatrix*")))
+    assert not Manifest.load(folder).find("imatrix")
+    options = sensitivity.SensitivityOptions(calibration=model["calibration"], max_text=1, max_images=1,
+                                             cache_dir=tmp_path / "cache", n_threads=THREADS,
+                                             candidates=("Q2_K", "Q3_K", "Q4_K", "IQ2_XS", "Q8_0"))
+    lines: list[str] = []
+    made = auto_quantize_folder(folder, AutoRequest(target_bpw=4.0, imatrix_chunks=1, sensitivity=options),
+                                progress=False, report=lines.append)
+    manifest = Manifest.load(folder)
+    matrix = imatrix_file(folder, manifest.model)
+    text = "\n".join(lines)
+    assert f"computing {matrix.name} on the first 1 chunks of 512 positions of the calibration set first" in text
+    assert lines[-1] == f"  importance matrix ready: {matrix.name}"
+    # computed on that chunk and recorded for the source model and calibration set
+    [row] = manifest.find("imatrix")
+    assert folder / row.path == matrix and row.sha256 == sha256_of(matrix) and row.chunks == 1
+    assert read_imatrix_chunks(matrix) == 1
+    assert row.source_sha256 == next(r for r in manifest.find("text") if r.path == model["source"].name).sha256
+    # the table was measured with it: its hash keys the cache (a plan with the matrix finds the table) ...
+    meta = made.sensitivity.meta
+    assert meta["imatrix"] == str(matrix) and meta["imatrix_sha256"] == row.sha256
+    again = sensitivity.plan_sensitivity(model["source"], model["mmproj"], matrix, options, timing=False)
+    assert again.cached is not None and again.path == made.sensitivity.cache_path
+    assert json.loads(made.sensitivity.cache_path.read_text())["key"] == again.key
+    # types llama.cpp quantizes only with a matrix stayed candidates
+    assert "IQ2_XS" in meta["candidates"]
+    # the AUTO quant: written with the matrix, its row naming it
+    [auto] = [r for r in manifest.find("text") if r.auto]
+    assert auto.auto["imatrix"] == matrix.name and auto.imatrix == matrix.name
+    assert auto.inputs is not None and auto.inputs["imatrix_sha256"] == row.sha256
+    assert (folder / auto.path).is_file() and folder / auto.path == made.result.path
+    assert read_gguf_info(folder / auto.path).bits_per_weight <= 4.0
+
+
 def test_infeasible_budgets_are_refused_before_any_work(model, tmp_path, monkeypatch):
     from medgemma_gguf.convert.quantize.folder import AutoRequest, auto_quantize_folder
 
