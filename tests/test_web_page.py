@@ -109,14 +109,17 @@ def test_a_message_with_images_streams_its_reply(page, site, tmp_path):
     assert "Not a medical device" in page.inner_text("#notice") and page.locator("#notice").is_visible()
     png = tmp_path / "cxr.png"
     native_image(112, 7).save(png)
+    jpeg = tmp_path / "skin.jpg"
+    native_image(96, 8).save(jpeg, format="JPEG")
     series = tmp_path / "series"
     write_series(series, n=1, rows=16, cols=16)
     dicom = next(series.iterdir())
-    page.set_input_files("#file-input", [str(png), str(dicom)])
-    _wait(page, "document.querySelectorAll('#attachments img').length === 2")
+    page.set_input_files("#file-input", [str(png), str(jpeg), str(dicom)])
+    _wait(page, "document.querySelectorAll('#attachments img').length === 3")
     thumbnails = page.eval_on_selector_all("#attachments img", "images => images.map(i => [i.src, i.naturalWidth])")
-    assert thumbnails[0][0].startswith("data:image/png") and thumbnails[1][0].startswith("data:image/png")
-    assert all(width > 0 for _, width in thumbnails)  # both drawn, the DICOM one rendered by /api/thumbnail
+    assert thumbnails[0][0].startswith("data:image/png") and thumbnails[1][0].startswith("data:image/jpeg")
+    assert thumbnails[2][0].startswith("data:image/png")  # the DICOM one rendered by /api/thumbnail
+    assert all(width > 0 for _, width in thumbnails)  # all drawn
     page.select_option("#preset", "radiology")
     assert page.input_value("#system") == "You are an expert radiologist."
     page.fill("#max-tokens", "24")
@@ -128,15 +131,16 @@ def test_a_message_with_images_streams_its_reply(page, site, tmp_path):
     _wait(page, "document.querySelector('.message.assistant .stats')?.textContent.includes('tokens')")
     shown = page.evaluate("() => document.querySelector('.message.assistant .content').textContent")
     assert body["stream"] is True and body["max_tokens"] == 24 and body["messages"][0]["role"] == "system"
-    assert [item["type"] for item in body["messages"][1]["content"]] == ["text", "image_url", "image_url"]
-    assert body["messages"][1]["content"][2]["image_url"]["url"].startswith("data:application/dicom;base64,")
+    assert [item["type"] for item in body["messages"][1]["content"]] == ["text", *["image_url"] * 3]
+    urls = [item["image_url"]["url"] for item in body["messages"][1]["content"][1:]]
+    assert [url.split(";")[0] for url in urls] == ["data:image/png", "data:image/jpeg", "data:application/dicom"]
     reference = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "stream_options": None},
                            timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert shown == reference["choices"][0]["message"]["content"] != ""
     assert page.evaluate("window.mutations") > 5  # the reply arrived piece by piece
     stats = page.inner_text(".message.assistant .stats")
     assert f"{reference['usage']['completion_tokens']} reply tokens" in stats and "tokens/s" in stats
-    assert page.locator(".message.user .images img").count() == 2
+    assert page.locator(".message.user .images img").count() == 3
     page.click(".message.assistant .copy")
     assert page.evaluate("navigator.clipboard.readText()") == shown
     _only_this_server(page, base)
