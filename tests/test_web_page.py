@@ -7,6 +7,7 @@ A missing browser fails these tests with the fix (``scripts/setup.sh`` installs 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -146,6 +147,12 @@ def test_a_message_with_images_streams_its_reply(page, site, tmp_path):
     _only_this_server(page, base)
 
 
+def _decode_calls(base: str) -> float:
+    """The server's ``llama_decode`` count so far (``/metrics``: it rises with every generated token)."""
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return float(re.search(r"^llamacpp:n_decode_total (\S+)$", text, re.MULTILINE).group(1))
+
+
 def test_stop_ends_a_reply_and_frees_its_slot(page, site):
     base, _ = site
     page.goto(base + "/")
@@ -156,9 +163,17 @@ def test_stop_ends_a_reply_and_frees_its_slot(page, site):
     # before can change its last logit bits and so its path: a reply that ends by itself before the click
     # reaches the page tests nothing, so ask again (a stopped reply is what is under test).
     for prompt in ("Tell me everything.", "Describe every detail, at length.", "Go on without stopping."):
+        decodes = _decode_calls(base)
         page.fill("#message", prompt)
         page.click("#send")
-        _wait(page, f"{last}?.querySelector('.content')?.textContent.length > 0")
+        # the reply is running: text shown, or (a random model may emit tokens that render as nothing, or
+        # reasoning) the server decoding for it
+        deadline = time.monotonic() + 60
+        while not page.evaluate(f"() => {last}?.querySelector('.content')?.textContent.length > 0") \
+                and _decode_calls(base) < decodes + 4:
+            assert time.monotonic() < deadline, ("the reply never started; the page says: "
+                                                 + page.inner_text("#composer-error"))
+            time.sleep(0.05)
         if page.is_enabled("#stop"):
             page.click("#stop")
         _wait(page, f"{last}?.querySelector('.stats')?.textContent.length > 0")
