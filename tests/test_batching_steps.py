@@ -63,6 +63,18 @@ def _wait(condition, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
+def _run(batcher, job, done, events) -> tuple[str, object]:
+    """Submit ``job`` and wait for its end: its last event (kind, value)."""
+    batcher.submit(job)
+    _wait(done.is_set)
+    return events.get()
+
+
+def _cancel(job, done) -> None:
+    job.cancelled.set()
+    _wait(done.is_set)
+
+
 def test_batches_list_sequences_in_order_and_a_prompt_joins_running_slots_whole(model, monkeypatch):
     from medgemma_gguf.runtime.batching import Batcher
 
@@ -75,16 +87,12 @@ def test_batches_list_sequences_in_order_and_a_prompt_joins_running_slots_whole(
         batcher.submit(x)
         batcher.submit(y)
         _wait(lambda: len(x_tokens) >= 2 and len(y_tokens) >= 2)
-        x.cancelled.set()  # slot 0 frees while slot 1 keeps generating
-        _wait(x_done.is_set)
+        _cancel(x, x_done)  # slot 0 frees while slot 1 keeps generating
         # z takes slot 0 (its cached chat-template prefix is the longest) and starts after y: arrival order 1, 0
         z, z_tokens, z_done, z_events = _job(model, "Describe the chest radiograph again, briefly.", 3)
         n_before = len(calls)
-        batcher.submit(z)
-        _wait(z_done.is_set)
-        assert z_events.get()[0] == "done" and len(z_tokens) == 3
-        y.cancelled.set()
-        _wait(y_done.is_set)
+        assert _run(batcher, z, z_done, z_events)[0] == "done" and len(z_tokens) == 3
+        _cancel(y, y_done)
     finally:
         batcher.close()
     for batch in calls:
@@ -117,11 +125,8 @@ def test_a_long_prompt_is_fed_in_chunks_beside_a_generating_slot(model, monkeypa
         long_text = "Summarise: " + " ".join(f"finding {i} is stable" for i in range(40))
         z, z_tokens, z_done, z_events = _job(model, long_text, 2)
         n_before = len(calls)
-        batcher.submit(z)
-        _wait(z_done.is_set)
-        assert z_events.get()[0] == "done" and len(z_tokens) == 2
-        x.cancelled.set()
-        _wait(x_done.is_set)
+        assert _run(batcher, z, z_done, z_events)[0] == "done" and len(z_tokens) == 2
+        _cancel(x, x_done)
     finally:
         batcher.close()
     prompt_steps = [batch for batch in calls[n_before:] if sum(seq != x_seq for seq, _, _ in batch) > 1]
@@ -143,13 +148,10 @@ def test_a_request_whose_time_runs_out_in_the_queue_never_takes_a_slot_and_answe
         _wait(lambda: len(x_tokens) >= 2)
         late, late_tokens, late_done, late_events = _job(model, "List three causes of anemia.", 3)
         late.deadline = time.monotonic() + 0.02  # waits behind x, the only slot, past its limit
-        batcher.submit(late)
-        _wait(late_done.is_set)
-        kind, value = late_events.get()
+        kind, value = _run(batcher, late, late_done, late_events)
         assert kind == "error" and isinstance(value, TimeoutError) and late_tokens == []
         assert batcher.stats.finished["timeout"] == 1 and len(x_tokens) < 480, len(x_tokens)  # x kept its slot
-        x.cancelled.set()
-        _wait(x_done.is_set)
+        _cancel(x, x_done)
     finally:
         batcher.close()
     error = _job_error(kind, value, "rid-1")
