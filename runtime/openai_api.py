@@ -27,7 +27,8 @@ a field in neither is refused as unknown.
   not trained for tool calls), and every other field (``audio``, ``prediction``, ``web_search_options``,
   ``metadata``, llama-server's other sampler fields, ...).
 
-Messages: ``role`` and ``content`` only (``name`` and tool fields are refused); content items have the
+Messages: ``role`` and ``content`` (``name`` and tool fields are refused); an assistant message may carry back
+the ``reasoning_content`` this server returned — accepted and left out of the prompt; content items have the
 fields ``runtime.prompt.CONTENT_ITEM_FIELDS`` lists (``image_url.detail`` "auto" or "high": the model sees every
 image at its one resolution), ``response_format`` those of ``runtime.structured.RESPONSE_FORMAT_FIELDS``; any
 other nested field is refused with its path (``messages[0].content[1].cache_control``). ``stream_options``
@@ -68,6 +69,9 @@ CHAT_FIELDS = frozenset((*COMMON, "messages", "max_completion_tokens", "logprobs
 COMPLETION_FIELDS = frozenset((*COMMON, "prompt", "logprobs", "echo", "best_of", "suffix"))
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 MESSAGE_FIELDS = frozenset(("role", "content"))
+# an assistant turn as this server returns it: its reasoning is accepted back and left out of the prompt (the model
+# is not shown its earlier thoughts, as llama-server does for templates that do not render them)
+ASSISTANT_MESSAGE_FIELDS = MESSAGE_FIELDS | {"reasoning_content"}
 
 
 def RequestError(message: str, status: int = 400) -> ApiError:  # noqa: N802 - reads as the exception it makes
@@ -190,10 +194,13 @@ def parse_chat_request(body: Any, *, max_tokens_limit: int, max_images: int) -> 
         if isinstance(message, Mapping):
             if message.get("role") == "tool" or _present(message, "tool_calls") or _present(message, "tool_call_id"):
                 raise RequestError(f"'messages[{index}]' is a tool message or call: {TOOLS_REFUSAL}")
-            extra = sorted(k for k in message if k not in MESSAGE_FIELDS and message[k] is not None)
+            known = ASSISTANT_MESSAGE_FIELDS if message.get("role") == "assistant" else MESSAGE_FIELDS
+            extra = sorted(k for k in message if k not in known and message[k] is not None)
             if extra:
                 raise RequestError(f"'messages[{index}].{extra[0]}' is not supported: a message has 'role' and "
                                    "'content' only (Gemma's chat template has no names)")
+            if not isinstance(message.get("reasoning_content") or "", str):
+                raise RequestError(f"'messages[{index}].reasoning_content' must be a string")
             content = message.get("content")
             for number, item in enumerate(content if isinstance(content, list) else ()):
                 problem = content_item_problem(item) if isinstance(item, Mapping) else None

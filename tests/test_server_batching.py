@@ -243,6 +243,10 @@ REFUSED = [
     ({"ignore_eos": 1}, "'ignore_eos'", "true or false"),
     ({"messages": [{"role": "user", "content": "Hi", "name": "alice"}]}, "'messages[0].name'", "role"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "'messages[0]'", "tool calls"),
+    ({"messages": [{"role": "user", "content": "Hi", "reasoning_content": "x"}]}, "'messages[0].reasoning_content'",
+     "role"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
+                   {"role": "user", "content": "Go on"}]}, "'messages[1].reasoning_content'", "a string"),
     # nested fields: refused with their path, never dropped
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "x"}}]}]},
      "'messages[0].content[0].cache_control'", "not a field of a content item of type 'text'"),
@@ -277,6 +281,16 @@ def test_every_refused_field_answers_400_naming_it(batched):
     accepted = {"user": "u-1", "safety_identifier": "s", "store": False, "modalities": ["text"], "n": 1,
                 "service_tier": "auto", "stream_options": None, "tools": None, "repetition_penalty": 1.0}
     assert httpx.post(f"{base}/v1/chat/completions", json={**good, **accepted}, timeout=60).status_code == 200
+    # an assistant turn sent back as this server returned it, reasoning included: its reasoning stays out of the prompt
+    turns = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+             {"role": "user", "content": "Go on"}]
+    replayed = httpx.post(f"{base}/v1/chat/completions", json={**good, "messages": turns}, timeout=60)
+    turns[1].pop("reasoning_content")
+    plain = httpx.post(f"{base}/v1/chat/completions", json={**good, "messages": turns}, timeout=60)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+    assert replayed.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
     image = {"url": _data_uri(Image.new("RGB", (32, 32), (90, 90, 90))), "detail": "high"}
     nested = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": image},
                                                         {"type": "text", "text": "Hi", "cache_control": None}]}],
