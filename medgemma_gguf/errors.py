@@ -18,7 +18,9 @@ value) is never mistaken for a setting. A message without markers reads the same
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,12 @@ class UserError(Exception):
 
     def for_http(self) -> str:
         return self._render("http")
+
+
+def unknown_fields(fields: Mapping[Any, Any], known: Collection[str]) -> list[str]:
+    """The keys of ``fields`` not in ``known``, sorted; a null value counts as absent (as in llama-server). The
+    refuse-unknown policy's one test: callers refuse what this returns, naming the field, never drop it."""
+    return sorted(str(key) for key in fields if key not in known and fields[key] is not None)
 
 
 class InputError(UserError):

@@ -272,7 +272,6 @@ def _sha256(path: Path) -> str:
 
 def check_parallel(parallel: Any) -> int:
     """``parallel`` checked: a whole number of slots from 1 to llama.cpp's sequence limit (InputError)."""
-
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
         raise InputError(f"{setting('batch_parallel')} must be a whole number from 1 (one line at a time, the "
                          f"default) to {MAX_PARALLEL}, got {parallel!r}")

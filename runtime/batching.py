@@ -418,14 +418,12 @@ class Batcher:
                 break
         # 4. the batch: each slot's tokens, then written in sequence-id order (below)
         entries: dict[int, list[tuple[int, int, bool]]] = {}  # seq_id -> (token, position, logits)
-        by_seq: dict[int, _Slot] = {}
-        in_batch: list[_Slot] = []
+        by_seq: dict[int, _Slot] = {}  # the slots with tokens in this batch
         n = 0
         for slot in group:
             if slot.job is not None and slot.generating and slot.next_token is not None:
                 entries[slot.seq_id] = [(slot.next_token, slot.n_past, True)]
                 by_seq[slot.seq_id] = slot
-                in_batch.append(slot)
                 slot.cached.append(slot.next_token)
                 slot.n_past += 1
                 slot.next_token = None
@@ -451,8 +449,6 @@ class Batcher:
                     slot.pending.popleft()
                 else:
                     slot.pending[0] = ("text", ids[len(take):], final)
-            if added:
-                in_batch.append(slot)
         rows: list[tuple[_Slot, int]] = []
         i = 0
         for seq_id in sorted(entries):  # llama.cpp's per-sequence KV takes consecutive ids into one ubatch
@@ -467,6 +463,7 @@ class Batcher:
         status = llama_cpp.llama_decode(self.engine.llama_context, self._batch)
         self.stats.n_decode += 1
         self.stats.batch_tokens += n
+        in_batch = list(by_seq.values())
         self.stats.busy_slots_per_decode += len(in_batch)
         if status != 0:
             error = RuntimeError(f"llama_decode failed with status {status}")

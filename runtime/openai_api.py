@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medgemma_gguf.errors import UserError
+from medgemma_gguf.errors import UserError, unknown_fields
 from medgemma_gguf.runtime.batching import MAX_TOP_LOGPROBS, TokenLogprob
 from medgemma_gguf.runtime.http_limits import ApiError
 from medgemma_gguf.runtime.prompt import content_item_problem
@@ -102,7 +102,7 @@ def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str], endpoint: st
     for name in TOOL_FIELDS:
         if _present(body, name):
             raise RequestError(f"'{name}' is not supported: {TOOLS_REFUSAL}")
-    unknown = sorted(name for name in body if name not in known and body[name] is not None)
+    unknown = unknown_fields(body, known)
     if unknown:
         raise RequestError(f"'{unknown[0]}' is not a field this server honours for {endpoint}; remove it (the "
                            "README's server section lists the fields)")
@@ -195,7 +195,7 @@ def parse_chat_request(body: Any, *, max_tokens_limit: int, max_images: int) -> 
             if message.get("role") == "tool" or _present(message, "tool_calls") or _present(message, "tool_call_id"):
                 raise RequestError(f"'messages[{index}]' is a tool message or call: {TOOLS_REFUSAL}")
             known = ASSISTANT_MESSAGE_FIELDS if message.get("role") == "assistant" else MESSAGE_FIELDS
-            extra = sorted(k for k in message if k not in known and message[k] is not None)
+            extra = unknown_fields(message, known)
             if extra:
                 raise RequestError(f"'messages[{index}].{extra[0]}' is not supported: a message has 'role' and "
                                    "'content' only (Gemma's chat template has no names)")

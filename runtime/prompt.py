@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medgemma_gguf.errors import AccessError, ResourceError, UserError, setting
+from medgemma_gguf.errors import AccessError, ResourceError, UserError, setting, unknown_fields
 from medgemma_gguf.runtime.images import (
     DEFAULT_MAX_PIXELS,
     image_to_rgb_array,
@@ -251,13 +251,13 @@ def content_item_problem(item: Mapping[str, Any]) -> tuple[str, str] | None:
     known = CONTENT_ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
     if known is None:
         return None  # an unknown kind, or a study item that checks its own fields
-    extra = sorted(str(k) for k in item if k not in known and item[k] is not None)
+    extra = unknown_fields(item, known)
     if extra:
         listed = " and ".join(f"'{k}'" for k in sorted(known))
         return extra[0], f"is not a field of a content item of type '{kind}' (it has {listed}); remove it"
     ref = item.get("image_url")
     if kind == "image_url" and isinstance(ref, Mapping):
-        extra = sorted(str(k) for k in ref if k not in IMAGE_URL_FIELDS and ref[k] is not None)
+        extra = unknown_fields(ref, IMAGE_URL_FIELDS)
         if extra:
             return f"image_url.{extra[0]}", "is not supported: image_url has 'url' and 'detail'; remove it"
         detail = ref.get("detail")

@@ -38,7 +38,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
 
-from medgemma_gguf.errors import InputError, setting
+from medgemma_gguf.errors import InputError, setting, unknown_fields
 from medgemma_gguf.runtime.llama_log import native_errors
 
 ROOT = "root"
@@ -126,7 +126,7 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
 
 
 def _refuse_fields(fields: Mapping[str, Any], known: frozenset[str], what: str, prefix: str = "") -> None:
-    extra = sorted(str(k) for k in fields if k not in known and fields[k] is not None)
+    extra = unknown_fields(fields, known)
     if extra:
         listed = ", ".join(f"'{k}'" for k in sorted(known))
         raise InputError(f"{setting('response_format')} field '{prefix}{extra[0]}' is not supported: {what} has "
