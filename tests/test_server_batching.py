@@ -290,14 +290,18 @@ def test_every_refused_field_answers_400_naming_it(batched):
     plain = httpx.post(f"{base}/v1/chat/completions", json={**good, "messages": turns}, timeout=60)
     assert replayed.status_code == 200, replayed.text
     assert replayed.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
-    assert replayed.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    # (the replies are not compared: the two runs reuse different cached prefixes, so their logits may differ in
+    # the last bits; the prompt's token count is exact, and it would grow with the reasoning in the prompt)
+    turns[1]["content"] = "Hello. Greet."
+    shown = httpx.post(f"{base}/v1/chat/completions", json={**good, "messages": turns}, timeout=60)
+    assert shown.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
     image = {"url": _data_uri(Image.new("RGB", (32, 32), (90, 90, 90))), "detail": "high"}
     nested = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": image},
                                                         {"type": "text", "text": "Hi", "cache_control": None}]}],
               "response_format": {"type": "json_schema", "json_schema": {
                   "name": "finding", "description": "d", "strict": True,
                   "schema": {"type": "object", "properties": {"a": {"enum": ["x"]}}, "required": ["a"]}}}}
-    response = httpx.post(f"{base}/v1/chat/completions", json={**good, **nested, "max_tokens": 12}, timeout=120)
+    response = httpx.post(f"{base}/v1/chat/completions", json={**good, **nested, "max_tokens": 40}, timeout=120)
     assert response.status_code == 200, response.text
     assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"a": "x"}
     for extra, name in [({"echo": True}, "'echo'"), ({"best_of": 2}, "'best_of'"), ({"suffix": "x"}, "'suffix'"),
